@@ -1,0 +1,65 @@
+"""Errors a user can meet. Each says what happened and what to do.
+
+A broken invariant inside m2cache is a bug and raises AssertionError/RuntimeError instead.
+"""
+from __future__ import annotations
+
+
+class M2CacheError(Exception):
+    """Base class of every error m2cache raises for a condition the user can meet."""
+
+
+class StoreError(M2CacheError):
+    """A store folder cannot be used."""
+
+
+class StoreNotFoundError(StoreError):
+    """The store folder or its manifest is missing."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by an incompatible format version."""
+
+
+class ChecksumError(StoreError):
+    """A block read from the store does not match its checksum."""
+
+
+class TruncatedStoreError(StoreError):
+    """A store file is shorter than its manifest says."""
+
+
+class UnsupportedArchitectureError(M2CacheError):
+    """The checkpoint or store is of a model family m2cache does not run."""
+
+
+class ConvertError(M2CacheError):
+    """A source checkpoint cannot be converted."""
+
+
+class ConfigError(M2CacheError, ValueError):
+    """An EngineConfig value is invalid."""
+
+
+class BudgetError(ConfigError):
+    """A memory budget is too small for the model's working set."""
+
+
+class SSDError(M2CacheError):
+    """A read from the SSD tier failed."""
+
+
+class TransientSSDError(SSDError):
+    """A read failed in a way that may succeed when retried."""
+
+
+class PermanentSSDError(SSDError):
+    """A read failed and will keep failing."""
+
+
+class EngineClosedError(M2CacheError):
+    """The engine was closed, or failed and closed itself."""
+
+
+class PredictorMissingError(M2CacheError):
+    """A sparse policy needs predictors that the store does not have."""
