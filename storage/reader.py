@@ -1,0 +1,206 @@
+"""Opens a store, validates it, and reads any set of neurons at any precision, verifying checksums.
+
+Reads are synchronous (the runtime calls them from its I/O threads) and go through an SSD backend
+(``m2cache.storage.ssd``), so a simulated slow or faulty SSD sits under the same code as a real one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+import torch
+
+from m2cache.errors import (
+    ChecksumError, StoreError, StoreNotFoundError, StoreVersionError, TransientSSDError, TruncatedStoreError,
+    UnsupportedArchitectureError,
+)
+from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
+from m2cache.storage import quant
+from m2cache.storage.layout import (
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, BlockGeometry, coalesce, ffn_file_name,
+)
+
+log = logging.getLogger(__name__)
+
+FIX_HINT = "re-create the store with `m2cache convert` (or `m2cache fetch` for the demo model)"
+TRANSIENT_RETRIES = 4
+BACKOFF_S = 0.002
+
+
+class Backend(Protocol):
+    def read(self, path: str | Path, offset: int, length: int) -> bytes: ...
+
+
+class PlainBackend:
+    """Buffered reads with no extras; used where no SSD backend is configured."""
+
+    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise TruncatedStoreError(f"{path}: wanted {length} bytes at offset {offset}, file ends first; {FIX_HINT}")
+        return data
+
+
+def _unpack_manifest(path: Path) -> dict[str, Any]:
+    if not path.parent.is_dir():
+        raise StoreNotFoundError(f"no store at {path.parent}: the folder does not exist; "
+                                 "create one with `m2cache convert SRC DST` or `m2cache fetch smollm2`")
+    if not path.is_file():
+        raise StoreNotFoundError(f"{path} is missing, so {path.parent} is not a store; {FIX_HINT}")
+    try:
+        manifest = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise StoreError(f"{path} is not a readable manifest ({e}); {FIX_HINT}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is not an m2cache manifest; {FIX_HINT}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise StoreVersionError(
+            f"{path} has store format version {manifest.get('version')!r}; this m2cache reads version "
+            f"{FORMAT_VERSION}: {FIX_HINT} with this version of m2cache"
+        )
+    return manifest
+
+
+class Store:
+    """A validated store folder. Cheap to open: reads the manifest and stats the files."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = _unpack_manifest(self.path / MANIFEST)
+        cfg = self.manifest["config"]
+        if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; m2cache runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family) models only"
+            )
+        self.config = ModelConfig.from_dict(cfg)
+        ffn = self.manifest["ffn"]
+        self.parts: int = ffn["parts"]
+        self.num_neurons: int = ffn["num_neurons"]
+        self.hidden: int = ffn["hidden"]
+        self.int4_group: int = ffn["int4_group"]
+        self.geometry = {p: BlockGeometry(**g) for p, g in ffn["geometry"].items()}
+        self._files: dict[tuple[int, str], dict[str, Any]] = {}
+        self._crcs: dict[tuple[int, str], np.ndarray] = {}
+        for entry in ffn["files"]:
+            key = (entry["layer"], entry["precision"])
+            self._files[key] = entry
+            self._crcs[key] = np.frombuffer(entry["crc32"], dtype=np.uint32)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        for (layer, p), entry in self._files.items():
+            f = self.path / entry["path"]
+            if not f.is_file():
+                raise StoreNotFoundError(f"{f} (FFN layer {layer}, {p}) is missing; {FIX_HINT}")
+            size = f.stat().st_size
+            if size < entry["size"]:
+                raise TruncatedStoreError(
+                    f"{f} (FFN layer {layer}, {p}) is truncated: {size} bytes, the manifest says {entry['size']}; "
+                    f"{FIX_HINT}"
+                )
+        res = self.path / self.manifest["resident"]["path"]
+        if not res.is_file():
+            raise StoreNotFoundError(f"{res} is missing; {FIX_HINT}")
+        if res.stat().st_size < self.manifest["resident"]["size"]:
+            raise TruncatedStoreError(f"{res} is truncated; {FIX_HINT}")
+
+    # ---- geometry -------------------------------------------------------------------------
+    def file_path(self, layer: int, precision: str) -> Path:
+        return self.path / ffn_file_name(layer, precision)
+
+    def all_files(self) -> list[Path]:
+        files = [self.path / e["path"] for e in self._files.values()]
+        return files + [self.path / self.manifest["resident"]["path"], self.path / MANIFEST]
+
+    def bundle_bytes(self, precision: str) -> int:
+        return self.geometry[precision].bundle_bytes
+
+    def layer_bytes(self, precision: str) -> int:
+        """Bytes of one layer's bundles at a precision (no padding): what a tier holds for it."""
+        return self.num_neurons * self.bundle_bytes(precision)
+
+    # ---- reads -------------------------------------------------------------------------------
+    def read_layer(self, layer: int, precision: str, backend: Backend) -> torch.Tensor:
+        """Every neuron of a layer at a precision: [F, bundle_bytes] uint8, verified."""
+        return self.read_neurons(layer, precision, np.arange(self.num_neurons), backend)
+
+    def read_neurons(self, layer: int, precision: str, ids: np.ndarray, backend: Backend) -> torch.Tensor:
+        """Bundles of ``ids`` (any order, unique) at a precision: [n, bundle_bytes] uint8, aligned with ids.
+
+        Reads the blocks that hold them, one read per contiguous run of blocks, and verifies each block.
+        """
+        geom = self.geometry[precision]
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_neurons):
+            raise IndexError(f"neuron ids must lie in [0, {self.num_neurons})")
+        blocks = np.unique(ids // geom.neurons_per_block)
+        pieces = []
+        for first, count in coalesce(blocks):
+            pieces.append(self._read_run(layer, precision, first, count, backend))
+        data = np.concatenate(pieces) if len(pieces) > 1 else (pieces[0] if pieces else np.zeros(0, np.uint8))
+        data = data.reshape(len(blocks), geom.block_bytes)
+        # position of each id's block among the blocks read, then the bundle inside the block
+        row = np.searchsorted(blocks, ids // geom.neurons_per_block)
+        start = (ids % geom.neurons_per_block) * geom.bundle_bytes
+        bundles = data[:, : geom.neurons_per_block * geom.bundle_bytes].reshape(
+            len(blocks), geom.neurons_per_block, geom.bundle_bytes
+        )
+        out = bundles[row, start // geom.bundle_bytes]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+    def run_bytes(self, precision: str, ids: np.ndarray) -> int:
+        """Bytes read_neurons would read for ids (read amplification included)."""
+        geom = self.geometry[precision]
+        return int(np.unique(np.asarray(ids) // geom.neurons_per_block).size) * geom.block_bytes
+
+    def _read_run(self, layer: int, precision: str, first: int, count: int, backend: Backend) -> np.ndarray:
+        geom = self.geometry[precision]
+        path = self.file_path(layer, precision)
+        crcs = self._crcs[(layer, precision)][first : first + count]
+        offset, length = first * geom.block_bytes, count * geom.block_bytes
+        what = self._describe(layer, precision, first, count)
+        for attempt in range(2):  # a corrupt read is re-read once, never used
+            data = read_with_retries(backend, path, offset, length, what)
+            bad = first_bad_block(data, crcs, geom.block_bytes)
+            if bad is None:
+                return np.frombuffer(data, dtype=np.uint8)
+            log.warning("checksum mismatch in %s (attempt %d)", what, attempt + 1)
+        raise ChecksumError(
+            f"{path}: block {first + bad} of {what} fails its checksum twice; the file is corrupt: {FIX_HINT}"
+        )
+
+    def _describe(self, layer: int, precision: str, first: int, count: int) -> str:
+        npb = self.geometry[precision].neurons_per_block
+        lo, hi = first * npb, min((first + count) * npb, self.num_neurons) - 1
+        return f"FFN layer {layer} {precision} neurons {lo}-{hi}"
+
+    def decode(self, precision: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return quant.decode(precision, raw, self.parts, self.hidden, dtype, self.int4_group)
+
+
+def first_bad_block(data: bytes, crcs: np.ndarray, block_bytes: int) -> int | None:
+    view = memoryview(data)
+    for i, want in enumerate(crcs):
+        if zlib.crc32(view[i * block_bytes : (i + 1) * block_bytes]) != int(want):
+            return i
+    return None
+
+
+def read_with_retries(backend: Backend, path: Path, offset: int, length: int, what: str) -> bytes:
+    """Reads, retrying transient SSD errors with bounded exponential backoff (we are in an I/O thread)."""
+    for attempt in range(TRANSIENT_RETRIES + 1):
+        try:
+            return backend.read(path, offset, length)
+        except TransientSSDError as e:
+            if attempt == TRANSIENT_RETRIES:
+                raise TransientSSDError(f"{what}: read failed {attempt + 1} times ({e}); check the disk") from e
+            time.sleep(BACKOFF_S * (2**attempt))
+    raise AssertionError("unreachable: the retry loop returns or raises")

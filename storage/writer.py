@@ -1,0 +1,134 @@
+"""Writes a store from a checkpoint's tensors (Hugging Face names) — the one path every converter uses."""
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgpack
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from m2cache.model.llama import ModelConfig
+from m2cache.storage import quant
+from m2cache.storage.layout import (
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
+)
+
+TensorGetter = Callable[[str], torch.Tensor]
+Progress = Callable[[int, int], None]  # (done, total)
+
+RESIDENT_PER_LAYER = (
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+)
+
+
+def resident_names(cfg: ModelConfig) -> Iterator[str]:
+    yield "model.embed_tokens.weight"
+    yield "model.norm.weight"
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight"
+    for i in range(cfg.num_layers):
+        for n in RESIDENT_PER_LAYER:
+            yield f"model.layers.{i}.{n}"
+
+
+def ffn_bundles_of(get: TensorGetter, layer: int) -> torch.Tensor:
+    """Gate rows, up rows and down columns of one layer stacked per neuron: [F, 3, D] (fp32)."""
+    p = f"model.layers.{layer}.mlp."
+    gate, up, down = get(p + "gate_proj.weight"), get(p + "up_proj.weight"), get(p + "down_proj.weight")
+    return torch.stack((gate.float(), up.float(), down.float().t()), dim=1).contiguous()
+
+
+def crc32_file(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_bundle_file(path: Path, raw: torch.Tensor, geom: BlockGeometry) -> np.ndarray:
+    """raw: [F, bundle_bytes] uint8 -> blocks padded to geom.block_bytes; returns block CRCs."""
+    F_, bb = raw.shape
+    assert bb == geom.bundle_bytes, "bundle size disagrees with the geometry"
+    nblocks = geom.num_blocks(F_)
+    buf = np.zeros((nblocks, geom.block_bytes), dtype=np.uint8)
+    body = np.zeros(nblocks * geom.neurons_per_block * bb, dtype=np.uint8)
+    body[: F_ * bb] = raw.numpy().reshape(-1)
+    buf[:, : geom.neurons_per_block * bb] = body.reshape(nblocks, -1)
+    data = buf.tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+    return block_checksums(data, geom.block_bytes)
+
+
+def write_store(
+    dst: str | Path,
+    cfg: ModelConfig,
+    get: TensorGetter,
+    tokenizer: dict[str, Any],
+    *,
+    resident_dtype: torch.dtype = torch.float16,
+    int4_group: int = quant.DEFAULT_INT4_GROUP,
+    source: str = "",
+    progress: Progress | None = None,
+) -> Path:
+    """Writes the store to ``dst`` (atomically: a temporary folder renamed at the end)."""
+    dst = Path(dst)
+    quant.check_int4_group(cfg.hidden_size, int4_group)
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "ffn").mkdir(parents=True)
+    total = cfg.num_layers + 1
+    resident = {n: get(n).to(resident_dtype).contiguous() for n in resident_names(cfg)}
+    save_file(resident, str(tmp / RESIDENT))
+    del resident
+    if progress:
+        progress(1, total)
+
+    parts, dim = 3, cfg.hidden_size
+    geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, parts, dim, int4_group)) for p in quant.PRECISIONS}
+    files: list[dict[str, Any]] = []
+    for layer in range(cfg.num_layers):
+        w = ffn_bundles_of(get, layer)
+        for p in quant.PRECISIONS:
+            name = ffn_file_name(layer, p)
+            crcs = write_bundle_file(tmp / name, quant.encode(p, w, int4_group), geoms[p])
+            files.append({"layer": layer, "precision": p, "path": name,
+                          "size": int(geoms[p].file_bytes(cfg.intermediate_size)), "crc32": crcs.tobytes()})
+        if progress:
+            progress(layer + 2, total)
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": source,
+        "config": cfg.to_dict(),
+        "tokenizer": tokenizer,
+        "resident": {"path": RESIDENT, "dtype": str(resident_dtype).removeprefix("torch."),
+                     "size": os.path.getsize(tmp / RESIDENT), "crc32": crc32_file(tmp / RESIDENT)},
+        "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim, "int4_group": int4_group,
+                "geometry": {p: g.to_dict() for p, g in geoms.items()}, "files": files},
+        "predictors": None,
+        "policies": {},
+        "default_policy": "dense-fp16",
+    }
+    write_manifest(tmp, manifest)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
+
+
+def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
+    """Rewrites the manifest atomically (train-predictor and tune update it in place)."""
+    tmp = store / (MANIFEST + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb(manifest, use_bin_type=True))
+    os.replace(tmp, store / MANIFEST)
