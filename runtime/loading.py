@@ -43,7 +43,9 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
                 wo=get(p + "self_attn.o_proj.weight"),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
             )
+            # one fused matrix for one matmul per token; q/k/v become views of it (no second copy)
             w.wqkv = torch.cat((w.wq, w.wk, w.wv), dim=0).contiguous()
+            w.wq, w.wk, w.wv = w.wqkv.split((w.wq.shape[0], w.wk.shape[0], w.wv.shape[0]), dim=0)
             layers.append(w)
         embed = get("model.embed_tokens.weight")
         head = embed if cfg.tie_word_embeddings else get("lm_head.weight")

@@ -165,6 +165,17 @@ class NeuronLRU:
         self.stamp_of[arr] = stamp
         self._count += arr.size
 
+    def remove(self, ids: np.ndarray) -> np.ndarray:
+        """Drop held ``ids`` (whatever their recency); returns their slots, now the caller's."""
+        arr = self._checked(ids, "ids")
+        slots = self.slot_of[arr]
+        if arr.size and (slots < 0).any():
+            raise RuntimeError("remove() of ids that are not held")
+        self.slot_of[arr] = -1
+        self.stamp_of[arr] = -1
+        self._count -= arr.size
+        return slots
+
     def held(self) -> np.ndarray:
         """Ids held, ascending."""
         return np.flatnonzero(self.slot_of >= 0).astype(np.int64, copy=False)
@@ -361,6 +372,11 @@ class DeviceCache:
             c["evictions"] += sum(int(e.size) for _, e in evicted)
             out[p] = PrecisionPlan(slots, miss_ids, miss_slots, tuple(evicted))
         return CachePlan(layer, stamp, out)
+
+    def forget(self, layer: int, precision: str, ids: np.ndarray) -> None:
+        """Undo the insertion of planned misses whose bytes never arrived (a failed read), so a later
+        lookup cannot hit a slot that holds stale bytes. Their slots go back to the free pool."""
+        self._pools[precision].free(self._lrus[precision][layer].remove(ids))
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per precision: capacity, held, free, hits, misses, evictions (a snapshot)."""

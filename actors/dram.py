@@ -1,0 +1,185 @@
+"""DRAM manager: the layer-aware FIFO of whole layers, preloading ahead of the executor.
+
+It keeps ``(layer, precision)`` entries — a whole layer's bundles at one precision — in a
+:class:`~m2cache.storage.fifo.LayerFIFO` under the DRAM budget: the first layers for good (the fixed
+area), the next ones in a ring filled from the SSD ``prefetch`` layers ahead of the executor.
+Fetches of bundles the device lacks are served from those entries; a layer not in DRAM is read
+whole (``layer``) or just its missing bundles are read (``neuron``, and ``hybrid`` for a layer whose
+preload has not started). Entries are pinned while a copy up still needs them.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2cache.actors.base import Actor, fail, resolve
+from m2cache.actors.messages import Fetch, FetchReply, Progress, ReadRequest, Release
+from m2cache.errors import BudgetError, M2CacheError
+from m2cache.storage.fifo import LayerFIFO
+
+
+class DRAMManager(Actor):
+    name = "dram"
+
+    def __init__(self, *, num_layers: int, num_neurons: int, layer_bytes: dict[str, int], budget: int, staging_reserve: int,
+                 preload: str, prefetch: int, fixed_layers: int, precisions: tuple[str, ...],
+                 reader, recorder, pin_memory: bool = False, inbox_size: int = 64) -> None:
+        super().__init__(inbox_size)
+        self.num_layers, self.num_neurons, self.layer_bytes = num_layers, num_neurons, layer_bytes
+        self.preload, self.prefetch, self.precisions = preload, prefetch, precisions
+        self.reader, self.recorder, self.pin_memory = reader, recorder, pin_memory
+        self.budget, self.staging_reserve = budget, staging_reserve
+        fixed_bytes = fixed_layers * sum(layer_bytes[p] for p in precisions)
+        self.fifo = LayerFIFO(budget - staging_reserve, fixed_layers, fixed_budget_bytes=fixed_bytes)
+        self.data: dict[tuple[int, str], torch.Tensor] = {}
+        self.loading: dict[tuple[int, str], asyncio.Future] = {}
+        self.staged = 0  # bytes of neuron-level reads held until their copies are applied
+        self.peak_staged = 0
+        self.peak_total = 0
+        self.counts = {"served": 0, "waited": 0, "neuron_reads": 0, "layer_reads": 0, "preloads": 0,
+                       "preload_skipped": 0}
+        self.wait_s = 0.0
+
+    # ---- messages ------------------------------------------------------------------------------
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, Progress):
+            self._preload_after(msg.layer)
+        elif isinstance(msg, Fetch):
+            self.spawn(self._serve(msg))
+        elif isinstance(msg, Release):
+            self._release(msg.keys, msg.staged_bytes)
+        else:
+            raise RuntimeError(f"DRAM manager got an unknown message {type(msg).__name__}")
+
+    def _preload_after(self, layer: int) -> None:
+        if self.preload == "neuron":
+            return
+        for j in range(1, self.prefetch + 1):
+            target = (layer + j) % self.num_layers
+            for p in self.precisions:
+                if not self._start_layer_read((target, p), preload=True):
+                    return  # no room ahead: later layers would evict nearer ones
+
+    def _start_layer_read(self, key: tuple[int, str], preload: bool) -> bool:
+        """Admits a whole layer into the FIFO (pinned while loading) and starts its read."""
+        if key in self.fifo:
+            return True
+        try:
+            evicted = self.fifo.admit(key, key[0], self.layer_bytes[key[1]])
+        except BudgetError:
+            if preload:
+                self.counts["preload_skipped"] += 1
+                return False
+            raise
+        for old in evicted:
+            self.data.pop(old, None)
+        self.fifo.pin(key)
+        self._note_peak()
+        fut = asyncio.get_running_loop().create_future()
+        self.loading[key] = fut
+        self.counts["preloads" if preload else "layer_reads"] += 1
+        request = ReadRequest(key[0], key[1], None, fut, "read_layer")
+        if self.reader.inbox.full():
+            self.spawn(self.reader.send(request))
+        else:
+            self.reader.inbox.put_nowait(request)
+        self.spawn(self._finish_load(key, fut))
+        return True
+
+    async def _finish_load(self, key: tuple[int, str], fut: asyncio.Future) -> None:
+        try:
+            data = await fut
+            if self.pin_memory:
+                data = data.pin_memory()
+            self.data[key] = data
+        except M2CacheError:
+            # the read failed: forget the entry; whoever waits on it sees the error on `fut`
+            self.fifo.unpin(key)
+            self.fifo.remove(key)
+            return
+        finally:
+            self.loading.pop(key, None)
+        self.fifo.unpin(key)
+
+    async def _serve(self, msg: Fetch) -> None:
+        try:
+            reply = await self._gather(msg)
+        except M2CacheError as e:
+            fail(msg.reply, e)
+            return
+        except asyncio.CancelledError:
+            fail(msg.reply, asyncio.CancelledError())
+            raise
+        if msg.reply.done():  # nobody waits any more: give back what was pinned
+            self._release(reply.release, reply.staged_bytes)
+        else:
+            resolve(msg.reply, reply)
+
+    async def _gather(self, msg: Fetch) -> FetchReply:
+        sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        pinned: list[tuple[int, str]] = []
+        staged = 0
+        t0 = time.perf_counter_ns()
+        try:
+            for p, ids in msg.ids.items():
+                key = (msg.layer, p)
+                if key not in self.fifo and self.preload == "layer":
+                    self._start_layer_read(key, preload=False)
+                if key in self.loading:
+                    self.counts["waited"] += 1
+                    w0 = time.perf_counter()
+                    await asyncio.shield(self.loading[key])
+                    self.wait_s += time.perf_counter() - w0
+                if key in self.data:
+                    self.fifo.pin(key)
+                    pinned.append(key)
+                    sources[p] = (self.data[key], torch.from_numpy(np.ascontiguousarray(ids)))
+                    self.counts["served"] += 1
+                else:  # neuron-level read of just the missing bundles
+                    nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
+                    if self.staged + staged + nbytes > self.staging_reserve:
+                        raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
+                                          f"{self.staging_reserve}: raise dram_budget")
+                    fut = asyncio.get_running_loop().create_future()
+                    await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons"))
+                    sources[p] = (await fut, None)
+                    staged += nbytes
+                    self.counts["neuron_reads"] += 1
+        except BaseException:
+            self._release(tuple(pinned), 0)
+            raise
+        self.staged += staged
+        self.peak_staged = max(self.peak_staged, self.staged)
+        self._note_peak()
+        self.recorder.add("dram", "serve", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step,
+                          nbytes=staged)
+        return FetchReply(sources, tuple(pinned), staged)
+
+    def _release(self, keys: tuple, staged: int) -> None:
+        for key in keys:
+            if key in self.fifo:
+                self.fifo.unpin(key)
+        self.staged -= staged
+        assert self.staged >= 0, "DRAM staging accounting went negative"
+
+    def _note_peak(self) -> None:
+        total = self.fifo.bytes_held + self.staged
+        assert total <= self.budget, f"DRAM tier holds {total} bytes over its budget {self.budget}"
+        self.peak_total = max(self.peak_total, total)
+
+    async def teardown(self, error: BaseException | None) -> None:
+        for fut in self.loading.values():
+            fail(fut, M2CacheError("the engine closed while a layer was loading"))
+        self.data.clear()
+
+    def held_bytes(self) -> int:
+        return self.fifo.bytes_held + self.staged
+
+    def stats(self) -> dict:
+        return {**super().stats(), **self.counts, "bytes_held": self.held_bytes(), "peak_bytes": self.peak_total,
+                "fifo_peak": self.fifo.peak_bytes, "staged_peak": self.peak_staged, "budget": self.budget,
+                "wait_s": self.wait_s, "layers_held": len(self.data)}

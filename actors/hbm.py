@@ -1,0 +1,98 @@
+"""HBM manager: the device neuron pool — slots per precision, per-layer LRU, adjacent-token update.
+
+For each layer and step it looks the requested (neuron, precision) pairs up, keeps the hits, picks
+slots for the misses (``m2cache.storage.lru.DeviceCache`` decides what to evict), asks the DRAM
+manager for the missing bundles and answers the executor with where everything sits plus the one
+batched copy to apply first. The pool tensors themselves are preallocated once, one per precision.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+
+from m2cache.actors.base import Actor, fail, resolve
+from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
+from m2cache.errors import M2CacheError
+from m2cache.storage.lru import DeviceCache
+
+
+class HBMManager(Actor):
+    name = "hbm"
+
+    def __init__(self, *, num_layers: int, num_neurons: int, slots: dict[str, int], bundle_bytes: dict[str, int],
+                 device: torch.device, dram, recorder, inbox_size: int = 8) -> None:
+        super().__init__(inbox_size)
+        self.cache = DeviceCache(num_layers, num_neurons, {p: n for p, n in slots.items() if n > 0})
+        self.bundle_bytes, self.dram, self.recorder, self.device = bundle_bytes, dram, recorder, device
+        # one contiguous tensor per precision: the device pool (the HBM tier's bytes)
+        self.pools = {p: torch.zeros((n, bundle_bytes[p]), dtype=torch.uint8, device=device)
+                      for p, n in slots.items() if n > 0}
+        self.budget_bytes = sum(n * bundle_bytes[p] for p, n in slots.items())
+        self.hits = 0
+        self.misses = 0
+        self.bytes_copied = 0
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(t.numel() for t in self.pools.values())
+
+    async def handle(self, msg: Any) -> None:
+        if not isinstance(msg, NeuronRequest):
+            raise RuntimeError(f"HBM manager got an unknown message {type(msg).__name__}")
+        try:
+            ready = await self._prepare(msg)
+        except M2CacheError as e:
+            fail(msg.reply, e)
+            return
+        if msg.reply.done():  # the step was abandoned: the copies will never run
+            await self._give_back(ready)
+        else:
+            resolve(msg.reply, ready)
+
+    async def _give_back(self, ready: WeightsReady) -> None:
+        if ready.release or ready.copy_bytes:
+            await self.dram.send(Release(ready.release, self._staged_of(ready)))
+
+    @staticmethod
+    def _staged_of(ready: WeightsReady) -> int:
+        return sum(c.src.numel() for c in ready.copies if c.rows is None)
+
+    async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
+        t0 = time.perf_counter_ns()
+        plan = self.cache.plan(msg.layer, msg.step, msg.ids, protected=frozenset({msg.layer}))
+        missing = {p: pp.miss_ids for p, pp in plan.precisions.items() if pp.miss_ids.size}
+        n_miss = sum(len(v) for v in missing.values())
+        n_req = sum(len(v) for v in msg.ids.values())
+        self.misses += n_miss
+        self.hits += n_req - n_miss
+        self.recorder.add("hbm", "plan", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
+        copies: list[Copy] = []
+        release: tuple = ()
+        copy_bytes = 0
+        if missing:
+            fut = asyncio.get_running_loop().create_future()
+            try:
+                await self.dram.send(Fetch(msg.layer, msg.step, missing, fut))
+                reply = await fut
+            except BaseException:
+                for p, ids in missing.items():  # the slots were promised but never filled
+                    self.cache.forget(msg.layer, p, ids)
+                raise
+            release = reply.release
+            for p, (src, rows) in reply.sources.items():
+                dst = torch.from_numpy(plan.precisions[p].miss_slots)
+                copies.append(Copy(p, dst, src, rows))
+                copy_bytes += len(dst) * self.bundle_bytes[p]
+        self.bytes_copied += copy_bytes
+        slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
+        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes)
+
+    def stats(self) -> dict:
+        total = self.hits + self.misses
+        return {**super().stats(), "hits": self.hits, "misses": self.misses,
+                "hit_ratio": self.hits / total if total else 0.0, "bytes_copied": self.bytes_copied,
+                "pool_bytes": self.pool_bytes, "budget": self.budget_bytes, "cache": self.cache.stats()}
+

@@ -1,0 +1,108 @@
+"""Messages between the actors: small frozen slotted dataclasses, one per layer and step, ids as arrays.
+
+Request/reply pairs carry an ``asyncio.Future`` that the receiver completes (with a result, or a
+typed exception from ``m2cache.errors`` when the data could not be had), so a failure reaches exactly
+the requests that depended on it.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInput:
+    """Executor -> predictor: a layer's neuron ranking for this step (None: not input-dependent)."""
+
+    layer: int
+    step: int
+    order: np.ndarray | None  # neuron ids, best first (scored on the compute thread)
+    prefill: bool
+    reply: asyncio.Future  # -> WeightsReady
+
+
+@dataclass(frozen=True, slots=True)
+class NeuronRequest:
+    """Predictor -> HBM manager: the ids this layer needs at each precision, each sorted ascending."""
+
+    layer: int
+    step: int
+    ids: dict[str, np.ndarray]
+    reply: asyncio.Future  # -> WeightsReady
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Bundles to write into device slots: ``pool[dst_slots] = src[rows]`` (rows None: all of src)."""
+
+    precision: str
+    dst_slots: torch.Tensor  # int64 [n]
+    src: torch.Tensor  # uint8 [m, bundle_bytes], in DRAM (pinned on CUDA)
+    rows: torch.Tensor | None  # int64 [n] rows of src, or None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsReady:
+    """HBM manager -> executor: where this layer's neurons sit, and the copies to apply first."""
+
+    layer: int
+    step: int
+    slots: dict[str, torch.Tensor]  # per precision, int64 slots in ascending neuron-id order
+    copies: tuple[Copy, ...]
+    release: tuple = ()  # DRAM keys pinned for the copies; released once they are applied
+    copy_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """HBM manager -> DRAM manager: bundles missing from the device, per precision."""
+
+    layer: int
+    step: int
+    ids: dict[str, np.ndarray]
+    reply: asyncio.Future  # -> FetchReply
+
+
+@dataclass(frozen=True, slots=True)
+class FetchReply:
+    sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # precision -> (DRAM tensor, rows or None)
+    release: tuple = ()  # keys pinned until the executor applied the copies
+    staged_bytes: int = 0  # transient bytes of neuron-level reads held until then
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Executor -> DRAM manager: the executor reached ``layer``; preload what follows."""
+
+    layer: int
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Executor -> DRAM manager: copies that used these pinned entries are applied."""
+
+    keys: tuple
+    staged_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """DRAM manager -> SSD reader: a whole layer (ids None) or some neurons at one precision."""
+
+    layer: int
+    precision: str
+    ids: np.ndarray | None
+    reply: asyncio.Future  # -> torch.Tensor uint8 [n, bundle_bytes]
+    kind: str = "read_layer"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Ends an actor's loop after the messages before it (pykka-style: stop is ordered)."""
+
+    reason: str = "close"
+    extra: dict = field(default_factory=dict)

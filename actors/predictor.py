@@ -1,0 +1,41 @@
+"""Predictor actor: turns a layer's neuron ranking into the ids to fetch at each precision.
+
+The scoring itself (a small matmul) runs on the compute thread next to the layer that produced the
+input, so no thread hop is spent on it; this actor applies the policy's shares and routes the request.
+Prefill is dense: a long prompt activates nearly every neuron, so it asks for every neuron at FP16.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from m2cache.actors.base import Actor
+from m2cache.actors.messages import LayerInput, NeuronRequest
+from m2cache.model.policy import Policy
+
+
+class PredictorActor(Actor):
+    name = "predictor"
+
+    def __init__(self, policy: Policy, hbm, recorder, inbox_size: int = 8) -> None:
+        super().__init__(inbox_size)
+        self.policy, self.hbm, self.recorder = policy, hbm, recorder
+        self._all = np.arange(policy.num_neurons, dtype=np.int64)
+        self.kept = 0
+        self.requests = 0
+
+    async def handle(self, msg: Any) -> None:
+        if not isinstance(msg, LayerInput):
+            raise RuntimeError(f"predictor got an unknown message {type(msg).__name__}")
+        t0 = time.perf_counter_ns()
+        ids = {"fp16": self._all} if msg.prefill else self.policy.split(msg.layer, msg.order)
+        self.requests += 1
+        self.kept += sum(len(v) for v in ids.values())
+        self.recorder.add("predictor", "predict", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
+        await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply))
+
+    def stats(self) -> dict:
+        return {**super().stats(), "policy": self.policy.name,
+                "kept_per_layer": self.kept / self.requests if self.requests else 0.0}

@@ -1,0 +1,115 @@
+"""Precision policies: which neurons of a layer run, and at which precision, for one token.
+
+A policy ranks a layer's neurons (by a predictor's score, or exactly for the oracle) and cuts the
+ranking into shares: the top share in FP16, the next in INT8, the next in INT4, the rest skipped.
+Scoring is tensor work and runs on the compute thread; cutting a ranking is cheap and runs wherever
+the predictor actor lives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from m2cache.errors import ConfigError
+
+PRECISION_ORDER = ("fp16", "int8", "int4")
+
+
+@dataclass(frozen=True, slots=True)
+class Shares:
+    """Fractions of a layer's neurons kept at each precision (the rest are skipped)."""
+
+    fp16: float = 1.0
+    int8: float = 0.0
+    int4: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in PRECISION_ORDER:
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"share {name}={v} must lie in [0, 1]")
+        if self.fp16 + self.int8 + self.int4 > 1.0 + 1e-9:
+            raise ConfigError(f"shares add up to more than 1: {self}")
+        if self.fp16 + self.int8 + self.int4 <= 0:
+            raise ConfigError("a policy must keep some neurons")
+
+    def counts(self, num_neurons: int) -> dict[str, int]:
+        """Neurons per precision; rounding never drops a non-zero share to nothing."""
+        out, taken = {}, 0
+        for name in PRECISION_ORDER:
+            share = getattr(self, name)
+            n = 0 if share == 0 else max(1, int(round(share * num_neurons)))
+            n = min(n, num_neurons - taken)
+            out[name], taken = n, taken + n
+        return out
+
+    def bytes_ratio(self, bundle_bytes: dict[str, int]) -> float:
+        """FFN bytes per token relative to every neuron at FP16."""
+        return sum(getattr(self, p) * bundle_bytes[p] for p in PRECISION_ORDER) / bundle_bytes["fp16"]
+
+    def to_dict(self) -> dict[str, float]:
+        return {p: getattr(self, p) for p in PRECISION_ORDER}
+
+
+class Policy:
+    """Base: every neuron at FP16 (``dense-fp16``): tiering alone, the dense model's exact tokens."""
+
+    name = "dense-fp16"
+    needs_scores = False
+
+    def __init__(self, num_layers: int, num_neurons: int, shares: Shares | list[Shares] | None = None) -> None:
+        self.num_layers, self.num_neurons = num_layers, num_neurons
+        per_layer = shares if isinstance(shares, list) else [shares or Shares()] * num_layers
+        if len(per_layer) != num_layers:
+            raise ConfigError(f"a per-layer policy needs {num_layers} shares, got {len(per_layer)}")
+        self.shares = per_layer
+        self._counts = [s.counts(num_neurons) for s in per_layer]
+        self._all = np.arange(num_neurons, dtype=np.int64)
+
+    def counts(self, layer: int) -> dict[str, int]:
+        return self._counts[layer]
+
+    def max_counts(self) -> dict[str, int]:
+        return {p: max(c[p] for c in self._counts) for p in PRECISION_ORDER}
+
+    def score(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        """Scores of every neuron for the last position of h ([T, D]); None when not input-dependent."""
+        return None
+
+    def split(self, layer: int, order: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Ranked neuron ids (best first) -> ids per precision, each sorted ascending."""
+        counts = self._counts[layer]
+        if order is None:
+            if counts["fp16"] == self.num_neurons:
+                return {"fp16": self._all}
+            raise RuntimeError(f"policy {self.name} needs scores to choose neurons")
+        out, start = {}, 0
+        for p in PRECISION_ORDER:
+            n = counts[p]
+            if n:
+                out[p] = np.sort(order[start : start + n])
+            start += n
+        return out
+
+
+class OraclePolicy(Policy):
+    """Exact activation magnitudes |act(gate·h)·(up·h)| from the layer's FP16 weights.
+
+    A measuring tool (tests, eval): it reads every layer's weights once into memory, outside the
+    tier budgets, to know the truth a predictor approximates.
+    """
+
+    name = "oracle"
+    needs_scores = True
+
+    def __init__(self, num_layers: int, num_neurons: int, shares: Shares | list[Shares],
+                 weights: list[torch.Tensor], act) -> None:
+        super().__init__(num_layers, num_neurons, shares)
+        self.weights, self.act = weights, act  # weights[L]: [F, 3, D] in the compute dtype
+
+    def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        w = self.weights[layer]
+        x = h[-1]
+        return (self.act(w[:, 0] @ x) * (w[:, 1] @ x)).abs()

@@ -1,0 +1,103 @@
+"""EngineConfig: every knob of the tiered engine, validated at construction."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from m2cache.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "k": 10**3, "m": 10**6, "g": 10**9}
+PRELOADS = ("layer", "neuron", "hybrid")
+DEVICES = ("cpu", "cuda")
+
+
+def parse_size(value: int | float | str, what: str = "size") -> int:
+    """``"48MB"``, ``"1.5GiB"``, ``"512KB"`` or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size such as '48MB' or a number of bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{what}: cannot read {value!r}; write a size such as '48MB', '1.5GiB' or 50000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{int(n)}B"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine tiers, schedules and computes.
+
+    hbm_budget: bytes of the device neuron pool (the "HBM" tier; on the CPU a capacity-limited pool).
+    dram_budget: bytes of the host DRAM FIFO of layers (and staging for neuron-level reads).
+    prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
+    preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand) or
+        "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM).
+    fixed_layers: layers kept in DRAM for good (the FIFO's fixed area); None = as many as the budget
+        leaves after the preload ring.
+    policy: precision policy name ("dense-fp16", "oracle", or one stored in the store); None = the
+        store's default.
+    device: "cpu" or "cuda". dtype: compute dtype ("float32", "bfloat16", "float16").
+    ssd_sim: a simulated SSD spec such as "latency=5ms,bandwidth=200MB/s,seed=1" (None = the real disk).
+    direct_io: read the store with O_DIRECT where the filesystem allows.
+    io_threads: threads serving SSD reads.
+    trace: a path to write the run's trace to on close, True to record without writing, or None.
+    max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
+    """
+
+    hbm_budget: int | str = "64MB"
+    dram_budget: int | str = "96MB"
+    prefetch: int = 2
+    preload: str = "hybrid"
+    fixed_layers: int | None = None
+    policy: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    ssd_sim: str | None = None
+    direct_io: bool = False
+    io_threads: int = 4
+    trace: str | bool | None = None
+    max_queued_tokens: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hbm_budget", parse_size(self.hbm_budget, "hbm_budget"))
+        object.__setattr__(self, "dram_budget", parse_size(self.dram_budget, "dram_budget"))
+        if not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 16:
+            raise ConfigError(f"prefetch must be a whole number of layers from 0 to 16, got {self.prefetch!r}")
+        if self.preload not in PRELOADS:
+            raise ConfigError(f"preload must be one of {', '.join(PRELOADS)}, got {self.preload!r}")
+        if self.fixed_layers is not None and self.fixed_layers < 0:
+            raise ConfigError(f"fixed_layers must be >= 0, got {self.fixed_layers}")
+        dev = str(self.device).split(":")[0]
+        if dev not in DEVICES:
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.io_threads < 1:
+            raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.max_queued_tokens < 1:
+            raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
+        if self.ssd_sim is not None:
+            from m2cache.storage.ssd import SimulatedSSD
+
+            SimulatedSSD.parse(self.ssd_sim)  # raises ConfigError naming the bad key
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return replace(self, **changes)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)

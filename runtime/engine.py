@@ -1,0 +1,223 @@
+"""The Engine: opens a store, sizes the tiers, starts the actors and serves ``generate`` calls.
+
+::
+
+    async with Engine.open(store_dir, EngineConfig(hbm_budget="48MB", dram_budget="96MB")) as engine:
+        async for text in engine.generate("Why is the sky blue?", max_new_tokens=64):
+            print(text, end="", flush=True)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from m2cache.actors.dram import DRAMManager
+from m2cache.actors.executor import _DONE, Executor, Sequence
+from m2cache.actors.hbm import HBMManager
+from m2cache.actors.messages import Stop
+from m2cache.actors.predictor import PredictorActor
+from m2cache.actors.ssd_reader import SSDReader
+from m2cache.config import EngineConfig
+from m2cache.errors import EngineClosedError
+from m2cache.loading import load_resident, load_tokenizer
+from m2cache.model.llama import DenseModel
+from m2cache.model.tokenizer import StreamDecoder
+from m2cache.policies import load_policy
+from m2cache.sampling import check_sampling
+from m2cache.sizing import TierPlan, plan_tiers
+from m2cache.storage.reader import Store
+from m2cache.storage.ssd import FileBackend, SimulatedSSD
+from m2cache.trace import NullRecorder, TraceRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """Counters the executor owns; the engine turns them into ``stats()``."""
+
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    stall_s: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    ttft: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, store: Store, config: EngineConfig) -> None:
+        self.store, self.config = store, config
+        self.tokenizer = load_tokenizer(store)
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.recorder = TraceRecorder() if config.trace else NullRecorder()
+        self.run_stats = RunStats()
+        self._supervisor: asyncio.Task | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self.t_open = time.perf_counter()
+
+    @classmethod
+    def open(cls, store_dir: str | Path, config: EngineConfig | None = None) -> "_Opening":
+        """``async with Engine.open(...) as engine`` (or ``engine = await Engine.open(...)``)."""
+        return _Opening(store_dir, config or EngineConfig())
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def _start(self) -> None:
+        cfg, store = self.config, self.store
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from m2cache.errors import ConfigError
+
+            raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
+        self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
+        self.plan: TierPlan = plan_tiers(store, cfg, self.policy)  # raises BudgetError before any work
+        loop = asyncio.get_running_loop()
+        self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device)
+        self.model = DenseModel(store.config, self.res, [], self.device)
+        self.backend = FileBackend(direct=cfg.direct_io)
+        if cfg.ssd_sim:
+            self.backend = SimulatedSSD(self.backend, cfg.ssd_sim)
+        n, F = store.config.num_layers, store.num_neurons
+        self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
+        self.dram = DRAMManager(
+            num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in store.geometry},
+            budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=cfg.preload,
+            prefetch=self.plan.prefetch, fixed_layers=self.plan.fixed_layers, precisions=self.plan.dram_precisions,
+            reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
+        self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
+                              bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
+                              device=self.device, dram=self.dram, recorder=self.recorder)
+        self.predictor = PredictorActor(self.policy, self.hbm, self.recorder)
+        self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
+                                 dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
+                                 recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens)
+        self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
+        self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
+        ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
+        done, _ = await asyncio.wait({ready, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
+        if self._supervisor in done:
+            ready.cancel()
+            await asyncio.gather(ready, return_exceptions=True)
+            self._supervisor.result()  # raises the actor's setup error
+            raise EngineClosedError("the engine's actors stopped during start-up")
+
+    async def _supervise(self) -> None:
+        """Runs every actor in one task group; an actor that crashes closes the engine with its cause."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for actor in self.actors:
+                    tg.create_task(actor.run(), name=f"m2cache-{actor.name}")
+        except BaseException as e:
+            self._error = e
+            self._closed = True
+            log.error("m2cache engine stopped: %r", e)
+            raise
+
+    async def close(self) -> None:
+        """Stops the actors in pipeline order (each after its earlier work) and releases the tiers."""
+        if self._supervisor is None:
+            return
+        self._closed = True
+        sup = self._supervisor
+        if not sup.done():
+            for actor in (self.executor, self.predictor, self.hbm, self.dram, self.reader):
+                try:
+                    actor.inbox.put_nowait(Stop())
+                except asyncio.QueueFull:
+                    await actor.inbox.put(Stop())
+                if actor is self.executor:
+                    actor.wake.set()
+        await asyncio.gather(sup, return_exceptions=True)
+        self.backend.close()
+        if isinstance(self.config.trace, (str, Path)) and self.config.trace is not True:
+            self.save_trace(self.config.trace)
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, raw: bool = False) -> AsyncIterator[str]:
+        """Streams the generated text. Cancelling the consumer stops this request only."""
+        ids = self.tokenizer.encode(prompt, raw=raw)
+        dec = StreamDecoder(self.tokenizer)
+        eos = set(self.store.config.eos_token_ids)
+        async for tok in self.generate_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            if tok in eos:
+                break
+            text = dec.push(tok)
+            if text:
+                yield text
+
+    async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                           top_p: float = 1.0, seed: int | None = None) -> AsyncIterator[int]:
+        check_sampling(temperature, top_p, max_new_tokens)
+        if self._closed or self._supervisor is None:
+            raise EngineClosedError(f"the engine is closed{f' ({self._error!r})' if self._error else ''}; "
+                                    "open a new one")
+        if not prompt_ids:
+            from m2cache.errors import ConfigError
+
+            raise ConfigError("the prompt is empty: give at least one token")
+        if max_new_tokens == 0:
+            return
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        seq = Sequence(list(prompt_ids), max_new_tokens, temperature, top_p, gen,
+                       asyncio.Queue(self.config.max_queued_tokens + 1))
+        self.executor.submit(seq)
+        try:
+            while True:
+                item = await seq.out.get()
+                self.executor.wake.set()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not seq.out.empty() or seq.generated < max_new_tokens:
+                self.executor.cancel(seq)
+
+    # ---- figures -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        from m2cache.metrics import engine_stats
+
+        return engine_stats(self)
+
+    def save_trace(self, path: str | Path) -> None:
+        self.recorder.mark("stats", self.stats())
+        self.recorder.save(path)
+
+
+class _Opening:
+    """What ``Engine.open`` returns: awaitable, and an async context manager that closes the engine."""
+
+    def __init__(self, store_dir: str | Path, config: EngineConfig) -> None:
+        self.store_dir, self.config = store_dir, config
+        self.engine: Engine | None = None
+
+    async def _open(self) -> Engine:
+        store = Store(self.store_dir)
+        engine = Engine(store, self.config)
+        try:
+            await engine._start()
+        except BaseException:
+            await engine.close()
+            raise
+        self.engine = engine
+        return engine
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Engine:
+        return await self._open()
+
+    async def __aexit__(self, *exc) -> None:
+        if self.engine is not None:
+            await self.engine.close()

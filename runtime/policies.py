@@ -1,0 +1,53 @@
+"""Policy lookup by name: built-in ones and those stored in a store's manifest."""
+from __future__ import annotations
+
+import torch
+
+from m2cache.errors import ConfigError
+from m2cache.model.llama import activation
+from m2cache.model.policy import OraclePolicy, Policy, Shares
+from m2cache.storage.reader import PlainBackend, Store
+
+BUILTIN = ("dense-fp16", "oracle")
+
+
+def parse_oracle(name: str) -> Shares:
+    """``oracle`` (every neuron) or ``oracle:0.1,0.2,0.2`` (FP16, INT8, INT4 shares)."""
+    if ":" not in name:
+        return Shares()
+    try:
+        fp16, int8, int4 = (float(v) for v in name.split(":", 1)[1].split(","))
+    except ValueError as e:
+        raise ConfigError(f"oracle shares: write oracle:FP16,INT8,INT4, e.g. oracle:0.1,0.2,0.2 ({e})") from e
+    return Shares(fp16, int8, int4)
+
+
+def list_policies(store: Store) -> dict[str, dict]:
+    out = {"dense-fp16": {"shares": Shares().to_dict(), "builtin": True}}
+    for name, spec in (store.manifest.get("policies") or {}).items():
+        out[name] = dict(spec)
+    return out
+
+
+def default_policy_name(store: Store) -> str:
+    return store.manifest.get("default_policy") or "dense-fp16"
+
+
+def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str | torch.device = "cpu") -> Policy:
+    name = name or default_policy_name(store)
+    cfg = store.config
+    if name == "dense-fp16":
+        return Policy(cfg.num_layers, cfg.intermediate_size)
+    if name.startswith("oracle"):
+        backend = PlainBackend()
+        weights = [store.decode("fp16", store.read_layer(L, "fp16", backend), dtype).to(device)
+                   for L in range(cfg.num_layers)]
+        return OraclePolicy(cfg.num_layers, cfg.intermediate_size, parse_oracle(name), weights,
+                            activation(cfg.hidden_act))
+    stored = store.manifest.get("policies") or {}
+    if name in stored:
+        from m2cache.model.predictor import PredictorPolicy  # only stores with predictors need it
+
+        return PredictorPolicy.from_store(store, name, stored[name], dtype, device)
+    known = ", ".join(list(BUILTIN) + sorted(stored))
+    raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
