@@ -1,0 +1,224 @@
+"""The ``m2cache`` command: fetch, convert, generate, demo, bench, and the quality tools."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+from m2cache.errors import M2CacheError
+
+DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
+
+
+def ffn_fp16_bytes(store) -> int:
+    return store.layer_bytes("fp16") * store.config.num_layers
+
+
+def resolve_budget(value: str, store) -> int | str:
+    """``"20%"`` means 20% of the store's FP16 FFN bytes; anything else is a size for EngineConfig."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return int(float(value.strip()[:-1]) / 100 * ffn_fp16_bytes(store))
+    return value
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="precision policy (see `m2cache policies STORE`); default: the store's")
+    p.add_argument("--hbm-budget", default="20%", help="device pool: a size (48MB) or a share of FP16 FFN bytes (20%%)")
+    p.add_argument("--dram-budget", default="30%", help="DRAM FIFO: a size or a share of FP16 FFN bytes (30%%)")
+    p.add_argument("--prefetch", type=int, default=2, help="layers the DRAM tier preloads ahead (k)")
+    p.add_argument("--preload", default="hybrid", choices=("layer", "neuron", "hybrid"))
+    p.add_argument("--ssd-sim", help='simulated SSD, e.g. "latency=5ms,bandwidth=200MB/s,seed=1"')
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT")
+
+
+def engine_config(args, store):
+    from m2cache.config import EngineConfig
+
+    return EngineConfig(
+        hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
+        prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
+        ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None))
+
+
+def cmd_fetch(args) -> int:
+    from m2cache.convert import fetch_demo
+
+    if args.name != "smollm2":
+        print(f"m2cache: unknown model {args.name!r}; `fetch` knows: smollm2", file=sys.stderr)
+        return 2
+    print(fetch_demo())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from m2cache.convert import convert
+
+    print(convert(args.src, args.dst, int4_group=args.int4_group))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.dense:
+        return _generate_dense(args)
+    return asyncio.run(_generate_tiered(args))
+
+
+def _generate_dense(args) -> int:
+    from m2cache.dense import DenseGenerator
+
+    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
+    t0, n = time.perf_counter(), 0
+    for text in gen.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             seed=args.seed, raw=args.raw):
+        n += 1
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        dt = time.perf_counter() - t0
+        print(f"[dense] {n} tokens in {dt:.2f}s ({n / dt:.1f} tokens/s incl. prefill)", file=sys.stderr)
+    return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+async def _generate_tiered(args) -> int:
+    from m2cache.engine import Engine
+    from m2cache.storage.reader import Store
+
+    store = Store(args.store)
+    async with Engine.open(args.store, engine_config(args, store)) as engine:
+        async for text in engine.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, seed=args.seed, raw=args.raw):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.stats:
+            print_stats(engine.stats(), sys.stderr)
+    if args.trace:
+        print(f"trace written to {args.trace} (open it with: python tools/trace.py {args.trace} --html out.html)",
+              file=sys.stderr)
+    return 0
+
+
+def print_stats(st: dict, stream) -> None:
+    mb = 1e6
+    bpt = st["bytes_per_token"]
+    lines = [
+        f"policy {st['policy']}: {st['decode_tokens']} decode tokens at {st['decode_tokens_per_s']:.2f} tokens/s, "
+        f"time to first token {st['ttft_s'] or 0:.2f}s",
+        f"bytes per token: SSD->DRAM {bpt['ssd_to_dram'] / mb:.2f} MB, DRAM->device {bpt['dram_to_hbm'] / mb:.2f} MB",
+        f"hit ratio: device {st['hit_ratio']['hbm']:.1%}, DRAM {st['hit_ratio']['dram']:.1%}; "
+        f"stall fraction {st['stall_fraction']:.1%}",
+        f"peak held: device pool {st['peak_bytes']['hbm'] / mb:.1f} MB of {st['budgets']['hbm'] / mb:.1f} MB, "
+        f"DRAM {st['peak_bytes']['dram'] / mb:.1f} MB of {st['budgets']['dram'] / mb:.1f} MB, "
+        f"resident {st['peak_bytes']['resident'] / mb:.1f} MB",
+        f"tiers: prefetch {st['tiers']['prefetch']}, fixed layers {st['tiers']['fixed_layers']}, "
+        f"preload {st['tiers']['preload']}",
+    ]
+    if st.get("predictor_recall") is not None:
+        lines.append(f"predictor recall {st['predictor_recall']:.1%}")
+    if "carbon_g_per_1k_tokens" in st:
+        lines.append(f"carbon estimate: {st['carbon_g_per_1k_tokens']:.2f} gCO2 per 1000 tokens")
+    for line in lines:
+        print("[m2cache] " + line, file=stream)
+
+
+def cmd_demo(args) -> int:
+    from m2cache.convert import fetch_demo
+    from m2cache.storage.reader import Store
+
+    store_dir = fetch_demo()
+    store = Store(store_dir)
+    if not store.manifest.get("predictors"):
+        try:
+            from m2cache.train import train_predictors
+        except ImportError:
+            train_predictors = None
+        if train_predictors is not None:
+            print("training the demo model's predictors (once) ...", file=sys.stderr)
+            train_predictors(store_dir)
+    args.store, args.dense, args.stats = str(store_dir), False, True
+    for prompt in DEMO_PROMPTS:
+        print(f"\n>>> {prompt}")
+        args.prompt = prompt
+        rc = cmd_generate(args)
+        if rc:
+            return rc
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLaMA-family models larger than device memory: "
+                                 "FFN neurons tiered across device, DRAM and SSD, at mixed precision.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download and convert the demo model; prints the store's path")
+    p.add_argument("name", nargs="?", default="smollm2")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder or a .gguf file into a store")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--int4-group", type=int, default=None, help="values per INT4 scale (default 64)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    p.add_argument("store")
+    p.add_argument("prompt")
+    _sampling_args(p)
+    p.add_argument("--dense", action="store_true", help="every weight resident, no tiering (the reference)")
+    add_engine_args(p)
+    p.add_argument("--stats", action="store_true", help="print speed, bytes and cache figures on stderr")
+    p.add_argument("--trace", help="write the run's trace to this file (see tools/trace.py)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="fetch the demo model, train its predictors, generate with tiering on")
+    _sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_demo, trace=None, policy=None)
+
+    for module in ("m2cache.cli_quality", "m2cache.bench"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ImportError:
+            continue
+        mod.add_commands(sub)
+    return ap
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except M2CacheError as e:
+        print(f"m2cache: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("m2cache: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
