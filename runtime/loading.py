@@ -1,25 +1,20 @@
 """Loads a store's resident weights and, for ``--dense``, every FFN weight into memory."""
 from __future__ import annotations
 
-import zlib
-
 import torch
 from safetensors import safe_open
 
 from m2cache.errors import ChecksumError
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
+from m2cache.storage.layout import file_checksum
 from m2cache.storage.reader import FIX_HINT, PlainBackend, Store
 
 
 def verify_resident(store: Store) -> None:
     meta = store.manifest["resident"]
     path = store.path / meta["path"]
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    if crc != meta["crc32"]:
+    if file_checksum(path, store.checksum_name) != meta["crc32"]:
         raise ChecksumError(f"{path} fails its checksum: the file is corrupt; {FIX_HINT}")
 
 

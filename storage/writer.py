@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,7 +14,8 @@ from safetensors.torch import save_file
 from m2cache.model.llama import ModelConfig
 from m2cache.storage import quant
 from m2cache.storage.layout import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
+    CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
+    checksum_fn, file_checksum,
 )
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -44,16 +44,8 @@ def ffn_bundles_of(get: TensorGetter, layer: int) -> torch.Tensor:
     return torch.stack((gate.float(), up.float(), down.float().t()), dim=1).contiguous()
 
 
-def crc32_file(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def write_bundle_file(path: Path, raw: torch.Tensor, geom: BlockGeometry) -> np.ndarray:
-    """raw: [F, bundle_bytes] uint8 -> blocks padded to geom.block_bytes; returns block CRCs."""
+def write_bundle_file(path: Path, raw: torch.Tensor, geom: BlockGeometry) -> tuple[np.ndarray, int]:
+    """raw: [F, bundle_bytes] uint8 -> blocks padded to geom.block_bytes; returns block and file checksums."""
     F_, bb = raw.shape
     assert bb == geom.bundle_bytes, "bundle size disagrees with the geometry"
     nblocks = geom.num_blocks(F_)
@@ -64,7 +56,7 @@ def write_bundle_file(path: Path, raw: torch.Tensor, geom: BlockGeometry) -> np.
     data = buf.tobytes()
     with open(path, "wb") as f:
         f.write(data)
-    return block_checksums(data, geom.block_bytes)
+    return block_checksums(data, geom.block_bytes), checksum_fn(CHECKSUM)(data)
 
 
 def write_store(
@@ -99,20 +91,21 @@ def write_store(
         w = ffn_bundles_of(get, layer)
         for p in quant.PRECISIONS:
             name = ffn_file_name(layer, p)
-            crcs = write_bundle_file(tmp / name, quant.encode(p, w, int4_group), geoms[p])
-            files.append({"layer": layer, "precision": p, "path": name,
-                          "size": int(geoms[p].file_bytes(cfg.intermediate_size)), "crc32": crcs.tobytes()})
+            crcs, whole = write_bundle_file(tmp / name, quant.encode(p, w, int4_group), geoms[p])
+            files.append({"layer": layer, "precision": p, "path": name, "size": int(geoms[p].file_bytes(
+                cfg.intermediate_size)), "crc32": crcs.tobytes(), "file_crc32": whole})
         if progress:
             progress(layer + 2, total)
 
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "checksum": CHECKSUM,  # the block and file checksums' algorithm (the "crc32" keys hold its values)
         "source": source,
         "config": cfg.to_dict(),
         "tokenizer": tokenizer,
         "resident": {"path": RESIDENT, "dtype": str(resident_dtype).removeprefix("torch."),
-                     "size": os.path.getsize(tmp / RESIDENT), "crc32": crc32_file(tmp / RESIDENT)},
+                     "size": os.path.getsize(tmp / RESIDENT), "crc32": file_checksum(tmp / RESIDENT)},
         "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim, "int4_group": int4_group,
                 "geometry": {p: g.to_dict() for p, g in geoms.items()}, "files": files},
         "predictors": None,
