@@ -18,7 +18,7 @@ import torch
 
 from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Fetch, FetchReply, Progress, ReadRequest, Release
-from m2cache.errors import BudgetError, M2CacheError
+from m2cache.errors import BudgetError, EngineClosedError, M2CacheError
 from m2cache.storage.fifo import LayerFIFO
 
 
@@ -32,7 +32,7 @@ class DRAMManager(Actor):
         self.num_layers, self.num_neurons, self.layer_bytes = num_layers, num_neurons, layer_bytes
         self.preload, self.prefetch, self.precisions = preload, prefetch, precisions
         self.reader, self.recorder, self.pin_memory = reader, recorder, pin_memory
-        self.budget, self.staging_reserve = budget, staging_reserve
+        self.budget, self.staging_reserve, self.fixed_layers = budget, staging_reserve, fixed_layers
         fixed_bytes = fixed_layers * sum(layer_bytes[p] for p in precisions)
         self.fifo = LayerFIFO(budget - staging_reserve, fixed_layers, fixed_budget_bytes=fixed_bytes)
         self.data: dict[tuple[int, str], torch.Tensor] = {}
@@ -79,31 +79,36 @@ class DRAMManager(Actor):
             self.data.pop(old, None)
         self.fifo.pin(key)
         self._note_peak()
-        fut = asyncio.get_running_loop().create_future()
-        self.loading[key] = fut
+        loop = asyncio.get_running_loop()
+        # two futures: the read's reply, and `loaded`, which waiters in `loading` await; it completes
+        # only after `data` holds the layer (a reply already done but not yet recorded is not loaded)
+        read, loaded = loop.create_future(), loop.create_future()
+        self.loading[key] = loaded
         self.counts["preloads" if preload else "layer_reads"] += 1
-        request = ReadRequest(key[0], key[1], None, fut, "read_layer")
+        request = ReadRequest(key[0], key[1], None, read, "read_layer")
         if self.reader.inbox.full():
             self.spawn(self.reader.send(request))
         else:
             self.reader.inbox.put_nowait(request)
-        self.spawn(self._finish_load(key, fut))
+        self.spawn(self._finish_load(key, read, loaded))
         return True
 
-    async def _finish_load(self, key: tuple[int, str], fut: asyncio.Future) -> None:
+    async def _finish_load(self, key: tuple[int, str], read: asyncio.Future, loaded: asyncio.Future) -> None:
         try:
-            data = await fut
+            data = await read
             if self.pin_memory:
                 data = data.pin_memory()
             self.data[key] = data
-        except M2CacheError:
-            # the read failed: forget the entry; whoever waits on it sees the error on `fut`
+        except M2CacheError as e:
+            # the read failed: forget the entry; whoever waits on it sees the error on `loaded`
             self.fifo.unpin(key)
             self.fifo.remove(key)
+            fail(loaded, e)
             return
         finally:
             self.loading.pop(key, None)
         self.fifo.unpin(key)
+        resolve(loaded, None)
 
     async def _serve(self, msg: Fetch) -> None:
         try:
@@ -112,7 +117,9 @@ class DRAMManager(Actor):
             fail(msg.reply, e)
             return
         except asyncio.CancelledError:
-            fail(msg.reply, asyncio.CancelledError())
+            # only teardown cancels a fetch; the HBM manager waiting on it must see a typed error
+            # (a bare CancelledError would end that actor without failing the executor's step)
+            fail(msg.reply, EngineClosedError(f"the engine closed while layer {msg.layer} was being fetched"))
             raise
         if msg.reply.done():  # nobody waits any more: give back what was pinned
             self._release(reply.release, reply.staged_bytes)
@@ -127,7 +134,7 @@ class DRAMManager(Actor):
         try:
             for p, ids in msg.ids.items():
                 key = (msg.layer, p)
-                if key not in self.fifo and self.preload == "layer":
+                if key not in self.fifo and (self.preload == "layer" or key[0] < self.fixed_layers):
                     self._start_layer_read(key, preload=False)
                 if key in self.loading:
                     self.counts["waited"] += 1

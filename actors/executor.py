@@ -20,7 +20,7 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
 from m2cache.errors import EngineClosedError, M2CacheError
-from m2cache.model.llama import KVCache, attention_block, lm_head, rms_norm
+from m2cache.model.llama import KVCache, attention_block, lm_head, rms_norm, rope_slice
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.sampling import sample
 
@@ -43,6 +43,7 @@ class Sequence:
     cancelled: bool = False
     x: torch.Tensor | None = None  # hidden state between jobs; only the compute thread touches it
     h: torch.Tensor | None = None
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 
@@ -209,13 +210,15 @@ class Executor(Actor):
             t0 = time.perf_counter_ns()
             ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
             seq.x = self.res.embed[ids]  # [T, D]
+            assert seq.kv is not None
+            seq.cos_sin = rope_slice(self.rope, seq.kv.length, len(tokens), self.dtype)
             return self._attend(seq, 0, prefill, t0)
 
     def _attend(self, seq: Sequence, layer: int, prefill: bool, t0: int):
         """Attention of `layer`, the FFN input, and (when the policy scores) the neuron ranking."""
         assert seq.kv is not None and seq.x is not None
         w = self.res.layers[layer]
-        seq.x = attention_block(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, self.rope)
+        seq.x = attention_block(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
         seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
         order = None
         if self.policy.needs_scores and not prefill:

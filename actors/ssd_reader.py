@@ -52,20 +52,26 @@ class SSDReader(Actor):
 
     def _read(self, msg: ReadRequest):
         t0 = time.perf_counter_ns()
-        if msg.ids is None:
-            data = self.store.read_layer(msg.layer, msg.precision, self.backend)
-            nbytes = self.store.layer_bytes(msg.precision)
-        else:
-            data = self.store.read_neurons(msg.layer, msg.precision, msg.ids, self.backend)
-            nbytes = self.store.run_bytes(msg.precision, msg.ids)
+        try:
+            if msg.ids is None:
+                data = self.store.read_layer(msg.layer, msg.precision, self.backend)
+                nbytes = self.store.layer_bytes(msg.precision)
+            else:
+                data = self.store.read_neurons(msg.layer, msg.precision, msg.ids, self.backend)
+                nbytes = self.store.run_bytes(msg.precision, msg.ids)
+        except SSDError as e:
+            where = f"FFN layer {msg.layer} {msg.precision}"
+            if where in str(e):
+                raise
+            # the backend names only the file and byte range: say which layer and neurons needed it
+            lo, hi = (0, self.store.num_neurons - 1) if msg.ids is None else (int(msg.ids.min()), int(msg.ids.max()))
+            raise type(e)(f"{where} neurons {lo}-{hi}: {e}") from e
         t1 = time.perf_counter_ns()
         self.recorder.add("ssd", msg.kind, t0, t1, layer=msg.layer, nbytes=nbytes)
         return data, nbytes, (t1 - t0) / 1e9
 
     def _done(self, msg: ReadRequest, cf) -> None:
         self.slots.release()
-        if msg.reply.done():  # the requester gave up (cancelled)
-            return
         exc = cf.exception() if not cf.cancelled() else SSDError("read cancelled at shutdown")
         if exc is not None:
             self.errors += 1
@@ -73,6 +79,7 @@ class SSDReader(Actor):
                 f"reading FFN layer {msg.layer} {msg.precision} failed: {exc!r}"))
             return
         data, nbytes, seconds = cf.result()
+        # counted even when the requester gave up: the bytes were read (the trace has them too)
         self.reads += 1
         self.bytes_read += nbytes
         self.bytes_by_kind[msg.kind] = self.bytes_by_kind.get(msg.kind, 0) + nbytes

@@ -235,10 +235,19 @@ class KVCache:
             self.data = grown
 
 
+def rope_slice(rope: Rotary, pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [pos, pos+T) in the compute dtype: computed once per step, used by every layer."""
+    cos, sin = rope.table(pos + T)
+    return cos[pos : pos + T].to(dtype), sin[pos : pos + T].to(dtype)
+
+
 def attention_block(
-    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int, rope: Rotary
+    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
+    rope: Rotary | tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D]."""
+    """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D].
+
+    ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step)."""
     T = x.shape[0]
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
@@ -246,9 +255,7 @@ def attention_block(
         (F.linear(h, w.wq), F.linear(h, w.wk), F.linear(h, w.wv)), dim=-1
     )
     q, k, v = qkv.split((H * hd, KV * hd, KV * hd), dim=-1)
-    cos, sin = rope.table(pos + T)
-    cos = cos[pos : pos + T].to(x.dtype)
-    sin = sin[pos : pos + T].to(x.dtype)
+    cos, sin = rope_slice(rope, pos, T, x.dtype) if isinstance(rope, Rotary) else rope
     q = apply_rope(q.view(T, H, hd).transpose(0, 1), cos, sin)  # [H, T, hd]
     k = apply_rope(k.view(T, KV, hd).transpose(0, 1), cos, sin)  # [KV, T, hd]
     v = v.view(T, KV, hd).transpose(0, 1)
@@ -301,8 +308,9 @@ class DenseModel:
         ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         x = self.res.embed[ids]  # [T, D]
         pos = kv.length
+        cos_sin = rope_slice(self.rope, pos, ids.shape[0], x.dtype)
         for layer, w in enumerate(self.res.layers):
-            x = attention_block(self.cfg, w, x, layer, kv, pos, self.rope)
+            x = attention_block(self.cfg, w, x, layer, kv, pos, cos_sin)
             h = rms_norm(x, w.ffn_norm, self.cfg.rms_norm_eps)
             x = x + ffn_bundles(h, self.ffn[layer], self.act)
         kv.length = pos + ids.shape[0]

@@ -9,7 +9,7 @@ from m2cache.errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "k": 10**3, "m": 10**6, "g": 10**9}
-PRELOADS = ("layer", "neuron", "hybrid")
+PRELOADS = ("auto", "layer", "neuron", "hybrid")
 DEVICES = ("cpu", "cuda")
 
 
@@ -41,8 +41,10 @@ class EngineConfig:
     hbm_budget: bytes of the device neuron pool (the "HBM" tier; on the CPU a capacity-limited pool).
     dram_budget: bytes of the host DRAM FIFO of layers (and staging for neuron-level reads).
     prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
-    preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand) or
-        "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM).
+    preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand),
+        "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM) or
+        "auto": hybrid for a dense policy, neuron for a sparse one (whole-layer preloads of every
+        precision would read several times the bytes a sparse token needs).
     fixed_layers: layers kept in DRAM for good (the FIFO's fixed area); None = as many as the budget
         leaves after the preload ring.
     policy: precision policy name ("dense-fp16", "oracle", or one stored in the store); None = the
@@ -58,7 +60,7 @@ class EngineConfig:
     hbm_budget: int | str = "64MB"
     dram_budget: int | str = "96MB"
     prefetch: int = 2
-    preload: str = "hybrid"
+    preload: str = "auto"
     fixed_layers: int | None = None
     policy: str | None = None
     device: str = "cpu"

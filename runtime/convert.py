@@ -51,7 +51,10 @@ def _open_hf_folder(src: Path):
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConvertError(f"{src} has no config.json; a Hugging Face checkpoint folder needs one")
-    cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+    try:
+        cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+    except UnsupportedArchitectureError as e:  # name the file: from_hf does not know it
+        raise UnsupportedArchitectureError(f"{cfg_path}: {e}") from e
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
         raise ConvertError(f"{src} has no *.safetensors files (PyTorch .bin checkpoints are not read: "

@@ -89,7 +89,7 @@ class Engine:
         self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
         self.dram = DRAMManager(
             num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in store.geometry},
-            budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=cfg.preload,
+            budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_layers=self.plan.fixed_layers, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
@@ -190,7 +190,12 @@ class Engine:
         return engine_stats(self)
 
     def save_trace(self, path: str | Path) -> None:
-        self.recorder.mark("stats", self.stats())
+        """Writes the trace with the run's figures as metadata (what tools/trace.py summarises)."""
+        st = self.stats()
+        for key, value in (("tokens", st["decode_tokens"]), ("decode_seconds", self.run_stats.decode_s),
+                           ("ttft_seconds", st["ttft_s"]), ("hit_ratio", st["hit_ratio"]),
+                           ("device", self.device.type), ("policy", st["policy"]), ("stats", st)):
+            self.recorder.mark(key, value)
         self.recorder.save(path)
 
 

@@ -34,7 +34,7 @@ def engine_stats(engine) -> dict[str, Any]:
                        "resident": sum(t.numel() * t.element_size() for t in _resident_tensors(engine))},
         "budgets": {"hbm": int(engine.config.hbm_budget), "dram": int(engine.config.dram_budget)},
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
-                  "fixed_layers": engine.plan.fixed_layers, "preload": engine.config.preload},
+                  "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload},
         "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
     }

@@ -26,6 +26,7 @@ class TierPlan:
     dram_precisions: tuple[str, ...]
     prefetch: int
     fixed_layers: int
+    preload: str  # resolved: "auto" becomes layer/neuron/hybrid here
 
 
 def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
@@ -50,21 +51,26 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     hbm_bytes = sum(slots[p] * bb[p] for p in PRECISION_ORDER)
     assert hbm_bytes <= hbm_budget, "HBM slots exceed the budget they were sized from"
 
+    preload = cfg.preload
+    if preload == "auto":
+        preload = "hybrid" if counts["fp16"] == F else "neuron"
     used = tuple(p for p in PRECISION_ORDER if counts[p] > 0)
     layer_bytes = {p: store.layer_bytes(p) for p in PRECISION_ORDER}
     per_layer = sum(layer_bytes[p] for p in used)
-    staging = 0 if cfg.preload == "layer" else max(layer_bytes["fp16"], sum(decode_bytes.values()))
-    min_dram = max(layer_bytes["fp16"], per_layer) if cfg.preload == "layer" else staging
+    staging = 0 if preload == "layer" else max(layer_bytes["fp16"], sum(decode_bytes.values()))
+    min_dram = max(layer_bytes["fp16"], per_layer) if preload == "layer" else staging
     dram_budget = int(cfg.dram_budget)
     if dram_budget < min_dram:
         raise BudgetError(
-            f"dram_budget {format_size(dram_budget)} is too small for preload={cfg.preload!r}: one layer needs "
+            f"dram_budget {format_size(dram_budget)} is too small for preload={preload!r}: one layer needs "
             f"{format_size(min_dram)}; the smallest dram_budget that works is {format_size(min_dram)} "
-            f"({min_dram} bytes)" + ("" if cfg.preload != "layer" else ", or use preload='neuron'"))
-    ring_layers = (dram_budget - staging) // per_layer if cfg.preload != "neuron" else 0
-    prefetch = max(0, min(cfg.prefetch, ring_layers - 1))
+            f"({min_dram} bytes)" + ("" if preload != "layer" else ", or use preload='neuron'"))
+    ring_layers = (dram_budget - staging) // per_layer
+    # neuron mode preloads nothing ahead; its DRAM (beyond staging) keeps the first layers whole
+    prefetch = 0 if preload == "neuron" else max(0, min(cfg.prefetch, ring_layers - 1))
     if cfg.fixed_layers is not None:
-        fixed = min(cfg.fixed_layers, max(0, ring_layers - prefetch - 1), n_layers)
+        fixed = min(cfg.fixed_layers, max(0, ring_layers - (0 if preload == "neuron" else prefetch + 1)), n_layers)
     else:
-        fixed = min(max(0, ring_layers - prefetch - 2), n_layers)
-    return TierPlan(slots, hbm_bytes, dram_budget, staging, used, prefetch, fixed)
+        spare = ring_layers if preload == "neuron" else ring_layers - prefetch - 2
+        fixed = min(max(0, spare), n_layers)
+    return TierPlan(slots, hbm_bytes, dram_budget, staging, used, prefetch, fixed, preload)
