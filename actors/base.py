@@ -24,6 +24,7 @@ class Actor:
         self.ready = asyncio.Event()
         self.handled = 0
         self._tasks: set[asyncio.Task] = set()  # helper tasks this actor owns (awaits of replies)
+        self.stopped = False  # set when the loop ends: later sends fail their reply at once
 
     async def setup(self) -> None:
         """Acquire resources; runs before ``ready`` is set."""
@@ -35,7 +36,13 @@ class Actor:
         raise NotImplementedError
 
     async def send(self, msg: Any) -> None:
-        await self.inbox.put(msg)
+        """Queues ``msg``; once this actor has stopped, fails its reply instead (nobody would read it)."""
+        if not self.stopped:
+            await self.inbox.put(msg)
+        if self.stopped:  # stopped before, or while this send waited for room
+            self._fail_inbox(None)
+            fail(getattr(msg, "reply", None), EngineClosedError(f"the engine closed before {self.name} handled "
+                                                               f"{type(msg).__name__}"))
 
     def spawn(self, coro) -> asyncio.Task:
         """A child task owned by this actor, cancelled at teardown (never outlives the actor)."""
@@ -59,6 +66,7 @@ class Actor:
             error = e
             raise
         finally:
+            self.stopped = True
             for task in list(self._tasks):
                 task.cancel()
             if self._tasks:

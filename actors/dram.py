@@ -49,7 +49,10 @@ class DRAMManager(Actor):
         if isinstance(msg, Progress):
             self._preload_after(msg.layer)
         elif isinstance(msg, Fetch):
-            self.spawn(self._serve(msg))
+            # a fetch cancelled (at close) before it started never runs _serve's handlers: whatever
+            # way it ends, a reply still pending then gets a typed error
+            self.spawn(self._serve(msg)).add_done_callback(lambda _t, reply=msg.reply, layer=msg.layer: fail(
+                reply, EngineClosedError(f"the engine closed while layer {layer} was being fetched")))
         elif isinstance(msg, Release):
             self._release(msg.keys, msg.staged_bytes)
         else:

@@ -36,7 +36,11 @@ class SSDReader(Actor):
 
     async def teardown(self, error: BaseException | None) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            # waiting for reads in flight (a slow or stalled SSD: up to a read's latency) must not
+            # block the event loop: wait in a helper thread
+            pool = self.pool
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: pool.shutdown(wait=True, cancel_futures=True))
 
     async def handle(self, msg: ReadRequest) -> None:
         await self.slots.acquire()

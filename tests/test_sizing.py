@@ -1,0 +1,133 @@
+"""plan_tiers: slots fit the HBM budget, too-small budgets are refused naming the smallest that works,
+and the preload window is clipped to what the DRAM budget holds."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from m2cache.config import EngineConfig
+from m2cache.errors import BudgetError
+from m2cache.model.policy import PRECISION_ORDER, Policy, Shares
+from m2cache.sizing import plan_tiers
+from m2cache.storage.reader import Store
+
+MIXED = Shares(0.1, 0.2, 0.2)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store) -> Store:
+    return Store(tiny_store.store)
+
+
+def dense(store: Store) -> Policy:
+    return Policy(store.config.num_layers, store.num_neurons)
+
+
+def mixed(store: Store) -> Policy:
+    return Policy(store.config.num_layers, store.num_neurons, MIXED)
+
+
+def layer(store: Store, p: str = "fp16") -> int:
+    return store.layer_bytes(p)
+
+
+def smallest(error: BaseException) -> int:
+    m = re.search(r"the smallest (\w+) that works is \S+ \((\d+) bytes\)", str(error))
+    assert m, f"no smallest budget in: {error}"
+    return int(m.group(2))
+
+
+@pytest.mark.parametrize("policy", [dense, mixed])
+@pytest.mark.parametrize("hbm_layers", [1.0, 1.3, 2.0, 2.99, 3.0, 10.0])
+def test_hbm_slots_never_exceed_the_budget_and_hold_one_layers_working_set(store: Store, policy, hbm_layers: float
+                                                                           ) -> None:
+    pol = policy(store)
+    budget = int(hbm_layers * layer(store)) + 2 * layer(store, "int8")
+    plan = plan_tiers(store, EngineConfig(hbm_budget=budget, dram_budget=10 * layer(store)), pol)
+    assert plan.hbm_bytes == sum(plan.hbm_slots[p] * store.bundle_bytes(p) for p in PRECISION_ORDER)
+    assert plan.hbm_bytes <= budget
+    counts = pol.max_counts()
+    assert plan.hbm_slots["fp16"] >= max(store.num_neurons, counts["fp16"])  # prefill is dense FP16
+    for p in ("int8", "int4"):
+        assert plan.hbm_slots[p] >= counts[p]
+        assert plan.hbm_slots[p] <= store.num_neurons * store.config.num_layers
+    assert plan.hbm_slots["fp16"] <= store.num_neurons * store.config.num_layers
+
+
+@pytest.mark.parametrize("policy", [dense, mixed])
+def test_an_hbm_budget_below_one_layer_is_refused_with_the_smallest_that_works(store: Store, policy) -> None:
+    pol = policy(store)
+    with pytest.raises(BudgetError, match="hbm_budget") as info:
+        plan_tiers(store, EngineConfig(hbm_budget=1000, dram_budget=10 * layer(store)), pol)
+    least = smallest(info.value)
+    counts = pol.max_counts()
+    assert least == (store.num_neurons * store.bundle_bytes("fp16") + counts["int8"] * store.bundle_bytes("int8")
+                     + counts["int4"] * store.bundle_bytes("int4"))
+    with pytest.raises(BudgetError):
+        plan_tiers(store, EngineConfig(hbm_budget=least - 1, dram_budget=10 * layer(store)), pol)
+    assert plan_tiers(store, EngineConfig(hbm_budget=least, dram_budget=10 * layer(store)), pol).hbm_bytes <= least
+
+
+@pytest.mark.parametrize("preload", ["layer", "neuron", "hybrid"])
+@pytest.mark.parametrize("policy", [dense, mixed])
+def test_a_dram_budget_below_one_layer_is_refused_with_the_smallest_that_works(store: Store, preload: str,
+                                                                              policy) -> None:
+    pol = policy(store)
+    cfg = EngineConfig(hbm_budget=10 * layer(store), dram_budget=1000, preload=preload)
+    with pytest.raises(BudgetError, match="dram_budget") as info:
+        plan_tiers(store, cfg, pol)
+    assert preload in str(info.value)
+    least = smallest(info.value)
+    assert least >= layer(store)  # at least one FP16 layer: prefill reads whole layers
+    with pytest.raises(BudgetError):
+        plan_tiers(store, cfg.replace(dram_budget=least - 1), pol)
+    plan = plan_tiers(store, cfg.replace(dram_budget=least), pol)
+    assert plan.dram_budget == least
+    assert plan.staging_reserve <= least
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3, 8])
+@pytest.mark.parametrize("ring_layers", [1, 2, 3, 5])
+def test_prefetch_is_clipped_to_the_layers_the_dram_ring_holds(store: Store, prefetch: int, ring_layers: int) -> None:
+    cfg = EngineConfig(hbm_budget=10 * layer(store), dram_budget=ring_layers * layer(store), preload="layer",
+                       prefetch=prefetch)
+    plan = plan_tiers(store, cfg, dense(store))
+    assert plan.prefetch == min(prefetch, ring_layers - 1)  # the ring holds the current layer too
+    assert plan.prefetch + 1 + plan.fixed_layers <= ring_layers
+    hybrid = plan_tiers(store, cfg.replace(preload="hybrid", dram_budget=(ring_layers + 1) * layer(store)),
+                        dense(store))
+    assert hybrid.staging_reserve == layer(store)  # one layer of staging comes off the top
+    assert hybrid.prefetch == min(prefetch, ring_layers - 1)
+
+
+def test_neuron_preload_never_prefetches_and_keeps_only_the_fixed_area_whole(store: Store) -> None:
+    n = store.config.num_layers
+    for dram_layers in (1, 2, 3, 10):
+        cfg = EngineConfig(hbm_budget=10 * layer(store), dram_budget=dram_layers * layer(store), preload="neuron",
+                           prefetch=3)
+        plan = plan_tiers(store, cfg, dense(store))
+        assert plan.prefetch == 0
+        assert plan.staging_reserve >= layer(store)
+        assert plan.staging_reserve + plan.fixed_layers * layer(store) <= plan.dram_budget
+        assert plan.fixed_layers <= n
+
+
+def test_the_fixed_area_takes_what_the_ring_leaves_and_respects_an_explicit_count(store: Store) -> None:
+    n = store.config.num_layers
+    cfg = EngineConfig(hbm_budget=10 * layer(store), dram_budget=100 * layer(store), preload="layer", prefetch=1)
+    assert plan_tiers(store, cfg, dense(store)).fixed_layers == n  # room for all: never more than the model has
+    assert plan_tiers(store, cfg.replace(fixed_layers=1), dense(store)).fixed_layers == 1
+    tight = cfg.replace(dram_budget=3 * layer(store), fixed_layers=5)
+    plan = plan_tiers(store, tight, dense(store))
+    assert plan.fixed_layers + plan.prefetch + 1 <= 3
+
+
+def test_decode_precisions_are_the_ones_the_policy_uses(store: Store) -> None:
+    cfg = EngineConfig(hbm_budget=10 * layer(store), dram_budget=10 * layer(store))
+    assert plan_tiers(store, cfg, dense(store)).dram_precisions == ("fp16",)
+    assert plan_tiers(store, cfg, mixed(store)).dram_precisions == ("fp16", "int8", "int4")
+    only8 = Policy(store.config.num_layers, store.num_neurons, Shares(0.0, 0.5, 0.0))
+    plan = plan_tiers(store, cfg, only8)
+    assert plan.dram_precisions == ("int8",)
+    assert plan.hbm_slots["fp16"] >= store.num_neurons  # prefill still needs a whole FP16 layer
