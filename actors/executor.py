@@ -93,8 +93,9 @@ class Executor(Actor):
             _finish(seq, exc)
         self.active.clear()
         self.pending.clear()
-        if self.worker is not None:
-            self.worker.shutdown(wait=True)
+        if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
+            worker = self.worker
+            await asyncio.get_running_loop().run_in_executor(None, lambda: worker.shutdown(wait=True))
 
     async def run(self) -> None:
         error: BaseException | None = None
