@@ -8,18 +8,24 @@ from m2cache.model.llama import activation
 from m2cache.model.policy import OraclePolicy, Policy, Shares
 from m2cache.storage.reader import PlainBackend, Store
 
-BUILTIN = ("dense-fp16", "oracle")
+BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C")
+
+
+def parse_shares(name: str) -> Shares:
+    """``KIND`` (every neuron) or ``KIND:0.1,0.2,0.2`` (FP16, INT8, INT4 shares), KIND oracle or predictor."""
+    if ":" not in name:
+        return Shares()
+    kind, spec = name.split(":", 1)
+    try:
+        fp16, int8, int4 = (float(v) for v in spec.split(","))
+    except ValueError as e:
+        raise ConfigError(f"{kind} shares: write {kind}:FP16,INT8,INT4, e.g. {kind}:0.1,0.2,0.2 ({e})") from e
+    return Shares(fp16, int8, int4)
 
 
 def parse_oracle(name: str) -> Shares:
     """``oracle`` (every neuron) or ``oracle:0.1,0.2,0.2`` (FP16, INT8, INT4 shares)."""
-    if ":" not in name:
-        return Shares()
-    try:
-        fp16, int8, int4 = (float(v) for v in name.split(":", 1)[1].split(","))
-    except ValueError as e:
-        raise ConfigError(f"oracle shares: write oracle:FP16,INT8,INT4, e.g. oracle:0.1,0.2,0.2 ({e})") from e
-    return Shares(fp16, int8, int4)
+    return parse_shares(name)
 
 
 def list_policies(store: Store) -> dict[str, dict]:
@@ -45,6 +51,11 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
         return OraclePolicy(cfg.num_layers, cfg.intermediate_size, parse_oracle(name), weights,
                             activation(cfg.hidden_act))
     stored = store.manifest.get("policies") or {}
+    if name.startswith("predictor:"):  # ad-hoc shares over the store's trained predictors
+        from m2cache.model.predictor import PredictorPolicy
+
+        spec = {"shares": parse_shares(name).to_dict(), "kind": "predictor"}
+        return PredictorPolicy.from_store(store, name, spec, dtype, device)
     if name in stored:
         from m2cache.model.predictor import PredictorPolicy  # only stores with predictors need it
 

@@ -1,0 +1,104 @@
+"""The quality commands: ``train-predictor``, ``policies``, ``tune`` and ``eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _read_text(path: str | None) -> str | None:
+    return Path(path).read_text(encoding="utf-8") if path else None
+
+
+def cmd_train_predictor(args) -> int:
+    from m2cache.train import train_predictors
+
+    report = train_predictors(args.store, _read_text(args.text), rank=args.rank, tokens=args.tokens,
+                              progress=not args.quiet, epochs=args.epochs)
+    print(report.summary())
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from m2cache.policies import default_policy_name, list_policies
+    from m2cache.model.policy import Shares
+    from m2cache.storage.reader import Store
+
+    store = Store(args.store)
+    bundle = {p: store.bundle_bytes(p) for p in ("fp16", "int8", "int4")}
+    default = default_policy_name(store)
+    print(f"{'policy':<16} {'fp16':>5} {'int8':>5} {'int4':>5} {'bytes':>6}  kind")
+    for name, spec in list_policies(store).items():
+        shares = spec["shares"]
+        rows = shares if isinstance(shares, list) else [shares]
+        s = [Shares(**r) for r in rows]
+        mean = {p: sum(getattr(x, p) for x in s) / len(s) for p in ("fp16", "int8", "int4")}
+        ratio = sum(x.bytes_ratio(bundle) for x in s) / len(s)
+        kind = "builtin" if spec.get("builtin") else spec.get("kind", "?") + (" per-layer" if len(s) > 1 else "")
+        mark = "  (default)" if name == default else ""
+        print(f"{name:<16} {mean['fp16']:5.2f} {mean['int8']:5.2f} {mean['int4']:5.2f} {ratio:6.3f}  {kind}{mark}")
+    print("also: oracle:FP16,INT8,INT4 (exact magnitudes, for measuring) and predictor:FP16,INT8,INT4 (ad hoc)")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from m2cache.tune import tune
+
+    report = tune(args.store, args.bytes_per_token, name=args.name, text=_read_text(args.text),
+                  tokens=args.tokens, progress=not args.quiet, set_default=not args.no_default)
+    print(report.summary())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from m2cache.evaluate import evaluate, format_table
+    from m2cache.policies import default_policy_name
+    from m2cache.storage.reader import Store
+
+    policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
+    rows = evaluate(args.store, policies, _read_text(args.text), tokens=args.tokens)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from m2cache.train import DEFAULT_RANK, DEFAULT_TOKENS
+
+    p = subparsers.add_parser("train-predictor", help="train the per-layer neuron predictors of a store")
+    p.add_argument("store")
+    p.add_argument("--text", help="calibration text file (default: CPython's pydoc_data prose)")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"predictor hidden width r (default {DEFAULT_RANK})")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    p.add_argument("--epochs", type=int, default=2, help="gradient epochs after the closed-form start")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_predictor)
+
+    p = subparsers.add_parser("policies", help="list a store's precision policies")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_policies)
+
+    p = subparsers.add_parser("tune", help="search precision shares under a bytes-per-token budget")
+    p.add_argument("store")
+    p.add_argument("--bytes-per-token", type=float, required=True,
+                   help="budget as a ratio of dense FP16 FFN bytes per token, e.g. 0.4")
+    p.add_argument("--name", help="policy name (default tuned-<percent>)")
+    p.add_argument("--text", help="calibration text file (default: CPython's pydoc_data prose)")
+    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens per candidate")
+    p.add_argument("--no-default", action="store_true", help="do not make it the store's default policy")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+    p = subparsers.add_parser("eval", help="perplexity and greedy agreement of policies vs the dense FP32 model")
+    p.add_argument("store")
+    p.add_argument("--text", help="text file; its last 20%% is the held-out part (default: pydoc_data prose)")
+    p.add_argument("--policy", action="append",
+                   help="dense-fp16, oracle:A,B,C, predictor:A,B,C or a stored name (repeatable; "
+                        "default: dense-fp16 and the store's default)")
+    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens for perplexity")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per policy")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,255 @@
+"""``m2cache eval``: what a precision policy costs in quality, against the same model run dense in FP32.
+
+Per policy:
+- ``ppl``: perplexity on held-out text, teacher-forced, every position computed with the policy's own
+  sparse mixed-precision FFN (its kept set and precisions chosen from that position's FFN input, as the
+  engine does per decode token). Batched: each precision's dequantised weights run over all positions
+  and a per-position mask keeps exactly the neurons the policy picked (``ffn_masked``).
+- ``dense_ppl``: the dense FP32 model on the same windows.
+- ``top1``: fraction of held-out positions where the policy's argmax equals the dense model's.
+- ``agreement``: greedy decoding of fixed prompts, dense prefill then sparse decode steps (like the
+  engine); the fraction of the 64 generated positions equal to the dense FP32 model's tokens (both
+  run 64 tokens, without stopping at EOS, and are compared position by position).
+- ``ffn_bytes_ratio``: FFN bytes fetched per token relative to dense FP16 (the store's bundle sizes).
+- ``recall``: for predictor policies, the share of the true top-k kept set (by exact magnitude, on
+  the policy's own hidden states) that the predictor kept, averaged over layers and positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m2cache.errors import ConfigError
+from m2cache.loading import load_dense, load_tokenizer
+from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
+from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy, Shares
+from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
+from m2cache.model.sparse_ffn import ffn_masked
+from m2cache.policies import parse_oracle, parse_shares
+from m2cache.storage.reader import PlainBackend, Store
+from m2cache.train import split_text, token_windows
+
+EVAL_TOKENS = 2048
+GREEDY_TOKENS = 64
+PROMPTS = (
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What is the capital of France, and what is it known for?",
+    "Explain what a Python list comprehension is.",
+    "Give three tips for staying focused while studying.",
+    "How does a refrigerator keep food cold?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What are the main differences between cats and dogs as pets?",
+)
+
+Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, h [T, D]) -> scores [T, F]
+
+
+class QualityModel:
+    """The dense FP32 model plus every layer's weights dequantised at each precision (a measuring tool:
+    everything in memory, outside the tier budgets)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dense: DenseModel = load_dense(store, torch.float32)
+        self.cfg = store.config
+        backend = PlainBackend()
+        self.weights: dict[str, list[torch.Tensor]] = {"fp16": self.dense.ffn}
+        for p in ("int8", "int4"):
+            self.weights[p] = [store.decode(p, store.read_layer(L, p, backend), torch.float32).contiguous()
+                               for L in range(self.cfg.num_layers)]
+        self._predictors: LowRankPredictors | None = None
+        self.bundle_bytes = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
+
+    def predictors(self) -> LowRankPredictors:
+        if self._predictors is None:
+            self._predictors = LowRankPredictors.load(predictor_path(self.store), torch.float32)
+        return self._predictors
+
+    def oracle_scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        W = self.dense.ffn[layer]
+        return (self.dense.act(F.linear(h, W[:, 0])) * F.linear(h, W[:, 1])).abs()
+
+    # ---- policies ------------------------------------------------------------------------------
+    def policy(self, name: str) -> Policy:
+        cfg, L, Fn = self.store.config, self.cfg.num_layers, self.cfg.intermediate_size
+        if name == "dense-fp16":
+            return Policy(L, Fn)
+        if name.startswith("oracle"):
+            return OraclePolicy(L, Fn, parse_oracle(name), self.dense.ffn, self.dense.act)
+        if name.startswith("predictor:"):
+            shares = parse_shares(name)
+            return PredictorPolicy(L, Fn, shares, self.predictors(), name)
+        stored = self.store.manifest.get("policies") or {}
+        if name in stored:
+            return PredictorPolicy.from_store(self.store, name, stored[name], torch.float32, "cpu",
+                                              predictors=self.predictors())
+        known = ", ".join(["dense-fp16", "oracle:A,B,C", "predictor:A,B,C"] + sorted(stored))
+        raise ConfigError(f"unknown policy {name!r}; this store has: {known}")
+
+    def scorer(self, policy: Policy) -> Scorer | None:
+        if isinstance(policy, OraclePolicy):
+            return self.oracle_scores
+        if isinstance(policy, PredictorPolicy):
+            return policy.predictors.score_all
+        return None
+
+    def bytes_ratio(self, policy: Policy) -> float:
+        return sum(s.bytes_ratio(self.bundle_bytes) for s in policy.shares) / len(policy.shares)
+
+    # ---- teacher-forced pass ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, window: list[int], policy: Policy, recall: list[float] | None = None) -> torch.Tensor:
+        """Every position's logits [T, V], each position's FFN sparse as the policy picks for it."""
+        m, cfg = self.dense, self.cfg
+        scorer = self.scorer(policy)
+        kv = m.new_cache()
+        x = m.res.embed[torch.tensor(window)]
+        for layer, w in enumerate(m.res.layers):
+            x = attention_block(cfg, w, x, layer, kv, 0, m.rope)
+            h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
+            if scorer is None:  # every neuron at FP16: the dense model's own code
+                x = x + ffn_bundles(h, m.ffn[layer], m.act)
+                continue
+            scores = scorer(layer, h)
+            masks = rank_masks(scores, policy.counts(layer))
+            if recall is not None:
+                recall.append(kept_recall(masks, self.oracle_scores(layer, h)))
+            x = x + ffn_masked(h, {p: self.weights[p][layer] for p in masks}, masks, m.act)
+        hn = rms_norm(x, m.res.final_norm, cfg.rms_norm_eps)
+        return F.linear(hn, m.res.lm_head).float()
+
+    # ---- greedy decoding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], policy: Policy | None, steps: int = GREEDY_TOKENS) -> list[int]:
+        """Dense prefill, then ``steps`` greedy tokens, each decode step sparse under ``policy``."""
+        m = self.dense
+        kv = m.new_cache()
+        out = [int(m.forward(prompt, kv).argmax())]
+        while len(out) < steps:
+            logits = m.forward([out[-1]], kv) if policy is None else self.sparse_step(out[-1], kv, policy)
+            out.append(int(logits.argmax()))
+        return out
+
+    def sparse_step(self, token: int, kv, policy: Policy) -> torch.Tensor:
+        """One decode token as the engine computes it: score, split, gather each precision's rows."""
+        m, cfg = self.dense, self.cfg
+        scorer = self.scorer(policy)
+        pos = kv.length
+        x = m.res.embed[torch.tensor([token])]
+        for layer, w in enumerate(m.res.layers):
+            x = attention_block(cfg, w, x, layer, kv, pos, m.rope)
+            h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
+            order = None
+            if scorer is not None:
+                order = torch.argsort(scorer(layer, h)[-1], descending=True).numpy()
+            ids = policy.split(layer, order)
+            y = None
+            for p, idx in ids.items():
+                W = self.weights[p][layer]
+                Wp = W if len(idx) == W.shape[0] else W[torch.from_numpy(idx)]
+                part = ffn_bundles(h, Wp, m.act)
+                y = part if y is None else y + part
+            assert y is not None, "a policy keeps at least one neuron"
+            x = x + y
+        kv.length = pos + 1
+        return F.linear(rms_norm(x, m.res.final_norm, cfg.rms_norm_eps), m.res.lm_head)[-1].float()
+
+
+def rank_masks(scores: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """scores [T, F] -> per precision a [T, F] 0/1 mask of the neurons ranked into its share."""
+    order = scores.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    masks, start = {}, 0
+    for p in PRECISION_ORDER:
+        n = counts[p]
+        if n:
+            masks[p] = ((rank >= start) & (rank < start + n)).to(scores.dtype)
+        start += n
+    return masks
+
+
+def kept_recall(masks: dict[str, torch.Tensor], true_scores: torch.Tensor) -> float:
+    kept = sum(masks.values())
+    k = int(kept[0].sum())
+    top = true_scores.topk(k, dim=1).indices
+    return float(kept.gather(1, top).sum(1).mean() / k)
+
+
+def perplexity(qm: QualityModel, windows: list[list[int]], policy: Policy,
+               recall: list[float] | None = None, dense_logits: list[torch.Tensor] | None = None
+               ) -> tuple[float, float]:
+    """(perplexity, top-1 agreement with dense_logits when given) over the windows."""
+    nll, count, same = 0.0, 0, 0
+    for i, win in enumerate(windows):
+        logits = qm.logits(win, policy, recall)[:-1]
+        target = torch.tensor(win[1:])
+        nll += float(F.cross_entropy(logits, target, reduction="sum"))
+        count += target.numel()
+        if dense_logits is not None:
+            same += int((logits.argmax(1) == dense_logits[i].argmax(1)).sum())
+    return math.exp(nll / count), same / count
+
+
+@dataclass
+class EvalData:
+    windows: list[list[int]]
+    prompts: list[list[int]]
+
+
+def eval_data(store: Store, text: str | None, prompts: list[str] | None, tokens: int = EVAL_TOKENS) -> EvalData:
+    _, held_out = split_text(text)
+    tok = load_tokenizer(store)
+    return EvalData(token_windows(store, held_out, tokens),
+                    [tok.encode(p, raw=False) for p in (prompts or list(PROMPTS))])
+
+
+def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None,
+             prompts: list[str] | None = None, *, tokens: int = EVAL_TOKENS, greedy_tokens: int = GREEDY_TOKENS,
+             qm: QualityModel | None = None) -> list[dict]:
+    """One dict per policy: policy, ppl, dense_ppl, top1, agreement, ffn_bytes_ratio (+ recall)."""
+    store = Store(store_dir)
+    qm = qm or QualityModel(store)
+    data = eval_data(store, text, prompts, tokens)
+    dense = Policy(qm.cfg.num_layers, qm.cfg.intermediate_size)
+    dense_logits = [qm.logits(w, dense)[:-1] for w in data.windows]
+    nll = sum(float(F.cross_entropy(lg, torch.tensor(w[1:]), reduction="sum")) for lg, w in zip(dense_logits, data.windows))
+    dense_ppl = math.exp(nll / sum(len(w) - 1 for w in data.windows))
+    dense_tokens = [qm.greedy(p, None, greedy_tokens) for p in data.prompts]
+    rows = []
+    for name in policies:
+        pol = qm.policy(name)
+        recall: list[float] | None = [] if isinstance(pol, PredictorPolicy) else None
+        ppl, top1 = perplexity(qm, data.windows, pol, recall, dense_logits)
+        same = 0
+        for p, ref in zip(data.prompts, dense_tokens):
+            got = qm.greedy(p, pol, greedy_tokens)
+            same += sum(a == b for a, b in zip(got, ref))
+        row = {"policy": name, "ppl": ppl, "dense_ppl": dense_ppl, "ppl_delta": ppl / dense_ppl - 1,
+               "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)),
+               "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol)}
+        if recall:
+            row["recall"] = float(np.mean(recall))
+        rows.append(row)
+    return rows
+
+
+def _kept(policy: Policy) -> float:
+    return sum(sum(s.to_dict().values()) for s in policy.shares) / len(policy.shares)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'policy':<24} {'kept':>5} {'bytes':>6} {'ppl':>8} {'dense':>8} {'Δppl':>7} {'top1':>6} {'greedy':>6} {'recall':>6}"
+    lines = [head]
+    for r in rows:
+        rec = f"{r['recall']:.3f}" if "recall" in r else "-"
+        lines.append(f"{r['policy']:<24} {r['kept']:5.2f} {r['ffn_bytes_ratio']:6.3f} {r['ppl']:8.3f} "
+                     f"{r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} {r['agreement']:6.3f} {rec:>6}")
+    return "\n".join(lines)
