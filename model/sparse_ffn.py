@@ -44,6 +44,8 @@ def ffn_groups(
             y = ffn_bundles(h, quant.decode("fp16", rows, parts, dim, dtype), act)
         elif precision == "int8" and _use_int8_kernel(h, dtype, int8_kernel):
             y = ffn_int8_kernel(h, rows, dim, act)
+        elif precision == "int8":
+            y = ffn_int8_scaled(h, rows, dim, act, dtype)
         elif precision == "int4" and int4_kernel and h.device.type == "cpu":
             y = ffn_int4_kernel(h, rows, dim, group, act, dtype)
         else:
@@ -82,6 +84,17 @@ def ffn_int8_kernel(h: torch.Tensor, rows: torch.Tensor, dim: int, act) -> torch
     # down: out = (a * s_down) @ q_down; the kernel multiplies by B^T with B = q_down^T [D, n]
     ones = torch.ones(dim, dtype=torch.bfloat16, device=h.device)
     return torch._weight_int8pack_mm(a * sb[:, 2], q[:, 2].t().contiguous(), ones)
+
+
+def ffn_int8_scaled(h: torch.Tensor, rows: torch.Tensor, dim: int, act, dtype: torch.dtype) -> torch.Tensor:
+    """INT8 group without a kernel: the per-row scales are applied to the [T, n] products instead of
+    to the [n, 3, D] weights, so the only full-size pass is the int8 -> float conversion."""
+    q, scale = _int8_parts(rows, dim)
+    w = q.to(dtype)  # [n, 3, D]
+    s = scale.to(dtype)
+    gate = F.linear(h, w[:, 0]) * s[:, 0]  # [T, n]
+    up = F.linear(h, w[:, 1]) * s[:, 1]
+    return (act(gate) * up * s[:, 2]) @ w[:, 2]  # [T, D]
 
 
 def _int4_parts(rows: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 FIX_HINT = "re-create the store with `m2cache convert` (or `m2cache fetch` for the demo model)"
 TRANSIENT_RETRIES = 4
-MERGE_GAP = 8  # blocks: runs closer than this are read as one (larger reads, fewer calls)
+MERGE_GAP = 2  # blocks: runs closer than this are read as one (fewer calls, a little more read)
 BACKOFF_S = 0.002
 
 
