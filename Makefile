@@ -1,0 +1,41 @@
+# m2cache: `make test` is what CI runs (.ci/run). Every target installs into .venv first (once).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo stress lint clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and explicitly, so the extras below never pull a different build; re-runs when
+# pyproject.toml changes
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[test,bench,convert]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/m2cache demo
+
+stress: install
+	timeout 600 $(PY) -m pytest -q -m stress tests/stress $(PYTEST_ARGS)
+
+lint: install
+	@if $(PY) -m mypy --version >/dev/null 2>&1; then \
+		$(PY) -m mypy runtime storage model actors; \
+	else \
+		echo "mypy is not installed in $(VENV): $(PIP) install mypy"; \
+	fi
+
+clean:
+	rm -rf build .pytest_cache .hypothesis $(STAMP)
