@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared run for a lent H100/H200 machine (about 10 minutes with the defaults).
+#
+#   bash tools/gpu_check.sh [DEMO_STORE]        (from the repo root; results under $OUT)
+#
+# (0) the environment, and pinned / pageable host->device copy bandwidth;
+# (1) `m2cache synth`: a LLaMA-2-7B-shaped store (hidden 4096, FFN 11008, 32 heads; SYNTH_LAYERS layers) and the
+#     matching HF folder, written to the machine's disk, predictors fitted on the GPU;
+# (a) correctness: tiered dense-fp16 on cuda gives the dense model's tokens (both fp32, on the GPU) — on the
+#     demo store if one is given (argument, or $M2CACHE_HOME/smollm2-135m-instruct/store), else on the synth;
+# (b) `m2cache bench --device cuda` on the synth store at an HBM budget of 25% of its FP16 FFN bytes: m2cache
+#     vs accelerate offload at the same GPU budget vs all-resident transformers; then the bytes each moves
+#     per decode token and the floor they imply at the measured copy bandwidth.
+#
+# Environment (all optional): OUT (default ./gpu_out), WORK (/tmp/m2cache-gpu), SYNTH_LAYERS (16: half
+#   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
+#   TOKENS (8 new tokens per run), RUNS (3), HBM (25%), DRAM (30%),
+#   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8).
+# Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, aiofiles,
+# jinja2 (the machines' image has them). zstandard (only trace files use it) is installed from a carried
+# .whl/ folder when there is one, else replaced by a stub. m2cache is imported from this checkout through a
+# symlink tree that mirrors pyproject's package-dir (runtime/ -> m2cache, actors/ -> m2cache.actors, ...):
+# nothing is pip-installed.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/gpu_out}
+WORK=${WORK:-/tmp/m2cache-gpu}
+SYNTH_LAYERS=${SYNTH_LAYERS:-16}
+TOKENS=${TOKENS:-8}
+RUNS=${RUNS:-3}
+HBM=${HBM:-25%}
+DRAM=${DRAM:-30%}
+SYSTEMS=${SYSTEMS:-m2cache,m2cache-dense-fp16,hf-bf16,hf-offload}
+CHECK_TOKENS=${CHECK_TOKENS:-8}
+DEMO=${1:-${M2CACHE_HOME:+$M2CACHE_HOME/smollm2-135m-instruct/store}}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+T0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+
+# ---- (0) environment ----------------------------------------------------------------------------
+stamp "setup"
+PKG="$WORK/pkg"
+rm -rf "$PKG" && mkdir -p "$PKG/m2cache"
+for f in "$REPO"/runtime/*.py; do ln -s "$f" "$PKG/m2cache/"; done
+for sub in actors storage model; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
+if ! python3 -c "import zstandard" 2>/dev/null; then
+  if ls "$REPO"/.whl/zstandard-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKG" "$REPO"/.whl/zstandard-*.whl
+  else
+    echo "zstandard missing and not carried: a stub stands in (trace files cannot be written)"
+    cat > "$PKG/zstandard.py" <<'EOF'
+"""Stand-in for the missing zstandard package: m2cache imports it for trace files, which this run never writes."""
+
+
+class _Missing:
+    def __init__(self, *a, **k):
+        raise RuntimeError("zstandard is not installed on this machine")
+
+
+ZstdCompressor = ZstdDecompressor = _Missing
+EOF
+  fi
+fi
+export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+m2c() { python3 -c 'import sys; from m2cache.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - <<'EOF' || { echo "FATAL: the Python environment cannot run m2cache"; exit 2; }
+import torch, transformers, accelerate, m2cache.engine, m2cache.bench, m2cache.synth
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
+print("transformers", transformers.__version__, "accelerate", accelerate.__version__)
+assert torch.cuda.is_available()
+EOF
+df -h "$WORK" | tail -1; nproc; free -g | head -2
+
+stamp "host->device copy bandwidth"
+python3 - "$OUT/h2d.json" <<'EOF'
+import json, sys, time, torch
+n = 1 << 30
+dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+out = {}
+for kind, src in (("pinned", torch.ones(n, dtype=torch.uint8).pin_memory()), ("pageable", torch.ones(n, dtype=torch.uint8))):
+    dst.copy_(src, non_blocking=True); torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    out[kind] = 5 * n / (time.perf_counter() - t)
+    print(f"H2D {kind}: {out[kind] / 1e9:.1f} GB/s")
+json.dump(out, open(sys.argv[1], "w"))
+EOF
+
+# ---- (1) the synthetic 7B-shaped model ---------------------------------------------------------
+SYN="$WORK/synth7b-L$SYNTH_LAYERS"
+if [ ! -f "$SYN/store/manifest.msgpack" ] || [ ! -f "$SYN/hf/config.json" ]; then
+  stamp "synth llama2-7b shape, $SYNTH_LAYERS layers -> $SYN"
+  m2c -v synth --shape llama2-7b "$SYN" --layers "$SYNTH_LAYERS" --device cuda || { echo "FATAL: synth failed"; exit 3; }
+fi
+du -sh "$SYN"/store "$SYN"/hf
+
+# ---- (a) correctness ---------------------------------------------------------------------------
+CHECK_STORE="$SYN/store"
+if [ -n "$DEMO" ] && [ -f "$DEMO/manifest.msgpack" ]; then CHECK_STORE="$DEMO"; fi
+stamp "(a) tiered dense-fp16 on cuda vs dense, on $CHECK_STORE"
+python3 - "$CHECK_STORE" "$OUT/correctness.json" "$CHECK_TOKENS" "$HBM" "$DRAM" <<'EOF'
+import asyncio, gc, json, sys, time, torch
+from m2cache.cli import resolve_budget
+from m2cache.config import EngineConfig
+from m2cache.engine import Engine
+from m2cache.loading import load_dense, load_tokenizer
+from m2cache.storage.reader import Store
+
+store_dir, out, n, hbm, dram = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+store = Store(store_dir)
+tok = load_tokenizer(store)
+prompts = [tok.encode(p, raw=False) for p in ("Why is the sky blue?", "Write a haiku about a cache.")]
+cfg = EngineConfig(hbm_budget=resolve_budget(hbm, store), dram_budget=resolve_budget(dram, store),
+                   policy="dense-fp16", device="cuda", dtype="float32")
+
+async def tiered():
+    async with Engine.open(store_dir, cfg) as eng:
+        ids = [[t async for t in eng.generate_ids(p, n)] for p in prompts]
+        return ids, eng.stats()
+
+t = time.perf_counter()
+tiered_ids, st = asyncio.run(tiered())
+t_tiered = time.perf_counter() - t
+gc.collect(); torch.cuda.empty_cache()
+model = load_dense(store, torch.float32, "cuda")
+eos = set(store.config.eos_token_ids)
+dense_ids = []
+for p in prompts:
+    kv = model.new_cache()
+    logits, got = model.forward(p, kv), []
+    for _ in range(n):
+        got.append(int(logits.argmax()))
+        if got[-1] in eos:
+            break
+        logits = model.forward([got[-1]], kv)
+    dense_ids.append(got)
+same = tiered_ids == dense_ids
+first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(tiered_ids, dense_ids)]
+print(f"(a) tiered dense-fp16 (cuda, fp32, hbm {hbm}, dram {dram}) == dense: {same}; first differing position "
+      f"per prompt: {first_diff}; tiered run {t_tiered:.1f}s; DRAM->device {st['bytes_per_token']['dram_to_hbm'] / 1e6:.1f}"
+      f" MB/token, device hit ratio {st['hit_ratio']['hbm']:.1%}")
+json.dump({"store": store_dir, "same_tokens": same, "first_diff": first_diff, "tiered": tiered_ids,
+           "dense": dense_ids, "stats": {k: st[k] for k in ("bytes_per_token", "hit_ratio", "tiers")}},
+          open(out, "w"), default=str)
+EOF
+echo "(a) exit code $?"
+
+# ---- (b) the GPU bench -------------------------------------------------------------------------
+stamp "(b) bench --device cuda on $SYN (hbm $HBM, dram $DRAM, $TOKENS tokens, $RUNS runs): $SYSTEMS"
+python3 -m m2cache.bench --store "$SYN/store" --hf "$SYN/hf" --device cuda --hbm-budget "$HBM" \
+  --dram-budget "$DRAM" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" --systems "$SYSTEMS" \
+  --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
+
+stamp "bytes moved per decode token, and the floor they imply"
+python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+rep, bw = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+print(f"H2D copy: pinned {bw['pinned'] / 1e9:.1f} GB/s, pageable {bw['pageable'] / 1e9:.1f} GB/s")
+for name, r in rep["systems"].items():
+    moved, rate = r.get("moved_bytes_per_token"), r.get("decode_tokens_per_s")
+    line = f"{name:<20} decode {rate or 0:8.2f} tok/s"
+    if r.get("peak_device_bytes"):
+        line += f", peak GPU {r['peak_device_bytes'] / 1e9:5.1f} GB"
+    if moved:
+        # m2cache copies from pinned staging; accelerate's offload copies pageable CPU weights
+        src = "pageable" if name == "hf-offload" else "pinned"
+        floor = moved / bw[src]
+        line += (f", moves {moved / 1e9:6.3f} GB/token -> copy floor {floor * 1e3:7.1f} ms/token "
+                 f"(<= {1 / floor:6.1f} tok/s at {src} bandwidth); at {rate * floor:.0%} of that ceiling" if rate
+                 else f", moves {moved / 1e9:.3f} GB/token")
+    print(line)
+    for e in r.get("errors", []):
+        print(f"{'':<20} failed: {e}")
+rat = rep["ratios"]
+for s in ("m2cache", "m2cache-dense-fp16"):
+    if s in rep["systems"]:
+        print(f"{s}: x{rat['vs_hf-offload'].get(s) or 0:.2f} hf-offload, x{rat['vs_hf-bf16'].get(s) or 0:.2f} hf-bf16")
+EOF
+stamp "done; results in $OUT"
