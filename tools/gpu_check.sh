@@ -45,10 +45,15 @@ PKG="$WORK/pkg"
 rm -rf "$PKG" && mkdir -p "$PKG/m2cache"
 for f in "$REPO"/runtime/*.py; do ln -s "$f" "$PKG/m2cache/"; done
 for sub in actors storage model; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
+# packages the image lacks come as carried wheels (.whl/, see the device README): crc32c (store
+# checksums), gguf (reading the demo's .gguf), zstandard (trace files)
+for mod in crc32c gguf zstandard; do
+  if ! python3 -c "import $mod" 2>/dev/null && ls "$REPO"/.whl/$mod-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKG" "$REPO"/.whl/$mod-*.whl
+  fi
+done
+export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import zstandard" 2>/dev/null; then
-  if ls "$REPO"/.whl/zstandard-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKG" "$REPO"/.whl/zstandard-*.whl
-  else
     echo "zstandard missing and not carried: a stub stands in (trace files cannot be written)"
     cat > "$PKG/zstandard.py" <<'EOF'
 """Stand-in for the missing zstandard package: m2cache imports it for trace files, which this run never writes."""
@@ -61,9 +66,7 @@ class _Missing:
 
 ZstdCompressor = ZstdDecompressor = _Missing
 EOF
-  fi
 fi
-export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 m2c() { python3 -c 'import sys; from m2cache.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'EOF' || { echo "FATAL: the Python environment cannot run m2cache"; exit 2; }
@@ -98,6 +101,18 @@ if [ ! -f "$SYN/store/manifest.msgpack" ] || [ ! -f "$SYN/hf/config.json" ]; the
   m2c -v synth --shape llama2-7b "$SYN" --layers "$SYNTH_LAYERS" --device cuda || { echo "FATAL: synth failed"; exit 3; }
 fi
 du -sh "$SYN"/store "$SYN"/hf
+
+# ---- the demo model, from the .gguf carried in two halves (.gpu/a, .gpu/b: the carry limit is 64 MiB) ----
+if [ -z "$DEMO" ] && [ -f "$REPO/.gpu/a/ggufpart.00" ] && [ -f "$REPO/.gpu/b/ggufpart.01" ]; then
+  stamp "demo model from the carried .gguf"
+  export M2CACHE_HOME="$WORK/home"
+  mkdir -p "$M2CACHE_HOME/smollm2-135m-instruct"
+  cat "$REPO/.gpu/a/ggufpart.00" "$REPO/.gpu/b/ggufpart.01" > "$M2CACHE_HOME/smollm2-135m-instruct/model.gguf"
+  DEMO=$(python3 -c 'from m2cache.convert import fetch_demo; print(fetch_demo(progress=False))' 2>"$OUT/demo_err.txt" | tail -1)
+  [ -f "$DEMO/manifest.msgpack" ] || { echo "demo conversion failed: $(tail -3 "$OUT/demo_err.txt")"; DEMO=""; }
+else
+  echo "no demo .gguf halves carried: correctness runs on the synth store"
+fi
 
 # ---- (a) correctness ---------------------------------------------------------------------------
 CHECK_STORE="$SYN/store"
