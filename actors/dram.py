@@ -132,6 +132,7 @@ class DRAMManager(Actor):
     async def _gather(self, msg: Fetch) -> FetchReply:
         sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         pinned: list[tuple[int, str]] = []
+        reads: dict[str, asyncio.Future] = {}
         staged = 0
         t0 = time.perf_counter_ns()
         try:
@@ -156,10 +157,15 @@ class DRAMManager(Actor):
                                           f"{self.staging_reserve}: raise dram_budget")
                     fut = asyncio.get_running_loop().create_future()
                     await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons"))
-                    sources[p] = (await fut, None)
+                    reads[p] = fut  # awaited together below: the precisions' reads run in parallel
                     staged += nbytes
                     self.counts["neuron_reads"] += 1
+            for p, fut in reads.items():
+                sources[p] = (await fut, None)
         except BaseException:
+            for fut in reads.values():
+                if not fut.done():
+                    fut.cancel()
             self._release(tuple(pinned), 0)
             raise
         self.staged += staged
