@@ -142,7 +142,9 @@ def activation(name: str):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [T, D]; computed in fp32 as transformers does, cast back to the compute dtype
+    # x: [T, D]; normalised in fp32 as transformers does, scaled in the compute dtype
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused call instead of six
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -185,11 +187,10 @@ class Rotary:
         return self.cos, self.sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [H, T, hd]; cos/sin: [T, hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, hd]; cos, signed_sin: [T, hd] from ``rope_slice``. The rotate-half's sign lives in
+    signed_sin (its first half negated), so the rotation is one roll: same values as neg + cat."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass(slots=True)
@@ -236,9 +237,12 @@ class KVCache:
 
 
 def rope_slice(rope: Rotary, pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [pos, pos+T) in the compute dtype: computed once per step, used by every layer."""
+    """cos and signed sin (see ``apply_rope``) for positions [pos, pos+T) in the compute dtype:
+    computed once per step, used by every layer."""
     cos, sin = rope.table(pos + T)
-    return cos[pos : pos + T].to(dtype), sin[pos : pos + T].to(dtype)
+    sin = sin[pos : pos + T]
+    half = sin.shape[-1] // 2
+    return cos[pos : pos + T].to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)
 
 
 def attention_block(
