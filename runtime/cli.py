@@ -65,7 +65,16 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     if args.dense:
         return _generate_dense(args)
-    return asyncio.run(_generate_tiered(args))
+    return run_async(_generate_tiered(args))
+
+
+def run_async(coro):
+    """Runs the command's event loop on uvloop when it is installed, plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _generate_dense(args) -> int:
