@@ -159,6 +159,8 @@ class Store:
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_neurons):
             raise IndexError(f"neuron ids must lie in [0, {self.num_neurons})")
         blocks = np.unique(ids // geom.neurons_per_block)
+        if self._whole_file_is_cheaper(precision, blocks):
+            return self.read_layer(layer, precision, backend)[torch.from_numpy(ids)]
         pieces = []
         for first, count in coalesce(blocks, MERGE_GAP):
             need = blocks[(blocks >= first) & (blocks < first + count)] - first
@@ -176,7 +178,14 @@ class Store:
         """Bytes read_neurons reads for ids (read amplification and merged gaps included)."""
         geom = self.geometry[precision]
         blocks = np.unique(np.asarray(ids, dtype=np.int64) // geom.neurons_per_block)
+        if self._whole_file_is_cheaper(precision, blocks):
+            return geom.file_bytes(self.num_neurons)
         return sum(count for _, count in coalesce(blocks, MERGE_GAP)) * geom.block_bytes
+
+    def _whole_file_is_cheaper(self, precision: str, blocks: np.ndarray) -> bool:
+        """Needing half of a file's blocks or more, one read and one file checksum beat a checksum call
+        (and a read call per run) for every block."""
+        return 2 * len(blocks) >= self.geometry[precision].num_blocks(self.num_neurons)
 
     def _read_verified(self, layer: int, precision: str, first: int, count: int, need: np.ndarray | None,
                        backend: Backend, whole: int | None) -> np.ndarray:
