@@ -1,0 +1,282 @@
+"""The systems `m2cache bench` measures, each run in its own child process (one system, one run).
+
+`python -m m2cache.bench --child JOB OUT` calls :func:`child_main`: it runs the job's system and writes
+its figures (decode timing, bytes read, peak RSS) as JSON for the parent to aggregate.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MB = 1e6
+
+@dataclass
+class Job:
+    """What one child process runs; crosses the process boundary as JSON."""
+
+    system: str
+    store: str
+    hf: str
+    prompts: list[list[int]]
+    tokens: int
+    hbm_budget: int
+    dram_budget: int
+    offload_memory: int
+    device: str = "cpu"
+    m2cache_dtype: str = "float32"
+    policy: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ==== the child: one system, one run ===========================================================
+def _io_read_bytes() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class _Clock:
+    """Times one request: time to first token, then the decode (every token after the first)."""
+
+    def __init__(self) -> None:
+        self.t0, self.times, self.tokens = time.perf_counter(), [], []
+        self.io_first: int | None = None
+
+    def token(self, tok: int) -> None:
+        self.times.append(time.perf_counter())
+        self.tokens.append(int(tok))
+        if len(self.times) == 1:
+            self.io_first = _io_read_bytes()
+
+    def result(self) -> dict[str, Any]:
+        io_end, n = _io_read_bytes(), len(self.times)
+        disk = io_end - self.io_first if io_end is not None and self.io_first is not None else None
+        return {"ttft_s": self.times[0] - self.t0 if n else None, "decode_tokens": max(0, n - 1),
+                "decode_s": self.times[-1] - self.times[0] if n else 0.0, "disk_read_bytes": disk,
+                "tokens": self.tokens}
+
+
+def _run_m2cache(job: Job) -> dict[str, Any]:
+    import asyncio
+
+    from m2cache.config import EngineConfig
+    from m2cache.engine import Engine
+
+    cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
+                       device=job.device, dtype=job.m2cache_dtype)
+
+    async def go() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        async with Engine.open(job.store, cfg) as engine:
+            out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "requests": []}
+            decode = {"ssd_to_dram": 0, "dram_to_hbm": 0}  # bytes moved after each request's first token
+            for ids in job.prompts:
+                clock = _Clock()
+                async for tok in engine.generate_ids(ids, job.tokens):
+                    clock.token(tok)
+                    if len(clock.tokens) == 1:
+                        first = engine.stats()["bytes"]
+                last = engine.stats()["bytes"]
+                for edge in decode:
+                    decode[edge] += last[edge] - first[edge]
+                out["requests"].append(clock.result())
+            st = engine.stats()
+        out["stats"] = {k: st[k] for k in ("policy", "bytes_per_token", "hit_ratio", "stall_fraction", "stall_s",
+                                           "peak_bytes", "budgets", "tiers", "predictor_recall") if k in st}
+        n = sum(r["decode_tokens"] for r in out["requests"])
+        out["stats"]["decode_bytes_per_token"] = {e: b / n if n else None for e, b in decode.items()}
+        out["moved_bytes_per_token"] = decode["dram_to_hbm"] / n if n else None
+        out["ssd_bytes_per_token"] = decode["ssd_to_dram"] / n if n else None
+        return out
+
+    return asyncio.run(go())
+
+
+def _hf_generate(model, job: Job, device) -> list[dict[str, Any]]:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Timer(BaseStreamer):  # generate() calls put() with the prompt first, then each new token
+        def __init__(self) -> None:
+            self.clock, self.prompt_seen = _Clock(), False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.clock.token(int(value.reshape(-1)[0]))
+
+        def end(self) -> None:
+            pass
+
+    out = []
+    eos = model.config.eos_token_id
+    with torch.inference_mode():
+        for ids in job.prompts:
+            x = torch.tensor([ids], device=device)
+            timer = Timer()
+            timer.clock.t0 = time.perf_counter()
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=job.tokens,
+                           do_sample=False, streamer=timer, pad_token_id=eos if isinstance(eos, int) else 0)
+            out.append(timer.clock.result())
+    return out
+
+
+def _run_hf(job: Job) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.float32 if job.system == "hf-fp32" else torch.bfloat16
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if job.system == "hf-offload":
+        gpu = job.device.startswith("cuda")
+        max_memory: dict[Any, int] = ({0: job.offload_memory, "cpu": job.extra.get("host_memory", 200 << 30)}
+                                      if gpu else {"cpu": job.offload_memory})
+        folder = tempfile.mkdtemp(prefix="m2cache-offload-")
+        model = LlamaForCausalLM.from_pretrained(job.hf, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                                 offload_folder=folder)
+        extra["device_map_bytes"] = _device_map_bytes(model)
+        extra["max_memory"] = {str(k): v for k, v in max_memory.items()}
+        compute = "cuda:0" if gpu else "cpu"
+        on_compute = extra["device_map_bytes"].get("0" if gpu else "cpu", 0)
+        extra["moved_bytes_per_token"] = sum(extra["device_map_bytes"].values()) - on_compute
+    else:
+        where = {"device_map": {"": job.device}} if job.device.startswith("cuda") else {}  # straight to the GPU
+        model = LlamaForCausalLM.from_pretrained(job.hf, dtype=dtype, **where)
+        compute = job.device
+        extra["moved_bytes_per_token"] = 0
+    model.eval()
+    extra["load_s"] = time.perf_counter() - t0
+    return extra | {"requests": _hf_generate(model, job, compute)}
+
+
+def _device_map_bytes(model) -> dict[str, int]:
+    """Weight bytes per device of accelerate's map ('disk', 'cpu', 0), tied weights counted once."""
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    device_map = getattr(model, "hf_device_map", None) or {"": str(model.device)}  # unset when one device holds all
+    for name, dev in device_map.items():
+        mod = model.get_submodule(name) if name else model
+        n = 0
+        for p in mod.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel() * p.element_size()
+        out[str(dev)] = out.get(str(dev), 0) + n
+    return out
+
+
+def _run_layer_stream(job: Job) -> dict[str, Any]:
+    """AirLLM's way in a few lines: embeddings, final norm and LM head stay resident; every decoder
+    layer is read from the checkpoint (safetensors) when the forward reaches it, then dropped."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    from m2cache.model.llama import (KVCache, LayerWeights, ModelConfig, Rotary, activation, attention_block,
+                                     rms_norm)
+
+    hf = Path(job.hf)
+    cfg = ModelConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    index = hf / "model.safetensors.index.json"
+    where = ({n: hf / f for n, f in json.loads(index.read_text())["weight_map"].items()} if index.is_file()
+             else _names_in(hf / "model.safetensors"))
+    dev, dtype = torch.device(job.device), getattr(torch, job.m2cache_dtype)
+    moved = [0]
+
+    def load(names: list[str]) -> list[torch.Tensor]:
+        """The named tensors, read from their files now (one open per file), in ``names``' order."""
+        got: dict[str, torch.Tensor] = {}
+        for path in {where[n] for n in names}:
+            with safe_open(str(path), framework="pt") as f:
+                for n in (n for n in names if where[n] == path):
+                    t = f.get_tensor(n)
+                    moved[0] += t.numel() * t.element_size()
+                    got[n] = t.to(dev, dtype)
+        return [got[n] for n in names]
+
+    t0 = time.perf_counter()
+    top = load(["model.embed_tokens.weight", "model.norm.weight"]
+               + ([] if cfg.tie_word_embeddings else ["lm_head.weight"]))
+    embed, norm, head = top[0], top[1], top[-1] if not cfg.tie_word_embeddings else top[0]
+    rope, act = Rotary(cfg, dev), activation(cfg.hidden_act)
+    parts = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    @torch.inference_mode()
+    def forward(ids: list[int], kv: KVCache) -> int:
+        x = embed[torch.tensor(ids, device=dev)]  # [T, D]
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            w = load([p + n + ".weight" for n in parts])
+            x = attention_block(cfg, LayerWeights(*w[:6]), x, i, kv, kv.length, rope)
+            h = rms_norm(x, w[5], cfg.rms_norm_eps)
+            x = x + F.linear(act(F.linear(h, w[6])) * F.linear(h, w[7]), w[8])
+        kv.length += len(ids)
+        return int(F.linear(rms_norm(x[-1:], norm, cfg.rms_norm_eps), head)[0].argmax())
+
+    out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "requests": []}
+    eos = set(cfg.eos_token_ids)
+    for ids in job.prompts:
+        kv = KVCache(cfg, dtype, dev, capacity=len(ids) + job.tokens)
+        clock = _Clock()
+        tok = forward(ids, kv)
+        moved[0] = 0  # count the decode's reads only
+        for _ in range(job.tokens):
+            clock.token(tok)
+            if tok in eos or len(clock.tokens) == job.tokens:
+                break
+            tok = forward([tok], kv)
+        out["requests"].append(clock.result() | {"moved_bytes": moved[0]})
+    n = sum(r["decode_tokens"] for r in out["requests"])
+    out["moved_bytes_per_token"] = sum(r["moved_bytes"] for r in out["requests"]) / n if n else None
+    return out
+
+
+def _names_in(path: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {n: path for n in f.keys()}
+
+
+RUNNERS: dict[str, Callable[[Job], dict[str, Any]]] = {
+    "m2cache": _run_m2cache, "m2cache-dense-fp16": _run_m2cache, "hf-bf16": _run_hf, "hf-fp32": _run_hf,
+    "hf-offload": _run_hf, "layer-stream": _run_layer_stream,
+}
+
+
+def child_main(job_file: str, out_file: str) -> int:
+    job = Job(**json.loads(Path(job_file).read_text()))
+    res: dict[str, Any] = {"system": job.system}
+    try:
+        res |= RUNNERS[job.system](job)
+        res["ok"] = True
+    except Exception as e:  # reported in the table; the other systems go on
+        import traceback
+
+        res |= {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if job.device.startswith("cuda"):
+        import torch
+
+        res["peak_device_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    Path(out_file).write_text(json.dumps(res, default=_plain))
+    return 0
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+# ==== the parent: alternation, summary, table ====================================================
