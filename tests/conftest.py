@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +19,11 @@ import pytest
 import torch
 
 from m2cache.convert import convert, fetch_demo
+
+# The suite's models are small: one intra-op thread is as fast as two on an idle 2-core machine, and
+# on a busy one OpenMP's spinning threads made the same tests over 100x slower (seen here). CI and
+# `make test` therefore run torch single-threaded; M2CACHE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("M2CACHE_TEST_THREADS", "1")))
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
