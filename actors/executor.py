@@ -150,7 +150,8 @@ class Executor(Actor):
         try:
             if prefill:
                 seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
-            tokens = seq.prompt if prefill else [seq.last]
+            assert prefill or seq.last is not None, "a decode step follows the prefill's token"
+            tokens = seq.prompt if prefill else [int(seq.last)]  # type: ignore[arg-type]
             logits = await self._step(seq, tokens, prefill)
             token = await self._compute(sample, logits, seq.temperature, seq.top_p, seq.generator)
         except M2CacheError as e:

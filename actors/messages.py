@@ -7,7 +7,7 @@ the requests that depended on it.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -105,4 +105,3 @@ class Stop:
     """Ends an actor's loop after the messages before it (pykka-style: stop is ordered)."""
 
     reason: str = "close"
-    extra: dict = field(default_factory=dict)

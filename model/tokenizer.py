@@ -15,7 +15,7 @@ class Tokenizer:
         self.chat_template: str | None = spec.get("chat_template")
         self.bos_token: str | None = spec.get("bos_token")
         self.eos_token: str | None = spec.get("eos_token")
-        self._template = None
+        self._template: Any = None  # the compiled chat template, built on first use
 
     @property
     def vocab_size(self) -> int:

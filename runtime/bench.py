@@ -252,10 +252,11 @@ def cmd_bench(args) -> int:
                          "offload_memory": j0.offload_memory, "m2cache_dtype": j0.m2cache_dtype,
                          "systems": [j.system for j in jobs]},
               "systems": rows, "ratios": ratios(rows), "notes": notes,
-              "raw": results if args.raw else None, "seconds": None}
-    report["seconds"] = time.monotonic() - t_start
+              "raw": results if args.raw else None}
+    seconds = time.monotonic() - t_start
+    report["seconds"] = round(seconds, 1)  # type: ignore[assignment]
     print_report(report)
-    print(f"bench took {report['seconds']:.0f}s", file=sys.stderr)
+    print(f"bench took {seconds:.0f}s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=_plain))
     return 0

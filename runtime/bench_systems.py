@@ -46,7 +46,9 @@ class _Clock:
     """Times one request: time to first token, then the decode (every token after the first)."""
 
     def __init__(self) -> None:
-        self.t0, self.times, self.tokens = time.perf_counter(), [], []
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
         self.io_first: int | None = None
 
     def token(self, tok: int) -> None:
@@ -149,7 +151,7 @@ def _run_hf(job: Job) -> dict[str, Any]:
         on_compute = extra["device_map_bytes"].get("0" if gpu else "cpu", 0)
         extra["moved_bytes_per_token"] = sum(extra["device_map_bytes"].values()) - on_compute
     else:
-        where = {"device_map": {"": job.device}} if job.device.startswith("cuda") else {}  # straight to the GPU
+        where: dict[str, Any] = {"device_map": {"": job.device}} if job.device.startswith("cuda") else {}
         model = LlamaForCausalLM.from_pretrained(job.hf, dtype=dtype, **where)
         compute = job.device
         extra["moved_bytes_per_token"] = 0

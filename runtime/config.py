@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from m2cache.errors import ConfigError
@@ -70,7 +70,6 @@ class EngineConfig:
     io_threads: int = 4
     trace: str | bool | None = None
     max_queued_tokens: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hbm_budget", parse_size(self.hbm_budget, "hbm_budget"))

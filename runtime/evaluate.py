@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from m2cache.errors import ConfigError
 from m2cache.loading import load_dense, load_tokenizer
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
-from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy, Shares
+from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.policies import parse_oracle, parse_shares
@@ -78,7 +78,7 @@ class QualityModel:
 
     # ---- policies ------------------------------------------------------------------------------
     def policy(self, name: str) -> Policy:
-        cfg, L, Fn = self.store.config, self.cfg.num_layers, self.cfg.intermediate_size
+        L, Fn = self.cfg.num_layers, self.cfg.intermediate_size
         if name == "dense-fp16":
             return Policy(L, Fn)
         if name.startswith("oracle"):
@@ -177,7 +177,7 @@ def rank_masks(scores: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.
 
 
 def kept_recall(masks: dict[str, torch.Tensor], true_scores: torch.Tensor) -> float:
-    kept = sum(masks.values())
+    kept = torch.stack(list(masks.values())).sum(0)
     k = int(kept[0].sum())
     top = true_scores.topk(k, dim=1).indices
     return float(kept.gather(1, top).sum(1).mean() / k)

@@ -107,7 +107,8 @@ def write_hf_folder(dst: Path, cfg: ModelConfig, get: RandomWeights, tokenizer: 
     groups: dict[str, list[str]] = {"model-rest.safetensors": [n for n in get.shapes if ".layers." not in n]}
     for i in range(cfg.num_layers):
         groups[f"model-layer{i:03d}.safetensors"] = [f"model.layers.{i}.{n}" for n in RESIDENT_PER_LAYER + FFN_NAMES]
-    weight_map, total = {}, 0
+    weight_map: dict[str, str] = {}
+    total = 0
     for shard, names in groups.items():
         tensors = {n: get(n).contiguous() for n in names}
         total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -265,7 +265,7 @@ def to_png(spans: Iterable[Span], metadata: Mapping[str, Any], path: str | os.Pa
     ordered = _ordered(spans)
     lanes, lane_of = assign_lanes(ordered)
     actors = list(dict.fromkeys(actor for actor, _ in lanes))
-    subs = defaultdict(int)
+    subs: defaultdict[str, int] = defaultdict(int)
     for actor, _ in lanes:
         subs[actor] += 1
     colors = _kind_colors(ordered)

@@ -204,6 +204,7 @@ class Store:
             if bad is None:
                 return np.frombuffer(data, dtype=np.uint8)
             log.warning("checksum mismatch in %s (attempt %d)", what, attempt + 1)
+        assert bad is not None, "the loop returns unless a block failed"
         raise ChecksumError(
             f"{path}: block {first + bad} of {what} fails its checksum twice; the file is corrupt: {FIX_HINT}"
         )
