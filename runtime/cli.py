@@ -29,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-budget", default="30%", help="DRAM FIFO: a size or a share of FP16 FFN bytes (30%%)")
     p.add_argument("--prefetch", type=int, default=2, help="layers the DRAM tier preloads ahead (k)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"),
-                   help="auto: hybrid for dense policies, neuron for sparse ones")
+                   help="auto = hybrid; neuron reads fewer bytes (for slow SSDs)")
     p.add_argument("--ssd-sim", help='simulated SSD, e.g. "latency=5ms,bandwidth=200MB/s,seed=1"')
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

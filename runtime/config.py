@@ -43,8 +43,8 @@ class EngineConfig:
     prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
     preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand),
         "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM) or
-        "auto": hybrid for a dense policy, neuron for a sparse one (whole-layer preloads of every
-        precision would read several times the bytes a sparse token needs).
+        "auto" (hybrid: the fastest measured with the store in the page cache; on a slow SSD, where
+        bytes dominate, "neuron" reads a third of them for a sparse or mixed policy).
     fixed_layers: layers kept in DRAM for good (the FIFO's fixed area); None = as many as the budget
         leaves after the preload ring.
     policy: precision policy name ("dense-fp16", "oracle", or one stored in the store); None = the
