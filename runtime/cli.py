@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT")
+    p.add_argument("--compute-threads", type=int, default=1,
+                   help="torch intra-op threads on the CPU (default 1: the other cores serve I/O)")
 
 
 def engine_config(args, store):
@@ -42,7 +44,8 @@ def engine_config(args, store):
     return EngineConfig(
         hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
-        ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None))
+        ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None),
+        compute_threads=args.compute_threads)
 
 
 def cmd_fetch(args) -> int:

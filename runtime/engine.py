@@ -61,6 +61,7 @@ class Engine:
         self.recorder = TraceRecorder() if config.trace else NullRecorder()
         self.run_stats = RunStats()
         self._supervisor: asyncio.Task | None = None
+        self._torch_threads: int | None = None  # torch's setting before open, restored at close
         self._closed = False
         self._error: BaseException | None = None
         self.t_open = time.perf_counter()
@@ -77,6 +78,9 @@ class Engine:
             from m2cache.errors import ConfigError
 
             raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
+        if self.device.type == "cpu" and cfg.compute_threads is not None:
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(cfg.compute_threads)
         self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy)  # raises BudgetError before any work
         loop = asyncio.get_running_loop()
@@ -123,6 +127,9 @@ class Engine:
 
     async def close(self) -> None:
         """Stops the actors in pipeline order (each after its earlier work) and releases the tiers."""
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
         if self._supervisor is None:
             return
         self._closed = True
