@@ -193,9 +193,8 @@ class Executor(Actor):
             try:
                 out = await self._compute(self._layer, seq, layer, ready, prefill, step)
             finally:
-                if ready.release or ready.copy_bytes:
-                    await self.dram.send(Release(ready.release, sum(c.src.numel() for c in ready.copies
-                                                                    if c.rows is None)))
+                if ready.release or ready.staged_bytes:
+                    await self.dram.send(Release(ready.release, ready.staged_bytes))
             order = out
         dt = time.perf_counter() - t_step
         if prefill:

@@ -53,12 +53,8 @@ class HBMManager(Actor):
             resolve(msg.reply, ready)
 
     async def _give_back(self, ready: WeightsReady) -> None:
-        if ready.release or ready.copy_bytes:
-            await self.dram.send(Release(ready.release, self._staged_of(ready)))
-
-    @staticmethod
-    def _staged_of(ready: WeightsReady) -> int:
-        return sum(c.src.numel() for c in ready.copies if c.rows is None)
+        if ready.release or ready.staged_bytes:
+            await self.dram.send(Release(ready.release, ready.staged_bytes))
 
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
         t0 = time.perf_counter_ns()
@@ -71,7 +67,7 @@ class HBMManager(Actor):
         self.recorder.add("hbm", "plan", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
         copies: list[Copy] = []
         release: tuple = ()
-        copy_bytes = 0
+        copy_bytes = staged = 0
         if missing:
             fut = asyncio.get_running_loop().create_future()
             try:
@@ -81,14 +77,14 @@ class HBMManager(Actor):
                 for p, ids in missing.items():  # the slots were promised but never filled
                     self.cache.forget(msg.layer, p, ids)
                 raise
-            release = reply.release
+            release, staged = reply.release, reply.staged_bytes
             for p, (src, rows) in reply.sources.items():
                 dst = torch.from_numpy(plan.precisions[p].miss_slots)
                 copies.append(Copy(p, dst, src, rows))
                 copy_bytes += len(dst) * self.bundle_bytes[p]
         self.bytes_copied += copy_bytes
         slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
-        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes)
+        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged)
 
     def stats(self) -> dict:
         total = self.hits + self.misses

@@ -54,6 +54,7 @@ class WeightsReady:
     copies: tuple[Copy, ...]
     release: tuple = ()  # DRAM keys pinned for the copies; released once they are applied
     copy_bytes: int = 0
+    staged_bytes: int = 0  # the DRAM manager's staging held for these copies (from FetchReply)
 
 
 @dataclass(frozen=True, slots=True)
