@@ -56,8 +56,15 @@ def ffn_groups(
     return out.to(dtype)
 
 
+# torch's CPU ``_weight_int8pack_mm`` walks the reduction dimension K in blocks of 16 and reads past
+# the end of A and B when K is not a multiple of 16: NaN outputs, or a crash (seen with K=300). The
+# hidden size must be one; the down product's K (the group's neuron count) is padded with zeros.
+INT8_KERNEL_K = 16
+INT4_KERNEL_N = 16  # ``_convert_weight_to_int4pack_for_cpu`` refuses other output sizes
+
+
 def _use_int8_kernel(h: torch.Tensor, dtype: torch.dtype, forced: bool | None) -> bool:
-    if h.device.type != "cpu":
+    if h.device.type != "cpu" or h.shape[-1] % INT8_KERNEL_K:
         return False
     if forced is not None:
         return forced
@@ -81,9 +88,13 @@ def ffn_int8_kernel(h: torch.Tensor, rows: torch.Tensor, dim: int, act) -> torch
     gu = torch._weight_int8pack_mm(hb, q[:, :2].transpose(0, 1).reshape(-1, dim), sb[:, :2].t().reshape(-1))
     n = rows.shape[0]
     a = act(gu[:, :n]) * gu[:, n:]  # [T, n]
-    # down: out = (a * s_down) @ q_down; the kernel multiplies by B^T with B = q_down^T [D, n]
+    # down: out = (a * s_down) @ q_down; the kernel multiplies by B^T with B = q_down^T [D, n_pad],
+    # n padded to the kernel's K block with zero activations and zero weights (they add nothing)
+    pad = -n % INT8_KERNEL_K
+    a_pad = F.pad(a * sb[:, 2], (0, pad))
+    b_pad = F.pad(q[:, 2].t(), (0, pad)).contiguous()
     ones = torch.ones(dim, dtype=torch.bfloat16, device=h.device)
-    return torch._weight_int8pack_mm(a * sb[:, 2], q[:, 2].t().contiguous(), ones)
+    return torch._weight_int8pack_mm(a_pad, b_pad, ones)
 
 
 def ffn_int8_scaled(h: torch.Tensor, rows: torch.Tensor, dim: int, act, dtype: torch.dtype) -> torch.Tensor:
@@ -110,13 +121,14 @@ def ffn_int4_kernel(h: torch.Tensor, rows: torch.Tensor, dim: int, group: int, a
     """INT4 group: gate and up with the CPU INT4 kernel (BF16), down dequantised. -> [T, D]."""
     n = rows.shape[0]
     q, scale, lo = _int4_parts(rows, dim, group)
-    gu_q = q[:, :2].transpose(0, 1).reshape(2 * n, dim).to(torch.int32)
+    pad = -2 * n % INT4_KERNEL_N  # the packer wants N = 2n a multiple of 16: zero rows, sliced off below
+    gu_q = F.pad(q[:, :2].transpose(0, 1).reshape(2 * n, dim).to(torch.int32), (0, 0, 0, pad))
     packed = torch._convert_weight_to_int4pack_for_cpu(gu_q, 1)
     # the kernel computes (q - 8) * scale + zero; the store's code is q * scale + lo
-    s = scale[:, :2].transpose(0, 1).reshape(2 * n, -1).float()
-    zero = lo[:, :2].transpose(0, 1).reshape(2 * n, -1).float() + 8 * s
-    sz = torch.stack((s, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [D/g, 2n, 2]
-    gu = torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), packed, group, sz)
+    s = F.pad(scale[:, :2].transpose(0, 1).reshape(2 * n, -1).float(), (0, 0, 0, pad))
+    zero = F.pad(lo[:, :2].transpose(0, 1).reshape(2 * n, -1).float(), (0, 0, 0, pad)) + 8 * s
+    sz = torch.stack((s, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [D/g, 2n+pad, 2]
+    gu = torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), packed, group, sz)[:, : 2 * n]
     a = (act(gu[:, :n]) * gu[:, n:]).to(dtype)
     down = (q[:, 2].view(n, dim // group, group).to(dtype) * scale[:, 2, :, None].to(dtype)
             + lo[:, 2, :, None].to(dtype)).view(n, dim)

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+from hypothesis import settings
+
 
 from m2cache.convert import convert, fetch_demo
 
@@ -24,6 +26,12 @@ from m2cache.convert import convert, fetch_demo
 # on a busy one OpenMP's spinning threads made the same tests over 100x slower (seen here). CI and
 # `make test` therefore run torch single-threaded; M2CACHE_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("M2CACHE_TEST_THREADS", "1")))
+
+# CI must be deterministic: under CI (the variable is set) Hypothesis draws the same examples every run,
+# and writes no example database that a later run could replay. Locally it explores freely.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

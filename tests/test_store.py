@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from m2cache.convert import convert
@@ -144,18 +144,55 @@ def test_coalesce_merges_runs_up_to_max_gap_blocks_apart() -> None:
     assert coalesce(blocks, max_gap=10) == [(0, 21)]
 
 
+def expected_reads(store: Store, precision: str, ids: np.ndarray) -> list[tuple[str, int, int]]:
+    """The reader's contract: a request that needs half of a file's blocks or more reads the whole
+    file in one read; a smaller one reads each run of needed blocks (runs at most MERGE_GAP blocks
+    apart merged) once, in file order."""
+    geom = store.geometry[precision]
+    name = Path(ffn_file_name(1, precision)).name
+    blocks = np.unique(ids // geom.neurons_per_block)
+    total = geom.num_blocks(store.num_neurons)
+    if 2 * len(blocks) >= total:
+        return [(name, 0, total * geom.block_bytes)]
+    return [(name, first * geom.block_bytes, n * geom.block_bytes) for first, n in coalesce(blocks, MERGE_GAP)]
+
+
+SPREAD_INT4 = list(range(0, 512, 34))  # 16 ids evenly spread: half the INT4 blocks, so a whole-file read
+
+
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), precision=st.sampled_from(quant.PRECISIONS))
-def test_read_neurons_reads_each_run_of_blocks_once(wide_store: Store, data: st.DataObject, precision: str) -> None:
-    ids = np.array(data.draw(st.lists(st.integers(0, NEURONS - 1), unique=True, min_size=1, max_size=60)))
+@given(ids=st.lists(st.integers(0, NEURONS - 1), unique=True, min_size=1, max_size=60),
+       precision=st.sampled_from(quant.PRECISIONS))
+@example(ids=SPREAD_INT4, precision="int4")  # half the INT4 blocks: one whole-file read (once a flaky case)
+def test_read_neurons_reads_whole_file_or_each_run_of_blocks_once(
+    wide_store: Store, ids: list[int], precision: str
+) -> None:
+    backend = RecordingBackend()
+    got = wide_store.read_neurons(1, precision, np.array(ids), backend)
+    assert backend.reads == expected_reads(wide_store, precision, np.array(ids))
+    assert all(off % ALIGN == 0 and length % ALIGN == 0 for _, off, length in backend.reads)
+    assert sum(length for *_, length in backend.reads) == wide_store.run_bytes(precision, np.array(ids))
+    assert got.shape == (len(ids), wide_store.bundle_bytes(precision))
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+def test_a_request_for_half_the_blocks_reads_the_whole_file_once(wide_store: Store, precision: str) -> None:
     geom = wide_store.geometry[precision]
-    runs = coalesce(np.unique(ids // geom.neurons_per_block), MERGE_GAP)
+    total = geom.num_blocks(NEURONS)
+    ids = np.arange(0, total, 2)[: (total + 1) // 2] * geom.neurons_per_block  # one id in every other block
     backend = RecordingBackend()
     wide_store.read_neurons(1, precision, ids, backend)
-    name = Path(ffn_file_name(1, precision)).name
-    assert backend.reads == [(name, first * geom.block_bytes, n * geom.block_bytes) for first, n in runs]
-    assert all(off % ALIGN == 0 and length % ALIGN == 0 for _, off, length in backend.reads)
-    assert sum(length for *_, length in backend.reads) == wide_store.run_bytes(precision, ids)
+    assert backend.reads == [(Path(ffn_file_name(1, precision)).name, 0, total * geom.block_bytes)]
+
+
+def test_a_request_for_fewer_than_half_the_blocks_reads_only_their_runs(wide_store: Store) -> None:
+    geom = wide_store.geometry["int4"]
+    total = geom.num_blocks(NEURONS)
+    ids = np.array([0, (total - 1) * geom.neurons_per_block])  # the first and the last block
+    backend = RecordingBackend()
+    wide_store.read_neurons(1, "int4", ids, backend)
+    assert [(off, n) for _, off, n in backend.reads] == [
+        (0, geom.block_bytes), ((total - 1) * geom.block_bytes, geom.block_bytes)]
 
 
 def test_neighbouring_blocks_are_read_in_one_request(wide_store: Store) -> None:
