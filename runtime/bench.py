@@ -263,6 +263,7 @@ def cmd_bench(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from m2cache.export_gguf import add_export_command
     from m2cache.synth import add_synth_command
 
     p = sub.add_parser("bench", help="m2cache vs transformers, accelerate offload and layer streaming, cold, "
@@ -287,6 +288,7 @@ def add_commands(sub) -> None:
     p.add_argument("--raw", action="store_true", help="include every run's raw figures in the JSON")
     p.set_defaults(func=cmd_bench)
     add_synth_command(sub)
+    add_export_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,241 @@
+"""``m2cache export-gguf STORE OUT --type f16|q8_0|q4_0``: a store's weights as a llama.cpp GGUF file.
+
+So that llama.cpp runs the very same weights as m2cache and the Hugging Face baselines. Resident
+tensors come from the store's ``resident.safetensors``, the FFN from its FP16 bundles (gate row, up
+row, down column per neuron). Written streaming through the ``gguf`` package's writer (tensor infos
+first, then each tensor as it is made), with its quantizers for Q8_0 and Q4_0; norms stay F32.
+
+Q and K rows are permuted the way llama.cpp's own converter does: Hugging Face checkpoints rotate the
+two halves of each head (``rotate_half``) while llama.cpp's LLaMA graph rotates adjacent pairs, so
+without the permutation llama.cpp would compute a different model. The check is that llama.cpp's
+greedy tokens on the file equal transformers' on the HF folder (the bench reports that agreement).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from m2cache.errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+TYPES = ("f16", "q8_0", "q4_0")
+BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # GGML block sizes: 32 values per block
+ARCH = "llama"
+_CHUNK_ROWS = 1024  # rows quantized per task: bounds memory, spreads a matrix over the workers
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ConvertError("export-gguf needs the gguf package: pip install 'm2cache[convert]'") from e
+    return gguf
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``permute``: each head's rows from [first half, second half] to interleaved pairs."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _gguf_names(cfg) -> Iterator[tuple[str, str]]:
+    """(GGUF name, Hugging Face name) in the order the file holds them."""
+    yield "token_embd.weight", "model.embed_tokens.weight"
+    for i in range(cfg.num_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        yield b + "attn_norm.weight", p + "input_layernorm.weight"
+        yield b + "attn_q.weight", p + "self_attn.q_proj.weight"
+        yield b + "attn_k.weight", p + "self_attn.k_proj.weight"
+        yield b + "attn_v.weight", p + "self_attn.v_proj.weight"
+        yield b + "attn_output.weight", p + "self_attn.o_proj.weight"
+        yield b + "ffn_norm.weight", p + "post_attention_layernorm.weight"
+        yield b + "ffn_gate.weight", p + "mlp.gate_proj.weight"
+        yield b + "ffn_up.weight", p + "mlp.up_proj.weight"
+        yield b + "ffn_down.weight", p + "mlp.down_proj.weight"
+    yield "output_norm.weight", "model.norm.weight"
+    if not cfg.tie_word_embeddings:
+        yield "output.weight", "lm_head.weight"
+
+
+class _StoreTensors:
+    """HF-named FP16 tensors of a store; one FFN layer decoded at a time."""
+
+    def __init__(self, store) -> None:
+        from safetensors import safe_open
+
+        self.store, self.cfg = store, store.config
+        self._res = safe_open(str(store.path / store.manifest["resident"]["path"]), framework="pt")
+        self._layer: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if ".mlp." not in name:
+            t = self._res.get_tensor(name)
+        else:
+            from m2cache.storage.reader import PlainBackend
+
+            layer = int(name.split(".")[2])
+            if self._layer is None or self._layer[0] != layer:
+                raw = self.store.read_layer(layer, "fp16", PlainBackend())
+                self._layer = (layer, self.store.decode("fp16", raw, torch.float16))  # [F, 3, D]
+            w = self._layer[1]
+            t = w[:, 0] if "gate_proj" in name else w[:, 1] if "up_proj" in name else w[:, 2].t()
+        if name.endswith("q_proj.weight"):
+            t = permute_qk(t, self.cfg.num_heads)
+        elif name.endswith("k_proj.weight"):
+            t = permute_qk(t, self.cfg.num_kv_heads)
+        return t.contiguous()
+
+
+def _quantize_rows(args: tuple[np.ndarray, int]) -> np.ndarray:
+    rows, qtype = args
+    gguf = _gguf()
+    return gguf.quants.quantize(rows, gguf.GGMLQuantizationType(qtype))
+
+
+def _encode(t: torch.Tensor, kind: str, pool: ProcessPoolExecutor | None) -> tuple[np.ndarray, Any]:
+    """(array to write, raw GGML type or None): norms F32, matrices in the export type."""
+    gguf = _gguf()
+    if t.dim() == 1:
+        return t.float().numpy(), None
+    if kind == "f16":
+        return t.to(torch.float16).numpy(), None
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+    a = t.float().numpy()
+    chunks = [(a[i:i + _CHUNK_ROWS], int(qtype)) for i in range(0, a.shape[0], _CHUNK_ROWS)]
+    parts = list(pool.map(_quantize_rows, chunks)) if pool else [_quantize_rows(c) for c in chunks]
+    return np.concatenate(parts), qtype
+
+
+def _nbytes(shape: tuple[int, ...], kind: str) -> int:
+    n = int(np.prod(shape))
+    if len(shape) == 1:
+        return 4 * n
+    return int(n * BYTES_PER_WEIGHT[kind])
+
+
+def _add_metadata(w, cfg, store, kind: str) -> None:
+    gguf = _gguf()
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
+    w.add_name(Path(store.path).parent.name or "m2cache-export")
+    w.add_file_type(file_type)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    _add_tokenizer(w, cfg, store.manifest["tokenizer"])
+
+
+def _add_tokenizer(w, cfg, spec: dict[str, Any]) -> None:
+    """The store's BPE tokenizer as llama.cpp's "gpt2" vocabulary, padded to the model's vocab size."""
+    gguf = _gguf()
+    tj = json.loads(spec["json"])
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ConvertError(f"export-gguf writes BPE tokenizers; this store's is {model.get('type')!r}")
+    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    types = [gguf.TokenType.UNUSED] * cfg.vocab_size
+    for text, i in model["vocab"].items():
+        if i < cfg.vocab_size:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in tj.get("added_tokens", []):
+        if added["id"] < cfg.vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges or [f"{tokens[3]} {tokens[4]}"])  # llama.cpp requires the key; byte vocabs have none
+    if cfg.bos_token_id is not None:
+        w.add_bos_token_id(cfg.bos_token_id)
+        w.add_add_bos_token(False)  # the caller passes ids with BOS already in place
+    if cfg.eos_token_ids:
+        w.add_eos_token_id(cfg.eos_token_ids[0])
+    if spec.get("chat_template"):
+        w.add_chat_template(spec["chat_template"])
+
+
+def export_gguf(store_dir: str | Path, out: str | Path, kind: str = "f16", *, workers: int | None = None,
+                progress: bool = True) -> Path:
+    """Writes ``out`` (atomically: ``out.partial`` renamed at the end); returns it."""
+    from m2cache.progress import ProgressBar
+    from m2cache.storage.reader import Store
+    from m2cache.synth import tensor_shapes
+
+    if kind not in TYPES:
+        raise ConvertError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
+    gguf = _gguf()
+    store = Store(store_dir)
+    cfg, get = store.config, _StoreTensors(store)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    names = list(_gguf_names(cfg))
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    _add_metadata(w, cfg, store, kind)
+    shapes = tensor_shapes(cfg)
+    qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+    for g, hf in names:
+        shape = shapes[hf]
+        if len(shape) == 1:
+            w.add_tensor_info(g, shape, np.dtype(np.float32), _nbytes(shape, kind))
+        elif kind == "f16":
+            w.add_tensor_info(g, shape, np.dtype(np.float16), _nbytes(shape, kind))
+        else:  # quantized: the writer takes the byte shape of a uint8 array
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtypes[kind])
+            w.add_tensor_info(g, byte_shape, np.dtype(np.uint8), _nbytes(shape, kind), raw_dtype=qtypes[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t0 = time.monotonic()
+    bar = ProgressBar(f"export-gguf {kind}", len(names)) if progress else None
+    nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    pool = ProcessPoolExecutor(nworkers) if kind != "f16" and nworkers > 1 else None
+    try:
+        for k, (_, hf) in enumerate(names):
+            arr, _ = _encode(get(hf), kind, pool)
+            w.write_tensor_data(arr)
+            if bar:
+                bar(k + 1, len(names))
+    finally:
+        if pool:
+            pool.shutdown()
+        w.close()
+    os.replace(tmp, out)
+    log.info("export-gguf: wrote %s (%s, %.1f GB) in %.0fs", out, kind, out.stat().st_size / 1e9,
+             time.monotonic() - t0)
+    return out
+
+
+def cmd_export_gguf(args) -> int:
+    t0 = time.monotonic()
+    out = export_gguf(args.store, args.out, args.type)
+    print(f"{out} ({out.stat().st_size / 1e9:.2f} GB, {time.monotonic() - t0:.0f}s)")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    p = sub.add_parser("export-gguf", help="write a store's weights as a llama.cpp GGUF file (f16, q8_0 or q4_0)")
+    p.add_argument("store")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=TYPES, help="weight type of the matrices (norms stay F32)")
+    p.set_defaults(func=cmd_export_gguf)
