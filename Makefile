@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo stress lint clean
+.PHONY: install test demo stress lint clean peers bench bench-quick
 
 install: $(STAMP)
 
@@ -26,6 +26,18 @@ test: install
 
 demo: install
 	$(VENV)/bin/m2cache demo
+
+# llama.cpp for the bench (optional): a source build, about 16 minutes on 2 cores; pip keeps the wheel
+peers: install
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install 'llama-cpp-python>=0.3'
+
+# the bigger-than-memory bench (writes its 7B-shaped model once under ~/.cache/m2cache)
+BENCH_ARGS ?=
+bench: install
+	$(VENV)/bin/m2cache bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(VENV)/bin/m2cache bench --quick $(BENCH_ARGS)
 
 stress: install
 	timeout 600 $(PY) -m pytest -q -m stress tests/stress $(PYTEST_ARGS)

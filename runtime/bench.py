@@ -1,171 +1,220 @@
-"""``m2cache bench``: m2cache beside what people run today, on the same model, prompts and tokens.
+"""``m2cache bench``: m2cache beside what people run today, on the same weights, prompts and tokens,
+under a real memory limit, reading from the real disk.
 
-Systems (``--systems``), every one greedy, with a KV cache, the same prompt ids and new-token count:
+The default model is 8 layers of LLaMA-2-7B (``m2cache synth``, ~3.7 GB of FP16, cached under
+``~/.cache/m2cache`` with its GGUF exports); ``--model demo`` is the in-RAM demo (SmolLM2-135M), which
+measures m2cache's own overhead. Systems (``--systems``), every one greedy, with a KV cache:
 
-- ``m2cache``: the store's default policy under the budgets (a store without trained predictors has
-  ``dense-fp16`` as its default; then this row is skipped as a duplicate of the next, and said so);
-- ``m2cache-dense-fp16``: tiering alone, every neuron at FP16, same budgets;
-- ``hf-bf16`` / ``hf-fp32``: ``transformers``' LlamaForCausalLM, every weight resident;
-- ``hf-offload``: ``transformers`` + ``accelerate`` offload (``device_map="auto"``, ``max_memory``,
-  ``offload_folder``) holding as many weight bytes as m2cache does (``--offload-memory``);
-- ``layer-stream``: naive layer streaming (AirLLM's way), below: every decoder layer's weights read
-  from the checkpoint's safetensors when needed, nothing cached, every token.
+- ``m2cache``: the store's default policy (skipped as a duplicate when that is ``dense-fp16``);
+  ``m2cache-dense-fp16``: tiering alone. Both read with ``O_DIRECT`` by default (``--no-direct-io``),
+  with HBM and DRAM budgets sized from the memory limit (or ``--hbm-budget``/``--dram-budget``);
+- ``llama-f16`` / ``llama-q8_0`` / ``llama-q4_0``: llama.cpp through llama-cpp-python (mmap, 2 threads)
+  on GGUF files written by ``m2cache export-gguf`` — an optional extra (``make peers``);
+- ``hf-bf16`` / ``hf-fp32``: transformers, every weight resident;
+- ``hf-offload``: transformers + accelerate, ``max_memory`` what the limit leaves, the rest on disk;
+- ``layer-stream``: every decoder layer read from the safetensors when needed (AirLLM's way).
 
-Each system runs in its own subprocess (``python -m m2cache.bench --child``), so peak RSS
-(``ru_maxrss``) and disk reads (``/proc/self/io`` ``read_bytes``) are its own. The parent alternates
-them round-robin, rotating the order each repetition, and drops the store's and the checkpoint's pages
-from the page cache before every run (``posix_fadvise(DONTNEED)``: best-effort — pages mapped or dirty
-elsewhere stay), so each run starts cold. Decode tokens/s counts the tokens after the first.
+``--memory`` (a size, a share of the FP16 weight bytes such as ``40%``, or ``none``; several,
+comma-separated, for the plot) limits RSS and page cache together (:mod:`m2cache.memlimit`). A system
+whose own weights cannot fit the limit is listed as "does not fit" with what it would need. Each run
+is its own subprocess, cold (the model's files dropped from the page cache first), alternated
+round-robin; the median of ``--runs`` is reported, with the disk's ``O_DIRECT`` bandwidth and each
+system's floor (:mod:`m2cache.bench_report`). Progress goes to stderr.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2cache.bench_report import GB, add_floor, aggregate, plot, print_report, ratios, summarise
 from m2cache.bench_systems import Job, _plain, child_main  # the child side: one system, one run
 
-SYSTEMS = ("m2cache", "m2cache-dense-fp16", "hf-bf16", "hf-fp32", "hf-offload", "layer-stream")
-REFERENCE = ("hf-fp32", "hf-bf16")  # token agreement is measured against the first of these that ran
-MB = 1e6
+SYSTEMS = ("m2cache", "m2cache-dense-fp16", "llama-f16", "llama-q8_0", "llama-q4_0", "hf-bf16", "hf-fp32",
+           "hf-offload", "layer-stream")
+QUICK_SYSTEMS = ("m2cache", "llama-f16", "llama-q4_0", "hf-offload", "layer-stream")
+BYTES_PER_WEIGHT = {"llama-f16": 2.0, "llama-q8_0": 34 / 32, "llama-q4_0": 18 / 32, "hf-bf16": 2.0, "hf-fp32": 4.0,
+                    "hf-offload": 2.0, "layer-stream": 2.0, "m2cache-dense-fp16": 2.0}
+# measured RSS before any weight: python + torch + m2cache 0.23 GB, + transformers/accelerate 0.35 GB;
+# the margins cover activations, the KV cache, code pages and one layer's transients
+PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD = 350 << 20, 500 << 20, 200 << 20
+PEERS_HINT = ("llama-cpp-python is not installed: `make peers` (or pip install 'm2cache[peers]') builds it from "
+              "source, about 16 minutes on 2 cores")
 
 
+@dataclass
+class Model:
+    store: Path
+    hf: Path
+    gguf: dict[str, Path] = field(default_factory=dict)
+    label: str = ""
 
 
-def summarise(run: dict[str, Any]) -> dict[str, Any]:
-    """One child's result -> the figures of that run (decode over all its requests together)."""
-    reqs = run.get("requests") or []
-    n = sum(r["decode_tokens"] for r in reqs)
-    s = sum(r["decode_s"] for r in reqs)
-    disk = [r["disk_read_bytes"] for r in reqs if r["disk_read_bytes"] is not None]
-    return {"decode_tokens": n, "decode_tokens_per_s": n / s if s > 0 else None,
-            "ttft_s": statistics.mean(r["ttft_s"] for r in reqs) if reqs else None,
-            "disk_read_bytes_per_token": sum(disk) / n if disk and n else None}
+def resolve_model(args) -> Model:
+    from m2cache.bench_model import bench_model, ensure_ggufs, gguf_paths
+
+    want_gguf = any(s.startswith("llama") for s in _systems(args)) and _have_llama()
+    if args.store:
+        store = Path(args.store)
+        hf = Path(args.hf) if args.hf else store.parent / "hf"
+        gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
+        return Model(store, hf, gg, store.parent.name)
+    if args.model == "demo":
+        from m2cache.convert import fetch_demo
+
+        store = fetch_demo()
+        gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
+        return Model(store, store.parent / "hf", gg, "SmolLM2-135M (demo)")
+    m = bench_model(gguf=want_gguf)
+    return Model(m["store"], m["hf"], m["gguf"] or gguf_paths(m["store"].parent), "LLaMA-2-7B shape, 8 layers, synth")
 
 
-def _median(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
+def _have_llama() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
-def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for system, runs in results.items():
-        ok = [r for r in runs if r.get("ok")]
-        per = [summarise(r) for r in ok]
-        rates = [p["decode_tokens_per_s"] for p in per if p["decode_tokens_per_s"]]
-        row: dict[str, Any] = {
-            "runs_ok": len(ok), "runs": len(runs),
-            "decode_tokens_per_s": _median(rates), "decode_tokens_per_s_all": rates,
-            "ttft_s": _median([p["ttft_s"] for p in per]),
-            "peak_rss_bytes": _median([r.get("peak_rss_bytes") for r in ok]),
-            "peak_device_bytes": _median([r.get("peak_device_bytes") for r in ok]),
-            "disk_read_bytes_per_token": _median([p["disk_read_bytes_per_token"] for p in per]),
-            "moved_bytes_per_token": _median([r.get("moved_bytes_per_token") for r in ok]),
-            "load_s": _median([r.get("load_s") for r in ok]),
-            "decode_tokens": per[0]["decode_tokens"] if per else 0,
-            "errors": sorted({r["error"] for r in runs if not r.get("ok")}),
-        }
-        if ok and "stats" in ok[0]:
-            mid = sorted(ok, key=lambda r: summarise(r)["decode_tokens_per_s"] or 0)[len(ok) // 2]
-            row["m2cache_stats"] = mid["stats"]
-            row["ssd_bytes_per_token"] = mid.get("ssd_bytes_per_token")
-        if ok and "device_map_bytes" in ok[0]:
-            row["device_map_bytes"], row["max_memory"] = ok[0]["device_map_bytes"], ok[0]["max_memory"]
-        if ok:
-            row["tokens"] = [r["tokens"] for r in ok[0]["requests"]]
-        out[system] = row
-    _agreement(out)
-    return out
+def _systems(args) -> list[str]:
+    spec = args.systems or ",".join(QUICK_SYSTEMS if args.quick else SYSTEMS)
+    systems = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"m2cache bench: unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    return systems
 
 
-def _agreement(rows: dict[str, dict[str, Any]]) -> None:
-    """Greedy-token agreement with the reference: matching prefix length / tokens, over all prompts."""
-    ref = next((s for s in REFERENCE if rows.get(s, {}).get("tokens")), None)
-    if ref is None:
-        return
-    want = rows[ref]["tokens"]
-    for row in rows.values():
-        got = row.get("tokens")
-        if not got:
-            continue
-        same = total = 0
-        for a, b in zip(got, want):
-            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            same, total = same + k, total + len(b)
-        row["agreement"] = {"reference": ref, "prefix_match": same / total if total else None}
+class Plan:
+    """What every limit shares: the model, its sizes, the prompts, the systems."""
+
+    def __init__(self, args, model: Model) -> None:
+        from m2cache.cli import DEMO_PROMPTS
+        from m2cache.loading import load_tokenizer
+        from m2cache.policies import default_policy_name
+        from m2cache.storage.reader import Store
+
+        self.args, self.model = args, model
+        self.store = Store(model.store)
+        cfg = self.store.config
+        self.resident_fp16 = int(self.store.manifest["resident"]["size"])
+        self.ffn_fp16 = self.store.layer_bytes("fp16") * cfg.num_layers
+        self.fp16_bytes = self.resident_fp16 + self.ffn_fp16
+        self.params = self.fp16_bytes // 2
+        self.cuda = args.device.startswith("cuda")
+        self.notes: list[str] = []
+        self.systems = _systems(args)
+        if not (model.hf / "config.json").is_file():
+            self.notes.append(f"no HF folder at {model.hf} (give --hf): transformers baselines and layer-stream skipped")
+            self.systems = [s for s in self.systems if not s.startswith(("hf", "layer"))]
+        default = default_policy_name(self.store)
+        if "m2cache" in self.systems and default == "dense-fp16" and "m2cache-dense-fp16" in self.systems:
+            self.systems.remove("m2cache")
+            self.notes.append("the store has no trained predictors (default policy dense-fp16): the 'm2cache' row is "
+                              "skipped as the same as m2cache-dense-fp16; train with `m2cache train-predictor`")
+        self.policy = args.policy or default
+        tok = load_tokenizer(self.store)
+        self.prompts = [tok.encode(p, raw=False) for p in (args.prompts or DEMO_PROMPTS[:1])]
+        self.dtype = args.m2cache_dtype or ("float16" if self.cuda else "bfloat16" if args.model != "demo" or
+                                            args.store else "float32")
+        self.dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+
+    def bytes_per_weight(self, system: str) -> float | None:
+        if system == "m2cache":
+            from m2cache.model.policy import Shares
+
+            spec = (self.store.manifest.get("policies") or {}).get(self.policy, {})
+            shares = Shares(**spec["shares"]) if spec.get("shares") else Shares()
+            ffn = shares.bytes_ratio({p: self.store.bundle_bytes(p) for p in ("fp16", "int8", "int4")}) * 2
+            return (ffn * self.ffn_fp16 + 2 * self.resident_fp16) / self.fp16_bytes
+        return BYTES_PER_WEIGHT.get(system)
+
+    def needs(self, system: str) -> tuple[int, str]:
+        """(bytes of memory the system must hold, what they are) for a run to work at all."""
+        cfg, p = self.store.config, self.params
+        emb = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+        layer = p and (p - emb) // cfg.num_layers
+        if system in ("hf-bf16", "hf-fp32"):
+            w = p * (2 if system == "hf-bf16" else 4)
+            return w + HF_OVERHEAD, f"every weight resident {w / GB:.2f} GB + runtime {HF_OVERHEAD / GB:.2f} GB"
+        if system == "hf-offload":
+            return HF_OVERHEAD + 2 * layer, f"runtime {HF_OVERHEAD / GB:.2f} GB + one layer in bf16"
+        if system == "layer-stream":
+            w = (emb + layer) * self.dtype_bytes
+            return w + PY_OVERHEAD, f"embeddings, head and one layer in {self.dtype} {w / GB:.2f} GB + runtime"
+        if system.startswith("llama"):
+            return LLAMA_OVERHEAD, "runtime, KV cache and buffers; weights are mapped from the file"
+        from m2cache.bench_model import min_budgets
+
+        hbm, dram = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
+        res = self.resident_fp16 // 2 * self.dtype_bytes
+        return (res + hbm + dram + PY_OVERHEAD,
+                f"resident attention, embeddings and head in {self.dtype} {res / GB:.2f} GB + smallest HBM "
+                f"{hbm / GB:.2f} GB and DRAM {dram / GB:.2f} GB budgets + runtime {PY_OVERHEAD / GB:.2f} GB")
+
+    def budgets(self, system: str, limit: int | None) -> tuple[int, int]:
+        from m2cache.cli import resolve_budget
+
+        if limit is None or self.args.hbm_budget_set:
+            return (int(resolve_budget(self.args.hbm_budget, self.store)),
+                    int(resolve_budget(self.args.dram_budget, self.store)))
+        need, _ = self.needs(system)
+        spare = limit - need
+        from m2cache.bench_model import min_budgets
+
+        hbm_min, dram_min = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
+        hbm = hbm_min + int(spare * 0.5)  # the neuron cache keeps every layer's hot neurons; the rest reads ahead
+        return hbm, dram_min + spare - int(spare * 0.5)
+
+    def jobs(self, limit: int | None) -> tuple[list[Job], dict[str, dict[str, Any]]]:
+        """The runnable jobs at ``limit``, and the rows of systems that do not run (with why)."""
+        jobs, rows = [], {}
+        for s in self.systems:
+            need, what = self.needs(s)
+            bpw = self.bytes_per_weight(s)
+            if s.startswith("llama") and not _have_llama():
+                rows[s] = {"status": "skipped", "reason": PEERS_HINT, "bytes_per_weight": bpw}
+                continue
+            if s.startswith("llama") and not self.model.gguf.get(s.removeprefix("llama-"), Path()).is_file():
+                rows[s] = {"status": "skipped", "reason": "no GGUF file (m2cache export-gguf)", "bytes_per_weight": bpw}
+                continue
+            if limit is not None and need > limit:
+                rows[s] = {"status": "does not fit", "needs_bytes": need, "needs": what, "bytes_per_weight": bpw}
+                continue
+            hbm, dram = self.budgets(s, limit) if s.startswith("m2cache") else (0, 0)
+            if limit:  # what the limit leaves after the runtime and one layer in flight
+                offload = max(limit - HF_OVERHEAD - 2 * (self.params // self.store.config.num_layers), 0)
+            else:  # the weight bytes m2cache holds (on the CPU the device pool and DRAM are both RAM)
+                offload = self.resident_fp16 + sum(self.budgets("m2cache", None))
+            jobs.append(Job(system=s, store=str(self.model.store), hf=str(self.model.hf), prompts=self.prompts,
+                            tokens=self.args.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
+                            device=self.args.device, m2cache_dtype=self.dtype,
+                            policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
+                            direct_io=self.args.direct_io, preload=self.args.preload,
+                            gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads))
+        return jobs, rows
+
+    def paths(self) -> list[Path]:
+        return [self.model.store, self.model.hf, *[p for p in self.model.gguf.values() if p.is_file()]]
 
 
-def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    out: dict[str, dict[str, float | None]] = {}
-    for base in ("hf-bf16", "hf-offload"):
-        b = rows.get(base, {}).get("decode_tokens_per_s")
-        out[f"vs_{base}"] = {s: (r["decode_tokens_per_s"] / b if b and r["decode_tokens_per_s"] else None)
-                             for s, r in rows.items()}
-    return out
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def print_report(report: dict[str, Any], stream=sys.stdout) -> None:
-    rows, rat = report["systems"], report["ratios"]
-    head = (f"{'system':<20} {'decode tok/s':>12} {'(min-max)':>13} {'TTFT s':>7} {'peak RSS MB':>11} "
-            f"{'disk MB/tok':>11} {'moved MB/tok':>12} {'x hf-bf16':>9} {'x offload':>9} {'same tok':>8}")
-    print(head, file=stream)
-    print("-" * len(head), file=stream)
-    for s, r in rows.items():
-        rates = r["decode_tokens_per_s_all"]
-        span = f"{min(rates):.2f}-{max(rates):.2f}" if rates else "-"
-        agree = r.get("agreement", {}).get("prefix_match")
-        print(f"{s:<20} {_fmt(r['decode_tokens_per_s'], '12.2f')} {span:>13} {_fmt(r['ttft_s'], '7.2f')} "
-              f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / MB, '11.0f')} "
-              f"{_fmt(r['disk_read_bytes_per_token'] and r['disk_read_bytes_per_token'] / MB, '11.2f')} "
-              f"{_fmt(r['moved_bytes_per_token'] and r['moved_bytes_per_token'] / MB, '12.2f')} "
-              f"{_fmt(rat['vs_hf-bf16'].get(s), '9.2f')} {_fmt(rat['vs_hf-offload'].get(s), '9.2f')} "
-              f"{_fmt(agree, '8.0%')}", file=stream)
-        for err in r["errors"]:
-            print(f"{'':<20} failed: {err}", file=stream)
-    for s, r in rows.items():
-        st = r.get("m2cache_stats")
-        if not st:
-            continue
-        bpt, dec, hit = st["bytes_per_token"], st["decode_bytes_per_token"], st["hit_ratio"]
-        print(f"\n{s} ({st['policy']}), where time goes (median run): stall fraction {st['stall_fraction']:.1%}; "
-              f"bytes per decode token: SSD->DRAM {_fmt(dec['ssd_to_dram'] and dec['ssd_to_dram'] / MB, '.2f')} MB, "
-              f"DRAM->device {_fmt(dec['dram_to_hbm'] and dec['dram_to_hbm'] / MB, '.2f')} MB (per generated token, "
-              f"prefill included: {bpt['ssd_to_dram'] / MB:.2f} / {bpt['dram_to_hbm'] / MB:.2f} MB); hit ratio "
-              f"device {hit['hbm']:.1%}, DRAM {hit['dram']:.1%}; tiers {st['tiers']}", file=stream)
-    for r in rows.values():
-        if "device_map_bytes" in r:
-            dm = r["device_map_bytes"]
-            total = sum(dm.values()) or 1
-            shares = ", ".join(f"{k} {v / MB:.0f} MB ({v / total:.0%})" for k, v in sorted(dm.items()))
-            print(f"\nhf-offload device map (max_memory {r['max_memory']}): {shares}", file=stream)
-    for note in report["notes"]:
-        print(f"note: {note}", file=stream)
-
-
-def run_child(job: Job, timeout: float) -> dict[str, Any]:
+def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="m2cache-bench-") as d:
         jf, of = Path(d) / "job.json", Path(d) / "out.json"
         jf.write_text(json.dumps(asdict(job)))
         cmd = [sys.executable, "-m", "m2cache.bench", "--child", str(jf), str(of)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"system": job.system, "ok": False, "error": f"timed out after {timeout:.0f}s"}
+            proc = limiter.run(cmd, timeout)
+        except Exception as e:  # subprocess.TimeoutExpired, or a cgroup that could not be made
+            return {"system": job.system, "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        figures = dict(limiter.last_run)
         if not of.is_file():
-            return {"system": job.system, "ok": False,
-                    "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-600:]}"}
-        return json.loads(of.read_text())
+            why = ("killed (SIGKILL) under the memory limit: it does not fit" if figures.get("killed")
+                   else f"child exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
+            return {"system": job.system, "ok": False, "error": why} | figures
+        return json.loads(of.read_text()) | figures
 
 
 def evict(paths: list[Path]) -> None:
@@ -177,86 +226,101 @@ def evict(paths: list[Path]) -> None:
     FileBackend().evict_page_cache(files)
 
 
-def plan(args) -> tuple[list[Job], list[str], list[Path]]:
-    """The jobs of one repetition (one per system), notes for the report, and the paths to evict."""
-    from m2cache.cli import DEMO_PROMPTS, resolve_budget
-    from m2cache.loading import load_tokenizer
-    from m2cache.policies import default_policy_name
-    from m2cache.storage.reader import Store
+def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict[str, Any]:
+    """Every system at one memory limit: the part of the report for it."""
+    from m2cache.bench_model import disk_bandwidth
+    from m2cache.memlimit import MemoryLimit
 
-    if args.store:
-        store_dir = Path(args.store)
-    else:
-        from m2cache.convert import fetch_demo
+    args = plan.args
+    jobs, not_run = plan.jobs(limit)
+    disk_files = sorted(plan.model.hf.glob("*.safetensors")) or sorted((plan.model.store / "ffn").glob("*"))
+    results: dict[str, list[dict[str, Any]]] = {j.system: [] for j in jobs}
+    with MemoryLimit(limit, args.limit_mechanism) as ml:
+        disk = disk_bandwidth(disk_files)
+        bw = disk.get("bytes_per_s")
+        print(f"[bench] limit {value}: {ml.mechanism}"
+              + (f", {limit / GB:.2f} GB" if limit else "") + f"; disk O_DIRECT "
+              + (f"{bw / GB:.2f} GB/s" if bw else "unmeasured") + f"; running {[j.system for j in jobs]}",
+              file=sys.stderr, flush=True)
+        for rep in range(args.runs):
+            k = rep % max(len(jobs), 1)
+            for job in jobs[k:] + jobs[:k]:  # rotated, so no system always runs first
+                evict(plan.paths())
+                t0 = time.monotonic()
+                res = run_child(job, ml, args.child_timeout)
+                results[job.system].append(res)
+                s = summarise(res) if res.get("ok") else {}
+                dpt = s.get("disk_read_bytes_per_token")
+                msg = (f"{s.get('decode_tokens_per_s') or 0:.3f} tok/s, TTFT {s.get('ttft_s') or 0:.1f}s, "
+                       f"disk {(dpt or 0) / 1e6:.0f} MB/tok" if res.get("ok") else f"FAILED: {res.get('error')}")
+                print(f"[bench {value} {rep + 1}/{args.runs}] {job.system:<19} {msg} ({time.monotonic() - t0:.0f}s; "
+                      f"{time.monotonic() - t_start:.0f}s in all)", file=sys.stderr, flush=True)
+        limit_info = ml.describe()
+    rows = aggregate(results)
+    for s, r in rows.items():
+        r["bytes_per_weight"] = plan.bytes_per_weight(s)
+        if r["runs_ok"] == 0 and any("does not fit" in e for e in r["errors"]):
+            r["status"] = "killed at the limit"
+    add_floor(rows, bw)
+    ordered = {s: rows.get(s) or not_run[s] for s in plan.systems if s in rows or s in not_run}
+    return {"limit": limit_info | {"label": value}, "fp16_bytes": plan.fp16_bytes, "disk": disk,
+            "systems": ordered, "ratios": ratios(ordered),
+            "budgets": {j.system: {"hbm": j.hbm_budget, "dram": j.dram_budget, "offload_memory": j.offload_memory}
+                        for j in jobs}}
 
-        store_dir = fetch_demo()
-    store = Store(store_dir)
-    hf = Path(args.hf) if args.hf else store_dir.parent / "hf"
-    notes = ["page cache dropped before every run with posix_fadvise(DONTNEED): best-effort (pages mapped or "
-             "dirty elsewhere stay cached)",
-             "decode tok/s = tokens after the first / their time, median over runs; TTFT excludes model loading"]
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        raise SystemExit(f"m2cache bench: unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
-    if not (hf / "config.json").is_file() and any(s.startswith(("hf", "layer")) for s in systems):
-        notes.append(f"no HF folder at {hf} (give --hf): transformers baselines and layer-stream skipped")
-        systems = [s for s in systems if s.startswith("m2cache")]
-    default = default_policy_name(store)
-    if "m2cache" in systems and default == "dense-fp16":
-        if "m2cache-dense-fp16" in systems:
-            systems.remove("m2cache")
-            notes.append("the store has no trained predictors (default policy dense-fp16): the 'm2cache' row is "
-                         "skipped as the same as m2cache-dense-fp16; train with `m2cache train-predictor`")
-        else:
-            notes.append("the store has no trained predictors: 'm2cache' runs its default, dense-fp16")
-    hbm, dram = int(resolve_budget(args.hbm_budget, store)), int(resolve_budget(args.dram_budget, store))
-    cuda = args.device.startswith("cuda")
-    resident = int(store.manifest["resident"]["size"])
-    if args.offload_memory:
-        offload = int(resolve_budget(args.offload_memory, store))
-    else:  # the weight bytes m2cache keeps in the compute device's memory (on the CPU, the DRAM tier too)
-        offload = resident + hbm + (0 if cuda else dram)
-        notes.append(f"hf-offload max_memory = resident weights {resident / MB:.0f} MB + hbm budget "
-                     f"{hbm / MB:.0f} MB" + ("" if cuda else f" + dram budget {dram / MB:.0f} MB (both RAM on CPU)"))
-    tok = load_tokenizer(store)
-    prompts = [tok.encode(p, raw=False) for p in (args.prompts or DEMO_PROMPTS[:1])]
-    dtype = args.m2cache_dtype or ("float16" if cuda else "float32")
-    jobs = [Job(system=s, store=str(store_dir), hf=str(hf), prompts=prompts, tokens=args.tokens, hbm_budget=hbm,
-                dram_budget=dram, offload_memory=offload, device=args.device, m2cache_dtype=dtype,
-                policy="dense-fp16" if s == "m2cache-dense-fp16" else args.policy) for s in systems]
-    return jobs, notes, [store_dir, hf]
+
+def _normalise(args) -> None:
+    """Defaults that depend on other switches (once per args)."""
+    if getattr(args, "normalised", False):
+        return
+    if args.quick:
+        args.tokens, args.runs = min(args.tokens, 4), 1
+    args.hbm_budget_set = args.hbm_budget is not None
+    args.hbm_budget, args.dram_budget = args.hbm_budget or "20%", args.dram_budget or "30%"
+    args.normalised = True
+
+
+def build_args(argv: list[str]):
+    """``m2cache bench`` switches as parsed and completed (for embedding and tests)."""
+    from m2cache.cli import build_parser
+
+    args = build_parser().parse_args(["bench", *argv])
+    _normalise(args)
+    return args
 
 
 def cmd_bench(args) -> int:
+    from m2cache.memlimit import parse_memory
+
     t_start = time.monotonic()
-    jobs, notes, paths = plan(args)
-    results: dict[str, list[dict[str, Any]]] = {j.system: [] for j in jobs}
-    for rep in range(args.runs):
-        k = rep % len(jobs)
-        for job in jobs[k:] + jobs[:k]:  # rotated, so no system always runs first on a busy machine
-            evict(paths)
-            t0 = time.monotonic()
-            res = run_child(job, args.child_timeout)
-            results[job.system].append(res)
-            s = summarise(res) if res.get("ok") else {}
-            msg = (f"{_fmt(s.get('decode_tokens_per_s'), '.2f')} tok/s decode, TTFT {_fmt(s.get('ttft_s'), '.2f')}s"
-                   if res.get("ok") else f"FAILED: {res.get('error')}")
-            print(f"[bench {rep + 1}/{args.runs}] {job.system:<20} {msg} ({time.monotonic() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-    rows = aggregate(results)
-    j0 = jobs[0]
-    report = {"config": {"store": j0.store, "hf": j0.hf, "device": j0.device, "tokens": j0.tokens,
-                         "runs": args.runs, "prompts": args.prompts or "demo", "prompt_tokens": [len(p) for p in j0.prompts],
-                         "hbm_budget": j0.hbm_budget, "dram_budget": j0.dram_budget,
-                         "offload_memory": j0.offload_memory, "m2cache_dtype": j0.m2cache_dtype,
-                         "systems": [j.system for j in jobs]},
-              "systems": rows, "ratios": ratios(rows), "notes": notes,
-              "raw": results if args.raw else None}
-    seconds = time.monotonic() - t_start
-    report["seconds"] = round(seconds, 1)  # type: ignore[assignment]
+    _normalise(args)
+    model = resolve_model(args)
+    plan = Plan(args, model)
+    values = [v.strip() for v in args.memory.split(",") if v.strip()]
+    limits = [(v, parse_memory(v, plan.fp16_bytes)) for v in values]
+    parts = [run_limit(plan, v, lim, t_start) for v, lim in limits]
+    notes = plan.notes + [
+        "decode tok/s = tokens after the first / their time, median over runs; TTFT excludes model loading",
+        "disk MB/tok = /proc/<pid>/io read_bytes during the decode / decode tokens; floor = disk O_DIRECT "
+        "bandwidth / disk MB per token (the tokens/s its own reads allow)",
+        "page cache dropped before every run (posix_fadvise DONTNEED); this virtual disk may be cached by its "
+        "host, so reads through the page cache can exceed the O_DIRECT bandwidth",
+        "'cg peak' = the run's cgroup peak (RSS + page cache); 'seen MB' = memory available to the run at its "
+        "start (cgroup limit - usage, or MemAvailable under a balloon)"]
+    report: dict[str, Any] = {
+        "config": {"model": model.label, "store": str(model.store), "hf": str(model.hf), "device": args.device,
+                   "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
+                   "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
+                   "preload": args.preload, "llama_threads": args.threads, "systems": plan.systems,
+                   "memory": values, "fp16_bytes": plan.fp16_bytes,
+                   "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "
+                            f"2-core CPU"},
+        "limits": parts, "notes": notes}
+    report["seconds"] = round(time.monotonic() - t_start, 1)
     print_report(report)
-    print(f"bench took {seconds:.0f}s", file=sys.stderr)
+    if args.plot and len([p for p in parts if p["limit"].get("limit_bytes")]) > 1:
+        print(f"plot: {plot(report, args.plot)}", file=sys.stderr)
+    print(f"bench took {report['seconds']:.0f}s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=_plain))
     return 0
@@ -266,26 +330,34 @@ def add_commands(sub) -> None:
     from m2cache.export_gguf import add_export_command
     from m2cache.synth import add_synth_command
 
-    p = sub.add_parser("bench", help="m2cache vs transformers, accelerate offload and layer streaming, cold, "
-                                     "side by side")
-    p.add_argument("--store", help="the store (default: the demo model's)")
-    p.add_argument("--hf", help="the same model as a HF folder (default: the store's sibling 'hf')")
-    p.add_argument("--tokens", type=int, default=16, help="new tokens per prompt (greedy)")
-    p.add_argument("--runs", type=int, default=3, help="repetitions of every system (median reported)")
-    p.add_argument("--prompts", nargs="+", help="prompts (default: the demo's first; the defaults keep a cold "
-                                                "run of all six systems under 10 minutes on 2 cores)")
-    p.add_argument("--hbm-budget", default="20%", help="device pool: a size or a share of FP16 FFN bytes")
-    p.add_argument("--dram-budget", default="30%", help="DRAM FIFO: a size or a share of FP16 FFN bytes")
-    p.add_argument("--offload-memory", help="accelerate's max_memory on the compute device (default: the "
-                                            "weight bytes m2cache holds there)")
+    p = sub.add_parser("bench", help="m2cache vs llama.cpp, transformers, accelerate offload and layer streaming, "
+                                     "under a memory limit, cold, side by side")
+    p.add_argument("--model", default="7b", choices=("7b", "demo"),
+                   help="7b: 8 layers of LLaMA-2-7B from synth (cached); demo: SmolLM2-135M in RAM")
+    p.add_argument("--store", help="another store (its HF folder is its sibling 'hf', GGUFs in 'gguf')")
+    p.add_argument("--hf", help="the same model as a HF folder")
+    p.add_argument("--memory", default="40%",
+                   help="memory limit (RSS + page cache): a size, a share of the FP16 weights, or none; several "
+                        "comma-separated (e.g. 25%%,40%%,60%%,100%%) for the plot")
+    p.add_argument("--limit-mechanism", default="auto", choices=("auto", "cgroup", "balloon"))
+    p.add_argument("--quick", action="store_true", help=f"4 tokens, 1 run, systems {','.join(QUICK_SYSTEMS)}")
+    p.add_argument("--tokens", type=int, default=8, help="new tokens per prompt (greedy)")
+    p.add_argument("--runs", type=int, default=1, help="repetitions of every system (median reported)")
+    p.add_argument("--prompts", nargs="+", help="prompts (default: the demo's first)")
+    p.add_argument("--hbm-budget", help="m2cache's device pool (default: sized from --memory; 20%% without one)")
+    p.add_argument("--dram-budget", help="m2cache's DRAM FIFO (default: sized from --memory; 30%% without one)")
+    p.add_argument("--direct-io", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="m2cache rows read with O_DIRECT (default on)")
+    p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"), help="m2cache rows")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--policy", help="policy of the 'm2cache' row (default: the store's)")
     p.add_argument("--m2cache-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="m2cache's and layer-stream's compute dtype (default float32 on CPU, float16 on CUDA)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of: {', '.join(SYSTEMS)}")
+                   help="m2cache's and layer-stream's compute dtype (default bfloat16 on the CPU for the 7B model)")
+    p.add_argument("--systems", help=f"comma-separated, of: {', '.join(SYSTEMS)}")
     p.add_argument("--child-timeout", type=float, default=600, help="seconds before one run is abandoned")
     p.add_argument("--json", help="write the full report here")
-    p.add_argument("--raw", action="store_true", help="include every run's raw figures in the JSON")
+    p.add_argument("--plot", help="write the tokens/s-vs-limit plot here (PNG; needs 2+ limits)")
     p.set_defaults(func=cmd_bench)
     add_synth_command(sub)
     add_export_command(sub)

@@ -52,7 +52,7 @@ def parse_memory(value: str | None, fp16_bytes: int) -> int | None:
         except ValueError:
             raise ConfigError(f"--memory {value!r}: write a share such as '40%', a size such as '3GB', or 'none'")
         if share <= 0:
-            raise ConfigError(f"--memory {value!r} must be above 0%")
+            raise ConfigError(f"--memory {value!r} must be above 0%: write a share such as '40%'")
         return int(share * fp16_bytes)
     return parse_size(v, "--memory")
 

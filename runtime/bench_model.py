@@ -1,0 +1,122 @@
+"""The bench's model and disk: the default 7B-shaped model (cached), the sizes each system needs, the disk's speed.
+
+- :func:`bench_model`: 8 layers of LLaMA-2-7B (about 3.7 GB of FP16 with embeddings and head) from
+  ``m2cache synth``, with its HF folder and GGUF exports, written once under ``~/.cache/m2cache``.
+- :func:`disk_bandwidth`: the disk's ``O_DIRECT`` read bandwidth, measured now (4 MiB reads, one
+  thread): the floor of every system is its disk bytes per token over this.
+- :func:`min_budgets`: the smallest HBM and DRAM budgets m2cache accepts for a store and policy.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from m2cache.convert import CACHE_DIR
+
+BENCH_SHAPE, BENCH_LAYERS = "llama2-7b", 8
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def bench_model_dir() -> Path:
+    return CACHE_DIR / f"synth-{BENCH_SHAPE}-L{BENCH_LAYERS}"
+
+
+def gguf_paths(root: Path) -> dict[str, Path]:
+    return {t: root / "gguf" / f"model-{t}.gguf" for t in GGUF_TYPES}
+
+
+def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any]:
+    """``{"store", "hf", "gguf": {type: path}}`` of the bench model, writing what is missing (minutes)."""
+    from m2cache.storage.reader import Store
+    from m2cache.synth import synth
+
+    root = root or bench_model_dir()
+    store, hf = root / "store", root / "hf"
+    ready = (store / "manifest.msgpack").is_file() and (hf / "config.json").is_file()
+    if ready and not Store(store).manifest.get("predictors"):
+        ready = False
+    if not ready:
+        t0 = time.monotonic()
+        print(f"[bench] writing the bench model ({BENCH_LAYERS} layers of {BENCH_SHAPE}) to {root} (once; "
+              "a few minutes) ...", file=sys.stderr, flush=True)
+        synth(root, BENCH_SHAPE, layers=BENCH_LAYERS, device="cpu")
+        print(f"[bench] bench model written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {"store": store, "hf": hf, "gguf": {}}
+    if gguf:
+        out["gguf"] = ensure_ggufs(store, root)
+    return out
+
+
+def ensure_ggufs(store: Path, root: Path) -> dict[str, Path]:
+    from m2cache.export_gguf import export_gguf
+
+    paths = gguf_paths(root)
+    for kind, path in paths.items():
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
+            print(f"[bench] exporting {kind} GGUF for llama.cpp -> {path} (once) ...", file=sys.stderr, flush=True)
+            export_gguf(store, path, kind)
+            print(f"[bench] {kind} GGUF written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    return paths
+
+
+def disk_bandwidth(files: list[Path], nbytes: int = 1 << 30, block: int = 4 << 20) -> dict[str, Any]:
+    """Reads up to ``nbytes`` of ``files`` with ``O_DIRECT`` (bypassing the page cache) in ``block`` reads.
+
+    Returns bytes/s, or None where the filesystem refuses ``O_DIRECT``."""
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+    done, t0 = 0, time.perf_counter()
+    try:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            try:
+                size = os.fstat(fd).st_size // block * block
+                off = 0
+                while off < size and done < nbytes:
+                    n = os.preadv(fd, [buf], off)
+                    if n <= 0:
+                        break
+                    off, done = off + n, done + n
+            finally:
+                os.close(fd)
+            if done >= nbytes:
+                break
+    except OSError as e:
+        return {"bytes_per_s": None, "error": f"{type(e).__name__}: {e}"}
+    dt = time.perf_counter() - t0
+    return {"bytes_per_s": done / dt if dt > 0 and done else None, "bytes": done, "seconds": dt, "block": block,
+            "files": [str(f) for f in files]}
+
+
+def min_budgets(store, policy_name: str | None, preload: str = "auto") -> tuple[int, int]:
+    """(smallest hbm_budget, smallest dram_budget) :func:`m2cache.sizing.plan_tiers` accepts."""
+    from m2cache.config import EngineConfig
+    from m2cache.errors import BudgetError
+    from m2cache.model.policy import Policy, Shares
+    from m2cache.policies import default_policy_name
+    from m2cache.sizing import plan_tiers
+
+    name = policy_name or default_policy_name(store)
+    spec = (store.manifest.get("policies") or {}).get(name, {})
+    shares = Shares(**spec["shares"]) if spec.get("shares") else Shares()
+    policy = Policy(store.config.num_layers, store.num_neurons, shares)
+    big = 1 << 50
+
+    def smallest(which: str) -> int:
+        lo, hi = 0, big
+        while hi - lo > 1 << 16:
+            mid = (lo + hi) // 2
+            kw = {"hbm_budget": big, "dram_budget": big, which: mid}
+            try:
+                plan_tiers(store, EngineConfig(preload=preload, **kw), policy)
+                hi = mid
+            except BudgetError:
+                lo = mid
+        return hi
+
+    return smallest("hbm_budget"), smallest("dram_budget")
