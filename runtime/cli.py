@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 
 from m2cache.errors import M2CacheError
+from m2cache.memlimit import UNDER_LIMIT_ENV
 
 DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
 
@@ -66,9 +68,30 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):
+        from m2cache.memlimit import rerun_under_limit
+        from m2cache.storage.reader import Store
+
+        store = Store(args.store)
+        fp16 = int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store)
+        rc = rerun_under_limit(_without_memory(args.argv), args.memory, fp16)
+        if rc >= 0:
+            return rc
     if args.dense:
         return _generate_dense(args)
     return run_async(_generate_tiered(args))
+
+
+def _without_memory(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--memory":
+            skip = True
+        elif not a.startswith("--memory="):
+            out.append(a)
+    return out
 
 
 def run_async(coro):
@@ -193,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--stats", action="store_true", help="print speed, bytes and cache figures on stderr")
     p.add_argument("--trace", help="write the run's trace to this file (see tools/trace.py)")
+    p.add_argument("--memory", help="run under a memory limit (RSS + page cache): a size, a share of the FP16 "
+                                    "weights such as 40%%, or none (cgroup where possible, else a balloon)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="fetch the demo model, train its predictors, generate with tiering on")
@@ -219,6 +244,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)

@@ -252,12 +252,13 @@ class MemoryLimit:
                 "mem_available_before": self.available_before,
                 "balloon_bytes": self._balloon.nbytes if self._balloon else None}
 
-    def run(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """Runs ``cmd`` under the limit; ``last_run`` gets the cgroup's figures. Raises TimeoutExpired."""
+    def run(self, cmd: list[str], timeout: float | None, capture: bool = True) -> subprocess.CompletedProcess:
+        """Runs ``cmd`` under the limit (its output captured, or passed through); ``last_run`` gets the
+        cgroup's figures. Raises TimeoutExpired."""
         run_cg = CgroupRun(*self._cgroup, self.limit) if self._cgroup and self.limit else None
         preexec: Callable[[], None] | None = run_cg.join if run_cg else None
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+            proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, preexec_fn=preexec)
             self.last_run = run_cg.figures() if run_cg else {}
             if proc.returncode == -signal.SIGKILL and self.limit:
                 self.last_run["killed"] = True
@@ -265,6 +266,21 @@ class MemoryLimit:
         finally:
             if run_cg:
                 run_cg.remove()
+
+
+def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int) -> int:
+    """``generate --memory``: runs this command again, without the switch, under the limit; its exit code."""
+    limit = parse_memory(value, fp16_bytes)
+    if limit is None:
+        return -1
+    with MemoryLimit(limit) as ml:
+        log.warning("running under a %s memory limit (%s)", format_size(limit), ml.mechanism)
+        env_cmd = [sys.executable, "-m", "m2cache.cli", *argv]
+        os.environ[UNDER_LIMIT_ENV] = "1"
+        return ml.run(env_cmd, None, capture=False).returncode
+
+
+UNDER_LIMIT_ENV = "M2CACHE_UNDER_MEMORY_LIMIT"
 
 
 def seen_by_this_process() -> dict[str, Any]:
