@@ -20,6 +20,7 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
 from m2cache.errors import EngineClosedError, M2CacheError
+from m2cache.model import cpu_kernels
 from m2cache.model.llama import KVCache, attention_block, lm_head, rms_norm, rope_slice
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.sampling import sample
@@ -52,7 +53,7 @@ class Executor(Actor):
     name = "executor"
 
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
-                 recorder, stats, max_queued: int, max_pending: int = 1024) -> None:
+                 recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -69,6 +70,11 @@ class Executor(Actor):
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.compute_stream = torch.cuda.Stream(device) if cuda else None
+        # decode FFNs through the C kernels: CPU, a gated FFN, and a policy that is not the exact
+        # every-neuron-FP16 one (whose tokens must equal the dense model's, so it keeps torch's code)
+        exact = policy.name == "dense-fp16"
+        self.use_kernels = (kernels and not cuda and not exact and store.parts == 3 and cpu_kernels.available()
+                            and model.cfg.hidden_act in cpu_kernels.ACTIVATIONS)
         self._staging_bufs: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA)
         self._staging_done: dict[str, Any] = {}  # per buffer: the event of its last copy
 
@@ -234,9 +240,7 @@ class Executor(Actor):
         with self._streams():
             t0 = time.perf_counter_ns()
             self._apply_copies(ready, layer, step)
-            raw = {p: wide(self.hbm.pools[p]).index_select(0, slots.to(self.device)).view(torch.uint8)
-                   for p, slots in ready.slots.items() if len(slots)}
-            seq.x = seq.x + ffn_groups(seq.h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
+            seq.x = seq.x + self._ffn(seq.h, ready, prefill)
             t1 = time.perf_counter_ns()
             kind = "prefill" if prefill else "ffn"
             self.recorder.add("executor", kind, t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
@@ -248,6 +252,22 @@ class Executor(Actor):
             seq.x = seq.h = None
             self.recorder.add("executor", "lm_head", t1, time.perf_counter_ns(), step=step)
             return logits.cpu()
+
+    def _ffn(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
+        """The layer's FFN over the neurons in ``ready.slots``. h: [T, D] -> [T, D].
+
+        Decode steps on the CPU run the C kernels straight over the pool rows (no gather, no
+        dequantised copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use
+        torch (the FP16 torch path is the dense model's own code, bit for bit)."""
+        if self.use_kernels and not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
+            hf = h.float().contiguous()
+            out = torch.zeros_like(hf)
+            for p, slots in ready.slots.items():
+                cpu_kernels.ffn_group(p, self.hbm.pools[p], slots, hf, out, self.dim, self.group, self.cfg.hidden_act)
+            return out.to(self.dtype)
+        raw = {p: wide(self.hbm.pools[p]).index_select(0, slots.to(self.device)).view(torch.uint8)
+               for p, slots in ready.slots.items() if len(slots)}
+        return ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
 
     def _apply_copies(self, ready: WeightsReady, layer: int, step: int) -> None:
         """The one batched copy up per precision: pool[slots] = DRAM bundles (CPU: a gather; CUDA: see

@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT")
     p.add_argument("--compute-threads", type=int, default=1,
                    help="torch intra-op threads on the CPU (default 1: the other cores serve I/O)")
+    p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="decode FFNs with torch instead of m2cache's C kernels (CPU)")
 
 
 def engine_config(args, store):
@@ -47,7 +49,7 @@ def engine_config(args, store):
         hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None),
-        compute_threads=args.compute_threads)
+        compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels)
 
 
 def cmd_fetch(args) -> int:

@@ -57,6 +57,9 @@ class EngineConfig:
         close); 1 by default, since the I/O threads and the event loop need the other cores: on the
         2-core machine one thread decoded ~30% faster (dense-fp16 7.0 vs 5.3 tokens/s). None leaves
         torch's setting alone.
+    cpu_kernels: decode FFNs on the CPU through m2cache's C kernels, straight over the pool rows (built
+        on first use with the system C compiler; without one, or with False, torch gathers and
+        dequantises the rows). The exact ``dense-fp16`` policy always keeps torch's dense code.
     trace: a path to write the run's trace to on close, True to record without writing, or None.
     max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
     """
@@ -73,6 +76,7 @@ class EngineConfig:
     direct_io: bool = False
     io_threads: int = 4
     compute_threads: int | None = 1
+    cpu_kernels: bool = True
     trace: str | bool | None = None
     max_queued_tokens: int = 64
 

@@ -102,7 +102,8 @@ class Engine:
         self.predictor = PredictorActor(self.policy, self.hbm, self.recorder)
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
-                                 recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens)
+                                 recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
+                                 kernels=cfg.cpu_kernels)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))

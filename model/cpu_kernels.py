@@ -1,0 +1,132 @@
+"""The CPU kernels of the sparse mixed-precision FFN (``csrc/sparse_ffn.c``), built on first use.
+
+On the CPU the device pool and DRAM are the same memory, so the fastest FFN reads each kept neuron's
+bundle where it sits in the pool, by slot, and widens INT8/INT4 values in registers: no gather into a
+contiguous buffer and no dequantised copy per token (DESIGN.md §6, §8). torch has no such operator
+(its weight-only kernels want contiguous, specially packed weights), so m2cache ships ~150 lines of C.
+
+The source is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into
+``~/.cache/m2cache/kernels`` (``M2CACHE_HOME``) and loaded with ctypes. Where no compiler is found,
+or ``M2CACHE_KERNELS=0``, ``available()`` is False and callers use the torch path; the first
+failure is logged once with its reason.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "sparse_ffn.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
+MAX_TOKENS = 64  # rows of h one call takes (the C side's MAX_T)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("M2CACHE_HOME", Path.home() / ".cache" / "m2cache"))
+    return home / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"sparse_ffn-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            so = Path(tmp) / out.name
+            done = subprocess.run([cc, *FLAGS, "-o", str(so), str(SOURCE), "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+            os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
+    lib = ctypes.CDLL(str(out))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("m2c_ffn_fp16", "m2c_ffn_int8"):
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, p]
+        getattr(lib, name).restype = i32
+    lib.m2c_ffn_int4.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
+    lib.m2c_ffn_int4.restype = i32
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built if needed; None where they cannot be had (reason logged once)."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            if os.environ.get("M2CACHE_KERNELS", "1") == "0":
+                _failed = "disabled by M2CACHE_KERNELS=0"
+            else:
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError) as e:
+                    _failed = str(e)
+                    log.warning("m2cache CPU kernels unavailable (%s); using the slower torch path", e)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
+              dim: int, group: int, act: str) -> None:
+    """out += the FFN of the neurons at ``slots`` of ``pool`` (one precision), for every row of h.
+
+    pool: [S, bundle_bytes] uint8, contiguous; slots: int64 [n]; h, out: float32 [T, D], contiguous.
+    The caller keeps every tensor alive for the call (it is synchronous).
+    """
+    lib = library()
+    assert lib is not None, "ffn_group called without the kernels: check available() first"
+    assert pool.dtype == torch.uint8 and pool.is_contiguous() and pool.device.type == "cpu"
+    assert slots.dtype == torch.int64 and slots.is_contiguous()
+    assert h.dtype == out.dtype == torch.float32 and h.is_contiguous() and out.is_contiguous()
+    T = h.shape[0]
+    assert T <= MAX_TOKENS and h.shape[1] == dim == out.shape[1], "h and out must be [T <= 64, D]"
+    n = slots.numel()
+    if n == 0:
+        return
+    code = ACTIVATIONS[act]
+    args = (pool.data_ptr(), pool.shape[0], pool.shape[1], slots.data_ptr(), n, h.data_ptr(), T, dim)
+    if precision == "fp16":
+        rc = lib.m2c_ffn_fp16(*args, code, out.data_ptr())
+    elif precision == "int8":
+        rc = lib.m2c_ffn_int8(*args, code, out.data_ptr())
+    elif precision == "int4":
+        rc = lib.m2c_ffn_int4(*args, group, code, out.data_ptr())
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    if rc == -3:  # checked on the C side before any row is read
+        raise IndexError(f"slots must lie in [0, {pool.shape[0]}) for the {precision} pool")
+    if rc != 0:
+        raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, group={group})")

@@ -1,0 +1,253 @@
+/* The sparse mixed-precision FFN of a few tokens, read straight from the neuron pool.
+ *
+ * Each call computes one precision group: for every kept neuron (a row of the pool, found by its
+ * slot) the gate and up dot products with each token's input, the activation, and the down column
+ * added into the output. Weights are read once per call for all tokens and never dequantised into a
+ * buffer: INT8 and INT4 values are widened in registers. Row layouts are the store's bundles
+ * (m2cache.storage.quant):
+ *   fp16: [3][D] halves
+ *   int8: [3][D] int8, then 3 float32 scales (one per part)
+ *   int4: [3][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
+ *         [3][D/group] (scale, min) float16 pairs; a value is q * scale + min
+ * Inputs and outputs are float32 [T][D]; the output is accumulated into (+=).
+ * Built with -O3 -march=native -ffast-math so the loops below vectorise (loaded by ctypes from
+ * m2cache.model.cpu_kernels).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef _Float16 f16;
+
+enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3 };
+
+static inline float activate(float x, int act) {
+    switch (act) {
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    default: {
+        float k = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(k));
+    }
+    }
+}
+
+#define MAX_T 64
+
+/* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
+static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (slots[i] < 0) | (slots[i] >= pool_rows);
+    return !bad;
+}
+
+/* fp16 rows: gcc does not vectorise _Float16 -> float conversions on its own, so on AVX-512 the two
+ * loops are written with the conversion instruction; elsewhere the plain loops below serve. */
+static void dot2_fp16(const f16 *w, const float *x, int64_t D, float *g_out, float *u_out) {
+    int64_t d = 0;
+    float g = 0.0f, u = 0.0f;
+#if defined(__AVX512F__)
+    __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16) {
+        __m512 xv = _mm512_loadu_ps(x + d);
+        vg = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + d))), xv, vg);
+        vu = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + D + d))), xv, vu);
+    }
+    g = _mm512_reduce_add_ps(vg);
+    u = _mm512_reduce_add_ps(vu);
+#endif
+    for (; d < D; d++) {
+        g += (float)w[d] * x[d];
+        u += (float)w[D + d] * x[d];
+    }
+    *g_out = g;
+    *u_out = u;
+}
+
+static void axpy_fp16(float a, const f16 *w, float *y, int64_t D) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    __m512 av = _mm512_set1_ps(a);
+    for (; d + 16 <= D; d += 16) {
+        __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + d)));
+        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, wv, _mm512_loadu_ps(y + d)));
+    }
+#endif
+    for (; d < D; d++) y[d] += a * (float)w[d];
+}
+
+int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
+    if (T > MAX_T) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3;
+    float a[MAX_T];
+    for (int64_t i = 0; i < n; i++) {
+        const f16 *w = (const f16 *)(pool + slots[i] * bundle_bytes);
+        for (int64_t t = 0; t < T; t++) {
+            float g, u;
+            dot2_fp16(w, h + t * D, D, &g, &u);
+            a[t] = activate(g, act) * u;
+        }
+        for (int64_t t = 0; t < T; t++) axpy_fp16(a[t], w + 2 * D, out + t * D, D);
+    }
+    return 0;
+}
+
+static void dot2_int8(const int8_t *q, const float *x, int64_t D, float *g_out, float *u_out) {
+    int64_t d = 0;
+    float g = 0.0f, u = 0.0f;
+#if defined(__AVX512F__)
+    __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16) {
+        __m512 xv = _mm512_loadu_ps(x + d);
+        __m512 gq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + d))));
+        __m512 uq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + D + d))));
+        vg = _mm512_fmadd_ps(gq, xv, vg);
+        vu = _mm512_fmadd_ps(uq, xv, vu);
+    }
+    g = _mm512_reduce_add_ps(vg);
+    u = _mm512_reduce_add_ps(vu);
+#endif
+    for (; d < D; d++) {
+        g += (float)q[d] * x[d];
+        u += (float)q[D + d] * x[d];
+    }
+    *g_out = g;
+    *u_out = u;
+}
+
+static void axpy_int8(float a, const int8_t *q, float *y, int64_t D) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    __m512 av = _mm512_set1_ps(a);
+    for (; d + 16 <= D; d += 16) {
+        __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + d))));
+        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, qv, _mm512_loadu_ps(y + d)));
+    }
+#endif
+    for (; d < D; d++) y[d] += a * (float)q[d];
+}
+
+int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
+    if (T > MAX_T) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3;
+    float a[MAX_T];
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = pool + slots[i] * bundle_bytes;
+        const int8_t *q = (const int8_t *)row;
+        float s[3];
+        memcpy(s, row + 3 * D, sizeof s);
+        for (int64_t t = 0; t < T; t++) {
+            float g, u;
+            dot2_int8(q, h + t * D, D, &g, &u);
+            a[t] = activate(g * s[0], act) * (u * s[1]) * s[2];
+        }
+        for (int64_t t = 0; t < T; t++) axpy_int8(a[t], q + 2 * D, out + t * D, D);
+    }
+    return 0;
+}
+
+/* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
+ * output the same way, so every inner loop runs over whole bytes: low nibble with the even values,
+ * high nibble with the odd ones. Values are dequantised in registers (q * scale + min), one group at
+ * a time, into accumulators that span the whole row: no reduction per group. */
+static float dot_int4(const uint8_t *b, const f16 *m, const float *xe, const float *xo, int64_t half,
+                      int64_t gh) {
+    float total = 0.0f;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    if (gh % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int64_t g0 = 0; g0 < half; g0 += gh) {
+            const int64_t gi = g0 / gh;
+            const __m512 sc = _mm512_set1_ps((float)m[2 * gi]), mn = _mm512_set1_ps((float)m[2 * gi + 1]);
+            for (k = g0; k < g0 + gh; k += 16) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + k)));
+                __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), sc, mn);
+                __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sc, mn);
+                acc = _mm512_fmadd_ps(we, _mm512_loadu_ps(xe + k), acc);
+                acc = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xo + k), acc);
+            }
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    for (k = 0; k < half; k++) {
+        const int64_t gi = k / gh;
+        const float sc = (float)m[2 * gi], mn = (float)m[2 * gi + 1];
+        total += ((float)(b[k] & 15) * sc + mn) * xe[k] + ((float)(b[k] >> 4) * sc + mn) * xo[k];
+    }
+    return total;
+}
+
+static void axpy_int4(float a, const uint8_t *b, const f16 *m, float *ye, float *yo, int64_t half, int64_t gh) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    if (gh % 16 == 0) {
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int64_t g0 = 0; g0 < half; g0 += gh) {
+            const int64_t gi = g0 / gh;
+            const __m512 sc = _mm512_set1_ps(a * (float)m[2 * gi]), mn = _mm512_set1_ps(a * (float)m[2 * gi + 1]);
+            for (k = g0; k < g0 + gh; k += 16) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + k)));
+                __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), sc, mn);
+                __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sc, mn);
+                _mm512_storeu_ps(ye + k, _mm512_add_ps(_mm512_loadu_ps(ye + k), we));
+                _mm512_storeu_ps(yo + k, _mm512_add_ps(_mm512_loadu_ps(yo + k), wo));
+            }
+        }
+        return;
+    }
+#endif
+    for (k = 0; k < half; k++) {
+        const int64_t gi = k / gh;
+        const float sc = a * (float)m[2 * gi], mn = a * (float)m[2 * gi + 1];
+        ye[k] += (float)(b[k] & 15) * sc + mn;
+        yo[k] += (float)(b[k] >> 4) * sc + mn;
+    }
+}
+
+int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
+    if (T > MAX_T || D % group || group % 2) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3;
+    const int64_t half = D / 2, ng = D / group, gh = group / 2;
+    float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
+    float *ye = calloc(T * half, sizeof(float)), *yo = calloc(T * half, sizeof(float));
+    if (!he || !ho || !ye || !yo) {
+        free(he); free(ho); free(ye); free(yo);
+        return -2;
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < half; k++) {
+            he[t * half + k] = h[t * D + 2 * k];
+            ho[t * half + k] = h[t * D + 2 * k + 1];
+        }
+    float a[MAX_T];
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = pool + slots[i] * bundle_bytes;
+        const f16 *meta = (const f16 *)(row + 3 * half);  /* [3][ng][2] (scale, min) */
+        for (int64_t t = 0; t < T; t++) {
+            const float *xe = he + t * half, *xo = ho + t * half;
+            const float g = dot_int4(row, meta, xe, xo, half, gh);
+            const float u = dot_int4(row + half, meta + 2 * ng, xe, xo, half, gh);
+            a[t] = activate(g, act) * u;
+        }
+        for (int64_t t = 0; t < T; t++)
+            axpy_int4(a[t], row + 2 * half, meta + 4 * ng, ye + t * half, yo + t * half, half, gh);
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < half; k++) {
+            out[t * D + 2 * k] += ye[t * half + k];
+            out[t * D + 2 * k + 1] += yo[t * half + k];
+        }
+    free(he); free(ho); free(ye); free(yo);
+    return 0;
+}

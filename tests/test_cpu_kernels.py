@@ -1,0 +1,94 @@
+"""The C kernels of the sparse FFN: each precision, activation and token count agrees with the
+dequantised FP32 reference; rows are read by slot, in any order; bad slots are refused; and the
+engine decodes the same tokens with and without them."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from m2cache import Engine, EngineConfig
+from m2cache.model import cpu_kernels
+from m2cache.model.llama import activation, ffn_bundles
+from m2cache.storage import quant
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the torch path serves")
+
+# FP32 sums in another order than torch's: a few ulps per product, ~1e-6 relative on the output
+RTOL = 1e-4
+
+
+def pool_of(precision: str, n: int, dim: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, 3, dim, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return w, quant.encode(precision, w, group)
+
+
+def reference(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, dim: int, group: int,
+              act: str) -> torch.Tensor:
+    w = quant.decode(precision, pool[slots], 3, dim, torch.float32, group)
+    return ffn_bundles(h, w, activation(act))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+@pytest.mark.parametrize("act", sorted(cpu_kernels.ACTIVATIONS))
+@pytest.mark.parametrize("T", [1, 3])
+def test_kernel_matches_the_dequantised_reference(precision: str, act: str, T: int) -> None:
+    dim, group = 128, 32
+    _, pool = pool_of(precision, 200, dim, group)
+    slots = torch.tensor([5, 199, 0, 17, 64, 63, 100])  # any order, first and last rows included
+    h = torch.randn(T, dim, generator=torch.Generator().manual_seed(1))
+    out = torch.zeros(T, dim)
+    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, group, act)
+    assert rel_err(out, reference(precision, pool, slots, h, dim, group, act)) < RTOL
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+def test_kernel_handles_widths_off_the_vector_length(precision: str) -> None:
+    dim, group = 40, 8  # 40 = 2 x 16 + 8 values; INT4 groups of 4 bytes: the scalar loops
+    _, pool = pool_of(precision, 30, dim, group, seed=3)
+    slots = torch.arange(30).flip(0).contiguous()
+    h = torch.randn(2, dim, generator=torch.Generator().manual_seed(4))
+    out = torch.zeros(2, dim)
+    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, group, "silu")
+    assert rel_err(out, reference(precision, pool, slots, h, dim, group, "silu")) < RTOL
+
+
+def test_kernel_adds_into_the_output() -> None:
+    dim, group = 64, 32
+    _, pool = pool_of("int4", 10, dim, group)
+    slots, h = torch.arange(10), torch.randn(1, dim)
+    base = torch.randn(1, dim)
+    out = base.clone()
+    cpu_kernels.ffn_group("int4", pool, slots, h, out, dim, group, "silu")
+    assert rel_err(out - base, reference("int4", pool, slots, h, dim, group, "silu")) < RTOL
+
+
+def test_no_slots_leave_the_output_alone() -> None:
+    _, pool = pool_of("int8", 4, 64, 32)
+    out = torch.ones(1, 64)
+    cpu_kernels.ffn_group("int8", pool, torch.zeros(0, dtype=torch.int64), torch.randn(1, 64), out, 64, 32, "silu")
+    assert torch.equal(out, torch.ones(1, 64))
+
+
+@pytest.mark.parametrize("slot", [-1, 4])
+def test_a_slot_outside_the_pool_is_refused_before_any_read(slot: int) -> None:
+    _, pool = pool_of("fp16", 4, 64, 32)
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        cpu_kernels.ffn_group("fp16", pool, torch.tensor([0, slot]), torch.randn(1, 64), torch.zeros(1, 64), 64, 32,
+                              "silu")
+
+
+async def test_engine_decodes_the_same_tokens_with_and_without_kernels(tiny_store, _no_task_left_behind) -> None:
+    async def run(kernels: bool) -> list[int]:
+        cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", cpu_kernels=kernels)
+        async with asyncio.timeout(60):
+            async with Engine.open(tiny_store.store, cfg) as engine:
+                assert engine.executor.use_kernels is kernels
+                return [t async for t in engine.generate_ids([1, 2, 3, 4], 12)]
+
+    assert await run(True) == await run(False)
