@@ -141,9 +141,10 @@ class Plan:
             return w + HF_OVERHEAD, f"every weight resident {w / GB:.2f} GB + runtime {HF_OVERHEAD / GB:.2f} GB"
         if system == "hf-offload":
             return HF_OVERHEAD + 2 * layer, f"runtime {HF_OVERHEAD / GB:.2f} GB + one layer in bf16"
-        if system == "layer-stream":
-            w = (emb + layer) * self.dtype_bytes
-            return w + PY_OVERHEAD, f"embeddings, head and one layer in {self.dtype} {w / GB:.2f} GB + runtime"
+        if system == "layer-stream":  # a layer is read (FP16) and converted: two copies at once
+            w = emb * self.dtype_bytes + layer * (2 + self.dtype_bytes)
+            return w + PY_OVERHEAD, (f"embeddings and head in {self.dtype} and one layer read and converted "
+                                     f"{w / GB:.2f} GB + runtime {PY_OVERHEAD / GB:.2f} GB")
         if system.startswith("llama"):
             return LLAMA_OVERHEAD, "runtime, KV cache and buffers; weights are mapped from the file"
         from m2cache.bench_model import min_budgets
@@ -193,7 +194,8 @@ class Plan:
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
                             direct_io=self.args.direct_io, preload=self.args.preload,
-                            gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads))
+                            gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads,
+                            llama_repack=self.args.llama_repack))
         return jobs, rows
 
     def paths(self) -> list[Path]:
@@ -350,6 +352,8 @@ def add_commands(sub) -> None:
                    help="m2cache rows read with O_DIRECT (default on)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"), help="m2cache rows")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    p.add_argument("--llama-repack", action="store_true",
+                   help="let llama.cpp repack weights into its extra buffer types (anonymous memory, not mmap)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--policy", help="policy of the 'm2cache' row (default: the store's)")
     p.add_argument("--m2cache-dtype", choices=("float32", "bfloat16", "float16"),

@@ -34,6 +34,7 @@ class Job:
     preload: str = "auto"
     gguf: str | None = None  # llama.cpp rows: the GGUF file
     threads: int = 2  # llama.cpp rows: n_threads
+    llama_repack: bool = False  # llama.cpp rows: its extra buffer types (weights repacked into anonymous memory)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -249,9 +250,24 @@ def _run_layer_stream(job: Job) -> dict[str, Any]:
 
 def _run_llama(job: Job) -> dict[str, Any]:
     """llama.cpp through llama-cpp-python as its users run it: mmap (its default), ``job.threads``
-    threads, greedy, the prompt's token ids fed directly (the GGUF's vocabulary is the store's)."""
-    from llama_cpp import Llama  # the parent skips this row when llama-cpp-python is missing
+    threads, greedy, the prompt's token ids fed directly (the GGUF's vocabulary is the store's).
 
+    Unless ``job.llama_repack``, its extra buffer types are off: with them this build copies the weights
+    into anonymous memory at load (F16: 3.4 GB of RssAnon for a 3.8 GB file, so nothing is mapped any
+    more) and its AMX path dies with SIGILL on Q4_0/Q8_0 on these VMs."""
+    import llama_cpp  # the parent skips this row when llama-cpp-python is missing
+    import llama_cpp.llama as llama_mod
+
+    if not job.llama_repack:  # Llama() reads the defaults and loads at once: set the field there
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_mod.llama_cpp.llama_model_default_params = no_repack  # type: ignore[attr-defined]
+    Llama = llama_mod.Llama
     t0 = time.perf_counter()
     n_ctx = max(len(p) for p in job.prompts) + job.tokens + 8
     llm = Llama(model_path=job.gguf, n_threads=job.threads, n_threads_batch=job.threads, use_mmap=True,
