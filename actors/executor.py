@@ -232,7 +232,7 @@ class Executor(Actor):
         order = None
         if self.policy.needs_scores and not prefill:
             scores = self.policy.score(layer, seq.h)
-            order = torch.argsort(scores, descending=True).cpu().numpy()
+            order = self.policy.rank(layer, scores)
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer)
         return order
 

@@ -78,6 +78,21 @@ class Policy:
         """Scores of every neuron for the last position of h ([T, D]); None when not input-dependent."""
         return None
 
+    def rank(self, layer: int, scores: torch.Tensor) -> np.ndarray:
+        """Neuron ids ordered so that ``split`` cuts exactly the top shares: each precision group's
+        members are right, their order inside a group is not (``split`` sorts them anyway). A
+        partition around the cut points costs O(F) where a full argsort costs O(F log F) (~5x on
+        the demo's 1536 neurons)."""
+        s = scores.float().cpu().numpy()
+        cuts, total = [], 0
+        for p in PRECISION_ORDER:
+            total += self._counts[layer][p]
+            if 0 < total < self.num_neurons:
+                cuts.append(total - 1)
+        if not cuts:
+            return np.arange(self.num_neurons, dtype=np.int64)
+        return np.argpartition(-s, cuts).astype(np.int64, copy=False)
+
     def split(self, layer: int, order: np.ndarray | None) -> dict[str, np.ndarray]:
         """Ranked neuron ids (best first) -> ids per precision, each sorted ascending."""
         counts = self._counts[layer]

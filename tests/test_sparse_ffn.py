@@ -110,3 +110,15 @@ def test_policy_split_keeps_each_share_disjoint_and_sorted() -> None:
     assert set(ids["int4"]) == set(order[300:550])
     for v in ids.values():
         assert np.all(np.diff(v) > 0)
+
+
+@pytest.mark.parametrize("shares", [Shares(0.1, 0.2, 0.7), Shares(0.1, 0.2, 0.2), Shares(0.5, 0, 0), Shares(1, 0, 0),
+                                    Shares(0, 0.3, 0.3), Shares(0.13, 0.21, 0.27)])
+@pytest.mark.parametrize("seed", range(5))
+def test_partial_ranking_cuts_the_same_groups_as_a_full_sort(shares: Shares, seed: int) -> None:
+    policy = Policy(1, 300, shares)
+    scores = torch.randn(300, generator=torch.Generator().manual_seed(seed))
+    fast = policy.split(0, policy.rank(0, scores))
+    full = policy.split(0, torch.argsort(scores, descending=True).numpy())
+    assert fast.keys() == full.keys()
+    assert all(np.array_equal(fast[p], full[p]) for p in full)
