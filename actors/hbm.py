@@ -77,7 +77,8 @@ class HBMManager(Actor):
                 found = self.cache.lru(layer, high).slot_of[req] >= 0
                 if found.any():
                     up = req[found]
-                    out[high] = np.union1d(out[high], up) if high in out else up
+                    # the policy's groups are disjoint, so a sort keeps the ids unique
+                    out[high] = np.sort(np.concatenate((out[high], up))) if high in out else up
                     req = req[~found]
                     self.upgraded += int(up.size)
             out[low] = req

@@ -54,6 +54,8 @@ _EMPTY = np.empty(0, dtype=np.int64)
 
 
 def _as_id_array(ids: np.ndarray, what: str) -> np.ndarray:
+    if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1:
+        return ids  # the common case, without numpy's dtype-hierarchy checks
     arr = np.asarray(ids)
     if arr.ndim != 1:
         raise RuntimeError(f"{what} must be a 1-D array of integer ids, got shape {arr.shape}")
@@ -258,6 +260,7 @@ class DeviceCache:
         self._pools = {p: SlotPool(n) for p, n in slots.items()}
         self._lrus = {p: [NeuronLRU(num_neurons) for _ in range(num_layers)] for p in slots}
         self._counters = {p: {"hits": 0, "misses": 0, "evictions": 0} for p in slots}
+        self._orders: dict[tuple[int, frozenset[int]], list[int]] = {}  # _farthest_first, memoised
 
     def lru(self, layer: int, precision: str) -> NeuronLRU:
         """The bookkeeping of one layer and precision (read it; mutate only through plan())."""
@@ -268,8 +271,14 @@ class DeviceCache:
 
     def _farthest_first(self, layer: int, protected: set[int] | frozenset[int]) -> list[int]:
         """Other layers, farthest next use first (L-1, L-2, ..., L+1), without protected ones."""
-        n = self.num_layers
-        return [m for m in ((layer - d) % n for d in range(1, n)) if m not in protected]
+        key = (layer, frozenset(protected))
+        order = self._orders.get(key)
+        if order is None:  # a handful of distinct keys per run (the HBM manager protects the layer itself)
+            n = self.num_layers
+            order = [m for m in ((layer - d) % n for d in range(1, n)) if m not in protected]
+            if len(self._orders) < 4 * n:
+                self._orders[key] = order
+        return order
 
     def _validate(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         unknown = sorted(set(ids) - set(self._pools))
@@ -292,8 +301,11 @@ class DeviceCache:
         own = lrus[layer]
         # Own entries not touched at this stamp, once this step's hits are touched.
         own_free = own.count_older(stamp) - int(np.count_nonzero(own.stamp_of[req[hit]] < stamp))
-        others = sum(len(lrus[m]) for m in self._farthest_first(layer, protected))
+        # every held entry owns one slot: all layers hold capacity - free, so the unprotected others
+        # hold that less this layer's and the protected layers' (no walk over every layer)
         free = self._pools[p].num_free
+        shielded = sum(len(lrus[m]) for m in protected if m != layer and 0 <= m < self.num_layers)
+        others = self.capacity[p] - free - len(own) - shielded
         can_free = free + own_free + others
         if can_free >= n_miss:
             return
