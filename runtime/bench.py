@@ -151,16 +151,21 @@ class Plan:
 
         hbm, dram = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
         res = self.resident_fp16 // 2 * self.dtype_bytes
-        return (res + hbm + dram + PY_OVERHEAD,
+        # O_DIRECT reads land in one page-aligned buffer per I/O thread, as large as the largest read (a
+        # whole FP16 layer file), kept for the run, and are copied out once more
+        dio = (self.args.io_threads + 1) * self.store.layer_bytes("fp16") if self.args.direct_io else 0
+        return (res + hbm + dram + dio + PY_OVERHEAD,
                 f"resident attention, embeddings and head in {self.dtype} {res / GB:.2f} GB + smallest HBM "
-                f"{hbm / GB:.2f} GB and DRAM {dram / GB:.2f} GB budgets + runtime {PY_OVERHEAD / GB:.2f} GB")
+                f"{hbm / GB:.2f} GB and DRAM {dram / GB:.2f} GB budgets + O_DIRECT buffers {dio / GB:.2f} GB "
+                f"+ runtime {PY_OVERHEAD / GB:.2f} GB")
 
     def budgets(self, system: str, limit: int | None) -> tuple[int, int]:
         from m2cache.cli import resolve_budget
+        from m2cache.config import parse_size
 
         if limit is None or self.args.hbm_budget_set:
-            return (int(resolve_budget(self.args.hbm_budget, self.store)),
-                    int(resolve_budget(self.args.dram_budget, self.store)))
+            return (parse_size(resolve_budget(self.args.hbm_budget, self.store), "--hbm-budget"),
+                    parse_size(resolve_budget(self.args.dram_budget, self.store), "--dram-budget"))
         need, _ = self.needs(system)
         spare = limit - need
         from m2cache.bench_model import min_budgets
@@ -193,7 +198,7 @@ class Plan:
                             tokens=self.args.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
-                            direct_io=self.args.direct_io, preload=self.args.preload,
+                            direct_io=self.args.direct_io, preload=self.args.preload, io_threads=self.args.io_threads,
                             gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads,
                             llama_repack=self.args.llama_repack))
         return jobs, rows
@@ -313,7 +318,7 @@ def cmd_bench(args) -> int:
         "config": {"model": model.label, "store": str(model.store), "hf": str(model.hf), "device": args.device,
                    "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
                    "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
-                   "preload": args.preload, "llama_threads": args.threads, "systems": plan.systems,
+                   "preload": args.preload, "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
                    "memory": values, "fp16_bytes": plan.fp16_bytes,
                    "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "
                             f"2-core CPU"},
@@ -351,6 +356,8 @@ def add_commands(sub) -> None:
     p.add_argument("--direct-io", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="m2cache rows read with O_DIRECT (default on)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"), help="m2cache rows")
+    p.add_argument("--io-threads", type=int, default=2,
+                   help="m2cache rows: I/O threads (each holds an O_DIRECT buffer as large as a layer file)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument("--llama-repack", action="store_true",
                    help="let llama.cpp repack weights into its extra buffer types (anonymous memory, not mmap)")

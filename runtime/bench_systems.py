@@ -32,6 +32,7 @@ class Job:
     policy: str | None = None
     direct_io: bool = False  # m2cache rows: read the store with O_DIRECT (no second copy in the page cache)
     preload: str = "auto"
+    io_threads: int = 4  # m2cache rows: threads serving SSD reads
     gguf: str | None = None  # llama.cpp rows: the GGUF file
     threads: int = 2  # llama.cpp rows: n_threads
     llama_repack: bool = False  # llama.cpp rows: its extra buffer types (weights repacked into anonymous memory)
@@ -77,7 +78,8 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
     from m2cache.engine import Engine
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
-                       device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload)
+                       device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
+                       io_threads=job.io_threads)
 
     async def go() -> dict[str, Any]:
         t0 = time.perf_counter()
