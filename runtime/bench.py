@@ -349,7 +349,7 @@ def add_commands(sub) -> None:
     p.add_argument("--limit-mechanism", default="auto", choices=("auto", "cgroup", "balloon"))
     p.add_argument("--quick", action="store_true", help=f"4 tokens, 1 run, systems {','.join(QUICK_SYSTEMS)}")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per prompt (greedy)")
-    p.add_argument("--runs", type=int, default=1, help="repetitions of every system (median reported)")
+    p.add_argument("--runs", type=int, default=3, help="repetitions of every system (median reported)")
     p.add_argument("--prompts", nargs="+", help="prompts (default: the demo's first)")
     p.add_argument("--hbm-budget", help="m2cache's device pool (default: sized from --memory; 20%% without one)")
     p.add_argument("--dram-budget", help="m2cache's DRAM FIFO (default: sized from --memory; 30%% without one)")
