@@ -184,14 +184,22 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     parts = [p for p in report["limits"] if p["limit"].get("limit_bytes")]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     systems = list(dict.fromkeys(s for p in parts for s in p["systems"]))
-    for s in systems:
+    rates = [r["decode_tokens_per_s"] for p in parts for r in p["systems"].values() if r.get("decode_tokens_per_s")]
+    floor_y = min(rates) / 2 if rates else 0.01  # where "does not fit" is marked
+    for k, s in enumerate(systems):
         pts = [(p["limit"]["limit_bytes"] / GB, p["systems"][s]["decode_tokens_per_s"]) for p in parts
                if p["systems"].get(s, {}).get("decode_tokens_per_s")]
-        if pts:
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=s)
+        unfit = [p["limit"]["limit_bytes"] / GB for p in parts
+                 if p["systems"].get(s, {}).get("status") in ("does not fit", "killed at the limit")]
+        if not pts and not unfit:
+            continue
+        (line,) = ax.plot(*zip(*sorted(pts)), marker="o", label=s) if pts else ax.plot([], [], marker="o", label=s)
+        if unfit:
+            y = floor_y * 0.8 ** k  # one row of crosses per system, so none hides another
+            ax.plot(unfit, [y] * len(unfit), linestyle="none", marker="x", color=line.get_color())
+    ax.plot([], [], linestyle="none", marker="x", color="black", label="x: does not fit at that limit")
     fp16 = report["limits"][0]["fp16_bytes"] / GB if report["limits"] else None
     if fp16:
         ax.axvline(fp16, color="grey", linestyle=":", label=f"FP16 weights {fp16:.2f} GB")
@@ -200,7 +208,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_title(report["config"].get("title", "m2cache bench"), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
