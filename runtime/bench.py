@@ -200,7 +200,9 @@ class Plan:
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
                             direct_io=self.args.direct_io, preload=self.args.preload, io_threads=self.args.io_threads,
                             gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads,
-                            llama_repack=self.args.llama_repack))
+                            llama_repack=self.args.llama_repack,
+                            trace=f"{self.args.m2cache_trace}.{s}" if self.args.m2cache_trace and s.startswith("m2cache")
+                            else None))
         return jobs, rows
 
     def paths(self) -> list[Path]:
@@ -276,6 +278,22 @@ def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict
                         for j in jobs}}
 
 
+def _code_state() -> dict[str, Any]:
+    """The commit measured, and the package files that differed from it (a shared tree can be mid-edit)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty.splitlines()}
+
+
 def _normalise(args) -> None:
     """Defaults that depend on other switches (once per args)."""
     if getattr(args, "normalised", False):
@@ -319,7 +337,7 @@ def cmd_bench(args) -> int:
                    "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
                    "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
                    "preload": args.preload, "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
-                   "memory": values, "fp16_bytes": plan.fp16_bytes,
+                   "memory": values, "fp16_bytes": plan.fp16_bytes, "code": _code_state(),
                    "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "
                             f"2-core CPU"},
         "limits": parts, "notes": notes}
@@ -366,6 +384,8 @@ def add_commands(sub) -> None:
     p.add_argument("--m2cache-dtype", choices=("float32", "bfloat16", "float16"),
                    help="m2cache's and layer-stream's compute dtype (default bfloat16 on the CPU for the 7B model)")
     p.add_argument("--systems", help=f"comma-separated, of: {', '.join(SYSTEMS)}")
+    p.add_argument("--m2cache-trace", metavar="PREFIX",
+                   help="m2cache rows write their trace to PREFIX.SYSTEM (the last run's; see tools/trace.py)")
     p.add_argument("--child-timeout", type=float, default=600, help="seconds before one run is abandoned")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--plot", help="write the tokens/s-vs-limit plot here (PNG; needs 2+ limits)")

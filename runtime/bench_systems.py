@@ -33,6 +33,7 @@ class Job:
     direct_io: bool = False  # m2cache rows: read the store with O_DIRECT (no second copy in the page cache)
     preload: str = "auto"
     io_threads: int = 4  # m2cache rows: threads serving SSD reads
+    trace: str | None = None  # m2cache rows: write the run's trace here
     gguf: str | None = None  # llama.cpp rows: the GGUF file
     threads: int = 2  # llama.cpp rows: n_threads
     llama_repack: bool = False  # llama.cpp rows: its extra buffer types (weights repacked into anonymous memory)
@@ -79,7 +80,7 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
-                       io_threads=job.io_threads)
+                       io_threads=job.io_threads, trace=job.trace)
 
     async def go() -> dict[str, Any]:
         t0 = time.perf_counter()
