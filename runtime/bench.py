@@ -41,8 +41,9 @@ QUICK_SYSTEMS = ("m2cache", "llama-f16", "llama-q4_0", "hf-offload", "layer-stre
 BYTES_PER_WEIGHT = {"llama-f16": 2.0, "llama-q8_0": 34 / 32, "llama-q4_0": 18 / 32, "hf-bf16": 2.0, "hf-fp32": 4.0,
                     "hf-offload": 2.0, "layer-stream": 2.0, "m2cache-dense-fp16": 2.0}
 # measured RSS before any weight: python + torch + m2cache 0.23 GB, + transformers/accelerate 0.35 GB;
-# the margins cover activations, the KV cache, code pages and one layer's transients
-PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD = 350 << 20, 500 << 20, 200 << 20
+# the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's: a run
+# whose resident weights and budgets came to 2.59 GB was OOM-killed at load under 2.82 GB (anon 2.75 GB)
+PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD, M2CACHE_OVERHEAD = 350 << 20, 500 << 20, 200 << 20, 550 << 20
 PEERS_HINT = ("llama-cpp-python is not installed: `make peers` (or pip install 'm2cache[peers]') builds it from "
               "source, about 16 minutes on 2 cores")
 
@@ -154,10 +155,10 @@ class Plan:
         # O_DIRECT reads land in one page-aligned buffer per I/O thread, as large as the largest read (a
         # whole FP16 layer file), kept for the run, and are copied out once more
         dio = (self.args.io_threads + 1) * self.store.layer_bytes("fp16") if self.args.direct_io else 0
-        return (res + hbm + dram + dio + PY_OVERHEAD,
+        return (res + hbm + dram + dio + M2CACHE_OVERHEAD,
                 f"resident attention, embeddings and head in {self.dtype} {res / GB:.2f} GB + smallest HBM "
                 f"{hbm / GB:.2f} GB and DRAM {dram / GB:.2f} GB budgets + O_DIRECT buffers {dio / GB:.2f} GB "
-                f"+ runtime {PY_OVERHEAD / GB:.2f} GB")
+                f"+ runtime {M2CACHE_OVERHEAD / GB:.2f} GB")
 
     def budgets(self, system: str, limit: int | None) -> tuple[int, int]:
         from m2cache.cli import resolve_budget

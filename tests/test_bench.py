@@ -61,10 +61,36 @@ def test_systems_whose_weights_exceed_the_limit_are_listed_with_what_they_need(t
 
     args = build_args(["--store", str(tiny_synth["store"]), "--systems", "hf-bf16,hf-fp32,layer-stream,m2cache"])
     plan = Plan(args, Model(tiny_synth["store"], tiny_synth["hf"]))
-    jobs, rows = plan.jobs(HF_OVERHEAD - 1)
-    assert {j.system for j in jobs} == {"layer-stream", "m2cache"}
+    limit = HF_OVERHEAD - 1
+    jobs, rows = plan.jobs(limit)
+    for s in plan.systems:  # a system runs exactly when what it needs fits the limit
+        assert (s in {j.system for j in jobs}) == (plan.needs(s)[0] <= limit), s
+    assert "layer-stream" in {j.system for j in jobs}
     for s in ("hf-bf16", "hf-fp32"):
-        assert rows[s]["status"] == "does not fit" and rows[s]["needs_bytes"] > HF_OVERHEAD - 1
+        assert rows[s]["status"] == "does not fit" and rows[s]["needs_bytes"] > limit and rows[s]["needs"]
     assert rows["hf-fp32"]["needs_bytes"] > rows["hf-bf16"]["needs_bytes"]
-    m2 = next(j for j in jobs if j.system == "m2cache")
+    m2 = next(j for j in plan.jobs(2 * plan.needs("m2cache")[0])[0] if j.system == "m2cache")
     assert m2.direct_io and m2.hbm_budget > 0 and m2.dram_budget > 0
+
+
+def test_the_floor_is_the_disk_bandwidth_over_the_disk_bytes_per_token() -> None:
+    from m2cache.bench_report import add_floor
+
+    rows = {"a": {"disk_read_bytes_per_token": 2e9, "decode_tokens_per_s": 0.25},
+            "in-ram": {"disk_read_bytes_per_token": 0.0, "decode_tokens_per_s": 9.0}}
+    add_floor(rows, 1e9)
+    assert rows["a"]["floor_tokens_per_s"] == 0.5 and rows["a"]["share_of_floor"] == 0.5
+    assert rows["in-ram"]["floor_tokens_per_s"] is None  # nothing read from disk: no disk bound
+
+
+def test_the_plot_has_a_line_per_system_that_ran_and_marks_those_that_do_not_fit(tmp_path: Path) -> None:
+    from m2cache.bench_report import plot
+
+    def part(limit: int, rate: float | None) -> dict:
+        fits = {"status": "ok", "decode_tokens_per_s": rate} if rate else {"status": "does not fit"}
+        return {"limit": {"limit_bytes": limit}, "fp16_bytes": 4 * 10**9,
+                "systems": {"llama-f16": {"status": "ok", "decode_tokens_per_s": 0.3}, "m2cache": fits}}
+
+    report = {"config": {"title": "t"}, "limits": [part(10**9, None), part(2 * 10**9, 0.5)]}
+    out = plot(report, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
