@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 FIX_HINT = "re-create the store with `m2cache convert` (or `m2cache fetch` for the demo model)"
 TRANSIENT_RETRIES = 4
-# blocks: runs closer than this are read as one. A read call costs ~13 µs of Python and syscall
-# (an NVMe random read ~80 µs), 16 blocks of bytes ~6 µs of copying from the page cache: on the demo
-# (neuron preload, store in the page cache) gap 16 decoded 4.2-4.6 tokens/s where gap 4 gave 3.2-3.3
-MERGE_GAP = 16
+# Runs of needed blocks closer than this many bytes are read as one. A read call costs ~13 us of
+# Python and syscall (an NVMe random read ~80 us); 64 KiB costs ~6 us of copying from the page
+# cache. On the demo (4 KiB blocks, neuron preload, store in the page cache) merging gaps up to 16
+# blocks decoded 4.2-4.6 tokens/s where gaps up to 4 gave 3.2-3.3. In bytes, not blocks, so a 7B
+# store's 24 KiB FP16 blocks are not merged over 16 x 24 KiB.
+MERGE_GAP_BYTES = 64 * 1024
 BACKOFF_S = 0.002
 
 
@@ -150,13 +152,16 @@ class Store:
         nblocks = geom.num_blocks(self.num_neurons)
         data = self._read_verified(layer, precision, 0, nblocks, None, backend, self._file_crc.get((layer, precision)))
         body = data.reshape(nblocks, geom.block_bytes)[:, : geom.neurons_per_block * geom.bundle_bytes]
-        return torch.from_numpy(np.ascontiguousarray(body).reshape(-1, geom.bundle_bytes)[: self.num_neurons])
+        rows = np.ascontiguousarray(body)
+        if not rows.flags.writeable:  # unpadded blocks: still the read's immutable bytes; torch wants its own
+            rows = rows.copy()
+        return torch.from_numpy(rows.reshape(-1, geom.bundle_bytes)[: self.num_neurons])
 
     def read_neurons(self, layer: int, precision: str, ids: np.ndarray, backend: Backend) -> torch.Tensor:
         """Bundles of ``ids`` (any order, unique) at a precision: [n, bundle_bytes] uint8, aligned with ids.
 
-        Reads the blocks that hold them — one read per run of blocks, runs closer than MERGE_GAP
-        blocks merged into one larger read — and verifies each block it uses.
+        Reads the blocks that hold them — one read per run of blocks, runs closer than MERGE_GAP_BYTES
+        merged into one larger read — and verifies each block it uses.
         """
         geom = self.geometry[precision]
         ids = np.asarray(ids, dtype=np.int64)
@@ -166,7 +171,7 @@ class Store:
         if self._whole_file_is_cheaper(precision, blocks):
             return self.read_layer(layer, precision, backend)[torch.from_numpy(ids)]
         pieces = []
-        for first, count in coalesce(blocks, MERGE_GAP):
+        for first, count in coalesce(blocks, merge_gap(geom)):
             need = blocks[(blocks >= first) & (blocks < first + count)] - first
             run = self._read_verified(layer, precision, first, count, need, backend, None)
             pieces.append(run.reshape(count, geom.block_bytes)[need])
@@ -184,7 +189,7 @@ class Store:
         blocks = np.unique(np.asarray(ids, dtype=np.int64) // geom.neurons_per_block)
         if self._whole_file_is_cheaper(precision, blocks):
             return geom.file_bytes(self.num_neurons)
-        return sum(count for _, count in coalesce(blocks, MERGE_GAP)) * geom.block_bytes
+        return sum(count for _, count in coalesce(blocks, merge_gap(geom))) * geom.block_bytes
 
     def _whole_file_is_cheaper(self, precision: str, blocks: np.ndarray) -> bool:
         """Needing half of a file's blocks or more, one read and one file checksum beat a checksum call
@@ -228,6 +233,11 @@ class Store:
 
     def decode(self, precision: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return quant.decode(precision, raw, self.parts, self.hidden, dtype, self.int4_group)
+
+
+def merge_gap(geom: BlockGeometry) -> int:
+    """Blocks of gap that one read covers rather than splitting into two reads."""
+    return MERGE_GAP_BYTES // geom.block_bytes
 
 
 class _Describe:

@@ -21,7 +21,7 @@ from m2cache.errors import (
 from m2cache.loading import load_resident
 from m2cache.storage import quant
 from m2cache.storage.layout import ALIGN, MANIFEST, RESIDENT, coalesce, ffn_file_name
-from m2cache.storage.reader import MERGE_GAP, PlainBackend, Store
+from m2cache.storage.reader import PlainBackend, Store, merge_gap
 from m2cache.storage.writer import ffn_bundles_of
 
 NEURONS = 1024  # the "wide" store: many 4 KiB blocks per file at every precision (fp16 103, int4 31)
@@ -146,7 +146,7 @@ def test_coalesce_merges_runs_up_to_max_gap_blocks_apart() -> None:
 
 def expected_reads(store: Store, precision: str, ids: np.ndarray) -> list[tuple[str, int, int]]:
     """The reader's contract: a request that needs half of a file's blocks or more reads the whole
-    file in one read; a smaller one reads each run of needed blocks (runs at most MERGE_GAP blocks
+    file in one read; a smaller one reads each run of needed blocks (runs at most merge_gap(geometry) blocks
     apart merged) once, in file order."""
     geom = store.geometry[precision]
     name = Path(ffn_file_name(1, precision)).name
@@ -154,7 +154,7 @@ def expected_reads(store: Store, precision: str, ids: np.ndarray) -> list[tuple[
     total = geom.num_blocks(store.num_neurons)
     if 2 * len(blocks) >= total:
         return [(name, 0, total * geom.block_bytes)]
-    return [(name, first * geom.block_bytes, n * geom.block_bytes) for first, n in coalesce(blocks, MERGE_GAP)]
+    return [(name, first * geom.block_bytes, n * geom.block_bytes) for first, n in coalesce(blocks, merge_gap(geom))]
 
 
 SPREAD_INT4 = list(range(0, 512, 34))  # 16 ids evenly spread: half the INT4 blocks, so a whole-file read
@@ -197,7 +197,7 @@ def test_a_request_for_fewer_than_half_the_blocks_reads_only_their_runs(wide_sto
 
 def test_neighbouring_blocks_are_read_in_one_request(wide_store: Store) -> None:
     npb = wide_store.geometry["fp16"].neurons_per_block
-    far = 3 + MERGE_GAP + 1  # a block past the gap that reads merge over
+    far = 3 + merge_gap(wide_store.geometry["fp16"]) + 1  # a block past the gap that reads merge over
     ids = np.array([0, npb, 2 * npb + 1, far * npb])  # blocks 0, 1, 2 and `far`
     backend = RecordingBackend()
     wide_store.read_neurons(0, "fp16", ids, backend)
@@ -209,11 +209,12 @@ def test_neighbouring_blocks_are_read_in_one_request(wide_store: Store) -> None:
 
 def test_blocks_a_small_gap_apart_are_read_in_one_request(wide_store: Store) -> None:
     npb = wide_store.geometry["fp16"].neurons_per_block
-    ids = np.array([0, (MERGE_GAP + 1) * npb])  # blocks 0 and MERGE_GAP+1: the gap is read too
+    gap = merge_gap(wide_store.geometry["fp16"])
+    ids = np.array([0, (gap + 1) * npb])  # blocks 0 and gap+1: the gap is read too
     backend = RecordingBackend()
     wide_store.read_neurons(0, "fp16", ids, backend)
     assert [(off, length) for _, off, length in backend.reads] == [
-        (0, (MERGE_GAP + 2) * wide_store.geometry["fp16"].block_bytes)]
+        (0, (gap + 2) * wide_store.geometry["fp16"].block_bytes)]
 
 
 # ---- checksums ------------------------------------------------------------------------------
