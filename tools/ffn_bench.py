@@ -3,8 +3,8 @@
     python tools/ffn_bench.py [--shape demo|7b|both] [--policy 0.1,0.2,0.7] [--rank R] [--reps N]
 
 Every cost of a decode step's FFN on the CPU is counted, in the engine's order, on one compute
-thread: the low-rank predictor's score of every neuron, the ranking (argsort), the policy's cut into
-precision groups (``Policy.split``), then the FFN over neuron rows that sit at scattered slots of
+thread: the low-rank predictor's score of every neuron, the ranking (``Policy.rank``), the policy's cut into
+precision groups (``Policy.split``) — also shown alone as ``plan only`` — then the FFN over neuron rows that sit at scattered slots of
 the pool — through the C kernels (``kernels``), or gathered and dequantised by torch (``torch``).
 Against: the same layer dense, every weight resident in BF16 and in FP32 (one ``F.linear`` each for
 gate and up, one matmul for down). Copies into the pool are not counted (the tiers' business).
@@ -41,8 +41,8 @@ def build(dim: int, neurons: int, shares: Shares, rank: int, seed: int = 0):
         pool = torch.zeros(4 * neurons, quant.bundle_bytes(p, 3, dim, GROUP), dtype=torch.uint8)
         pool[slot_of[p]] = quant.encode(p, w, GROUP)
         pools[p] = pool
-    w1 = torch.randn(rank, dim, generator=g).bfloat16() * 0.05
-    w2 = torch.randn(neurons, rank, generator=g).bfloat16() * 0.05
+    w1 = torch.randn(rank, dim, generator=g) * 0.05
+    w2 = torch.randn(neurons, rank, generator=g) * 0.05
     return w, policy, slot_of, pools, (w1, w2)
 
 
@@ -53,9 +53,8 @@ def make_rows(dim: int, neurons: int, shares: Shares, rank: int):
     w_bf16, w_f32 = w.bfloat16(), w
 
     def plan() -> dict[str, torch.Tensor]:
-        scores = w2 @ torch.relu(w1 @ hb[-1])  # the predictor: d -> r -> F
-        order = torch.argsort(scores, descending=True).numpy()
-        ids = policy.split(0, order)
+        scores = w2 @ torch.relu(w1 @ h[-1])  # the predictor: d -> r -> F (FP32, as the engine's default)
+        ids = policy.split(0, policy.rank(0, scores))
         return {p: slot_of[p][torch.from_numpy(i)] for p, i in ids.items()}
 
     def kernels() -> torch.Tensor:
@@ -71,7 +70,7 @@ def make_rows(dim: int, neurons: int, shares: Shares, rank: int):
         return ffn_groups(hb, raw, 3, dim, GROUP, F.silu, torch.bfloat16)
 
     rows = {"dense-bf16": lambda: ffn_bundles(hb, w_bf16, F.silu), "dense-fp32": lambda: ffn_bundles(h, w_f32, F.silu),
-            "torch": torch_path}
+            "torch": torch_path, "plan only": plan}
     if cpu_kernels.available():
         rows["kernels"] = kernels
     return rows

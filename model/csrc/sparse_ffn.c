@@ -157,26 +157,27 @@ int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
  * output the same way, so every inner loop runs over whole bytes: low nibble with the even values,
  * high nibble with the odd ones. Values are dequantised in registers (q * scale + min), one group at
  * a time, into accumulators that span the whole row: no reduction per group. */
-static float dot_int4(const uint8_t *b, const f16 *m, const float *xe, const float *xo, int64_t half,
-                      int64_t gh) {
+static float dot_int4(const uint8_t *b, const f16 *m, const float *xe, const float *xo, const float *xsum,
+                      int64_t half, int64_t gh) {
     float total = 0.0f;
     int64_t k = 0;
 #if defined(__AVX512F__)
     if (gh % 16 == 0) {
+        /* sum_g scale_g * (q . x)_g + min_g * (sum x)_g: the codes meet x unscaled, one vector
+         * accumulator per group folded into the row's with one FMA; the min term is scalar */
         __m512 acc = _mm512_setzero_ps();
         const __m512i low = _mm512_set1_epi32(15);
-        for (int64_t g0 = 0; g0 < half; g0 += gh) {
-            const int64_t gi = g0 / gh;
-            const __m512 sc = _mm512_set1_ps((float)m[2 * gi]), mn = _mm512_set1_ps((float)m[2 * gi + 1]);
+        for (int64_t g0 = 0, gi = 0; g0 < half; g0 += gh, gi++) {
+            __m512 accg = _mm512_setzero_ps();
             for (k = g0; k < g0 + gh; k += 16) {
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + k)));
-                __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), sc, mn);
-                __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sc, mn);
-                acc = _mm512_fmadd_ps(we, _mm512_loadu_ps(xe + k), acc);
-                acc = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xo + k), acc);
+                accg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), _mm512_loadu_ps(xe + k), accg);
+                accg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(xo + k), accg);
             }
+            acc = _mm512_fmadd_ps(_mm512_set1_ps((float)m[2 * gi]), accg, acc);
+            total += (float)m[2 * gi + 1] * xsum[gi];
         }
-        return _mm512_reduce_add_ps(acc);
+        return total + _mm512_reduce_add_ps(acc);
     }
 #endif
     for (k = 0; k < half; k++) {
@@ -221,14 +222,16 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
     const int64_t half = D / 2, ng = D / group, gh = group / 2;
     float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
     float *ye = calloc(T * half, sizeof(float)), *yo = calloc(T * half, sizeof(float));
-    if (!he || !ho || !ye || !yo) {
-        free(he); free(ho); free(ye); free(yo);
+    float *xsum = calloc(T * ng, sizeof(float));
+    if (!he || !ho || !ye || !yo || !xsum) {
+        free(he); free(ho); free(ye); free(yo); free(xsum);
         return -2;
     }
     for (int64_t t = 0; t < T; t++)
         for (int64_t k = 0; k < half; k++) {
             he[t * half + k] = h[t * D + 2 * k];
             ho[t * half + k] = h[t * D + 2 * k + 1];
+            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
         }
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
@@ -236,8 +239,9 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
         const f16 *meta = (const f16 *)(row + 3 * half);  /* [3][ng][2] (scale, min) */
         for (int64_t t = 0; t < T; t++) {
             const float *xe = he + t * half, *xo = ho + t * half;
-            const float g = dot_int4(row, meta, xe, xo, half, gh);
-            const float u = dot_int4(row + half, meta + 2 * ng, xe, xo, half, gh);
+            const float *xs = xsum + t * ng;
+            const float g = dot_int4(row, meta, xe, xo, xs, half, gh);
+            const float u = dot_int4(row + half, meta + 2 * ng, xe, xo, xs, half, gh);
             a[t] = activate(g, act) * u;
         }
         for (int64_t t = 0; t < T; t++)
@@ -248,6 +252,6 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
             out[t * D + 2 * k] += ye[t * half + k];
             out[t * D + 2 * k + 1] += yo[t * half + k];
         }
-    free(he); free(ho); free(ye); free(yo);
+    free(he); free(ho); free(ye); free(yo); free(xsum);
     return 0;
 }
