@@ -271,6 +271,7 @@ def _run_llama(job: Job) -> dict[str, Any]:
 
         llama_mod.llama_cpp.llama_model_default_params = no_repack  # type: ignore[attr-defined]
     Llama = llama_mod.Llama
+    assert job.gguf, "the parent gives llama.cpp rows their GGUF file"
     t0 = time.perf_counter()
     n_ctx = max(len(p) for p in job.prompts) + job.tokens + 8
     llm = Llama(model_path=job.gguf, n_threads=job.threads, n_threads_batch=job.threads, use_mmap=True,
