@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2cache.bench_model import code_state, evict
 from m2cache.bench_report import GB, add_floor, aggregate, plot, print_report, ratios, summarise
 from m2cache.bench_systems import Job, _plain, child_main  # the child side: one system, one run
 
@@ -193,8 +194,9 @@ class Plan:
             hbm, dram = self.budgets(s, limit) if s.startswith("m2cache") else (0, 0)
             if limit:  # what the limit leaves after the runtime and one layer in flight
                 offload = max(limit - HF_OVERHEAD - 2 * (self.params // self.store.config.num_layers), 0)
-            else:  # the weight bytes m2cache holds (on the CPU the device pool and DRAM are both RAM)
-                offload = self.resident_fp16 + sum(self.budgets("m2cache", None))
+            else:  # the weight bytes m2cache holds on the compute device (on the CPU, the DRAM tier too)
+                m_hbm, m_dram = self.budgets("m2cache", None)
+                offload = self.resident_fp16 + m_hbm + (0 if self.cuda else m_dram)
             jobs.append(Job(system=s, store=str(self.model.store), hf=str(self.model.hf), prompts=self.prompts,
                             tokens=self.args.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
                             device=self.args.device, m2cache_dtype=self.dtype,
@@ -225,15 +227,6 @@ def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
                    else f"child exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
             return {"system": job.system, "ok": False, "error": why} | figures
         return json.loads(of.read_text()) | figures
-
-
-def evict(paths: list[Path]) -> None:
-    from m2cache.storage.ssd import FileBackend
-
-    files = [f for p in paths if p.exists() for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file()]
-    for d in [p for p in paths if p.is_dir()]:  # a store may link to its files (follow one level)
-        files += [f for link in d.iterdir() if link.is_symlink() and link.is_dir() for f in link.rglob("*")]
-    FileBackend().evict_page_cache(files)
 
 
 def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict[str, Any]:
@@ -279,22 +272,6 @@ def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict
                         for j in jobs}}
 
 
-def _code_state() -> dict[str, Any]:
-    """The commit measured, and the package files that differed from it (a shared tree can be mid-edit)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty.splitlines()}
-
-
 def _normalise(args) -> None:
     """Defaults that depend on other switches (once per args)."""
     if getattr(args, "normalised", False):
@@ -338,7 +315,7 @@ def cmd_bench(args) -> int:
                    "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
                    "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
                    "preload": args.preload, "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
-                   "memory": values, "fp16_bytes": plan.fp16_bytes, "code": _code_state(),
+                   "memory": values, "fp16_bytes": plan.fp16_bytes, "code": code_state(),
                    "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "
                             f"2-core CPU"},
         "limits": parts, "notes": notes}

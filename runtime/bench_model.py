@@ -5,11 +5,13 @@
 - :func:`disk_bandwidth`: the disk's ``O_DIRECT`` read bandwidth, measured now (4 MiB reads, one
   thread): the floor of every system is its disk bytes per token over this.
 - :func:`min_budgets`: the smallest HBM and DRAM budgets m2cache accepts for a store and policy.
+- :func:`evict` (the page cache before a cold run) and :func:`code_state` (the commit measured).
 """
 from __future__ import annotations
 
 import mmap
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,3 +122,26 @@ def min_budgets(store, policy_name: str | None, preload: str = "auto") -> tuple[
         return hi
 
     return smallest("hbm_budget"), smallest("dram_budget")
+
+
+def evict(paths: list[Path]) -> None:
+    from m2cache.storage.ssd import FileBackend
+
+    files = [f for p in paths if p.exists() for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file()]
+    for d in [p for p in paths if p.is_dir()]:  # a store may link to its files (follow one level)
+        files += [f for link in d.iterdir() if link.is_symlink() and link.is_dir() for f in link.rglob("*")]
+    FileBackend().evict_page_cache(files)
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and the package files that differed from it (a shared tree can be mid-edit)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty.splitlines()}

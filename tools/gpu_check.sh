@@ -167,7 +167,7 @@ echo "(a) exit code $?"
 
 # ---- (b) the GPU bench -------------------------------------------------------------------------
 stamp "(b) bench --device cuda on $SYN (hbm $HBM, dram $DRAM, $TOKENS tokens, $RUNS runs): $SYSTEMS"
-python3 -m m2cache.bench --store "$SYN/store" --hf "$SYN/hf" --device cuda --hbm-budget "$HBM" \
+python3 -m m2cache.bench --store "$SYN/store" --hf "$SYN/hf" --device cuda --memory none --hbm-budget "$HBM" \
   --dram-budget "$DRAM" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" --systems "$SYSTEMS" \
   --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
 
@@ -176,7 +176,7 @@ python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 rep, bw = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 print(f"H2D copy: pinned {bw['pinned'] / 1e9:.1f} GB/s, pageable {bw['pageable'] / 1e9:.1f} GB/s")
-for name, r in rep["systems"].items():
+for name, r in rep["limits"][0]["systems"].items():
     moved, rate = r.get("moved_bytes_per_token"), r.get("decode_tokens_per_s")
     line = f"{name:<20} decode {rate or 0:8.2f} tok/s"
     if r.get("peak_device_bytes"):
@@ -191,9 +191,10 @@ for name, r in rep["systems"].items():
     print(line)
     for e in r.get("errors", []):
         print(f"{'':<20} failed: {e}")
-rat = rep["ratios"]
+rat = rep["limits"][0]["ratios"]
 for s in ("m2cache", "m2cache-dense-fp16"):
-    if s in rep["systems"]:
-        print(f"{s}: x{rat['vs_hf-offload'].get(s) or 0:.2f} hf-offload, x{rat['vs_hf-bf16'].get(s) or 0:.2f} hf-bf16")
+    if s in rep["limits"][0]["systems"]:
+        print(f"{s}: x{rat.get('vs_hf-offload', {}).get(s) or 0:.2f} hf-offload, "
+              f"x{rat.get('vs_hf-bf16', {}).get(s) or 0:.2f} hf-bf16")
 EOF
 stamp "done; results in $OUT"
