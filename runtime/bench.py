@@ -278,6 +278,8 @@ def _normalise(args) -> None:
         return
     if args.quick:
         args.tokens, args.runs = min(args.tokens, 4), 1
+    if args.memory is None:
+        args.memory = "none" if args.model == "demo" and not args.store else "40%"
     args.hbm_budget_set = args.hbm_budget is not None
     args.hbm_budget, args.dram_budget = args.hbm_budget or "20%", args.dram_budget or "30%"
     args.normalised = True
@@ -339,9 +341,9 @@ def add_commands(sub) -> None:
                    help="7b: 8 layers of LLaMA-2-7B from synth (cached); demo: SmolLM2-135M in RAM")
     p.add_argument("--store", help="another store (its HF folder is its sibling 'hf', GGUFs in 'gguf')")
     p.add_argument("--hf", help="the same model as a HF folder")
-    p.add_argument("--memory", default="40%",
-                   help="memory limit (RSS + page cache): a size, a share of the FP16 weights, or none; several "
-                        "comma-separated (e.g. 25%%,40%%,60%%,100%%) for the plot")
+    p.add_argument("--memory", help="memory limit (RSS + page cache): a size, a share of the FP16 weights, or none; "
+                                    "several comma-separated (e.g. 25%%,40%%,60%%,100%%) for the plot (default 40%%; "
+                                    "none for --model demo, whose point is m2cache's overhead in RAM)")
     p.add_argument("--limit-mechanism", default="auto", choices=("auto", "cgroup", "balloon"))
     p.add_argument("--quick", action="store_true", help=f"4 tokens, 1 run, systems {','.join(QUICK_SYSTEMS)}")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per prompt (greedy)")

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from m2cache.convert import CACHE_DIR
-
 BENCH_SHAPE, BENCH_LAYERS = "llama2-7b", 8
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 
 
 def bench_model_dir() -> Path:
+    from m2cache.convert import CACHE_DIR  # imports torch: not at the top, the bench's children import this module
+
     return CACHE_DIR / f"synth-{BENCH_SHAPE}-L{BENCH_LAYERS}"
 
 

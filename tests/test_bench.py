@@ -94,3 +94,13 @@ def test_the_plot_has_a_line_per_system_that_ran_and_marks_those_that_do_not_fit
     report = {"config": {"title": "t"}, "limits": [part(10**9, None), part(2 * 10**9, 0.5)]}
     out = plot(report, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bench_child_imports_no_torch_before_its_system_does() -> None:
+    """llama.cpp's rows must not carry torch's ~150 MB into a memory-limited run."""
+    import subprocess
+    import sys
+
+    code = "import sys, m2cache.bench, m2cache.bench_systems; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
