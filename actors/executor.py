@@ -240,6 +240,7 @@ class Executor(Actor):
         with self._streams():
             t0 = time.perf_counter_ns()
             self._apply_copies(ready, layer, step)
+            assert seq.x is not None and seq.h is not None, "attention ran before this layer's FFN"
             seq.x = seq.x + self._ffn(seq.h, ready, prefill)
             t1 = time.perf_counter_ns()
             kind = "prefill" if prefill else "ffn"
