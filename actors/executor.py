@@ -72,9 +72,7 @@ class Executor(Actor):
         self.compute_stream = torch.cuda.Stream(device) if cuda else None
         # decode FFNs through the C kernels: CPU, a gated FFN, and a policy that is not the exact
         # every-neuron-FP16 one (whose tokens must equal the dense model's, so it keeps torch's code)
-        exact = policy.name == "dense-fp16"
-        self.use_kernels = (kernels and not cuda and not exact and store.parts == 3 and cpu_kernels.available()
-                            and model.cfg.hidden_act in cpu_kernels.ACTIVATIONS)
+        self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
         self._staging_bufs: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA)
         self._staging_done: dict[str, Any] = {}  # per buffer: the event of its last copy
 
@@ -260,6 +258,8 @@ class Executor(Actor):
         Decode steps on the CPU run the C kernels straight over the pool rows (no gather, no
         dequantised copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use
         torch (the FP16 torch path is the dense model's own code, bit for bit)."""
+        if ready.direct is not None:
+            return self._ffn_direct(h, ready.direct, prefill)
         if self.use_kernels and not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
             hf = h.float().contiguous()
             out = torch.zeros_like(hf)
@@ -268,6 +268,20 @@ class Executor(Actor):
             return out.to(self.dtype)
         raw = {p: wide(self.hbm.pools[p]).index_select(0, slots.to(self.device)).view(torch.uint8)
                for p, slots in ready.slots.items() if len(slots)}
+        return ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
+
+    def _ffn_direct(self, h: torch.Tensor, sources: dict, prefill: bool) -> torch.Tensor:
+        """The FFN computed from DRAM rows (``HBMManager._direct``): (tensor, rows) per precision,
+        rows None when the tensor holds exactly the requested bundles."""
+        if not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
+            hf = h.float().contiguous()
+            out = torch.zeros_like(hf)
+            for p, (src, rows) in sources.items():
+                slots = torch.arange(src.shape[0]) if rows is None else rows
+                cpu_kernels.ffn_group(p, src, slots, hf, out, self.dim, self.group, self.cfg.hidden_act)
+            return out.to(self.dtype)
+        raw = {p: src if rows is None or len(rows) == src.shape[0] and bool((rows == torch.arange(len(rows))).all())
+               else wide(src).index_select(0, rows).view(torch.uint8) for p, (src, rows) in sources.items()}
         return ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
 
     def _apply_copies(self, ready: WeightsReady, layer: int, step: int) -> None:
@@ -330,6 +344,14 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
+
+
+def kernels_apply(policy, store, cfg, device: torch.device) -> bool:
+    """Whether decode FFNs run through the C kernels: the CPU, a gated FFN with a supported activation,
+    the kernels built, and a policy other than the exact every-neuron-FP16 one (whose tokens must equal
+    the dense model's, so it keeps torch's code)."""
+    return (device.type == "cpu" and policy.name != "dense-fp16" and store.parts == 3
+            and cfg.hidden_act in cpu_kernels.ACTIVATIONS and cpu_kernels.available())
 
 
 def wide(rows: torch.Tensor) -> torch.Tensor:

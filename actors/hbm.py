@@ -25,7 +25,8 @@ class HBMManager(Actor):
     name = "hbm"
 
     def __init__(self, *, num_layers: int, num_neurons: int, slots: dict[str, int], bundle_bytes: dict[str, int],
-                 device: torch.device, dram, recorder, inbox_size: int = 8, upgrade: bool = True) -> None:
+                 device: torch.device, dram, recorder, inbox_size: int = 8, upgrade: bool = True,
+                 direct_from_dram: bool = False) -> None:
         super().__init__(inbox_size)
         self.cache = DeviceCache(num_layers, num_neurons, {p: n for p, n in slots.items() if n > 0})
         self.bundle_bytes, self.dram, self.recorder, self.device = bundle_bytes, dram, recorder, device
@@ -37,6 +38,7 @@ class HBMManager(Actor):
         self.misses = 0
         self.bytes_copied = 0
         self.upgrade = upgrade  # serve lower-precision requests from higher-precision copies held
+        self.direct_from_dram = direct_from_dram  # see _direct
         self.upgraded = 0
 
     @property
@@ -84,7 +86,21 @@ class HBMManager(Actor):
             out[low] = req
         return {p: v for p, v in out.items() if v.size or p in ids}
 
+    async def _direct(self, msg: NeuronRequest) -> WeightsReady:
+        """On the CPU with whole layers preloaded, the pool and DRAM are the same memory and the layer
+        already sits in DRAM: the kernels compute from there, so no slot is planned and nothing is
+        copied. The DRAM manager pins what it serves (or reads the bundles a layer not yet in DRAM
+        needs) until the executor releases it."""
+        t0 = time.perf_counter_ns()
+        fut = asyncio.get_running_loop().create_future()
+        await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut))
+        reply = await fut
+        self.recorder.add("hbm", "plan", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
+        return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources)
+
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
+        if self.direct_from_dram:
+            return await self._direct(msg)
         t0 = time.perf_counter_ns()
         ids = self._upgrade(msg.layer, msg.ids) if self.upgrade and len(msg.ids) > 1 else msg.ids
         plan = self.cache.plan(msg.layer, msg.step, ids, protected=frozenset({msg.layer}))

@@ -55,6 +55,8 @@ class WeightsReady:
     release: tuple = ()  # DRAM keys pinned for the copies; released once they are applied
     copy_bytes: int = 0
     staged_bytes: int = 0  # the DRAM manager's staging held for these copies (from FetchReply)
+    # CPU, whole layers preloaded: compute straight from DRAM, per precision (tensor, rows or None)
+    direct: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import torch
 
 from m2cache.actors.dram import DRAMManager
-from m2cache.actors.executor import _DONE, Executor, Sequence
+from m2cache.actors.executor import _DONE, Executor, Sequence, kernels_apply
 from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Stop
 from m2cache.actors.predictor import PredictorActor
@@ -96,9 +96,12 @@ class Engine:
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_layers=self.plan.fixed_layers, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
+        # CPU, kernels, whole layers preloaded: compute from DRAM, where the layer already is
+        direct = (cfg.cpu_kernels and self.plan.preload in ("layer", "hybrid")
+                  and kernels_apply(self.policy, store, store.config, self.device))
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
                               bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
-                              device=self.device, dram=self.dram, recorder=self.recorder)
+                              device=self.device, dram=self.dram, recorder=self.recorder, direct_from_dram=direct)
         self.predictor = PredictorActor(self.policy, self.hbm, self.recorder)
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,

@@ -83,12 +83,25 @@ def test_a_slot_outside_the_pool_is_refused_before_any_read(slot: int) -> None:
                               "silu")
 
 
-async def test_engine_decodes_the_same_tokens_with_and_without_kernels(tiny_store, _no_task_left_behind) -> None:
-    async def run(kernels: bool) -> list[int]:
-        cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", cpu_kernels=kernels)
-        async with asyncio.timeout(60):
-            async with Engine.open(tiny_store.store, cfg) as engine:
-                assert engine.executor.use_kernels is kernels
-                return [t async for t in engine.generate_ids([1, 2, 3, 4], 12)]
+async def decode(store, *, kernels: bool, preload: str) -> tuple[list[int], Engine]:
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", cpu_kernels=kernels,
+                       preload=preload)
+    async with asyncio.timeout(60):
+        async with Engine.open(store, cfg) as engine:
+            return [t async for t in engine.generate_ids([1, 2, 3, 4], 12)], engine
 
-    assert await run(True) == await run(False)
+
+async def test_engine_decodes_the_same_tokens_with_and_without_kernels(tiny_store, _no_task_left_behind) -> None:
+    with_kernels, engine = await decode(tiny_store.store, kernels=True, preload="neuron")
+    assert engine.executor.use_kernels and not engine.hbm.direct_from_dram  # the kernels over the pool
+    without, engine = await decode(tiny_store.store, kernels=False, preload="neuron")
+    assert not engine.executor.use_kernels
+    assert with_kernels == without
+
+
+async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store, _no_task_left_behind) -> None:
+    direct, engine = await decode(tiny_store.store, kernels=True, preload="hybrid")
+    assert engine.hbm.direct_from_dram
+    assert engine.stats()["bytes"]["dram_to_hbm"] == 0  # nothing copied into the pool
+    torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid")
+    assert direct == torch_path
