@@ -160,7 +160,9 @@ def print_stats(st: dict, stream) -> None:
         f"DRAM {st['peak_bytes']['dram'] / mb:.1f} MB of {st['budgets']['dram'] / mb:.1f} MB, "
         f"resident {st['peak_bytes']['resident'] / mb:.1f} MB",
         f"tiers: prefetch {st['tiers']['prefetch']}, fixed layers {st['tiers']['fixed_layers']}, "
-        f"preload {st['tiers']['preload']}",
+        f"preload {st['tiers']['preload']}" + (
+            "; the CPU computes from DRAM's whole layers, the device pool's budget lent to DRAM"
+            if st["tiers"]["direct_from_dram"] else ""),
     ]
     if st.get("predictor_recall") is not None:
         lines.append(f"predictor recall {st['predictor_recall']:.1%}")

@@ -82,7 +82,9 @@ class Engine:
             self._torch_threads = torch.get_num_threads()
             torch.set_num_threads(cfg.compute_threads)
         self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
-        self.plan: TierPlan = plan_tiers(store, cfg, self.policy)  # raises BudgetError before any work
+        # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
+        direct = cfg.cpu_kernels and kernels_apply(self.policy, store, store.config, self.device)
+        self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
         loop = asyncio.get_running_loop()
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device)
         self.model = DenseModel(store.config, self.res, [], self.device)
@@ -96,12 +98,10 @@ class Engine:
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_layers=self.plan.fixed_layers, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
-        # CPU, kernels, whole layers preloaded: compute from DRAM, where the layer already is
-        direct = (cfg.cpu_kernels and self.plan.preload in ("layer", "hybrid")
-                  and kernels_apply(self.policy, store, store.config, self.device))
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
                               bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
-                              device=self.device, dram=self.dram, recorder=self.recorder, direct_from_dram=direct)
+                              device=self.device, dram=self.dram, recorder=self.recorder,
+                              direct_from_dram=self.plan.direct)
         self.predictor = PredictorActor(self.policy, self.hbm, self.recorder)
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,

@@ -32,9 +32,12 @@ def engine_stats(engine) -> dict[str, Any]:
         "held_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["bytes_held"]},
         "peak_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["peak_bytes"],
                        "resident": sum(t.numel() * t.element_size() for t in _resident_tensors(engine))},
-        "budgets": {"hbm": int(engine.config.hbm_budget), "dram": int(engine.config.dram_budget)},
+        # per tier as planned: on the CPU computing from DRAM the device pool's budget is lent to DRAM
+        "budgets": {"hbm": 0 if engine.plan.direct else int(engine.config.hbm_budget),
+                    "dram": engine.plan.dram_budget},
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
-                  "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload},
+                  "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
+                  "direct_from_dram": engine.plan.direct},
         "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
     }

@@ -27,9 +27,19 @@ class TierPlan:
     prefetch: int
     fixed_layers: int
     preload: str  # resolved: "auto" becomes layer/neuron/hybrid here
+    direct: bool = False  # CPU: decode computes from DRAM's whole layers; the HBM budget is lent to DRAM
 
 
-def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
+def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> TierPlan:
+    """``cpu_direct``: the CPU kernels can compute from DRAM. With whole layers preloaded the device
+    pool then has nothing to do (on the CPU it is the same memory as DRAM), so its budget is lent to
+    the DRAM tier: more layers stay whole, fewer are re-read each token. Total bytes are unchanged."""
+    if cpu_direct and cfg.preload in ("auto", "layer", "hybrid"):
+        lent = cfg.replace(hbm_budget=0, dram_budget=int(cfg.dram_budget) + int(cfg.hbm_budget))
+        plan = _plan_dram(store, lent, policy)
+        empty = {p: 0 for p in PRECISION_ORDER}
+        return TierPlan(empty, 0, plan.dram_budget, plan.staging_reserve, plan.dram_precisions, plan.prefetch,
+                        plan.fixed_layers, plan.preload, direct=True)
     n_layers, F = store.config.num_layers, store.num_neurons
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
     counts = policy.max_counts()
@@ -51,6 +61,17 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     hbm_bytes = sum(slots[p] * bb[p] for p in PRECISION_ORDER)
     assert hbm_bytes <= hbm_budget, "HBM slots exceed the budget they were sized from"
 
+    dram = _plan_dram(store, cfg, policy)
+    return TierPlan(slots, hbm_bytes, dram.dram_budget, dram.staging_reserve, dram.dram_precisions, dram.prefetch,
+                    dram.fixed_layers, dram.preload)
+
+
+def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
+    """The DRAM half of the plan (its HBM fields empty)."""
+    n_layers = store.config.num_layers
+    bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
+    counts = policy.max_counts()
+    decode_bytes = {p: counts[p] * bb[p] for p in PRECISION_ORDER}
     preload = cfg.preload
     if preload == "auto":
         # measured (demo, tuned-40, 2-core CPU, store in the page cache): hybrid 3.36 tok/s, layer
@@ -76,4 +97,4 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     else:
         spare = ring_layers if preload == "neuron" else ring_layers - prefetch - 2
         fixed = min(max(0, spare), n_layers)
-    return TierPlan(slots, hbm_bytes, dram_budget, staging, used, prefetch, fixed, preload)
+    return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload)

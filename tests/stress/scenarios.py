@@ -123,11 +123,16 @@ class Watchdog:
     def check(self, engine: Engine) -> None:
         if not hasattr(engine, "dram"):
             return  # still opening
-        hbm_budget, dram_budget = int(engine.config.hbm_budget), int(engine.config.dram_budget)
+        # per tier the plan's budgets (on the CPU computing from DRAM, the device pool's budget is lent
+        # to DRAM: plan_tiers); together never more than the two configured budgets
+        total = int(engine.config.hbm_budget) + int(engine.config.dram_budget)
+        hbm_budget = 0 if engine.plan.direct else int(engine.config.hbm_budget)
+        dram_budget = engine.plan.dram_budget
         held = {"hbm pool": engine.hbm.pool_bytes, "dram held": engine.dram.held_bytes(),
-                "dram peak": engine.dram.peak_total, "dram fifo peak": engine.dram.fifo.peak_bytes}
+                "dram peak": engine.dram.peak_total, "dram fifo peak": engine.dram.fifo.peak_bytes,
+                "both tiers": engine.hbm.pool_bytes + engine.dram.held_bytes()}
         limits = {"hbm pool": hbm_budget, "dram held": dram_budget, "dram peak": dram_budget,
-                  "dram fifo peak": dram_budget - engine.dram.staging_reserve}
+                  "dram fifo peak": dram_budget - engine.dram.staging_reserve, "both tiers": total}
         for what, n in held.items():
             if n > limits[what]:
                 msg = f"{what} {n} > budget {limits[what]}"
