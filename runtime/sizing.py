@@ -9,6 +9,7 @@ reserve for neuron-level reads (``neuron``/``hybrid``); the ring holds the curre
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from m2cache.config import EngineConfig, format_size
@@ -35,8 +36,17 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     pool then has nothing to do (on the CPU it is the same memory as DRAM), so its budget is lent to
     the DRAM tier: more layers stay whole, fewer are re-read each token. Total bytes are unchanged."""
     if cpu_direct and cfg.preload in ("auto", "layer", "hybrid"):
-        lent = cfg.replace(hbm_budget=0, dram_budget=int(cfg.dram_budget) + int(cfg.hbm_budget))
-        plan = _plan_dram(store, lent, policy)
+        hbm = int(cfg.hbm_budget)
+        try:
+            plan = _plan_dram(store, cfg.replace(hbm_budget=0, dram_budget=int(cfg.dram_budget) + hbm), policy)
+        except BudgetError as e:  # say it in the user's terms: what dram_budget works with this hbm_budget
+            together = _plan_dram_minimum(store, cfg, policy)
+            least = max(together - hbm, 0)
+            raise BudgetError(
+                f"dram_budget {format_size(int(cfg.dram_budget))} is too small: on the CPU the device pool's "
+                f"budget ({format_size(hbm)}) is lent to DRAM, and together they must hold {format_size(together)} "
+                f"for preload={cfg.preload!r}; the smallest dram_budget that works is {format_size(least)} "
+                f"({least} bytes)") from e
         empty = {p: 0 for p in PRECISION_ORDER}
         return TierPlan(empty, 0, plan.dram_budget, plan.staging_reserve, plan.dram_precisions, plan.prefetch,
                         plan.fixed_layers, plan.preload, direct=True)
@@ -64,6 +74,17 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     dram = _plan_dram(store, cfg, policy)
     return TierPlan(slots, hbm_bytes, dram.dram_budget, dram.staging_reserve, dram.dram_precisions, dram.prefetch,
                     dram.fixed_layers, dram.preload)
+
+
+def _plan_dram_minimum(store: Store, cfg: EngineConfig, policy: Policy) -> int:
+    """The smallest DRAM budget ``_plan_dram`` accepts (it names it in its BudgetError)."""
+    try:
+        _plan_dram(store, cfg.replace(dram_budget=0), policy)
+    except BudgetError as e:
+        m = re.search(r"\((\d+) bytes\)", str(e))
+        if m:
+            return int(m.group(1))
+    raise RuntimeError("_plan_dram accepted a zero DRAM budget or named no minimum")
 
 
 def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:

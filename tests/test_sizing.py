@@ -131,3 +131,20 @@ def test_decode_precisions_are_the_ones_the_policy_uses(store: Store) -> None:
     plan = plan_tiers(store, cfg, only8)
     assert plan.dram_precisions == ("int8",)
     assert plan.hbm_slots["fp16"] >= store.num_neurons  # prefill still needs a whole FP16 layer
+
+
+def test_on_the_cpu_computing_from_dram_the_device_budget_is_lent_to_dram(store: Store) -> None:
+    cfg = EngineConfig(hbm_budget=2 * layer(store), dram_budget=10 * layer(store))
+    plan = plan_tiers(store, cfg, mixed(store), cpu_direct=True)
+    assert plan.direct and plan.hbm_bytes == 0 and all(n == 0 for n in plan.hbm_slots.values())
+    assert plan.dram_budget == 12 * layer(store)  # the two budgets together, no more
+
+
+def test_on_the_cpu_a_too_small_dram_budget_names_what_works_with_the_lent_device_budget(store: Store) -> None:
+    hbm = layer(store) // 2
+    with pytest.raises(BudgetError, match="lent to DRAM") as info:
+        plan_tiers(store, EngineConfig(hbm_budget=hbm, dram_budget=1000), mixed(store), cpu_direct=True)
+    least = smallest(info.value)
+    with pytest.raises(BudgetError):
+        plan_tiers(store, EngineConfig(hbm_budget=hbm, dram_budget=least - 1), mixed(store), cpu_direct=True)
+    assert plan_tiers(store, EngineConfig(hbm_budget=hbm, dram_budget=least), mixed(store), cpu_direct=True).direct
