@@ -253,35 +253,29 @@ class Executor(Actor):
             return logits.cpu()
 
     def _ffn(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
-        """The layer's FFN over the neurons in ``ready.slots``. h: [T, D] -> [T, D].
+        """The layer's FFN. h: [T, D] -> [T, D]. Its rows sit in the device pool at ``ready.slots``, or,
+        on the CPU computing from DRAM (``HBMManager._direct``), in DRAM tensors at ``ready.direct``'s
+        rows (None: the tensor holds exactly the requested bundles).
 
-        Decode steps on the CPU run the C kernels straight over the pool rows (no gather, no
-        dequantised copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use
-        torch (the FP16 torch path is the dense model's own code, bit for bit)."""
+        Decode steps on the CPU run the C kernels straight over those rows (no gather, no dequantised
+        copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use torch (the FP16
+        torch path is the dense model's own code, bit for bit)."""
         if ready.direct is not None:
-            return self._ffn_direct(h, ready.direct, prefill)
+            sources = ready.direct
+        else:
+            sources = {p: (self.hbm.pools[p], slots) for p, slots in ready.slots.items()}
         if self.use_kernels and not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
-            hf = h.float().contiguous()
-            out = torch.zeros_like(hf)
-            for p, slots in ready.slots.items():
-                cpu_kernels.ffn_group(p, self.hbm.pools[p], slots, hf, out, self.dim, self.group, self.cfg.hidden_act)
-            return out.to(self.dtype)
-        raw = {p: wide(self.hbm.pools[p]).index_select(0, slots.to(self.device)).view(torch.uint8)
-               for p, slots in ready.slots.items() if len(slots)}
-        return ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
-
-    def _ffn_direct(self, h: torch.Tensor, sources: dict, prefill: bool) -> torch.Tensor:
-        """The FFN computed from DRAM rows (``HBMManager._direct``): (tensor, rows) per precision,
-        rows None when the tensor holds exactly the requested bundles."""
-        if not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
             hf = h.float().contiguous()
             out = torch.zeros_like(hf)
             for p, (src, rows) in sources.items():
                 slots = torch.arange(src.shape[0]) if rows is None else rows
                 cpu_kernels.ffn_group(p, src, slots, hf, out, self.dim, self.group, self.cfg.hidden_act)
             return out.to(self.dtype)
-        raw = {p: src if rows is None or len(rows) == src.shape[0] and bool((rows == torch.arange(len(rows))).all())
-               else wide(src).index_select(0, rows).view(torch.uint8) for p, (src, rows) in sources.items()}
+        # DRAM rows are ascending neuron ids: a whole layer asked for whole is used as it is
+        whole = ready.direct is not None
+        raw = {p: src if rows is None or whole and _all_rows(rows, src)
+               else wide(src).index_select(0, rows.to(src.device)).view(torch.uint8)
+               for p, (src, rows) in sources.items() if rows is None or len(rows)}
         return ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype)
 
     def _apply_copies(self, ready: WeightsReady, layer: int, step: int) -> None:
@@ -344,6 +338,12 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
+
+
+def _all_rows(rows: torch.Tensor, src: torch.Tensor) -> bool:
+    """Ascending unique rows that cover all of src."""
+    n = src.shape[0]
+    return len(rows) == n and int(rows[0]) == 0 and int(rows[-1]) == n - 1
 
 
 def kernels_apply(policy, store, cfg, device: torch.device) -> bool:

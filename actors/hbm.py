@@ -95,7 +95,7 @@ class HBMManager(Actor):
         fut = asyncio.get_running_loop().create_future()
         await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut))
         reply = await fut
-        self.recorder.add("hbm", "plan", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
+        self.recorder.add("hbm", "direct", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
         return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources)
 
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:

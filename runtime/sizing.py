@@ -9,8 +9,7 @@ reserve for neuron-level reads (``neuron``/``hybrid``); the ring holds the curre
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from m2cache.config import EngineConfig, format_size
 from m2cache.errors import BudgetError
@@ -36,20 +35,17 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     pool then has nothing to do (on the CPU it is the same memory as DRAM), so its budget is lent to
     the DRAM tier: more layers stay whole, fewer are re-read each token. Total bytes are unchanged."""
     if cpu_direct and cfg.preload in ("auto", "layer", "hybrid"):
-        hbm = int(cfg.hbm_budget)
-        try:
-            plan = _plan_dram(store, cfg.replace(hbm_budget=0, dram_budget=int(cfg.dram_budget) + hbm), policy)
-        except BudgetError as e:  # say it in the user's terms: what dram_budget works with this hbm_budget
-            together = _plan_dram_minimum(store, cfg, policy)
-            least = max(together - hbm, 0)
+        hbm, dram = int(cfg.hbm_budget), int(cfg.dram_budget)
+        together = _dram_needs(store, cfg, policy).min_dram
+        if hbm + dram < together:  # said in the user's terms: what dram_budget works with this hbm_budget
+            least = together - hbm
             raise BudgetError(
-                f"dram_budget {format_size(int(cfg.dram_budget))} is too small: on the CPU the device pool's "
-                f"budget ({format_size(hbm)}) is lent to DRAM, and together they must hold {format_size(together)} "
+                f"dram_budget {format_size(dram)} is too small: on the CPU the device pool's budget "
+                f"({format_size(hbm)}) is lent to DRAM, and together they must hold {format_size(together)} "
                 f"for preload={cfg.preload!r}; the smallest dram_budget that works is {format_size(least)} "
-                f"({least} bytes)") from e
-        empty = {p: 0 for p in PRECISION_ORDER}
-        return TierPlan(empty, 0, plan.dram_budget, plan.staging_reserve, plan.dram_precisions, plan.prefetch,
-                        plan.fixed_layers, plan.preload, direct=True)
+                f"({least} bytes)")
+        lent = _plan_dram(store, cfg.replace(hbm_budget=0, dram_budget=hbm + dram), policy)
+        return replace(lent, hbm_slots={p: 0 for p in PRECISION_ORDER}, direct=True)
     n_layers, F = store.config.num_layers, store.num_neurons
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
     counts = policy.max_counts()
@@ -71,25 +67,19 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     hbm_bytes = sum(slots[p] * bb[p] for p in PRECISION_ORDER)
     assert hbm_bytes <= hbm_budget, "HBM slots exceed the budget they were sized from"
 
-    dram = _plan_dram(store, cfg, policy)
-    return TierPlan(slots, hbm_bytes, dram.dram_budget, dram.staging_reserve, dram.dram_precisions, dram.prefetch,
-                    dram.fixed_layers, dram.preload)
+    return replace(_plan_dram(store, cfg, policy), hbm_slots=slots, hbm_bytes=hbm_bytes)
 
 
-def _plan_dram_minimum(store: Store, cfg: EngineConfig, policy: Policy) -> int:
-    """The smallest DRAM budget ``_plan_dram`` accepts (it names it in its BudgetError)."""
-    try:
-        _plan_dram(store, cfg.replace(dram_budget=0), policy)
-    except BudgetError as e:
-        m = re.search(r"\((\d+) bytes\)", str(e))
-        if m:
-            return int(m.group(1))
-    raise RuntimeError("_plan_dram accepted a zero DRAM budget or named no minimum")
+@dataclass(frozen=True)
+class _DramNeeds:
+    preload: str  # resolved
+    used: tuple[str, ...]  # precisions decode uses: whole layers of these in DRAM
+    per_layer: int  # bytes of one layer at those precisions
+    staging: int  # reserve for neuron-level reads
+    min_dram: int  # the smallest DRAM budget that works
 
 
-def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
-    """The DRAM half of the plan (its HBM fields empty)."""
-    n_layers = store.config.num_layers
+def _dram_needs(store: Store, cfg: EngineConfig, policy: Policy) -> _DramNeeds:
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
     counts = policy.max_counts()
     decode_bytes = {p: counts[p] * bb[p] for p in PRECISION_ORDER}
@@ -104,6 +94,15 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     per_layer = sum(layer_bytes[p] for p in used)
     staging = 0 if preload == "layer" else max(layer_bytes["fp16"], sum(decode_bytes.values()))
     min_dram = max(layer_bytes["fp16"], per_layer) if preload == "layer" else staging
+    return _DramNeeds(preload, used, per_layer, staging, min_dram)
+
+
+def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
+    """The DRAM half of the plan (its HBM fields empty)."""
+    n_layers = store.config.num_layers
+    needs = _dram_needs(store, cfg, policy)
+    preload, used, per_layer, staging, min_dram = (needs.preload, needs.used, needs.per_layer, needs.staging,
+                                                   needs.min_dram)
     dram_budget = int(cfg.dram_budget)
     if dram_budget < min_dram:
         raise BudgetError(

@@ -46,111 +46,88 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
     return !bad;
 }
 
-/* fp16 rows: gcc does not vectorise _Float16 -> float conversions on its own, so on AVX-512 the two
- * loops are written with the conversion instruction; elsewhere the plain loops below serve. */
-static void dot2_fp16(const f16 *w, const float *x, int64_t D, float *g_out, float *u_out) {
-    int64_t d = 0;
-    float g = 0.0f, u = 0.0f;
+/* FP16 and INT8 rows: the gate and up dot products of one row with x, and y += a * down row, for
+ * one element type. gcc does not vectorise _Float16 -> float conversions on its own, so on AVX-512
+ * each loop is written with the widening load (LOAD16: 16 elements as 16 floats); the scalar tail
+ * (and other CPUs) use the plain loop. */
 #if defined(__AVX512F__)
-    __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
-    for (; d + 16 <= D; d += 16) {
-        __m512 xv = _mm512_loadu_ps(x + d);
-        vg = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + d))), xv, vg);
-        vu = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + D + d))), xv, vu);
+#define LOAD16_fp16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define LOAD16_int8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define ROW_KERNELS(name, type)                                                                      \
+    static void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {  \
+        int64_t d = 0;                                                                               \
+        __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();                                   \
+        for (; d + 16 <= D; d += 16) {                                                               \
+            __m512 xv = _mm512_loadu_ps(x + d);                                                      \
+            vg = _mm512_fmadd_ps(LOAD16_##name(w + d), xv, vg);                                      \
+            vu = _mm512_fmadd_ps(LOAD16_##name(w + D + d), xv, vu);                                  \
+        }                                                                                            \
+        float g = _mm512_reduce_add_ps(vg), u = _mm512_reduce_add_ps(vu);                           \
+        for (; d < D; d++) {                                                                         \
+            g += (float)w[d] * x[d];                                                                 \
+            u += (float)w[D + d] * x[d];                                                             \
+        }                                                                                            \
+        *g_out = g;                                                                                  \
+        *u_out = u;                                                                                  \
+    }                                                                                                \
+    static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
+        int64_t d = 0;                                                                               \
+        __m512 av = _mm512_set1_ps(a);                                                               \
+        for (; d + 16 <= D; d += 16)                                                                 \
+            _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, LOAD16_##name(w + d), _mm512_loadu_ps(y + d))); \
+        for (; d < D; d++) y[d] += a * (float)w[d];                                                  \
     }
-    g = _mm512_reduce_add_ps(vg);
-    u = _mm512_reduce_add_ps(vu);
-#endif
-    for (; d < D; d++) {
-        g += (float)w[d] * x[d];
-        u += (float)w[D + d] * x[d];
-    }
-    *g_out = g;
-    *u_out = u;
-}
-
-static void axpy_fp16(float a, const f16 *w, float *y, int64_t D) {
-    int64_t d = 0;
-#if defined(__AVX512F__)
-    __m512 av = _mm512_set1_ps(a);
-    for (; d + 16 <= D; d += 16) {
-        __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + d)));
-        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, wv, _mm512_loadu_ps(y + d)));
-    }
-#endif
-    for (; d < D; d++) y[d] += a * (float)w[d];
-}
-
-int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
-    if (T > MAX_T) return -1;
-    if (!slots_ok(slots, n, pool_rows)) return -3;
-    float a[MAX_T];
-    for (int64_t i = 0; i < n; i++) {
-        const f16 *w = (const f16 *)(pool + slots[i] * bundle_bytes);
-        for (int64_t t = 0; t < T; t++) {
-            float g, u;
-            dot2_fp16(w, h + t * D, D, &g, &u);
-            a[t] = activate(g, act) * u;
-        }
-        for (int64_t t = 0; t < T; t++) axpy_fp16(a[t], w + 2 * D, out + t * D, D);
-    }
-    return 0;
-}
-
-static void dot2_int8(const int8_t *q, const float *x, int64_t D, float *g_out, float *u_out) {
-    int64_t d = 0;
-    float g = 0.0f, u = 0.0f;
-#if defined(__AVX512F__)
-    __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
-    for (; d + 16 <= D; d += 16) {
-        __m512 xv = _mm512_loadu_ps(x + d);
-        __m512 gq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + d))));
-        __m512 uq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + D + d))));
-        vg = _mm512_fmadd_ps(gq, xv, vg);
-        vu = _mm512_fmadd_ps(uq, xv, vu);
-    }
-    g = _mm512_reduce_add_ps(vg);
-    u = _mm512_reduce_add_ps(vu);
-#endif
-    for (; d < D; d++) {
-        g += (float)q[d] * x[d];
-        u += (float)q[D + d] * x[d];
-    }
-    *g_out = g;
-    *u_out = u;
-}
-
-static void axpy_int8(float a, const int8_t *q, float *y, int64_t D) {
-    int64_t d = 0;
-#if defined(__AVX512F__)
-    __m512 av = _mm512_set1_ps(a);
-    for (; d + 16 <= D; d += 16) {
-        __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + d))));
-        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, qv, _mm512_loadu_ps(y + d)));
+#else
+#define ROW_KERNELS(name, type)                                                                      \
+    static void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {  \
+        float g = 0.0f, u = 0.0f;                                                                    \
+        for (int64_t d = 0; d < D; d++) {                                                            \
+            g += (float)w[d] * x[d];                                                                 \
+            u += (float)w[D + d] * x[d];                                                             \
+        }                                                                                            \
+        *g_out = g;                                                                                  \
+        *u_out = u;                                                                                  \
+    }                                                                                                \
+    static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
+        for (int64_t d = 0; d < D; d++) y[d] += a * (float)w[d];                                     \
     }
 #endif
-    for (; d < D; d++) y[d] += a * (float)q[d];
-}
+ROW_KERNELS(fp16, f16)
+ROW_KERNELS(int8, int8_t)
 
-int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
+/* One FP16 or INT8 group: rows are [3][D] values; INT8 rows end with 3 float32 scales (one per part),
+ * FP16 rows have none. */
+static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                    int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
     if (T > MAX_T) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = pool + slots[i] * bundle_bytes;
-        const int8_t *q = (const int8_t *)row;
-        float s[3];
-        memcpy(s, row + 3 * D, sizeof s);
+        float s[3] = {1.0f, 1.0f, 1.0f};
+        if (int8) memcpy(s, row + 3 * D, sizeof s);
         for (int64_t t = 0; t < T; t++) {
             float g, u;
-            dot2_int8(q, h + t * D, D, &g, &u);
+            if (int8) dot2_int8((const int8_t *)row, h + t * D, D, &g, &u);
+            else dot2_fp16((const f16 *)row, h + t * D, D, &g, &u);
             a[t] = activate(g * s[0], act) * (u * s[1]) * s[2];
         }
-        for (int64_t t = 0; t < T; t++) axpy_int8(a[t], q + 2 * D, out + t * D, D);
+        for (int64_t t = 0; t < T; t++) {
+            if (int8) axpy_int8(a[t], (const int8_t *)row + 2 * D, out + t * D, D);
+            else axpy_fp16(a[t], (const f16 *)row + 2 * D, out + t * D, D);
+        }
     }
     return 0;
+}
+
+int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
+    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, act, out);
+}
+
+int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
+    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, act, out);
 }
 
 /* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
