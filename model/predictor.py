@@ -2,7 +2,7 @@
 
 One predictor per FFN layer: a low-rank two-layer MLP from the layer's input (the post-norm hidden
 state h) to a score per neuron, ``score = W2 · relu(W1 · h + b1) + b2`` (d -> r -> F). It is trained
-offline on the dense model's own activation magnitudes (``m2cache.train``); at decode time it costs
+offline on the dense model's own activation magnitudes (``m2cache.offline.train``); at decode time it costs
 two small matrix-vector products per layer, on the compute thread.
 
 ``predictors.safetensors`` holds, for L layers, rank r, hidden D and F neurons:

@@ -13,18 +13,18 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "EngineConfig", "__version__"]
 
 if TYPE_CHECKING:
-    from m2cache.config import EngineConfig
-    from m2cache.engine import Engine
+    from m2cache.engine.config import EngineConfig
+    from m2cache.engine.engine import Engine
 
 
 def __getattr__(name: str) -> Any:
     # lazy, so `import m2cache.storage...` does not pull in the whole runtime
     if name == "Engine":
-        from m2cache.engine import Engine
+        from m2cache.engine.engine import Engine
 
         return Engine
     if name == "EngineConfig":
-        from m2cache.config import EngineConfig
+        from m2cache.engine.config import EngineConfig
 
         return EngineConfig
     raise AttributeError(name)

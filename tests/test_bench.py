@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from m2cache.bench import SYSTEMS, main
+from m2cache.bench.harness import SYSTEMS, main
 from m2cache.storage.reader import PlainBackend, Store
-from m2cache.synth import synth
+from m2cache.offline.synth import synth
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_bench_runs_every_system_once_without_a_limit_and_writes_the_report(tiny
 
 
 def test_systems_whose_weights_exceed_the_limit_are_listed_with_what_they_need(tiny_synth: dict[str, Path]) -> None:
-    from m2cache.bench import HF_OVERHEAD, Model, Plan, build_args
+    from m2cache.bench.harness import HF_OVERHEAD, Model, Plan, build_args
 
     args = build_args(["--store", str(tiny_synth["store"]), "--systems", "hf-bf16,hf-fp32,layer-stream,m2cache"])
     plan = Plan(args, Model(tiny_synth["store"], tiny_synth["hf"]))
@@ -74,7 +74,7 @@ def test_systems_whose_weights_exceed_the_limit_are_listed_with_what_they_need(t
 
 
 def test_the_floor_is_the_disk_bandwidth_over_the_disk_bytes_per_token() -> None:
-    from m2cache.bench_report import add_floor
+    from m2cache.bench.report import add_floor
 
     rows = {"a": {"disk_read_bytes_per_token": 2e9, "decode_tokens_per_s": 0.25},
             "in-ram": {"disk_read_bytes_per_token": 0.0, "decode_tokens_per_s": 9.0}}
@@ -84,7 +84,7 @@ def test_the_floor_is_the_disk_bandwidth_over_the_disk_bytes_per_token() -> None
 
 
 def test_the_plot_has_a_line_per_system_that_ran_and_marks_those_that_do_not_fit(tmp_path: Path) -> None:
-    from m2cache.bench_report import plot
+    from m2cache.bench.report import plot
 
     def part(limit: int, rate: float | None) -> dict:
         fits = {"status": "ok", "decode_tokens_per_s": rate} if rate else {"status": "does not fit"}
@@ -101,6 +101,6 @@ def test_a_bench_child_imports_no_torch_before_its_system_does() -> None:
     import subprocess
     import sys
 
-    code = "import sys, m2cache.bench, m2cache.bench_systems; print('torch' in sys.modules)"
+    code = "import sys, m2cache.bench.harness, m2cache.bench.systems; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

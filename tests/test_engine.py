@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from m2cache.config import EngineConfig
-from m2cache.engine import Engine
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.engine import Engine
 from m2cache.errors import BudgetError, EngineClosedError, SSDError
 from stress.scenarios import (
     SLOW_SSD, Model, Watchdog, build_tiny, consume, load_model, one_torch_thread,

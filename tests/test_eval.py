@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from m2cache.evaluate import QualityModel, evaluate
+from m2cache.offline.evaluate import QualityModel, evaluate
 from m2cache.storage.reader import Store
-from m2cache.train import train_predictors
-from m2cache.tune import tune
+from m2cache.offline.train import train_predictors
+from m2cache.offline.tune import tune
 
 
 @pytest.fixture(scope="module")

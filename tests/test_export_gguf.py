@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from m2cache.export_gguf import export_gguf, permute_qk
-from m2cache.synth import synth
+from m2cache.offline.export_gguf import export_gguf, permute_qk
+from m2cache.offline.synth import synth
 
 gguf = pytest.importorskip("gguf")
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from m2cache.actors.hbm import HBMManager
-from m2cache.trace import NullRecorder
+from m2cache.trace.recorder import NullRecorder
 
 
 def manager(upgrade: bool = True) -> HBMManager:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from m2cache.errors import ConfigError
-from m2cache.memlimit import MIN_LIMIT, RESERVE, Balloon, check_limit, parse_memory
+from m2cache.bench.memlimit import MIN_LIMIT, RESERVE, Balloon, check_limit, parse_memory
 
 GB = 10**9
 
@@ -63,7 +63,7 @@ def test_a_balloon_is_first_to_go_and_removed_when_done() -> None:
 
 
 def test_a_balloon_dies_with_a_parent_that_is_killed() -> None:
-    code = ("import os, sys; from m2cache.memlimit import Balloon; b = Balloon(16 << 20); "
+    code = ("import os, sys; from m2cache.bench.memlimit import Balloon; b = Balloon(16 << 20); "
             "print(b.proc.pid, flush=True); os.kill(os.getpid(), 9)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from m2cache.dense import DenseGenerator
+from m2cache.engine.dense import DenseGenerator
 
 transformers = pytest.importorskip("transformers")
 

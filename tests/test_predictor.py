@@ -9,9 +9,9 @@ import torch
 
 from m2cache.model.policy import Shares
 from m2cache.model.predictor import PredictorPolicy
-from m2cache.policies import load_policy
+from m2cache.engine.policies import load_policy
 from m2cache.storage.reader import Store
-from m2cache.train import PRESET_DEFAULT, register_predictors, train_predictors
+from m2cache.offline.train import PRESET_DEFAULT, register_predictors, train_predictors
 
 # the default policy keeps 70% of neurons (random choice: recall 0.70) and 20% at FP16 (random: 0.20);
 # on the tiny model the predictors reach about 0.80 and 0.65

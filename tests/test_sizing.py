@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from m2cache.config import EngineConfig
+from m2cache.engine.config import EngineConfig
 from m2cache.errors import BudgetError
 from m2cache.model.policy import PRECISION_ORDER, Policy, Shares
-from m2cache.sizing import plan_tiers
+from m2cache.engine.sizing import plan_tiers
 from m2cache.storage.reader import Store
 
 MIXED = Shares(0.1, 0.2, 0.2)

@@ -14,11 +14,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from m2cache.convert import convert
+from m2cache.offline.convert import convert
 from m2cache.errors import (
     ChecksumError, StoreNotFoundError, StoreVersionError, TruncatedStoreError, UnsupportedArchitectureError,
 )
-from m2cache.loading import load_resident
+from m2cache.engine.loading import load_resident
 from m2cache.storage import quant
 from m2cache.storage.layout import ALIGN, MANIFEST, RESIDENT, coalesce, ffn_file_name
 from m2cache.storage.reader import PlainBackend, Store, merge_gap

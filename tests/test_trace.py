@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m2cache.errors import M2CacheError
-from m2cache.trace import NullRecorder, Span, TraceFormatError, TraceRecorder
-from m2cache.trace_export import (assign_lanes, summary, summary_line, to_chrome, to_html,
+from m2cache.trace.recorder import NullRecorder, Span, TraceFormatError, TraceRecorder
+from m2cache.trace.export import (assign_lanes, summary, summary_line, to_chrome, to_html,
                                   to_png)
 
 REPO = Path(__file__).resolve().parent.parent

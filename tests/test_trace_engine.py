@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from m2cache.config import EngineConfig
-from m2cache.engine import Engine
-from m2cache.trace import TraceRecorder
-from m2cache.trace_export import summary, to_chrome, to_html, to_png
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.engine import Engine
+from m2cache.trace.recorder import TraceRecorder
+from m2cache.trace.export import summary, to_chrome, to_html, to_png
 from stress.scenarios import SLOW_SSD, Model, build_tiny, one_torch_thread
 
 

@@ -43,7 +43,7 @@ stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 stamp "setup"
 PKG="$WORK/pkg"
 rm -rf "$PKG" && mkdir -p "$PKG/m2cache"
-for f in "$REPO"/runtime/*.py; do ln -s "$f" "$PKG/m2cache/"; done
+for f in "$REPO"/runtime/*; do ln -s "$f" "$PKG/m2cache/"; done
 for sub in actors storage model; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
 # packages the image lacks come as carried wheels (.whl/, see the device README): crc32c (store
 # checksums), gguf (reading the demo's .gguf), zstandard (trace files)
@@ -67,10 +67,10 @@ class _Missing:
 ZstdCompressor = ZstdDecompressor = _Missing
 EOF
 fi
-m2c() { python3 -c 'import sys; from m2cache.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+m2c() { python3 -c 'import sys; from m2cache.cli.main import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'EOF' || { echo "FATAL: the Python environment cannot run m2cache"; exit 2; }
-import torch, transformers, accelerate, m2cache.engine, m2cache.bench, m2cache.synth
+import torch, transformers, accelerate, m2cache.engine.engine, m2cache.bench.harness, m2cache.offline.synth
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
 print("transformers", transformers.__version__, "accelerate", accelerate.__version__)
 assert torch.cuda.is_available()
@@ -108,7 +108,7 @@ if [ -z "$DEMO" ] && [ -f "$REPO/.gpu/a/ggufpart.00" ] && [ -f "$REPO/.gpu/b/ggu
   export M2CACHE_HOME="$WORK/home"
   mkdir -p "$M2CACHE_HOME/smollm2-135m-instruct"
   cat "$REPO/.gpu/a/ggufpart.00" "$REPO/.gpu/b/ggufpart.01" > "$M2CACHE_HOME/smollm2-135m-instruct/model.gguf"
-  DEMO=$(python3 -c 'from m2cache.convert import fetch_demo; print(fetch_demo(progress=False))' 2>"$OUT/demo_err.txt" | tail -1)
+  DEMO=$(python3 -c 'from m2cache.offline.convert import fetch_demo; print(fetch_demo(progress=False))' 2>"$OUT/demo_err.txt" | tail -1)
   [ -f "$DEMO/manifest.msgpack" ] || { echo "demo conversion failed: $(tail -3 "$OUT/demo_err.txt")"; DEMO=""; }
 else
   echo "no demo .gguf halves carried: correctness runs on the synth store"
@@ -120,10 +120,10 @@ if [ -n "$DEMO" ] && [ -f "$DEMO/manifest.msgpack" ]; then CHECK_STORE="$DEMO"; 
 stamp "(a) tiered dense-fp16 on cuda vs dense, on $CHECK_STORE"
 python3 - "$CHECK_STORE" "$OUT/correctness.json" "$CHECK_TOKENS" "$HBM" "$DRAM" <<'EOF'
 import asyncio, gc, json, sys, time, torch
-from m2cache.cli import resolve_budget
-from m2cache.config import EngineConfig
-from m2cache.engine import Engine
-from m2cache.loading import load_dense, load_tokenizer
+from m2cache.cli.main import resolve_budget
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.engine import Engine
+from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.storage.reader import Store
 
 store_dir, out, n, hbm, dram = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -167,7 +167,7 @@ echo "(a) exit code $?"
 
 # ---- (b) the GPU bench -------------------------------------------------------------------------
 stamp "(b) bench --device cuda on $SYN (hbm $HBM, dram $DRAM, $TOKENS tokens, $RUNS runs): $SYSTEMS"
-python3 -m m2cache.bench --store "$SYN/store" --hf "$SYN/hf" --device cuda --memory none --hbm-budget "$HBM" \
+python3 -m m2cache.bench.harness --store "$SYN/store" --hf "$SYN/hf" --device cuda --memory none --hbm-budget "$HBM" \
   --dram-budget "$DRAM" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" --systems "$SYSTEMS" \
   --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
 

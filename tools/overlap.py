@@ -14,10 +14,10 @@ import asyncio
 import statistics
 import sys
 
-from m2cache.cli import resolve_budget
-from m2cache.config import EngineConfig
-from m2cache.convert import demo_paths
-from m2cache.engine import Engine
+from m2cache.cli.main import resolve_budget
+from m2cache.engine.config import EngineConfig
+from m2cache.offline.convert import demo_paths
+from m2cache.engine.engine import Engine
 from m2cache.storage.reader import Store
 
 PROMPT = "Explain how a cache works in a computer."

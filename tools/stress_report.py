@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = S.build_tiny(Path(tmp))
         outcomes += asyncio.run(run(tiny, TINY, only, args.scale))
     if args.demo:
-        from m2cache.convert import fetch_demo
+        from m2cache.offline.convert import fetch_demo
 
         demo = S.load_model("demo", fetch_demo(progress=False))
         outcomes += asyncio.run(run(demo, DEMO, only, args.scale))

@@ -3,7 +3,7 @@
     python tools/trace.py TRACE [--json OUT] [--png OUT] [--html OUT]
 
 The JSON opens in https://ui.perfetto.dev or chrome://tracing. The conversion lives in
-`m2cache.trace_export`; this script only parses arguments and reports errors.
+`m2cache.trace.export`; this script only parses arguments and reports errors.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import json
 import sys
 
 from m2cache.errors import M2CacheError
-from m2cache.trace import TraceRecorder
-from m2cache.trace_export import summary_line, to_chrome, to_html, to_png
+from m2cache.trace.recorder import TraceRecorder
+from m2cache.trace.export import summary_line, to_chrome, to_html, to_png
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from m2cache.cli import resolve_budget
-from m2cache.config import EngineConfig
-from m2cache.convert import demo_paths
-from m2cache.engine import Engine
+from m2cache.cli.main import resolve_budget
+from m2cache.engine.config import EngineConfig
+from m2cache.offline.convert import demo_paths
+from m2cache.engine.engine import Engine
 from m2cache.storage.reader import Store
-from m2cache.trace import TraceRecorder
-from m2cache.trace_export import summary_line, to_html, to_png
+from m2cache.trace.recorder import TraceRecorder
+from m2cache.trace.export import summary_line, to_html, to_png
 
 PROMPT = "Explain how a cache works in a computer."
 

@@ -12,7 +12,7 @@ import collections
 import sys
 
 from m2cache.errors import M2CacheError
-from m2cache.trace import TraceRecorder
+from m2cache.trace.recorder import TraceRecorder
 
 
 def table(recorder: TraceRecorder) -> str:

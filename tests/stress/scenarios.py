@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from m2cache.config import EngineConfig
-from m2cache.dense import DenseGenerator
-from m2cache.engine import Engine
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.dense import DenseGenerator
+from m2cache.engine.engine import Engine
 from m2cache.errors import ChecksumError, EngineClosedError, M2CacheError, SSDError
 from m2cache.storage.reader import Store
 

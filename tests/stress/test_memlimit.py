@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from m2cache.memlimit import MemoryLimit, find_cgroup_parent
+from m2cache.bench.memlimit import MemoryLimit, find_cgroup_parent
 
 pytestmark = pytest.mark.stress
 LIMIT = 1 << 30  # the balloon's smallest: it leaves that much to the whole machine

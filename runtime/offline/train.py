@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from m2cache.loading import load_dense, load_tokenizer
+from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.llama import DenseModel, attention_block, rms_norm
 from m2cache.model.policy import Shares
 from m2cache.model.predictor import LowRankPredictors
-from m2cache.progress import ProgressBar
+from m2cache.offline.progress import ProgressBar
 from m2cache.storage.layout import PREDICTORS
 from m2cache.storage.reader import Store
 from m2cache.storage.writer import write_manifest

@@ -12,7 +12,7 @@ def _read_text(path: str | None) -> str | None:
 
 
 def cmd_train_predictor(args) -> int:
-    from m2cache.train import train_predictors
+    from m2cache.offline.train import train_predictors
 
     report = train_predictors(args.store, _read_text(args.text), rank=args.rank, tokens=args.tokens,
                               progress=not args.quiet, epochs=args.epochs)
@@ -21,7 +21,7 @@ def cmd_train_predictor(args) -> int:
 
 
 def cmd_policies(args) -> int:
-    from m2cache.policies import default_policy_name, list_policies
+    from m2cache.engine.policies import default_policy_name, list_policies
     from m2cache.model.policy import Shares
     from m2cache.storage.reader import Store
 
@@ -43,7 +43,7 @@ def cmd_policies(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from m2cache.tune import tune
+    from m2cache.offline.tune import tune
 
     report = tune(args.store, args.bytes_per_token, name=args.name, text=_read_text(args.text),
                   tokens=args.tokens, progress=not args.quiet, set_default=not args.no_default)
@@ -52,8 +52,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from m2cache.evaluate import evaluate, format_table
-    from m2cache.policies import default_policy_name
+    from m2cache.offline.evaluate import evaluate, format_table
+    from m2cache.engine.policies import default_policy_name
     from m2cache.storage.reader import Store
 
     policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from m2cache.train import DEFAULT_RANK, DEFAULT_TOKENS
+    from m2cache.offline.train import DEFAULT_RANK, DEFAULT_TOKENS
 
     p = subparsers.add_parser("train-predictor", help="train the per-layer neuron predictors of a store")
     p.add_argument("store")

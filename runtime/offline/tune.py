@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m2cache.errors import ConfigError
-from m2cache.evaluate import QualityModel, perplexity
+from m2cache.offline.evaluate import QualityModel, perplexity
 from m2cache.model.policy import Policy, Shares
 from m2cache.model.predictor import PredictorPolicy
-from m2cache.progress import ProgressBar
+from m2cache.offline.progress import ProgressBar
 from m2cache.storage.reader import Store
 from m2cache.storage.writer import write_manifest
-from m2cache.train import split_text, token_windows
+from m2cache.offline.train import split_text, token_windows
 
 TUNE_TOKENS = 1024
 COARSE, FINE = 0.1, 0.05

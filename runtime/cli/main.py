@@ -9,7 +9,7 @@ import sys
 import time
 
 from m2cache.errors import M2CacheError
-from m2cache.memlimit import UNDER_LIMIT_ENV
+from m2cache.bench.memlimit import UNDER_LIMIT_ENV
 
 DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
 
@@ -43,7 +43,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args, store):
-    from m2cache.config import EngineConfig
+    from m2cache.engine.config import EngineConfig
 
     return EngineConfig(
         hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
@@ -53,7 +53,7 @@ def engine_config(args, store):
 
 
 def cmd_fetch(args) -> int:
-    from m2cache.convert import fetch_demo
+    from m2cache.offline.convert import fetch_demo
 
     if args.name != "smollm2":
         print(f"m2cache: unknown model {args.name!r}; `fetch` knows: smollm2", file=sys.stderr)
@@ -63,7 +63,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from m2cache.convert import convert
+    from m2cache.offline.convert import convert
 
     print(convert(args.src, args.dst, int4_group=args.int4_group))
     return 0
@@ -71,7 +71,7 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):
-        from m2cache.memlimit import rerun_under_limit
+        from m2cache.bench.memlimit import rerun_under_limit
         from m2cache.storage.reader import Store
 
         store = Store(args.store)
@@ -106,7 +106,7 @@ def run_async(coro):
 
 
 def _generate_dense(args) -> int:
-    from m2cache.dense import DenseGenerator
+    from m2cache.engine.dense import DenseGenerator
 
     gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
     t0, n = time.perf_counter(), 0
@@ -129,7 +129,7 @@ def _dtype(name: str):
 
 
 async def _generate_tiered(args) -> int:
-    from m2cache.engine import Engine
+    from m2cache.engine.engine import Engine
     from m2cache.storage.reader import Store
 
     store = Store(args.store)
@@ -173,14 +173,14 @@ def print_stats(st: dict, stream) -> None:
 
 
 def cmd_demo(args) -> int:
-    from m2cache.convert import fetch_demo
+    from m2cache.offline.convert import fetch_demo
     from m2cache.storage.reader import Store
 
     store_dir = fetch_demo()
     store = Store(store_dir)
     if not store.manifest.get("predictors"):
         try:
-            from m2cache.train import train_predictors
+            from m2cache.offline.train import train_predictors
         except ImportError:
             train_predictors = None
         if train_predictors is not None:
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_demo, trace=None, policy=None)
 
-    for module in ("m2cache.cli_quality", "m2cache.bench"):
+    for module in ("m2cache.cli.quality", "m2cache.bench.harness"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError:

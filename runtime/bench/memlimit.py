@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from m2cache.config import format_size, parse_size
+from m2cache.engine.config import format_size, parse_size
 from m2cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def balloon_main(nbytes: int) -> int:
 class Balloon:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        cmd = [sys.executable, "-m", "m2cache.memlimit", "--balloon", str(nbytes)]
+        cmd = [sys.executable, "-m", "m2cache.bench.memlimit", "--balloon", str(nbytes)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -275,7 +275,7 @@ def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int) -> int:
         return -1
     with MemoryLimit(limit) as ml:
         log.warning("running under a %s memory limit (%s)", format_size(limit), ml.mechanism)
-        env_cmd = [sys.executable, "-m", "m2cache.cli", *argv]
+        env_cmd = [sys.executable, "-m", "m2cache.cli.main", *argv]
         os.environ[UNDER_LIMIT_ENV] = "1"
         return ml.run(env_cmd, None, capture=False).returncode
 
@@ -309,4 +309,4 @@ def seen_by_this_process() -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--balloon"]:
         sys.exit(balloon_main(int(sys.argv[2])))
-    sys.exit(f"usage: python -m m2cache.memlimit --balloon BYTES (got {sys.argv[1:]})")
+    sys.exit(f"usage: python -m m2cache.bench.memlimit --balloon BYTES (got {sys.argv[1:]})")

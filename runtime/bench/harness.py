@@ -15,11 +15,11 @@ measures m2cache's own overhead. Systems (``--systems``), every one greedy, with
 - ``layer-stream``: every decoder layer read from the safetensors when needed (AirLLM's way).
 
 ``--memory`` (a size, a share of the FP16 weight bytes such as ``40%``, or ``none``; several,
-comma-separated, for the plot) limits RSS and page cache together (:mod:`m2cache.memlimit`). A system
+comma-separated, for the plot) limits RSS and page cache together (:mod:`m2cache.bench.memlimit`). A system
 whose own weights cannot fit the limit is listed as "does not fit" with what it would need. Each run
 is its own subprocess, cold (the model's files dropped from the page cache first), alternated
 round-robin; the median of ``--runs`` is reported, with the disk's ``O_DIRECT`` bandwidth and each
-system's floor (:mod:`m2cache.bench_report`). Progress goes to stderr.
+system's floor (:mod:`m2cache.bench.report`). Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2cache.bench_model import code_state, evict
-from m2cache.bench_report import GB, add_floor, aggregate, plot, print_report, ratios, summarise
-from m2cache.bench_systems import Job, _plain, child_main  # the child side: one system, one run
+from m2cache.bench.model import code_state, evict
+from m2cache.bench.report import GB, add_floor, aggregate, plot, print_report, ratios, summarise
+from m2cache.bench.systems import Job, _plain, child_main  # the child side: one system, one run
 
 SYSTEMS = ("m2cache", "m2cache-dense-fp16", "llama-f16", "llama-q8_0", "llama-q4_0", "hf-bf16", "hf-fp32",
            "hf-offload", "layer-stream")
@@ -58,7 +58,7 @@ class Model:
 
 
 def resolve_model(args) -> Model:
-    from m2cache.bench_model import bench_model, ensure_ggufs, gguf_paths
+    from m2cache.bench.model import bench_model, ensure_ggufs, gguf_paths
 
     want_gguf = any(s.startswith("llama") for s in _systems(args)) and _have_llama()
     if args.store:
@@ -67,7 +67,7 @@ def resolve_model(args) -> Model:
         gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
         return Model(store, hf, gg, store.parent.name)
     if args.model == "demo":
-        from m2cache.convert import fetch_demo
+        from m2cache.offline.convert import fetch_demo
 
         store = fetch_demo()
         gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
@@ -93,9 +93,9 @@ class Plan:
     """What every limit shares: the model, its sizes, the prompts, the systems."""
 
     def __init__(self, args, model: Model) -> None:
-        from m2cache.cli import DEMO_PROMPTS
-        from m2cache.loading import load_tokenizer
-        from m2cache.policies import default_policy_name
+        from m2cache.cli.main import DEMO_PROMPTS
+        from m2cache.engine.loading import load_tokenizer
+        from m2cache.engine.policies import default_policy_name
         from m2cache.storage.reader import Store
 
         self.args, self.model = args, model
@@ -149,7 +149,7 @@ class Plan:
                                      f"{w / GB:.2f} GB + runtime {PY_OVERHEAD / GB:.2f} GB")
         if system.startswith("llama"):
             return LLAMA_OVERHEAD, "runtime, KV cache and buffers; weights are mapped from the file"
-        from m2cache.bench_model import min_budgets
+        from m2cache.bench.model import min_budgets
 
         hbm, dram = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
         res = self.resident_fp16 // 2 * self.dtype_bytes
@@ -162,15 +162,15 @@ class Plan:
                 f"+ runtime {M2CACHE_OVERHEAD / GB:.2f} GB")
 
     def budgets(self, system: str, limit: int | None) -> tuple[int, int]:
-        from m2cache.cli import resolve_budget
-        from m2cache.config import parse_size
+        from m2cache.cli.main import resolve_budget
+        from m2cache.engine.config import parse_size
 
         if limit is None or self.args.hbm_budget_set:
             return (parse_size(resolve_budget(self.args.hbm_budget, self.store), "--hbm-budget"),
                     parse_size(resolve_budget(self.args.dram_budget, self.store), "--dram-budget"))
         need, _ = self.needs(system)
         spare = limit - need
-        from m2cache.bench_model import min_budgets
+        from m2cache.bench.model import min_budgets
 
         hbm_min, dram_min = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
         hbm = hbm_min + int(spare * 0.5)  # the neuron cache keeps every layer's hot neurons; the rest reads ahead
@@ -216,7 +216,7 @@ def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="m2cache-bench-") as d:
         jf, of = Path(d) / "job.json", Path(d) / "out.json"
         jf.write_text(json.dumps(asdict(job)))
-        cmd = [sys.executable, "-m", "m2cache.bench", "--child", str(jf), str(of)]
+        cmd = [sys.executable, "-m", "m2cache.bench.harness", "--child", str(jf), str(of)]
         try:
             proc = limiter.run(cmd, timeout)
         except Exception as e:  # subprocess.TimeoutExpired, or a cgroup that could not be made
@@ -231,8 +231,8 @@ def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
 
 def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict[str, Any]:
     """Every system at one memory limit: the part of the report for it."""
-    from m2cache.bench_model import disk_bandwidth
-    from m2cache.memlimit import MemoryLimit
+    from m2cache.bench.model import disk_bandwidth
+    from m2cache.bench.memlimit import MemoryLimit
 
     args = plan.args
     jobs, not_run = plan.jobs(limit)
@@ -287,7 +287,7 @@ def _normalise(args) -> None:
 
 def build_args(argv: list[str]):
     """``m2cache bench`` switches as parsed and completed (for embedding and tests)."""
-    from m2cache.cli import build_parser
+    from m2cache.cli.main import build_parser
 
     args = build_parser().parse_args(["bench", *argv])
     _normalise(args)
@@ -295,7 +295,7 @@ def build_args(argv: list[str]):
 
 
 def cmd_bench(args) -> int:
-    from m2cache.memlimit import parse_memory
+    from m2cache.bench.memlimit import parse_memory
 
     t_start = time.monotonic()
     _normalise(args)
@@ -332,8 +332,8 @@ def cmd_bench(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from m2cache.export_gguf import add_export_command
-    from m2cache.synth import add_synth_command
+    from m2cache.offline.export_gguf import add_export_command
+    from m2cache.offline.synth import add_synth_command
 
     p = sub.add_parser("bench", help="m2cache vs llama.cpp, transformers, accelerate offload and layer streaming, "
                                      "under a memory limit, cold, side by side")
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == ["--child"]:
         return child_main(argv[1], argv[2])
-    from m2cache.cli import main as cli_main
+    from m2cache.cli.main import main as cli_main
 
     return cli_main(["bench", *argv])
 

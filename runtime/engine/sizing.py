@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from m2cache.config import EngineConfig, format_size
+from m2cache.engine.config import EngineConfig, format_size
 from m2cache.errors import BudgetError
 from m2cache.model.policy import PRECISION_ORDER, Policy
 from m2cache.storage.reader import Store

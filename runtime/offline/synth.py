@@ -139,7 +139,7 @@ def synth(dst: str | Path, shape: str = "llama2-7b", *, layers: int | None = Non
           predictors: bool = True, train_tokens: int = 1024, device: str | None = None,
           progress: bool = True) -> dict[str, Path]:
     """Writes ``dst/store`` and ``dst/hf`` (same random weights); returns both paths."""
-    from m2cache.progress import ProgressBar
+    from m2cache.offline.progress import ProgressBar
 
     cfg = synth_config(shape, layers)
     dst = Path(dst)
@@ -159,11 +159,11 @@ def synth(dst: str | Path, shape: str = "llama2-7b", *, layers: int | None = Non
 def train_synth_predictors(store_dir: str | Path, *, tokens: int = 1024, device: str | None = None,
                            rank: int | None = None, epochs: int = 4) -> list[float]:
     """Brief predictor training on the random model's own activations, on ``device`` (cuda when there is
-    one). It follows ``m2cache.train`` (same corpus, targets, recall, presets), but keeps every tensor on
+    one). It follows ``m2cache.offline.train`` (same corpus, targets, recall, presets), but keeps every tensor on
     one device: ``train.train_layer`` makes its initial weights with a CPU generator. Returns recall."""
-    from m2cache.loading import load_dense
+    from m2cache.engine.loading import load_dense
     from m2cache.storage.reader import Store
-    from m2cache.train import (PRESET_DEFAULT, PRESET_POLICIES, collect, recall_at, register_predictors,
+    from m2cache.offline.train import (PRESET_DEFAULT, PRESET_POLICIES, collect, recall_at, register_predictors,
                                split_text, token_windows)
     from m2cache.model.predictor import LowRankPredictors
     from m2cache.storage.layout import PREDICTORS
@@ -200,7 +200,7 @@ def train_synth_predictors(store_dir: str | Path, *, tokens: int = 1024, device:
 def _fit_layer(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, rank: int, keep: int, epochs: int,
                seed: int, batch: int = 256, lr: float = 2e-3) -> list[torch.Tensor]:
     """``train.train_layer``'s recipe (SVD-spanned W1, BCE on top-keep membership, Adam, one-cycle) on X's device."""
-    from m2cache.train import targets
+    from m2cache.offline.train import targets
 
     dev = X.device
     g = torch.Generator(device=dev).manual_seed(seed)

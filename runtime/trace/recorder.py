@@ -2,7 +2,7 @@
 
 A span is one piece of work by one actor: a read, a copy, a prediction, a layer's compute, or the
 executor waiting for weights. `tools/trace.py` turns a saved trace into a Chrome trace-event file, a
-picture and a summary (see `m2cache.trace_export`).
+picture and a summary (see `m2cache.trace.export`).
 
 Actors (lanes, in display order) and the span kinds the runtime records:
 

@@ -22,7 +22,7 @@ GGUF_TYPES = ("f16", "q8_0", "q4_0")
 
 
 def bench_model_dir() -> Path:
-    from m2cache.convert import CACHE_DIR  # imports torch: not at the top, the bench's children import this module
+    from m2cache.offline.convert import CACHE_DIR  # imports torch: not at the top, the bench's children import this module
 
     return CACHE_DIR / f"synth-{BENCH_SHAPE}-L{BENCH_LAYERS}"
 
@@ -34,7 +34,7 @@ def gguf_paths(root: Path) -> dict[str, Path]:
 def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any]:
     """``{"store", "hf", "gguf": {type: path}}`` of the bench model, writing what is missing (minutes)."""
     from m2cache.storage.reader import Store
-    from m2cache.synth import synth
+    from m2cache.offline.synth import synth
 
     root = root or bench_model_dir()
     store, hf = root / "store", root / "hf"
@@ -54,7 +54,7 @@ def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any
 
 
 def ensure_ggufs(store: Path, root: Path) -> dict[str, Path]:
-    from m2cache.export_gguf import export_gguf
+    from m2cache.offline.export_gguf import export_gguf
 
     paths = gguf_paths(root)
     for kind, path in paths.items():
@@ -96,12 +96,12 @@ def disk_bandwidth(files: list[Path], nbytes: int = 1 << 30, block: int = 4 << 2
 
 
 def min_budgets(store, policy_name: str | None, preload: str = "auto") -> tuple[int, int]:
-    """(smallest hbm_budget, smallest dram_budget) :func:`m2cache.sizing.plan_tiers` accepts."""
-    from m2cache.config import EngineConfig
+    """(smallest hbm_budget, smallest dram_budget) :func:`m2cache.engine.sizing.plan_tiers` accepts."""
+    from m2cache.engine.config import EngineConfig
     from m2cache.errors import BudgetError
     from m2cache.model.policy import Policy, Shares
-    from m2cache.policies import default_policy_name
-    from m2cache.sizing import plan_tiers
+    from m2cache.engine.policies import default_policy_name
+    from m2cache.engine.sizing import plan_tiers
 
     name = policy_name or default_policy_name(store)
     spec = (store.manifest.get("policies") or {}).get(name, {})

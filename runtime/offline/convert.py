@@ -15,7 +15,7 @@ import torch
 
 from m2cache.errors import ConvertError, UnsupportedArchitectureError
 from m2cache.model.llama import ModelConfig
-from m2cache.progress import ProgressBar
+from m2cache.offline.progress import ProgressBar
 from m2cache.storage.writer import write_store
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from typing import Iterator
 
 import torch
 
-from m2cache.loading import load_dense, load_tokenizer
+from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.tokenizer import StreamDecoder
-from m2cache.sampling import check_sampling, sample
+from m2cache.engine.sampling import check_sampling, sample
 from m2cache.storage.reader import Store
 
 

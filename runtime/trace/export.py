@@ -2,7 +2,7 @@
 
 Everything here is a pure function of `(spans, metadata)`, so it works the same on a live
 `TraceRecorder` and on one loaded from a file. The conventions it relies on are in
-`m2cache.trace`: actor lanes, span kinds, and the metadata keys below.
+`m2cache.trace.recorder`: actor lanes, span kinds, and the metadata keys below.
 
 Metadata keys read by `summary` (all optional): `tokens` (decode tokens generated), `decode_seconds`
 (overrides the decode time measured from the spans), `ttft_seconds`, `hit_ratio` (tier name ->
@@ -18,9 +18,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from m2cache.carbon import CarbonModel
+from m2cache.engine.carbon import CarbonModel
 from m2cache.errors import ConfigError
-from m2cache.trace import ACTORS, Span
+from m2cache.trace.recorder import ACTORS, Span
 
 logger = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import ConfigError
-from m2cache.loading import load_dense, load_tokenizer
+from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
 from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
 from m2cache.model.sparse_ffn import ffn_masked
-from m2cache.policies import parse_oracle, parse_shares
+from m2cache.engine.policies import parse_oracle, parse_shares
 from m2cache.storage.reader import PlainBackend, Store
-from m2cache.train import split_text, token_windows
+from m2cache.offline.train import split_text, token_windows
 
 EVAL_TOKENS = 2048
 GREEDY_TOKENS = 64

@@ -5,7 +5,7 @@ import statistics
 import time
 from typing import Any
 
-from m2cache.carbon import CarbonModel
+from m2cache.engine.carbon import CarbonModel
 
 
 def engine_stats(engine) -> dict[str, Any]:

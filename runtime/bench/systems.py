@@ -1,6 +1,6 @@
 """The systems `m2cache bench` measures, each run in its own child process (one system, one run).
 
-`python -m m2cache.bench --child JOB OUT` calls :func:`child_main`: it runs the job's system and writes
+`python -m m2cache.bench.harness --child JOB OUT` calls :func:`child_main`: it runs the job's system and writes
 its figures (decode timing, bytes read, peak RSS) as JSON for the parent to aggregate.
 """
 from __future__ import annotations
@@ -75,8 +75,8 @@ class _Clock:
 def _run_m2cache(job: Job) -> dict[str, Any]:
     import asyncio
 
-    from m2cache.config import EngineConfig
-    from m2cache.engine import Engine
+    from m2cache.engine.config import EngineConfig
+    from m2cache.engine.engine import Engine
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
@@ -302,7 +302,7 @@ RUNNERS: dict[str, Callable[[Job], dict[str, Any]]] = {
 
 
 def child_main(job_file: str, out_file: str) -> int:
-    from m2cache.memlimit import seen_by_this_process
+    from m2cache.bench.memlimit import seen_by_this_process
 
     job = Job(**json.loads(Path(job_file).read_text()))
     res: dict[str, Any] = {"system": job.system, "seen": seen_by_this_process()}

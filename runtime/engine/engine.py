@@ -23,17 +23,17 @@ from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Stop
 from m2cache.actors.predictor import PredictorActor
 from m2cache.actors.ssd_reader import SSDReader
-from m2cache.config import EngineConfig
+from m2cache.engine.config import EngineConfig
 from m2cache.errors import EngineClosedError
-from m2cache.loading import load_resident, load_tokenizer
+from m2cache.engine.loading import load_resident, load_tokenizer
 from m2cache.model.llama import DenseModel
 from m2cache.model.tokenizer import StreamDecoder
-from m2cache.policies import load_policy
-from m2cache.sampling import check_sampling
-from m2cache.sizing import TierPlan, plan_tiers
+from m2cache.engine.policies import load_policy
+from m2cache.engine.sampling import check_sampling
+from m2cache.engine.sizing import TierPlan, plan_tiers
 from m2cache.storage.reader import Store
 from m2cache.storage.ssd import FileBackend, SimulatedSSD
-from m2cache.trace import NullRecorder, TraceRecorder
+from m2cache.trace.recorder import NullRecorder, TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Engine:
 
     # ---- figures -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        from m2cache.metrics import engine_stats
+        from m2cache.engine.metrics import engine_stats
 
         return engine_stats(self)
 

@@ -178,9 +178,9 @@ def _add_tokenizer(w, cfg, spec: dict[str, Any]) -> None:
 def export_gguf(store_dir: str | Path, out: str | Path, kind: str = "f16", *, workers: int | None = None,
                 progress: bool = True) -> Path:
     """Writes ``out`` (atomically: ``out.partial`` renamed at the end); returns it."""
-    from m2cache.progress import ProgressBar
+    from m2cache.offline.progress import ProgressBar
     from m2cache.storage.reader import Store
-    from m2cache.synth import tensor_shapes
+    from m2cache.offline.synth import tensor_shapes
 
     if kind not in TYPES:
         raise ConvertError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
