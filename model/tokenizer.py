@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -51,18 +52,16 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text deltas without splitting multi-byte characters."""
+    """Turns streamed ids into text deltas, never splitting a multi-byte character.
+
+    ``tokenizers``' own ``DecodeStream`` keeps a small window of recent ids, so each token costs the
+    same however long the text grows (re-decoding every id at every token would be quadratic).
+    """
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
-        self.ids: list[int] = []
-        self.emitted = ""
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next token
-            return ""
-        delta = text[len(self.emitted):]
-        self.emitted = text
-        return delta
+        # None: the id ends in the middle of a UTF-8 sequence; its text comes with a later id
+        return self._stream.step(self.tok.tok, token) or ""

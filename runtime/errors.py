@@ -63,3 +63,17 @@ class EngineClosedError(M2CacheError):
 
 class PredictorMissingError(M2CacheError):
     """A sparse policy needs predictors that the store does not have."""
+
+
+class MissingExtraError(M2CacheError, ImportError):
+    """An optional part of m2cache is used without the packages of its extra installed."""
+
+
+def require_extra(extra: str, *modules: str, what: str) -> None:
+    """Raises ``MissingExtraError`` naming ``pip install 'm2cache[extra]'`` when a module of ``extra`` is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{what} needs {', '.join(missing)} (the '{extra}' extra): "
+                                f"pip install 'm2cache[{extra}]' (or `make install` in a checkout)")

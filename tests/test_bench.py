@@ -104,3 +104,11 @@ def test_a_bench_child_imports_no_torch_before_its_system_does() -> None:
     code = "import sys, m2cache.bench.harness, m2cache.bench.systems; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_optional_part_without_its_extra_names_the_extra_to_install() -> None:
+    from m2cache.errors import MissingExtraError, require_extra
+
+    with pytest.raises(MissingExtraError, match=r"pip install 'm2cache\[bench\]'") as err:
+        require_extra("bench", "json", "m2cache_no_such_module", what="the bench plot")
+    assert "m2cache_no_such_module" in str(err.value) and "json," not in str(err.value)

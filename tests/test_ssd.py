@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from m2cache.errors import ConfigError, PermanentSSDError, SSDError, TransientSSDError
-from m2cache.storage.ssd import FileBackend, SimulatedSSD, SSDSimSpec
+from m2cache.storage.ssd import FileBackend
+from m2cache.storage.ssd_sim import SimulatedSSD, SSDSimSpec
 
 DATA = os.urandom(3 * 4096 + 123)
 

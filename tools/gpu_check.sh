@@ -16,7 +16,7 @@
 #   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
 #   TOKENS (8 new tokens per run), RUNS (3), HBM (25%), DRAM (30%),
 #   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8).
-# Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, aiofiles,
+# Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, tqdm,
 # jinja2 (the machines' image has them). zstandard (only trace files use it) is installed from a carried
 # .whl/ folder when there is one, else replaced by a stub. m2cache is imported from this checkout through a
 # symlink tree that mirrors pyproject's package-dir (runtime/ -> m2cache, actors/ -> m2cache.actors, ...):

@@ -80,6 +80,12 @@ def _have_llama() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def _missing_bench_packages(system: str) -> list[str]:
+    """The 'bench' extra's packages a system's child process imports and this environment lacks."""
+    needs = {"hf-offload": ("transformers", "accelerate")}.get(system, ("transformers",) if system.startswith("hf") else ())
+    return [m for m in needs if importlib.util.find_spec(m) is None]
+
+
 def _systems(args) -> list[str]:
     spec = args.systems or ",".join(QUICK_SYSTEMS if args.quick else SYSTEMS)
     systems = [s.strip() for s in spec.split(",") if s.strip()]
@@ -182,6 +188,11 @@ class Plan:
         for s in self.systems:
             need, what = self.needs(s)
             bpw = self.bytes_per_weight(s)
+            missing = _missing_bench_packages(s)
+            if missing:
+                rows[s] = {"status": "skipped", "bytes_per_weight": bpw,
+                           "reason": f"needs {', '.join(missing)}: pip install 'm2cache[bench]'"}
+                continue
             if s.startswith("llama") and not _have_llama():
                 rows[s] = {"status": "skipped", "reason": PEERS_HINT, "bytes_per_weight": bpw}
                 continue

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from m2cache.errors import require_extra
+
 MB, GB = 1e6, 1e9
 REFERENCE = ("hf-fp32", "hf-bf16", "llama-f16")  # token agreement is against the first of these that ran
 BASES = ("llama-f16", "hf-offload", "hf-bf16")  # ratios are given against each of these that ran
@@ -178,6 +180,7 @@ def print_report(report: dict[str, Any], stream=sys.stdout) -> None:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """Decode tokens/s of every system against the memory limit (log scale), one line per system."""
+    require_extra("bench", "matplotlib", what="the bench plot")
     import matplotlib
 
     matplotlib.use("Agg")

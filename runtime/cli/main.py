@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads on the CPU (default 1: the other cores serve I/O)")
     p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="decode FFNs with torch instead of m2cache's C kernels (CPU)")
+    p.add_argument("--no-compute-from-dram", dest="compute_from_dram", action="store_false",
+                   help="CPU: keep the device pool and its copies up (the path CUDA takes) instead of computing "
+                        "from DRAM's whole layers")
 
 
 def engine_config(args, store):
@@ -49,7 +52,8 @@ def engine_config(args, store):
         hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None),
-        compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels)
+        compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
+        compute_from_dram=args.compute_from_dram)
 
 
 def cmd_fetch(args) -> int:
@@ -179,13 +183,10 @@ def cmd_demo(args) -> int:
     store_dir = fetch_demo()
     store = Store(store_dir)
     if not store.manifest.get("predictors"):
-        try:
-            from m2cache.offline.train import train_predictors
-        except ImportError:
-            train_predictors = None
-        if train_predictors is not None:
-            print("training the demo model's predictors (once) ...", file=sys.stderr)
-            train_predictors(store_dir)
+        from m2cache.offline.train import train_predictors
+
+        print("training the demo model's predictors (once) ...", file=sys.stderr)
+        train_predictors(store_dir)
     args.store, args.dense, args.stats = str(store_dir), False, True
     for prompt in DEMO_PROMPTS:
         print(f"\n>>> {prompt}")
@@ -229,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_demo, trace=None, policy=None)
 
-    for module in ("m2cache.cli.quality", "m2cache.bench.harness"):
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ImportError:
-            continue
-        mod.add_commands(sub)
+    # imported here, not at the top: each command's module imports its heavy parts only when it runs
+    from m2cache.bench.harness import add_commands as add_bench_commands
+    from m2cache.cli.quality import add_commands as add_quality_commands
+
+    add_quality_commands(sub)
+    add_bench_commands(sub)
     return ap
 
 

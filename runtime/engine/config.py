@@ -101,7 +101,7 @@ class EngineConfig:
         if self.max_queued_tokens < 1:
             raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
         if self.ssd_sim is not None:
-            from m2cache.storage.ssd import SimulatedSSD
+            from m2cache.storage.ssd_sim import SimulatedSSD
 
             SimulatedSSD.parse(self.ssd_sim)  # raises ConfigError naming the bad key
 

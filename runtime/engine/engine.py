@@ -32,7 +32,8 @@ from m2cache.engine.policies import load_policy
 from m2cache.engine.sampling import check_sampling
 from m2cache.engine.sizing import TierPlan, plan_tiers
 from m2cache.storage.reader import Store
-from m2cache.storage.ssd import FileBackend, SimulatedSSD
+from m2cache.storage.ssd import FileBackend
+from m2cache.storage.ssd_sim import SimulatedSSD
 from m2cache.trace.recorder import NullRecorder, TraceRecorder
 
 log = logging.getLogger(__name__)

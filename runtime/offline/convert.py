@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from m2cache.errors import ConvertError, UnsupportedArchitectureError
+from m2cache.errors import ConvertError, UnsupportedArchitectureError, require_extra
 from m2cache.model.llama import ModelConfig
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.writer import write_store
@@ -95,10 +95,9 @@ def _token_text(t: Any) -> str | None:
 
 
 def _open_gguf(src: Path):
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise ConvertError("reading GGUF needs transformers and gguf: pip install 'm2cache[convert]'") from e
+    require_extra("convert", "transformers", "gguf", what=f"reading a GGUF file ({src.name})")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         hf_cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
     except ValueError as e:  # transformers refuses GGUF architectures it does not know
@@ -150,6 +149,7 @@ def _download_gguf(dest: Path) -> None:
 def _gguf_to_hf_folder(gguf: Path, hf: Path) -> None:
     """A plain HF checkpoint (FP16 safetensors) of the demo model: the store and every baseline read it,
     so all of them run the very same weights."""
+    require_extra("convert", "transformers", "gguf", what="fetching the demo model (its weights come as a GGUF file)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print("de-quantising the GGUF into a Hugging Face folder ...", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from m2cache.errors import ConvertError
+from m2cache.errors import ConvertError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,9 @@ _CHUNK_ROWS = 1024  # rows quantized per task: bounds memory, spreads a matrix o
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError as e:
-        raise ConvertError("export-gguf needs the gguf package: pip install 'm2cache[convert]'") from e
+    require_extra("convert", "gguf", what="export-gguf")
+    import gguf
+
     return gguf
 
 
