@@ -23,7 +23,7 @@ from m2cache.errors import EngineClosedError, M2CacheError
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import KVCache, attention_block, lm_head, rms_norm, rope_slice
 from m2cache.model.sparse_ffn import ffn_groups
-from m2cache.engine.sampling import sample
+from m2cache.model.sampling import sample
 
 _DONE = object()  # end of a sequence's output
 

@@ -7,7 +7,7 @@ import torch
 
 from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.tokenizer import StreamDecoder
-from m2cache.engine.sampling import check_sampling, sample
+from m2cache.model.sampling import check_sampling, sample
 from m2cache.storage.reader import Store
 
 

@@ -29,7 +29,7 @@ from m2cache.engine.loading import load_resident, load_tokenizer
 from m2cache.model.llama import DenseModel
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import load_policy
-from m2cache.engine.sampling import check_sampling
+from m2cache.model.sampling import check_sampling
 from m2cache.engine.sizing import TierPlan, plan_tiers
 from m2cache.storage.reader import Store
 from m2cache.storage.ssd import FileBackend
