@@ -18,7 +18,7 @@ $(PY):
 # pyproject.toml changes
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[test,bench,convert]'
+	$(PIP) install --quiet -e '.[test,bench,convert,serve]'
 	touch $@
 
 test: install

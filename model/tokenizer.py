@@ -61,7 +61,16 @@ class StreamDecoder:
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # ids whose text the stream holds back (an unfinished character)
 
     def push(self, token: int) -> str:
         # None: the id ends in the middle of a UTF-8 sequence; its text comes with a later id
-        return self._stream.step(self.tok.tok, token) or ""
+        text = self._stream.step(self.tok.tok, token)
+        self._held = [] if text is not None else self._held + [token]
+        return text or ""
+
+    def flush(self) -> str:
+        """At the end of a generation: the held ids' text (a character never finished decodes as U+FFFD,
+        as ``decode`` of the whole text gives it)."""
+        text, self._held = (self.tok.decode(self._held) if self._held else ""), []
+        return text

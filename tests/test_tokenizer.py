@@ -20,7 +20,7 @@ def tokenizer(tiny_store: TinyModel) -> Tokenizer:
 
 def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:
     dec = StreamDecoder(tok)
-    return [dec.push(i) for i in ids]
+    return [dec.push(i) for i in ids] + [dec.flush()]
 
 
 def test_streamed_deltas_add_up_to_the_decoded_text(tokenizer: Tokenizer) -> None:
@@ -33,8 +33,14 @@ def test_a_character_split_across_byte_tokens_comes_out_whole(tokenizer: Tokeniz
     ids = tokenizer.encode("🙂", raw=True)[1:]  # without BOS
     assert len(ids) > 1
     deltas = _stream(tokenizer, ids)
-    assert deltas[:-1] == [""] * (len(ids) - 1)
-    assert deltas[-1] == "🙂"
+    assert deltas[:-2] == [""] * (len(ids) - 1)
+    assert deltas[-2:] == ["🙂", ""]
+
+
+def test_a_character_left_unfinished_at_the_end_is_flushed_as_decode_gives_it(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("ok 🙂", raw=True)[:-1]  # the emoji's last byte never comes
+    deltas = _stream(tokenizer, ids)
+    assert deltas[-1].endswith("\ufffd") and "".join(deltas) == tokenizer.decode(ids)
 
 
 @settings(max_examples=40, deadline=None)

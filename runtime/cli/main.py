@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_quality_commands(sub)
     add_bench_commands(sub)
     return ap
+    from m2cache.cli.serve import add_commands as add_serve_commands
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    add_serve_commands(sub)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -37,5 +37,6 @@ class DenseGenerator:
         dec = StreamDecoder(self.tokenizer)
         for tok in self.generate_ids(ids, max_new_tokens, temperature, top_p, seed):
             if tok in self.model.cfg.eos_token_ids:
-                return
+                break
             yield dec.push(tok)
+        yield dec.flush()

@@ -166,6 +166,9 @@ class Engine:
             if text:
                 yield text
 
+        tail = dec.flush()
+        if tail:
+            yield tail
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                            top_p: float = 1.0, seed: int | None = None) -> AsyncIterator[int]:
         check_sampling(temperature, top_p, max_new_tokens)
