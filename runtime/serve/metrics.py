@@ -64,6 +64,7 @@ class ServeMetrics:
         self.in_flight = Gauge("m2cache_requests_in_flight", "requests admitted and not finished", registry=r)
         self.loop_lag = Gauge("m2cache_event_loop_lag_seconds", "worst event-loop lag over the last 10 s",
                               registry=r)
+        self.tasks = Gauge("m2cache_asyncio_tasks", "asyncio tasks alive in the server's event loop", registry=r)
         r.register(_EngineFigures(engine))
         self._lags: list[tuple[float, float]] = []
 
@@ -83,3 +84,4 @@ class ServeMetrics:
             self._lags.append((now, max(0.0, now - t - period)))
             self._lags = [(ts, lag) for ts, lag in self._lags if now - ts <= window]
             self.loop_lag.set(max(lag for _, lag in self._lags))
+            self.tasks.set(len(asyncio.all_tasks()))
