@@ -100,7 +100,9 @@ class DRAMManager(Actor):
         try:
             data = await read
             if self.pin_memory:
-                data = data.pin_memory()
+                # page-locking a layer (hundreds of MB on a 7B shape) takes tens of ms: never on the
+                # event loop, where it would stall every actor (the executor's steps included)
+                data = await asyncio.to_thread(data.pin_memory)
             self.data[key] = data
         except M2CacheError as e:
             # the read failed: forget the entry; whoever waits on it sees the error on `loaded`

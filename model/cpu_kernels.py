@@ -74,6 +74,8 @@ def _build() -> ctypes.CDLL:
         getattr(lib, name).restype = i32
     lib.m2c_ffn_int4.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
     lib.m2c_ffn_int4.restype = i32
+    lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
+    lib.m2c_copy_rows.restype = i32
     return lib
 
 
@@ -130,3 +132,25 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
         raise IndexError(f"slots must lie in [0, {pool.shape[0]}) for the {precision} pool")
     if rc != 0:
         raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, group={group})")
+
+
+def copy_rows(pool: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """``pool[dst] = src[rows]`` (rows None: all of src) in one pass over the bytes.
+
+    pool, src: [*, bundle_bytes] uint8, contiguous, same width; dst (and rows): int64 [n], contiguous.
+    """
+    lib = library()
+    assert lib is not None, "copy_rows called without the kernels: check available() first"
+    assert pool.dtype == src.dtype == torch.uint8 and pool.is_contiguous() and src.is_contiguous()
+    assert pool.device.type == src.device.type == "cpu" and pool.shape[1] == src.shape[1]
+    assert dst.dtype == torch.int64 and dst.is_contiguous()
+    n = dst.numel()
+    if rows is not None:
+        assert rows.dtype == torch.int64 and rows.is_contiguous() and rows.numel() == n
+    rc = lib.m2c_copy_rows(pool.data_ptr(), pool.shape[0], dst.data_ptr(), src.data_ptr(), src.shape[0],
+                           None if rows is None else rows.data_ptr(), n, pool.shape[1])
+    if rc == -3:
+        raise IndexError(f"copy_rows: destination slots must lie in [0, {pool.shape[0]}) and source rows in "
+                         f"[0, {src.shape[0]})")
+    if rc != 0:
+        raise RuntimeError(f"m2c_copy_rows failed with code {rc}")

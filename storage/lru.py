@@ -171,6 +171,13 @@ class NeuronLRU:
         self.stamp_of[arr] = stamp
         self._count += arr.size
 
+    def put_unchecked(self, ids: np.ndarray, slots: np.ndarray, stamp: int) -> None:
+        """insert() for a caller that has proven its preconditions (DeviceCache.plan: ids validated,
+        unique and just looked up absent): its checks cost more than the insertion itself."""
+        self.slot_of[ids] = slots
+        self.stamp_of[ids] = stamp
+        self._count += ids.size
+
     def remove(self, ids: np.ndarray) -> np.ndarray:
         """Drop held ``ids`` (whatever their recency); returns their slots, now the caller's."""
         arr = self._checked(ids, "ids")
@@ -369,7 +376,7 @@ class DeviceCache:
         requests = self._validate(ids)
         lookups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for p, req in requests.items():  # check every precision before changing anything
-            slots = self._lrus[p][layer].lookup(req)
+            slots = self._lrus[p][layer].slot_of[req]  # lookup(), its checks done by _validate
             hit = slots >= 0
             self._check_room(layer, stamp, p, req, hit, protected)
             lookups[p] = (slots, hit)
@@ -377,10 +384,10 @@ class DeviceCache:
         for p, req in requests.items():
             slots, hit = lookups[p]
             own = self._lrus[p][layer]
-            own.touch(req[hit], stamp)
+            own.stamp_of[req[hit]] = stamp  # touch() of ids just found held
             miss_ids = req[~hit]
             miss_slots, evicted = self._acquire(layer, stamp, p, miss_ids.size, protected)
-            own.insert(miss_ids, miss_slots, stamp)
+            own.put_unchecked(miss_ids, miss_slots, stamp)
             slots[~hit] = miss_slots
             c = self._counters[p]
             c["hits"] += int(req.size - miss_ids.size)

@@ -83,9 +83,27 @@ def test_a_slot_outside_the_pool_is_refused_before_any_read(slot: int) -> None:
                               "silu")
 
 
-async def decode(store, *, kernels: bool, preload: str) -> tuple[list[int], Engine]:
+def test_row_copy_writes_the_source_rows_into_the_pool_slots() -> None:
+    src = torch.randint(0, 256, (6, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pool = torch.zeros(8, 40, dtype=torch.uint8)
+    dst, rows = torch.tensor([7, 0, 3]), torch.tensor([5, 1, 2])
+    cpu_kernels.copy_rows(pool, dst, src, rows)
+    expected = torch.zeros(8, 40, dtype=torch.uint8)
+    expected[dst] = src[rows]
+    assert torch.equal(pool, expected)
+
+
+@pytest.mark.parametrize(("dst", "rows"), [([0, 8], [0, 1]), ([0, 1], [0, 6]), ([-1, 1], [0, 1])])
+def test_row_copy_refuses_an_index_outside_either_tensor_before_any_copy(dst: list[int], rows: list[int]) -> None:
+    src, pool = torch.ones(6, 40, dtype=torch.uint8), torch.zeros(8, 40, dtype=torch.uint8)
+    with pytest.raises(IndexError, match="copy_rows"):
+        cpu_kernels.copy_rows(pool, torch.tensor(dst), src, torch.tensor(rows))
+    assert not pool.any()
+
+
+async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[int], Engine]:
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", cpu_kernels=kernels,
-                       preload=preload)
+                       preload=preload, **config)
     async with asyncio.timeout(60):
         async with Engine.open(store, cfg) as engine:
             return [t async for t in engine.generate_ids([1, 2, 3, 4], 12)], engine
@@ -105,3 +123,12 @@ async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store,
     assert engine.stats()["bytes"]["dram_to_hbm"] == 0  # nothing copied into the pool
     torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid")
     assert direct == torch_path
+
+
+async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store,
+                                                                                    _no_task_left_behind) -> None:
+    pooled, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
+    assert not engine.hbm.direct_from_dram and engine.executor.row_copy
+    assert engine.stats()["bytes"]["dram_to_hbm"] > 0
+    torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid", compute_from_dram=False)
+    assert pooled == torch_path

@@ -10,12 +10,14 @@
 #     demo store if one is given (argument, or $M2CACHE_HOME/smollm2-135m-instruct/store), else on the synth;
 # (b) `m2cache bench --device cuda` on the synth store at an HBM budget of 25% of its FP16 FFN bytes: m2cache
 #     vs accelerate offload at the same GPU budget vs all-resident transformers; then the bytes each moves
-#     per decode token and the floor they imply at the measured copy bandwidth.
+#     per decode token and the floor they imply at the measured copy bandwidth;
+# (c) a trace of the default policy on cuda at the same budgets: tools/trace_table.py's ms per
+#     layer per span, and each step's wall time.
 #
 # Environment (all optional): OUT (default ./gpu_out), WORK (/tmp/m2cache-gpu), SYNTH_LAYERS (16: half
 #   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
 #   TOKENS (8 new tokens per run), RUNS (3), HBM (25%), DRAM (30%),
-#   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8).
+#   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8), TRACE_TOKENS (24).
 # Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, tqdm,
 # jinja2 (the machines' image has them). zstandard (only trace files use it) is installed from a carried
 # .whl/ folder when there is one, else replaced by a stub. m2cache is imported from this checkout through a
@@ -32,6 +34,7 @@ HBM=${HBM:-25%}
 DRAM=${DRAM:-30%}
 SYSTEMS=${SYSTEMS:-m2cache,m2cache-dense-fp16,hf-bf16,hf-offload}
 CHECK_TOKENS=${CHECK_TOKENS:-8}
+TRACE_TOKENS=${TRACE_TOKENS:-24}
 DEMO=${1:-${M2CACHE_HOME:+$M2CACHE_HOME/smollm2-135m-instruct/store}}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
@@ -197,4 +200,45 @@ for s in ("m2cache", "m2cache-dense-fp16"):
         print(f"{s}: x{rat.get('vs_hf-offload', {}).get(s) or 0:.2f} hf-offload, "
               f"x{rat.get('vs_hf-bf16', {}).get(s) or 0:.2f} hf-bf16")
 EOF
+# ---- (c) where the default policy's time goes on the GPU -----------------------------------------
+# The trace is recorded in memory (no file: zstandard may be a stub here) and summarised in-process with
+# tools/trace_table.py's table: ms per layer per (actor, span), over the decode steps; then each step's
+# wall time (the first decode steps may pay for layers not yet in DRAM).
+stamp "(c) trace of the default policy on cuda ($TRACE_TOKENS tokens, hbm $HBM, dram $DRAM)"
+timeout 300 python3 - "$SYN/store" "$TRACE_TOKENS" "$HBM" "$DRAM" "$REPO/tools" <<'EOF' | tee "$OUT/trace_table.txt"
+import asyncio, collections, sys
+from m2cache.cli.main import resolve_budget
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.engine import Engine
+from m2cache.storage.reader import Store
+
+store_dir, n, hbm, dram, tools = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+sys.path.insert(0, tools)
+from trace_table import table
+
+store = Store(store_dir)
+cfg = EngineConfig(hbm_budget=resolve_budget(hbm, store), dram_budget=resolve_budget(dram, store), device="cuda",
+                   dtype="float16", direct_io=True, io_threads=2, trace=True)
+
+async def main():
+    async with Engine.open(store_dir, cfg) as eng:
+        ids = eng.tokenizer.encode("Why is the sky blue?", raw=False)
+        got = [t async for t in eng.generate_ids(ids, n)]
+        st = eng.stats()
+        print(f"(c) policy {st['policy']}: {len(got)} tokens, decode {st['decode_tokens_per_s']:.2f} tok/s, "
+              f"stall fraction {st['stall_fraction']:.1%}, hit ratio {st['hit_ratio']}, MB/token "
+              f"{ {k: round(v / 1e6, 1) for k, v in st['bytes_per_token'].items()} }, tiers {st['tiers']}")
+        print(table(eng.recorder))
+        begin, end = collections.defaultdict(lambda: 1 << 62), collections.Counter()
+        for s in eng.recorder.spans():
+            if s.actor == "executor" and s.step > 0:
+                begin[s.step] = min(begin[s.step], s.start_ns)
+                end[s.step] = max(end[s.step], s.start_ns + s.duration_ns)
+        print("wall ms per step (the first is the prefill):",
+              " ".join(f"{k}:{(end[k] - begin[k]) / 1e6:.0f}" for k in sorted(begin)))
+
+asyncio.run(main())
+EOF
+echo "(c) exit code $?"
+
 stamp "done; results in $OUT"

@@ -232,3 +232,14 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
     free(he); free(ho); free(ye); free(yo); free(xsum);
     return 0;
 }
+
+/* pool[dst[i]] = src[rows[i]] (rows NULL: src[i]) for i < n, rows of `width` bytes: the CPU's copy
+ * of DRAM bundles into the device pool in one pass, with no staging buffer in between (torch needs
+ * a gather and a scatter, each looping per element). -3 before any copy if an index is out of range. */
+int m2c_copy_rows(uint8_t *pool, int64_t pool_rows, const int64_t *dst, const uint8_t *src, int64_t src_rows,
+                  const int64_t *rows, int64_t n, int64_t width) {
+    if (!slots_ok(dst, n, pool_rows) || (rows ? !slots_ok(rows, n, src_rows) : n > src_rows)) return -3;
+    for (int64_t i = 0; i < n; i++)
+        memcpy(pool + dst[i] * width, src + (rows ? rows[i] : i) * width, (size_t)width);
+    return 0;
+}

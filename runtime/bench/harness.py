@@ -213,6 +213,7 @@ class Plan:
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
                             direct_io=self.args.direct_io, preload=self.args.preload, io_threads=self.args.io_threads,
+                            compute_from_dram=self.args.compute_from_dram,
                             gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads,
                             llama_repack=self.args.llama_repack,
                             trace=f"{self.args.m2cache_trace}.{s}" if self.args.m2cache_trace and s.startswith("m2cache")
@@ -327,7 +328,8 @@ def cmd_bench(args) -> int:
         "config": {"model": model.label, "store": str(model.store), "hf": str(model.hf), "device": args.device,
                    "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
                    "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
-                   "preload": args.preload, "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
+                   "preload": args.preload, "compute_from_dram": args.compute_from_dram,
+                   "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
                    "memory": values, "fp16_bytes": plan.fp16_bytes, "code": code_state(),
                    "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "
                             f"2-core CPU"},
@@ -365,6 +367,9 @@ def add_commands(sub) -> None:
     p.add_argument("--direct-io", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="m2cache rows read with O_DIRECT (default on)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"), help="m2cache rows")
+    p.add_argument("--compute-from-dram", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="m2cache rows, CPU: compute from DRAM's whole layers (default); --no-compute-from-dram "
+                        "keeps the device pool and its copies up, the path CUDA takes")
     p.add_argument("--io-threads", type=int, default=2,
                    help="m2cache rows: I/O threads (each holds an O_DIRECT buffer as large as a layer file)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")

@@ -59,7 +59,12 @@ class EngineConfig:
         torch's setting alone.
     cpu_kernels: decode FFNs on the CPU through m2cache's C kernels, straight over the pool rows (built
         on first use with the system C compiler; without one, or with False, torch gathers and
-        dequantises the rows). The exact ``dense-fp16`` policy always keeps torch's dense code.
+        dequantises the rows). The exact ``dense-fp16`` policy always keeps torch's dense code. The
+        copies into the pool on the CPU go through the kernels' row copy too (torch's gather and scatter
+        with False).
+    compute_from_dram: on the CPU with whole layers preloaded, decode computes straight from DRAM's layer
+        tensors and the device pool is not used (its budget is lent to DRAM). False keeps the device pool
+        and its copies up even on the CPU: the path CUDA always takes, there to profile it without a GPU.
     trace: a path to write the run's trace to on close, True to record without writing, or None.
     max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
     """
@@ -77,6 +82,7 @@ class EngineConfig:
     io_threads: int = 4
     compute_threads: int | None = 1
     cpu_kernels: bool = True
+    compute_from_dram: bool = True
     trace: str | bool | None = None
     max_queued_tokens: int = 64
 

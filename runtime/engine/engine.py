@@ -84,7 +84,8 @@ class Engine:
             torch.set_num_threads(cfg.compute_threads)
         self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
         # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
-        direct = cfg.cpu_kernels and kernels_apply(self.policy, store, store.config, self.device)
+        direct = (cfg.compute_from_dram and cfg.cpu_kernels
+                  and kernels_apply(self.policy, store, store.config, self.device))
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
         loop = asyncio.get_running_loop()
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device)
