@@ -292,6 +292,11 @@ def lm_head(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Te
     return F.linear(h, res.lm_head)[0].float()
 
 
+def lm_head_rows(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Tensor:
+    """Logits of every row, in one product (a batch's last positions). x: [B, D] -> [B, V] (float32)."""
+    return F.linear(rms_norm(x, res.final_norm, cfg.rms_norm_eps), res.lm_head).float()
+
+
 class DenseModel:
     """Every weight resident: the reference m2cache's tiered engine must reproduce (``--dense``)."""
 

@@ -78,6 +78,14 @@ class Policy:
         """Scores of every neuron for the last position of h ([T, D]); None when not input-dependent."""
         return None
 
+    def score_batch(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor | None:
+        """One score per neuron for a batch of sequences (each h [T, D], its last position scored): the
+        largest any of them gives, so the batch's shared plan keeps what any sequence needs most."""
+        if len(hs) == 1:
+            return self.score(layer, hs[0])
+        scores = [self.score(layer, h) for h in hs]
+        return None if scores[0] is None else torch.stack(scores).amax(0)  # type: ignore[arg-type]
+
     def rank(self, layer: int, scores: torch.Tensor) -> np.ndarray:
         """Neuron ids ordered so that ``split`` cuts exactly the top shares: each precision group's
         members are right, their order inside a group is not (``split`` sorts them anyway). A

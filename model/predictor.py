@@ -104,6 +104,11 @@ class PredictorPolicy(Policy):
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.predictors.score_last(layer, h)
 
+    def score_batch(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        if len(hs) == 1:
+            return self.predictors.score_last(layer, hs[0])
+        return self.predictors.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one product
+
     @classmethod
     def from_store(cls, store: Any, name: str, spec: dict[str, Any], dtype: torch.dtype,
                    device: str | torch.device = "cpu",

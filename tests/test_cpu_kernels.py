@@ -128,7 +128,7 @@ async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store,
 async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store,
                                                                                     _no_task_left_behind) -> None:
     pooled, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
-    assert not engine.hbm.direct_from_dram and engine.executor.row_copy
+    assert not engine.hbm.direct_from_dram and engine.executor.uploader.row_copy
     assert engine.stats()["bytes"]["dram_to_hbm"] > 0
     torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid", compute_from_dram=False)
     assert pooled == torch_path

@@ -67,6 +67,8 @@ class EngineConfig:
         and its copies up even on the CPU: the path CUDA always takes, there to profile it without a GPU.
     trace: a path to write the run's trace to on close, True to record without writing, or None.
     max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
+    max_batch: decode steps take up to this many ready sequences together (one fetch per layer for all);
+        1 serves them one at a time. The tier budgets do not grow with the batch.
     """
 
     hbm_budget: int | str = "64MB"
@@ -85,6 +87,7 @@ class EngineConfig:
     compute_from_dram: bool = True
     trace: str | bool | None = None
     max_queued_tokens: int = 64
+    max_batch: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hbm_budget", parse_size(self.hbm_budget, "hbm_budget"))
@@ -104,6 +107,8 @@ class EngineConfig:
             raise ConfigError(f"compute_threads must be >= 1 (or None), got {self.compute_threads}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queued_tokens < 1:
             raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
         if self.ssd_sim is not None:

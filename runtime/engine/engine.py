@@ -108,7 +108,7 @@ class Engine:
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
-                                 kernels=cfg.cpu_kernels)
+                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
@@ -166,10 +166,10 @@ class Engine:
             text = dec.push(tok)
             if text:
                 yield text
-
         tail = dec.flush()
         if tail:
             yield tail
+
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                            top_p: float = 1.0, seed: int | None = None) -> AsyncIterator[int]:
         check_sampling(temperature, top_p, max_new_tokens)

@@ -1,0 +1,97 @@
+"""Batched decode: the sequences past their prefill step together, one fetch per layer for all.
+
+Under ``dense-fp16`` a batched request's tokens are the dense model's, whatever it is batched with;
+``max_batch`` bounds the batch; a newcomer's prefill runs between decode steps; cancelling one request
+of a batch leaves the others' tokens as they were.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from m2cache.engine.engine import Engine
+from m2cache.storage.reader import Store
+from stress.scenarios import Model, build_tiny, one_torch_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    return build_tiny(tmp_path_factory.mktemp("batching"), layers=12)
+
+
+async def tokens_of(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    return [t async for t in engine.generate_ids(prompt, n)]
+
+
+async def test_concurrent_requests_decode_in_batches_and_each_gets_the_dense_tokens(deep: Model) -> None:
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None)) as engine:
+            got = await asyncio.gather(*(tokens_of(engine, deep.prompts[i % 8], 10) for i in range(12)))
+            sizes = engine.executor.batch_sizes
+    assert got == [deep.reference(i % 8, 10) for i in range(12)]
+    assert max(sizes) > 1, sizes
+
+
+async def test_max_batch_bounds_every_decode_step(deep: Model) -> None:
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None, max_batch=3)) as engine:
+            got = await asyncio.gather(*(tokens_of(engine, deep.prompts[i], 6) for i in range(7)))
+            sizes = engine.executor.batch_sizes
+    assert got == [deep.reference(i, 6) for i in range(7)]
+    assert max(sizes) == 3
+
+
+async def test_a_newcomer_gets_its_first_token_while_a_long_request_still_decodes(deep: Model) -> None:
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None)) as engine:
+            long_tokens: list[int] = []
+            first_seen_at: list[int] = []
+
+            async def long() -> None:
+                async for t in engine.generate_ids(deep.prompts[0], 40):
+                    long_tokens.append(t)
+
+            task = asyncio.create_task(long())
+            while len(long_tokens) < 3:
+                await asyncio.sleep(0.001)
+            async for _ in engine.generate_ids(deep.prompts[1], 2):
+                first_seen_at.append(len(long_tokens))
+                break
+            await task
+    assert first_seen_at[0] < 40 and long_tokens == deep.reference(0, 40)
+
+
+async def test_cancelling_one_request_of_a_batch_leaves_the_others_tokens_unchanged(deep: Model) -> None:
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None)) as engine:
+            async def cut_short() -> None:
+                async for t in engine.generate_ids(deep.prompts[2], 30):
+                    if t is not None:
+                        raise asyncio.CancelledError  # leaves mid-stream, as a cancelled consumer does
+
+            others = [asyncio.create_task(tokens_of(engine, deep.prompts[i], 12)) for i in (3, 4, 5)]
+            victim = asyncio.create_task(cut_short())
+            await asyncio.gather(victim, return_exceptions=True)
+            got = await asyncio.gather(*others)
+            cancelled = engine.run_stats.cancelled
+    assert got == [deep.reference(i, 12) for i in (3, 4, 5)]
+    assert cancelled == 1
+
+
+async def test_a_sparse_policy_decodes_a_batch_with_one_plan_per_layer(deep: Model) -> None:
+    cfg = deep.config(None, policy="oracle:0.1,0.2,0.2")
+    layers = Store(deep.store).config.num_layers
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, cfg) as engine:
+            got = await asyncio.gather(*(tokens_of(engine, deep.prompts[i], 6) for i in range(6)))
+            steps, handled, sizes = engine.executor.step_no, engine.hbm.stats()["handled"], engine.executor.batch_sizes
+    assert all(len(t) == 6 for t in got)
+    assert max(sizes) > 1
+    assert handled == steps * layers  # one neuron request per layer per step, whatever the batch
