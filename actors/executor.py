@@ -30,7 +30,8 @@ from m2cache.actors.messages import LayerInput, Progress, Release, Stop, Weights
 from m2cache.actors.uploads import Uploader, wide
 from m2cache.errors import EngineClosedError, M2CacheError
 from m2cache.model import cpu_kernels
-from m2cache.model.llama import KVCache, attention_block, lm_head, lm_head_rows, rms_norm, rope_slice
+from m2cache.model.llama import (KVCache, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
+                                 rope_slice)
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.model.sampling import sample
 
@@ -251,9 +252,16 @@ class Executor(Actor):
         """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
         neuron ranking."""
         w = self.res.layers[layer]
+        if len(batch) == 1 or self.exact:
+            for seq in batch:
+                assert seq.kv is not None and seq.x is not None
+                seq.x = attention_block(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
+        else:  # the projections as one product for the batch: the attention weights read once
+            xs = attention_rows(self.cfg, w, [s.x for s in batch], layer, [s.kv for s in batch],  # type: ignore[misc]
+                                [s.kv.length for s in batch], [s.cos_sin for s in batch])  # type: ignore[union-attr, misc]
+            for seq, x in zip(batch, xs):
+                seq.x = x
         for seq in batch:
-            assert seq.kv is not None and seq.x is not None
-            seq.x = attention_block(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
             seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
         order = None
         if self.policy.needs_scores and not prefill:

@@ -252,14 +252,37 @@ def attention_block(
     """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D].
 
     ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step)."""
-    T = x.shape[0]
-    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = _attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype)
+    return x + F.linear(out, w.wo)
+
+
+def attention_rows(
+    cfg: ModelConfig, w: LayerWeights, xs: list[torch.Tensor], layer: int, kvs: list[KVCache], pos: list[int],
+    ropes: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """``attention_block`` for a batch of sequences: the projections as one product over all their rows
+    (the layer's attention weights read once), attention itself per sequence over its own cache."""
+    sizes = [x.shape[0] for x in xs]
+    x = torch.cat(xs)  # [sum T, D]
+    qkvs = _qkv(cfg, w, x).split(sizes)
+    out = torch.cat([_attend(cfg, q, layer, c, p, r, x.dtype) for q, c, p, r in zip(qkvs, kvs, pos, ropes)])
+    return list((x + F.linear(out, w.wo)).split(sizes))
+
+
+def _qkv(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-    qkv = F.linear(h, w.wqkv) if w.wqkv is not None else torch.cat(
+    return F.linear(h, w.wqkv) if w.wqkv is not None else torch.cat(
         (F.linear(h, w.wq), F.linear(h, w.wk), F.linear(h, w.wv)), dim=-1
     )
+
+
+def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer: int, kv: KVCache, pos: int,
+            rope: Rotary | tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Attention of one sequence's chunk over its cache, before the output projection. qkv: [T, (H+2KV)·hd]."""
+    T = qkv.shape[0]
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = qkv.split((H * hd, KV * hd, KV * hd), dim=-1)
-    cos, sin = rope_slice(rope, pos, T, x.dtype) if isinstance(rope, Rotary) else rope
+    cos, sin = rope_slice(rope, pos, T, dtype) if isinstance(rope, Rotary) else rope
     q = apply_rope(q.view(T, H, hd).transpose(0, 1), cos, sin)  # [H, T, hd]
     k = apply_rope(k.view(T, KV, hd).transpose(0, 1), cos, sin)  # [KV, T, hd]
     v = v.view(T, KV, hd).transpose(0, 1)
@@ -273,10 +296,9 @@ def attention_block(
     elif pos == 0:
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
     else:  # a chunk after earlier tokens: causal within the chunk, full view of the past
-        mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=qkv.device).tril(diagonal=pos)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    out = out.transpose(0, 1).reshape(T, H * hd)
-    return x + F.linear(out, w.wo)
+    return out.transpose(0, 1).reshape(T, H * hd)
 
 
 def ffn_bundles(h: torch.Tensor, W: torch.Tensor, act) -> torch.Tensor:

@@ -95,3 +95,28 @@ async def test_a_sparse_policy_decodes_a_batch_with_one_plan_per_layer(deep: Mod
     assert all(len(t) == 6 for t in got)
     assert max(sizes) > 1
     assert handled == steps * layers  # one neuron request per layer per step, whatever the batch
+
+
+def test_batched_attention_projections_match_each_sequence_alone(deep: Model) -> None:
+    import torch
+
+    from m2cache.engine.loading import load_resident
+    from m2cache.model.llama import KVCache, Rotary, attention_block, attention_rows, rope_slice
+
+    store = Store(deep.store)
+    cfg, res = store.config, load_resident(store, torch.float32)
+    rope, gen = Rotary(cfg), torch.Generator().manual_seed(0)
+    past = [0, 3, 7]  # each sequence at its own position, one with a chunk of 2 rows
+    xs = [torch.randn(t, cfg.hidden_size, generator=gen) for t in (1, 2, 1)]
+    alone_kv = [KVCache(cfg, torch.float32, "cpu", 16) for _ in xs]
+    batch_kv = [KVCache(cfg, torch.float32, "cpu", 16) for _ in xs]
+    for kv in alone_kv + batch_kv:
+        kv.data.copy_(torch.randn(kv.data.shape, generator=torch.Generator().manual_seed(1)))
+    ropes = [rope_slice(rope, p, x.shape[0], torch.float32) for p, x in zip(past, xs)]
+    w = res.layers[0]
+    alone = [attention_block(cfg, w, x, 0, kv, p, r) for x, kv, p, r in zip(xs, alone_kv, past, ropes)]
+    batched = attention_rows(cfg, w, xs, 0, batch_kv, past, ropes)
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(alone_kv, batch_kv):
+        torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)

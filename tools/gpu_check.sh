@@ -132,13 +132,19 @@ from m2cache.storage.reader import Store
 store_dir, out, n, hbm, dram = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 store = Store(store_dir)
 tok = load_tokenizer(store)
-prompts = [tok.encode(p, raw=False) for p in ("Why is the sky blue?", "Write a haiku about a cache.")]
+prompts = [tok.encode(p, raw=False) for p in ("Why is the sky blue?", "Write a haiku about a cache.",
+                                               "List three uses of a cache.", "What is 2 + 2?")]
 cfg = EngineConfig(hbm_budget=resolve_budget(hbm, store), dram_budget=resolve_budget(dram, store),
                    policy="dense-fp16", device="cuda", dtype="float32")
 
 async def tiered():
+    # the prompts run concurrently, so their decode steps are batched: the batch must give each its own
+    # dense tokens too
     async with Engine.open(store_dir, cfg) as eng:
-        ids = [[t async for t in eng.generate_ids(p, n)] for p in prompts]
+        async def one(p):
+            return [t async for t in eng.generate_ids(p, n)]
+        ids = list(await asyncio.gather(*(one(p) for p in prompts)))
+        print(f"(a) decode steps by batch size: {dict(eng.executor.batch_sizes)}")
         return ids, eng.stats()
 
 t = time.perf_counter()
