@@ -51,3 +51,13 @@ lint: install
 
 clean:
 	rm -rf build .pytest_cache .hypothesis $(STAMP)
+
+# the trace page (tools/trace.py --html) of a short real engine run, rendered in headless Chromium
+# (installed with apt-get if missing) zoomed to a decode step; fails if the page reports a load error,
+# and keeps the screenshot
+.PHONY: trace-check
+trace-check: install
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	M2CACHE_REQUIRE_CHROMIUM=1 M2CACHE_TRACE_SCREENSHOT=docs/results/trace_step_html.png \
+		$(PY) -m pytest -q tests/test_trace_browser.py

@@ -47,7 +47,7 @@ class DRAMManager(Actor):
     # ---- messages ------------------------------------------------------------------------------
     async def handle(self, msg: Any) -> None:
         if isinstance(msg, Progress):
-            self._preload_after(msg.layer)
+            self._preload_after(msg.layer, msg.step)
         elif isinstance(msg, Fetch):
             # a fetch cancelled (at close) before it started never runs _serve's handlers: whatever
             # way it ends, a reply still pending then gets a typed error
@@ -58,16 +58,16 @@ class DRAMManager(Actor):
         else:
             raise RuntimeError(f"DRAM manager got an unknown message {type(msg).__name__}")
 
-    def _preload_after(self, layer: int) -> None:
+    def _preload_after(self, layer: int, step: int = -1) -> None:
         if self.preload == "neuron":
             return
         for j in range(1, self.prefetch + 1):
             target = (layer + j) % self.num_layers
-            for p in self.precisions:
-                if not self._start_layer_read((target, p), preload=True):
+            for p in self.precisions:  # a layer past the last is the next step's
+                if not self._start_layer_read((target, p), preload=True, step=step + (layer + j) // self.num_layers):
                     return  # no room ahead: later layers would evict nearer ones
 
-    def _start_layer_read(self, key: tuple[int, str], preload: bool) -> bool:
+    def _start_layer_read(self, key: tuple[int, str], preload: bool, step: int = -1) -> bool:
         """Admits a whole layer into the FIFO (pinned while loading) and starts its read."""
         if key in self.fifo:
             return True
@@ -88,7 +88,11 @@ class DRAMManager(Actor):
         read, loaded = loop.create_future(), loop.create_future()
         self.loading[key] = loaded
         self.counts["preloads" if preload else "layer_reads"] += 1
-        request = ReadRequest(key[0], key[1], None, read, "read_layer")
+        request = ReadRequest(key[0], key[1], None, read, "read_layer", step)
+        t0 = time.perf_counter_ns()  # the trace's preload/load span: from the read's start to the layer held
+        loaded.add_done_callback(lambda _f: self.recorder.add(
+            "dram", "preload" if preload else "load", t0, time.perf_counter_ns(), layer=key[0], step=step,
+            nbytes=self.layer_bytes[key[1]]))
         if self.reader.inbox.full():
             self.spawn(self.reader.send(request))
         else:
@@ -141,7 +145,7 @@ class DRAMManager(Actor):
             for p, ids in msg.ids.items():
                 key = (msg.layer, p)
                 if key not in self.fifo and (self.preload == "layer" or key[0] < self.fixed_layers):
-                    self._start_layer_read(key, preload=False)
+                    self._start_layer_read(key, preload=False, step=msg.step)
                 if key in self.loading:
                     self.counts["waited"] += 1
                     w0 = time.perf_counter()
@@ -158,7 +162,7 @@ class DRAMManager(Actor):
                         raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
                                           f"{self.staging_reserve}: raise dram_budget")
                     fut = asyncio.get_running_loop().create_future()
-                    await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons"))
+                    await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons", msg.step))
                     reads[p] = fut  # awaited together below: the precisions' reads run in parallel
                     staged += nbytes
                     self.counts["neuron_reads"] += 1

@@ -101,6 +101,7 @@ class ReadRequest:
     ids: np.ndarray | None
     reply: asyncio.Future  # -> torch.Tensor uint8 [n, bundle_bytes]
     kind: str = "read_layer"
+    step: int = -1  # the executor step it is for (a preload: the step that will use it), for the trace
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ class SSDReader(Actor):
             lo, hi = (0, self.store.num_neurons - 1) if msg.ids is None else (int(msg.ids.min()), int(msg.ids.max()))
             raise type(e)(f"{where} neurons {lo}-{hi}: {e}") from e
         t1 = time.perf_counter_ns()
-        self.recorder.add("ssd", msg.kind, t0, t1, layer=msg.layer, nbytes=nbytes)
+        self.recorder.add("ssd", msg.kind, t0, t1, layer=msg.layer, step=msg.step, nbytes=nbytes)
         return data, nbytes, (t1 - t0) / 1e9
 
     def _done(self, msg: ReadRequest, cf) -> None:

@@ -2,8 +2,9 @@
 
     python tools/trace_table.py TRACE
 
-Only decode steps count (the first step, the prefill, is left out); "per layer" is the span time of
-those steps divided by (decode steps x layers), so rows compare with one layer's compute.
+Only decode steps count (prefill steps, those with a `prefill` span, are left out); "per layer" is the
+span time of those steps divided by (decode steps x layers), so rows compare with one layer's compute.
+Spans without a step (version 1 traces recorded reads without one) count from the first decode step on.
 """
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ import collections
 import sys
 
 from m2cache.errors import M2CacheError
+from m2cache.trace.layout import steps as executor_steps
 from m2cache.trace.recorder import TraceRecorder
 
 
 def table(recorder: TraceRecorder) -> str:
     spans = recorder.spans()
-    steps = sorted({s.step for s in spans if s.step > 0})
-    decode = set(steps[1:])  # step numbers start at the prefill
+    decode = {st.number for st in executor_steps(spans) if not st.prefill}
     layers = 1 + max((s.layer for s in spans if s.layer >= 0), default=0)
     total: dict[tuple[str, str], int] = collections.Counter()
     count: dict[tuple[str, str], int] = collections.Counter()
+    first_decode_ns = min((x.start_ns for x in spans if x.step in decode), default=None)
     for s in spans:
-        if s.step in decode or (s.step <= 0 and steps and s.start_ns >= min(
-                x.start_ns for x in spans if x.step in decode)):
+        if s.step in decode or (s.step < 0 and first_decode_ns is not None and s.start_ns >= first_decode_ns):
             total[(s.actor, s.kind)] += s.duration_ns
             count[(s.actor, s.kind)] += 1
     per = max(1, len(decode) * layers)

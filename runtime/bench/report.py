@@ -156,9 +156,13 @@ def _print_details(rows: dict[str, dict[str, Any]], stream) -> None:
         st = r.get("m2cache_stats")
         if not st:
             continue
-        dec, hit = st["decode_bytes_per_token"], st["hit_ratio"]
+        # the engine's figures (m2cache.engine.figures) over the decode part of the requests; a report
+        # written before they were kept there has the whole run's stall and hit ratios
+        decode = st.get("decode") or {"bytes_per_token": st["decode_bytes_per_token"],
+                                      "stall_fraction": st["stall_fraction"], "hit_ratio": st["hit_ratio"]}
+        dec, hit = decode["bytes_per_token"], decode["hit_ratio"]
         print(f"{s} ({st['policy']}; hbm {st['budgets']['hbm'] / MB:.0f} MB, dram {st['budgets']['dram'] / MB:.0f} MB):"
-              f" stall {st['stall_fraction']:.1%}; per decode token SSD->DRAM "
+              f" stall {decode['stall_fraction']:.1%} of decode step time; per decode token SSD->DRAM "
               f"{_fmt(dec['ssd_to_dram'] and dec['ssd_to_dram'] / MB, '.1f')} MB, DRAM->device "
               f"{_fmt(dec['dram_to_hbm'] and dec['dram_to_hbm'] / MB, '.1f')} MB; hit ratio device "
               f"{hit['hbm']:.1%}, DRAM {hit['dram']:.1%}; tiers {st['tiers']}", file=stream)

@@ -78,6 +78,8 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
 
     from m2cache.engine.config import EngineConfig
     from m2cache.engine.engine import Engine
+    from m2cache.engine.figures import Counters, figures
+    from m2cache.engine.metrics import engine_counters
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
@@ -87,24 +89,26 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
         t0 = time.perf_counter()
         async with Engine.open(job.store, cfg) as engine:
             out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "requests": []}
-            decode = {"ssd_to_dram": 0, "dram_to_hbm": 0}  # bytes moved after each request's first token
+            decode = Counters()  # what the engine counted after each request's first token
             for ids in job.prompts:
                 clock = _Clock()
                 async for tok in engine.generate_ids(ids, job.tokens):
                     clock.token(tok)
                     if len(clock.tokens) == 1:
-                        first = engine.stats()["bytes"]
-                last = engine.stats()["bytes"]
-                for edge in decode:
-                    decode[edge] += last[edge] - first[edge]
+                        first = engine_counters(engine)
+                decode += engine_counters(engine) - first
                 out["requests"].append(clock.result())
             st = engine.stats()
         out["stats"] = {k: st[k] for k in ("policy", "bytes_per_token", "hit_ratio", "stall_fraction", "stall_s",
                                            "peak_bytes", "budgets", "tiers", "predictor_recall") if k in st}
-        n = sum(r["decode_tokens"] for r in out["requests"])
-        out["stats"]["decode_bytes_per_token"] = {e: b / n if n else None for e, b in decode.items()}
-        out["moved_bytes_per_token"] = decode["dram_to_hbm"] / n if n else None
-        out["ssd_bytes_per_token"] = decode["ssd_to_dram"] / n if n else None
+        # the engine's figures over decode alone: its tokens are the decode tokens
+        dec = figures(decode, device=st["device"])
+        out["stats"]["decode"] = {k: dec[k] for k in ("decode_tokens", "bytes_per_token", "stall_fraction",
+                                                       "hit_ratio")}
+        per_token = dec["bytes_per_token"] if decode.tokens else {e: None for e in dec["bytes_per_token"]}
+        out["stats"]["decode_bytes_per_token"] = per_token
+        out["moved_bytes_per_token"] = per_token["dram_to_hbm"]
+        out["ssd_bytes_per_token"] = per_token["ssd_to_dram"]
         return out
 
     return asyncio.run(go())

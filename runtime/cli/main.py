@@ -143,8 +143,8 @@ async def _generate_tiered(args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        if args.stats:
-            print_stats(engine.stats(), sys.stderr)
+    if args.stats:  # once closed, as the trace is saved: reads still in flight counted in both
+        print_stats(engine.stats(), sys.stderr)
     if args.trace:
         print(f"trace written to {args.trace} (open it with: python tools/trace.py {args.trace} --html out.html)",
               file=sys.stderr)
@@ -152,14 +152,18 @@ async def _generate_tiered(args) -> int:
 
 
 def print_stats(st: dict, stream) -> None:
+    """``engine.stats()`` for people; its figures are ``m2cache.engine.figures``' (the trace summary's too)."""
+    from m2cache.engine.figures import PER_TOKEN
+
     mb = 1e6
     bpt = st["bytes_per_token"]
     lines = [
         f"policy {st['policy']}: {st['decode_tokens']} decode tokens at {st['decode_tokens_per_s']:.2f} tokens/s, "
         f"time to first token {st['ttft_s'] or 0:.2f}s",
-        f"bytes per token: SSD->DRAM {bpt['ssd_to_dram'] / mb:.2f} MB, DRAM->device {bpt['dram_to_hbm'] / mb:.2f} MB",
+        f"bytes {PER_TOKEN}: SSD->DRAM {bpt['ssd_to_dram'] / mb:.2f} MB, "
+        f"DRAM->device {bpt['dram_to_hbm'] / mb:.2f} MB",
         f"hit ratio: device {st['hit_ratio']['hbm']:.1%}, DRAM {st['hit_ratio']['dram']:.1%}; "
-        f"stall fraction {st['stall_fraction']:.1%}",
+        f"stall fraction {st['stall_fraction']:.1%} of step time",
         f"peak held: device pool {st['peak_bytes']['hbm'] / mb:.1f} MB of {st['budgets']['hbm'] / mb:.1f} MB, "
         f"DRAM {st['peak_bytes']['dram'] / mb:.1f} MB of {st['budgets']['dram'] / mb:.1f} MB, "
         f"resident {st['peak_bytes']['resident'] / mb:.1f} MB",

@@ -1,34 +1,34 @@
-"""engine.stats(): what a run did — speed, bytes per edge, hit ratios, stalls, memory, carbon."""
+"""engine.stats(): what a run did — speed, bytes per edge, hit ratios, stalls, memory, carbon.
+
+The figures come from ``m2cache.engine.figures`` over ``engine_counters(engine)``; the counters ride
+along under ``"counters"``, so a saved trace (whose metadata holds ``stats()``) gives the same figures.
+"""
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
-from m2cache.engine.carbon import CarbonModel
+from m2cache.engine.figures import Counters, figures
+
+
+def engine_counters(engine) -> Counters:
+    """A snapshot of the counters the actors keep (subtract two for what happened in between)."""
+    rs = engine.run_stats
+    reader, dram, hbm = engine.reader, engine.dram, engine.hbm
+    return Counters(
+        tokens=rs.decode_tokens + len(rs.ttft), decode_tokens=rs.decode_tokens, first_tokens=len(rs.ttft),
+        prefill_s=rs.prefill_s, decode_s=rs.decode_s, stall_s=rs.stall_s, ttft_s_sum=sum(rs.ttft),
+        ssd_to_dram_bytes=reader.bytes_read, dram_to_hbm_bytes=hbm.bytes_copied, hbm_hits=hbm.hits,
+        hbm_misses=hbm.misses, dram_served=dram.counts["served"], dram_neuron_reads=dram.counts["neuron_reads"])
 
 
 def engine_stats(engine) -> dict[str, Any]:
     rs = engine.run_stats
     reader, dram, hbm = engine.reader.stats(), engine.dram.stats(), engine.hbm.stats()
-    tokens = rs.decode_tokens + len(rs.ttft)  # every generated token (the first comes from the prefill)
-    busy = rs.decode_s + rs.prefill_s
-    ssd_bytes, copy_bytes = reader["bytes_read"], hbm["bytes_copied"]
-    served = dram["served"]
-    dram_total = served + dram["neuron_reads"]
+    counters = engine_counters(engine)
     out: dict[str, Any] = {
         "policy": engine.policy.name,
-        "tokens": tokens,
-        "decode_tokens": rs.decode_tokens,
-        "decode_tokens_per_s": rs.decode_tokens / rs.decode_s if rs.decode_s else 0.0,
-        "ttft_s": statistics.mean(rs.ttft) if rs.ttft else None,
+        **figures(counters, device=engine.device.type),
         "requests": {"completed": rs.completed, "failed": rs.failed, "cancelled": rs.cancelled},
-        "bytes": {"ssd_to_dram": ssd_bytes, "dram_to_hbm": copy_bytes},
-        "bytes_per_token": {"ssd_to_dram": ssd_bytes / tokens if tokens else 0.0,
-                            "dram_to_hbm": copy_bytes / tokens if tokens else 0.0},
-        "hit_ratio": {"hbm": hbm["hit_ratio"], "dram": served / dram_total if dram_total else 0.0},
-        "stall_fraction": rs.stall_s / busy if busy else 0.0,
-        "stall_s": rs.stall_s,
         "held_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["bytes_held"]},
         "peak_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["peak_bytes"],
                        "resident": sum(t.numel() * t.element_size() for t in _resident_tensors(engine))},
@@ -40,12 +40,9 @@ def engine_stats(engine) -> dict[str, Any]:
                   "direct_from_dram": engine.plan.direct},
         "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
+        "device": engine.device.type,
+        "counters": counters.to_dict(),
     }
-    if tokens:
-        seconds = time.perf_counter() - engine.t_open if not busy else busy
-        est = CarbonModel().estimate(seconds, tokens, {"ssd_to_dram": ssd_bytes, "dram_to_hbm": copy_bytes},
-                                     engine.device.type)
-        out["carbon_g_per_1k_tokens"] = est.grams_per_1k_tokens
     return out
 
 

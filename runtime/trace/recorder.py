@@ -1,29 +1,39 @@
 """The trace recorder: every actor records its spans here, cheaply enough to leave on in benchmarks.
 
-A span is one piece of work by one actor: a read, a copy, a prediction, a layer's compute, or the
-executor waiting for weights. `tools/trace.py` turns a saved trace into a Chrome trace-event file, a
-picture and a summary (see `m2cache.trace.export`).
+A span is one piece of work by one actor, on one thread: a read, a copy, a prediction, a layer's
+compute, or an await on the event loop (the executor waiting for weights, the DRAM manager waiting
+for a read). `tools/trace.py` turns a saved trace into a Chrome trace-event file, a picture, a page
+and a summary (see `m2cache.trace.export`).
 
-Actors (lanes, in display order) and the span kinds the runtime records:
+Actors and the span kinds the runtime records (the actor is a span's category, the kind its name):
 
-| actor       | kinds                                                                      |
-| ----------- | -------------------------------------------------------------------------- |
-| `ssd`       | `read_layer` (a whole layer off the SSD), `read_neurons` (neuron bundles)   |
-| `dram`      | `serve` (bundles handed up), `preload` (layers L+1..L+k), `evict`          |
-| `hbm`       | `plan` (LRU lookup, slot assignment), `copy` (the batched copy up)         |
-| `predictor` | `predict` (score neurons, pick the active set and precisions)              |
-| `executor`  | `attention`, `ffn`, `lm_head`, `prefill`, `stall` (waiting for weights)    |
+| actor       | kinds                                                                  | thread         |
+| ----------- | ---------------------------------------------------------------------- | -------------- |
+| `ssd`       | `read_layer` (a whole layer off the SSD), `read_neurons` (bundles)      | an I/O thread  |
+| `dram`      | `serve` (a fetch, to its reply), `preload` / `load` (a layer, to held) | event loop (*) |
+| `hbm`       | `plan` (LRU lookup, slot assignment)                                   | event loop     |
+| `hbm`       | `direct` (on the CPU from DRAM: the fetch, to its reply)               | event loop (*) |
+| `hbm`       | `copy` (the batched copy up)                                           | compute        |
+| `predictor` | `predict` (pick the active set and precisions)                         | event loop     |
+| `executor`  | `attention`, `ffn`, `prefill` (a prefill step's FFN), `lm_head`        | compute        |
+| `executor`  | `stall` (waiting for the layer's weights)                              | event loop (*) |
 
-Other actor and kind names are allowed; they get their own lanes after these.
+(*) an await: the thread was free meanwhile (`WAITS`); exporters draw these on a lane of their own.
+Every span of a step carries its `step` (the executor's step number; the prefill is a step) and every
+span of a layer its `layer`; a read issued ahead (a preload) carries the step it is for. Exporters
+follow one layer of one step from its attention through predict, plan, read, serve and copy to its
+FFN by those two numbers. `flow` (nonzero) is an older explicit link, used where step or layer is
+missing. Other actor and kind names are allowed.
 
-`flow` links a request to the compute it fed: the predictor, managers and reader stamp their spans
-with the same nonzero id as the executor span that consumed the weights, so the exported timeline
-draws arrows from reads to compute. 0 means "no flow".
+The thread is recorded as a label: "event loop" for the thread running the asyncio loop (the main
+thread; another thread's loop adds its name), otherwise the thread's name (`m2cache-compute_0`,
+`m2cache-ssd_1`, ...), taken at the thread's first span.
 
-File format (version 1): a zstd-compressed stream of msgpack records. The first is the header
-`{format: "m2cache-trace", version: 1, metadata, dropped, names, columns}`; then span chunks, each
+File format (version 2): a zstd-compressed stream of msgpack records. The first is the header
+`{format: "m2cache-trace", version: 2, metadata, dropped, names, columns}`; then span chunks, each
 `{n, cols}` where `cols` holds one little-endian int64 array (as bytes) per column, in `columns`
-order. Actor and kind columns are indices into `names`.
+order. Actor, kind and thread columns are indices into `names`. Version 1 files (no thread column)
+still load, their spans' thread "" (exporters then give each actor a lane, as version 1 did).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import os
 import threading
 import time
 from array import array
+from asyncio.events import _get_running_loop  # C-fast, no exception when there is no loop
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,8 +57,13 @@ logger = logging.getLogger(__name__)
 ACTORS = ("ssd", "dram", "hbm", "predictor", "executor")
 
 TRACE_FORMAT = "m2cache-trace"
-TRACE_VERSION = 1
-COLUMNS = ("actor", "kind", "layer", "step", "nbytes", "start_ns", "end_ns", "flow")
+TRACE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+COLUMNS = ("actor", "kind", "layer", "step", "nbytes", "start_ns", "end_ns", "flow", "thread")
+_NAME_COLUMNS = (0, 1, 8)  # columns holding indices into `names`
+# (actor, kind) of spans across an await on the event loop: the thread did other work meanwhile
+WAITS = frozenset({("executor", "stall"), ("dram", "serve"), ("dram", "preload"), ("dram", "load"),
+                   ("hbm", "direct")})
 _CHUNK_SPANS = 1 << 16  # spans per msgpack record: bounds the memory one record needs on load
 
 
@@ -57,7 +73,8 @@ class TraceFormatError(M2CacheError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """One recorded piece of work. Times are `time.perf_counter_ns` values; `flow` 0 means none."""
+    """One recorded piece of work. Times are `time.perf_counter_ns` values; `flow` 0 means none;
+    `thread` "" means unknown (a version 1 trace)."""
 
     actor: str
     kind: str
@@ -67,6 +84,12 @@ class Span:
     start_ns: int
     end_ns: int
     flow: int
+    thread: str = ""
+
+    @property
+    def is_wait(self) -> bool:
+        """An await on the event loop (see `WAITS`), not work that kept its thread busy."""
+        return (self.actor, self.kind) in WAITS
 
     @property
     def duration_ns(self) -> int:
@@ -79,7 +102,7 @@ class Recorder(Protocol):
     enabled: bool
 
     def add(self, actor: str, kind: str, start_ns: int, end_ns: int, *, layer: int = -1,
-            step: int = -1, nbytes: int = 0, flow: int = 0) -> None: ...
+            step: int = -1, nbytes: int = 0, flow: int = 0, thread: str | None = None) -> None: ...
 
     def span(self, actor: str, kind: str, *, layer: int = -1, step: int = -1, nbytes: int = 0,
              flow: int = 0) -> Any: ...
@@ -117,7 +140,7 @@ class _SpanTimer:
 class TraceRecorder:
     """Records spans into a bounded ring of int64 columns.
 
-    Memory is bounded by `capacity` spans (8 int64 each, about 64 bytes): when full, the oldest span is
+    Memory is bounded by `capacity` spans (9 int64 each, about 72 bytes): when full, the oldest span is
     overwritten and counted in `dropped`. Columns are `array('q')`, grown on demand up to capacity, so a
     short run does not pay for a million-span buffer. Actor and kind strings are interned to small
     ints. `add` takes a lock because the compute thread records too; it costs well under a
@@ -134,6 +157,7 @@ class TraceRecorder:
         self._lock = threading.Lock()
         self._names: list[str] = []  # interned actor and kind strings; the columns hold indices
         self._name_ids: dict[str, int] = {}
+        self._thread_ids: dict[threading.Thread, int] = {}  # a thread's label, interned at its first span
         self._cols = tuple(array("q") for _ in COLUMNS)
         self._next = 0  # slot the next span goes to once the ring is full
         self._total = 0  # spans ever added (recorded + dropped)
@@ -155,10 +179,19 @@ class TraceRecorder:
             self._name_ids[name] = index
         return index
 
+    def _thread_label(self, thread: threading.Thread) -> str:
+        if _get_running_loop() is None:
+            return thread.name
+        return "event loop" if thread is threading.main_thread() else f"event loop {thread.name}"
+
     def add(self, actor: str, kind: str, start_ns: int, end_ns: int, *, layer: int = -1,
-            step: int = -1, nbytes: int = 0, flow: int = 0) -> None:
-        """Record one span. Hot path: no allocation beyond the columns' amortized growth."""
+            step: int = -1, nbytes: int = 0, flow: int = 0, thread: str | None = None) -> None:
+        """Record one span, on the calling thread unless `thread` names another lane.
+
+        Hot path: no allocation beyond the columns' amortized growth.
+        """
         ids = self._name_ids
+        current = threading.current_thread() if thread is None else None
         with self._lock:
             actor_id = ids.get(actor)
             if actor_id is None:
@@ -166,7 +199,16 @@ class TraceRecorder:
             kind_id = ids.get(kind)
             if kind_id is None:
                 kind_id = self._intern(kind)
-            c_actor, c_kind, c_layer, c_step, c_nbytes, c_start, c_end, c_flow = self._cols
+            if current is not None:
+                thread_id = self._thread_ids.get(current)
+                if thread_id is None:
+                    thread_id = self._thread_ids[current] = self._intern(self._thread_label(current))
+            else:
+                assert thread is not None
+                thread_id = ids.get(thread)
+                if thread_id is None:
+                    thread_id = self._intern(thread)
+            c_actor, c_kind, c_layer, c_step, c_nbytes, c_start, c_end, c_flow, c_thread = self._cols
             if self._total < self.capacity:
                 c_actor.append(actor_id)
                 c_kind.append(kind_id)
@@ -176,6 +218,7 @@ class TraceRecorder:
                 c_start.append(start_ns)
                 c_end.append(end_ns)
                 c_flow.append(flow)
+                c_thread.append(thread_id)
             else:
                 slot = self._next
                 c_actor[slot] = actor_id
@@ -186,6 +229,7 @@ class TraceRecorder:
                 c_start[slot] = start_ns
                 c_end[slot] = end_ns
                 c_flow[slot] = flow
+                c_thread[slot] = thread_id
                 self._next = (slot + 1) % self.capacity
             self._total += 1
 
@@ -215,10 +259,11 @@ class TraceRecorder:
         cols = self._ordered_columns()
         order = np.lexsort((cols[6], cols[5]))
         names = self._names
-        actor, kind, layer, step, nbytes, start, end, flow = (col[order].tolist() for col in cols)
-        return [Span(names[a], names[k], la, st, nb, s, e, f)
-                for a, k, la, st, nb, s, e, f in zip(actor, kind, layer, step, nbytes, start, end,
-                                                      flow)]
+        actor, kind, layer, step, nbytes, start, end, flow, thread = (col[order].tolist()
+                                                                      for col in cols)
+        return [Span(names[a], names[k], la, st, nb, s, e, f, names[t])
+                for a, k, la, st, nb, s, e, f, t in zip(actor, kind, layer, step, nbytes, start, end,
+                                                         flow, thread)]
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the trace (header, then span chunks) as zstd-compressed msgpack."""
@@ -257,22 +302,33 @@ class TraceRecorder:
         if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
             raise TraceFormatError(f"{path} is not an m2cache trace (no m2cache-trace header); "
                                    "pass a file written by TraceRecorder.save")
-        if header.get("version") != TRACE_VERSION:
-            raise TraceFormatError(f"{path} is trace format version {header.get('version')}, this "
-                                   f"m2cache reads version {TRACE_VERSION}; use the m2cache that "
-                                   "wrote it")
+        version = header.get("version")
+        if version not in READABLE_VERSIONS:
+            raise TraceFormatError(f"{path} is trace format version {version}, this m2cache reads "
+                                   f"versions {', '.join(map(str, READABLE_VERSIONS))}; use the "
+                                   "m2cache that wrote it")
         try:
-            columns = [list(header["columns"]).index(name) for name in COLUMNS]
-            chunks = [[np.frombuffer(record["cols"][i], dtype="<i8") for i in columns]
-                      for record in records[1:]]
             names = [str(name) for name in header["names"]]
+            saved = list(header["columns"])
+            if version == 1:  # no thread column: every span's thread is "" (unknown)
+                names.append("")
+                unknown = len(names) - 1
+                columns = [saved.index(name) for name in COLUMNS[:-1]]
+                chunks = [[np.frombuffer(record["cols"][i], dtype="<i8") for i in columns]
+                          + [np.full(int(record["n"]), unknown, dtype="<i8")]
+                          for record in records[1:]]
+            else:
+                columns = [saved.index(name) for name in COLUMNS]
+                chunks = [[np.frombuffer(record["cols"][i], dtype="<i8") for i in columns]
+                          for record in records[1:]]
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise TraceFormatError(f"{path}: the trace is damaged ({error!r}); record it again") \
                 from error
         cols = [np.concatenate([chunk[i] for chunk in chunks]) if chunks else np.empty(0, "<i8")
                 for i in range(len(COLUMNS))]
-        if len({len(col) for col in cols}) > 1 or (
-                len(cols[0]) and max(cols[0].max(), cols[1].max()) >= len(names)):
+        if len({len(col) for col in cols}) > 1 or (len(cols[0]) and max(
+                cols[i].max() for i in _NAME_COLUMNS) >= len(names)) or (len(cols[0]) and min(
+                cols[i].min() for i in _NAME_COLUMNS) < 0):
             raise TraceFormatError(f"{path}: the trace is damaged (inconsistent columns); "
                                    "record it again")
         recorder = cls(capacity=max(1, len(cols[0])))
@@ -321,7 +377,7 @@ class NullRecorder:
         return 0
 
     def add(self, actor: str, kind: str, start_ns: int, end_ns: int, *, layer: int = -1,
-            step: int = -1, nbytes: int = 0, flow: int = 0) -> None:
+            step: int = -1, nbytes: int = 0, flow: int = 0, thread: str | None = None) -> None:
         return None
 
     def span(self, actor: str, kind: str, *, layer: int = -1, step: int = -1, nbytes: int = 0,
