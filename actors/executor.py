@@ -8,9 +8,9 @@ its predictor scores, so a layer costs one thread hop.
 Batched decode: the sequences past their prefill step together, up to ``max_batch`` of them (rotating
 when more are ready), layer by layer, with one plan and one fetch per layer for all of them — the
 neurons are ranked by the largest score any of them gives, so one trip of a layer's weights up the
-tiers serves every waiting token. Attention runs per sequence over its own KV cache. A newcomer's
-prefill runs as its own step between decode steps, so it delays the running streams by one prefill
-and never freezes them. Under the exact ``dense-fp16`` policy every product is computed per sequence
+tiers serves every waiting token. Attention runs per sequence over its own KV cache. Newcomers'
+prefills run as their own step between decode steps (several newcomers together, up to
+``PREFILL_ROWS`` prompt tokens), so they delay the running streams by one prefill and never freeze them. Under the exact ``dense-fp16`` policy every product is computed per sequence
 as it would be alone (a batched matrix product rounds differently), so a request's tokens do not
 depend on what it is batched with; other policies use batched products.
 """
@@ -154,10 +154,10 @@ class Executor(Actor):
                     waiter.cancel()
                     await asyncio.gather(waiter, woken, return_exceptions=True)
                 continue
-            newcomer = next((s for s in runnable if not s.prefilled), None)
+            newcomers = _prefill_batch([s for s in runnable if not s.prefilled], self.max_batch)
             decoding = [s for s in runnable if s.prefilled]
-            if newcomer is not None and (prefill_next or not decoding):
-                await self._advance([newcomer], prefill=True)
+            if newcomers and (prefill_next or not decoding):
+                await self._advance(newcomers, prefill=True)
                 prefill_next = False
                 continue
             start = turn % len(decoding)  # more ready than max_batch: each waits its turn
@@ -175,8 +175,7 @@ class Executor(Actor):
     async def _advance(self, batch: list[Sequence], *, prefill: bool) -> None:
         """One step: the prefill of one sequence, or one decode token of each sequence of the batch."""
         try:
-            if prefill:
-                (seq,) = batch
+            for seq in batch if prefill else ():
                 seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
             assert prefill or all(s.last is not None for s in batch), "a decode step follows the prefill's token"
             tokens = [s.prompt if prefill else [int(s.last)] for s in batch]  # type: ignore[arg-type]
@@ -372,6 +371,21 @@ def kernels_apply(policy, store, cfg, device: torch.device) -> bool:
     the dense model's, so it keeps torch's code)."""
     return (device.type == "cpu" and policy.name != "dense-fp16" and store.parts == 3
             and cfg.hidden_act in cpu_kernels.ACTIVATIONS and cpu_kernels.available())
+
+
+PREFILL_ROWS = 2048  # prompt tokens one prefill step takes (its activations grow with them), one prompt at least
+
+
+def _prefill_batch(newcomers: list[Sequence], max_batch: int) -> list[Sequence]:
+    """The newcomers one prefill step takes: in arrival order, while their prompts fit ``PREFILL_ROWS``."""
+    batch: list[Sequence] = []
+    rows = 0
+    for seq in newcomers[:max_batch]:
+        if batch and rows + len(seq.prompt) > PREFILL_ROWS:
+            break
+        batch.append(seq)
+        rows += len(seq.prompt)
+    return batch
 
 
 def _finish(seq: Sequence, error: BaseException | None) -> None:

@@ -120,3 +120,12 @@ def test_batched_attention_projections_match_each_sequence_alone(deep: Model) ->
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(alone_kv, batch_kv):
         torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)
+
+
+async def test_newcomers_arriving_together_share_one_prefill_step(deep: Model) -> None:
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None)) as engine:
+            got = await asyncio.gather(*(tokens_of(engine, deep.prompts[i], 1) for i in range(6)))
+            steps = engine.executor.step_no
+    assert got == [deep.reference(i, 1) for i in range(6)]
+    assert steps < 6
