@@ -58,7 +58,7 @@ async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, disconne
                                                  stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].text:
+            if chunk.choices and chunk.choices[0].finish_reason is None:  # one chunk per token
                 if r.ttft is None:
                     r.ttft = now - t0
                 else:

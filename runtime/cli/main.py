@@ -237,15 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: each command's module imports its heavy parts only when it runs
     from m2cache.bench.harness import add_commands as add_bench_commands
     from m2cache.cli.quality import add_commands as add_quality_commands
+    from m2cache.cli.serve import add_commands as add_serve_commands
 
     add_quality_commands(sub)
     add_bench_commands(sub)
+    add_serve_commands(sub)
     return ap
-    from m2cache.cli.serve import add_commands as add_serve_commands
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    add_serve_commands(sub)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

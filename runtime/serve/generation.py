@@ -1,5 +1,6 @@
-"""One request's generation as the server sees it: token ids from the engine turned into text deltas,
-cut at the first stop string, with its finish reason and timings (for ``/metrics``)."""
+"""One request's generation as the server sees it: token ids from the engine turned into text deltas
+(one per token, possibly empty), cut at the first stop string, with its finish reason and timings
+(for ``/metrics``)."""
 from __future__ import annotations
 
 import time
@@ -70,9 +71,9 @@ class Generation:
                 if token in eos:
                     self.finish_reason = "stop"
                     break
-                text = stop.push(dec.push(token))
-                if text:
-                    yield text
+                # one delta per token, empty while a character or a possible stop string is held back:
+                # a stream shows every step's progress
+                yield stop.push(dec.push(token))
                 if stop.stopped:
                     self.finish_reason = "stop"
                     break
