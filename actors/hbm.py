@@ -18,7 +18,7 @@ from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
 from m2cache.errors import M2CacheError
 from m2cache.model.policy import PRECISION_ORDER
-from m2cache.storage.lru import DeviceCache
+from m2cache.storage.device_cache import DeviceCache
 
 
 class HBMManager(Actor):

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 
 import pytest
 
-from m2cache.engine.config import EngineConfig
 from m2cache.engine.engine import Engine
 from m2cache.errors import BudgetError, EngineClosedError, SSDError
 from stress.scenarios import (

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m2cache.errors import BudgetError, ConfigError
-from m2cache.storage.lru import DeviceCache, NeuronLRU, SlotPool
+from m2cache.storage.device_cache import DeviceCache
+from m2cache.storage.lru import NeuronLRU, SlotPool
 
 
 def ids(*xs: int) -> np.ndarray:

@@ -1,7 +1,6 @@
 """memlimit: parsing and refusing limits, and a balloon that never outlives its parent (a small one)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

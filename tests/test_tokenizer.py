@@ -1,8 +1,6 @@
 """The streaming text decoder: deltas that add up to the whole text, never half a character."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -9,7 +9,8 @@ or uses ``--url http://127.0.0.1:PORT`` (loopback only). Per concurrency: aggreg
 (completion tokens over the phase's wall time), and per request p50/p99 time to first token and
 inter-token latency. ``--soak S``: S seconds of ``--clients`` streams with random prompt lengths and
 random disconnects (``--disconnect`` probability per request); then the errors (other than the
-disconnects it made), the server's RSS and asyncio task count before and after, and the worst loop lag.
+disconnects it made), the server's RSS and asyncio task count before, every 30 s (a warm-up rise then a
+plateau is not a leak; a steady climb is) and after, and the worst loop lag.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import json
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -123,10 +123,18 @@ async def soak(url: str, seconds: float, clients: int, max_tokens: int, p_discon
             cut = rng.randint(0, max_tokens // 2) if rng.random() < p_disconnect else None
             results.append(await one(client, prompt, rng.randint(1, max_tokens), cut))
 
+    samples: list[tuple[float, float, float]] = []  # (seconds into the soak, RSS MB, asyncio tasks)
+    t_start = time.monotonic()
+
     async def lag() -> None:
         nonlocal worst_lag
+        next_sample = t_start
         while time.monotonic() < end:
             worst_lag = max(worst_lag, await asyncio.to_thread(metric, url, "m2cache_event_loop_lag_seconds"))
+            if time.monotonic() >= next_sample:
+                tasks = await asyncio.to_thread(metric, url, "m2cache_asyncio_tasks")
+                samples.append((round(time.monotonic() - t_start), round(rss_mb(pid), 1), tasks))
+                next_sample += 30
             await asyncio.sleep(2)
 
     await asyncio.gather(lag(), *(worker() for _ in range(clients)))
@@ -137,7 +145,7 @@ async def soak(url: str, seconds: float, clients: int, max_tokens: int, p_discon
     return {"seconds": seconds, "clients": clients, "requests": len(results),
             "disconnects": sum(r.disconnected for r in results), "errors": [r.error for r in results if r.error],
             "tokens": sum(r.tokens for r in results), "before": before, "after": after,
-            "worst_loop_lag_s": worst_lag}
+            "worst_loop_lag_s": worst_lag, "rss_and_tasks_every_30s": samples}
 
 
 def start_server(store: str, engine_args: list[str]) -> tuple[subprocess.Popen, str]:

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, trace=None, policy=None)
 
     # imported here, not at the top: each command's module imports its heavy parts only when it runs
-    from m2cache.bench.harness import add_commands as add_bench_commands
+    from m2cache.cli.bench import add_commands as add_bench_commands
     from m2cache.cli.quality import add_commands as add_quality_commands
     from m2cache.cli.serve import add_commands as add_serve_commands
 

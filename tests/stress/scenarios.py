@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.dense import DenseGenerator
 from m2cache.engine.engine import Engine
-from m2cache.errors import ChecksumError, EngineClosedError, M2CacheError, SSDError
+from m2cache.errors import EngineClosedError, M2CacheError, SSDError
 from m2cache.storage.reader import Store
 
 SLOW_SSD = "latency=1ms,bandwidth=500MB/s,jitter=0.5,seed=1"
