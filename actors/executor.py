@@ -175,8 +175,6 @@ class Executor(Actor):
     async def _advance(self, batch: list[Sequence], *, prefill: bool) -> None:
         """One step: the prefill of one sequence, or one decode token of each sequence of the batch."""
         try:
-            for seq in batch if prefill else ():
-                seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
             assert prefill or all(s.last is not None for s in batch), "a decode step follows the prefill's token"
             tokens = [s.prompt if prefill else [int(s.last)] for s in batch]  # type: ignore[arg-type]
             logits = await self._step(batch, tokens, prefill)
@@ -240,6 +238,8 @@ class Executor(Actor):
     def _begin(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool):
         with self._streams():
             t0 = time.perf_counter_ns()
+            for seq in batch if prefill else ():  # zeroing the caches here, not on the event loop
+                seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
             for seq, toks in zip(batch, tokens):
                 ids = torch.as_tensor(toks, dtype=torch.long, device=self.device)
                 seq.x = self.res.embed[ids]  # [T, D]
