@@ -7,6 +7,7 @@ stream that will not end.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -31,6 +32,10 @@ async def serve(store_dir: str | Path, config: Any, *, host: str = "127.0.0.1", 
         name = model_name or Path(store_dir).resolve().parent.name
         app = create_app(engine, model_name=name, max_requests=max_requests)
         state = app.state.m2cache
+        # everything built so far (torch, the engine, the app) lives as long as the server: frozen out of
+        # the collector, a full collection no longer walks it (measured: 30-70 ms gen-2 pauses on the loop)
+        gc.collect()
+        gc.freeze()
         uv = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=graceful_s, access_log=False)
         server = DrainingServer(uv, state)
