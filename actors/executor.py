@@ -77,7 +77,7 @@ class Executor(Actor):
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.max_pending, self.max_queued, self.max_batch = max_pending, max_queued, max_batch
-        self.exact = policy.name == "dense-fp16"  # products per sequence: tokens independent of the batch
+        self.exact = policy.exact  # products per sequence: tokens independent of the batch
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
         self.stopping = False
@@ -317,10 +317,7 @@ class Executor(Actor):
         Decode steps on the CPU run the C kernels straight over those rows (no gather, no dequantised
         copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use torch (the FP16
         torch path is the dense model's own code, bit for bit)."""
-        if ready.direct is not None:
-            sources = ready.direct
-        else:
-            sources = {p: (self.hbm.pools[p], slots) for p, slots in ready.slots.items()}
+        sources = self._sources(ready)
         if self.use_kernels and not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
             hf = h.float().contiguous()
             out = torch.zeros_like(hf)
@@ -330,10 +327,15 @@ class Executor(Actor):
             return out.to(self.dtype)
         return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.group, self.act, self.dtype)
 
+    def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""
+        if ready.direct is not None:
+            return ready.direct
+        return {p: (self.hbm.pools[p], slots) for p, slots in ready.slots.items()}
+
     def _raw_rows(self, ready: WeightsReady) -> dict[str, torch.Tensor]:
         """The layer's bundles per precision as one uint8 tensor each (gathered where they are spread)."""
-        sources = ready.direct if ready.direct is not None else {
-            p: (self.hbm.pools[p], slots) for p, slots in ready.slots.items()}
+        sources = self._sources(ready)
         # DRAM rows are ascending neuron ids: a whole layer asked for whole is used as it is
         whole = ready.direct is not None
         return {p: src if rows is None or whole and _all_rows(rows, src)
@@ -369,7 +371,7 @@ def kernels_apply(policy, store, cfg, device: torch.device) -> bool:
     """Whether decode FFNs run through the C kernels: the CPU, a gated FFN with a supported activation,
     the kernels built, and a policy other than the exact every-neuron-FP16 one (whose tokens must equal
     the dense model's, so it keeps torch's code)."""
-    return (device.type == "cpu" and policy.name != "dense-fp16" and store.parts == 3
+    return (device.type == "cpu" and not policy.exact and store.parts == 3
             and cfg.hidden_act in cpu_kernels.ACTIVATIONS and cpu_kernels.available())
 
 

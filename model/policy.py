@@ -68,6 +68,12 @@ class Policy:
         self._counts = [s.counts(num_neurons) for s in per_layer]
         self._all = np.arange(num_neurons, dtype=np.int64)
 
+    @property
+    def exact(self) -> bool:
+        """Every neuron at FP16 (``dense-fp16``): its tokens must be the dense model's, bit for bit, so
+        it keeps torch's dense code and computes a batch's sequences one by one."""
+        return self.name == "dense-fp16"
+
     def counts(self, layer: int) -> dict[str, int]:
         return self._counts[layer]
 

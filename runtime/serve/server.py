@@ -20,7 +20,6 @@ import uvicorn
 log = logging.getLogger(__name__)
 
 
-
 async def serve(store_dir: str | Path, config: Any, *, host: str = "127.0.0.1", port: int = 8000,
                 max_requests: int = 64, model_name: str | None = None, graceful_s: int = 10,
                 on_ready: Callable[[str, int], None] | None = None) -> None:
