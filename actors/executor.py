@@ -28,7 +28,7 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
 from m2cache.actors.uploads import Uploader, wide
-from m2cache.errors import EngineClosedError, M2CacheError
+from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import (KVCache, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
@@ -68,7 +68,7 @@ class Executor(Actor):
 
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
                  recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
-                 max_batch: int = 16) -> None:
+                 max_batch: int = 16, kv_tokens: int | None = None) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -77,6 +77,7 @@ class Executor(Actor):
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
         self.max_pending, self.max_queued, self.max_batch = max_pending, max_queued, max_batch
+        self.kv_tokens = kv_tokens  # KV cache tokens the running sequences may hold together (None: no bound)
         self.exact = policy.exact  # products per sequence: tokens independent of the batch
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
@@ -97,6 +98,11 @@ class Executor(Actor):
             raise EngineClosedError("the engine is closed; open a new one")
         if len(self.pending) >= self.max_pending:
             raise M2CacheError(f"{self.max_pending} requests are already waiting; try again later")
+        if self.kv_tokens is not None and kv_need(seq) > self.kv_tokens:
+            raise ConfigError(
+                f"this request needs {kv_need(seq)} tokens of KV cache (a prompt of {len(seq.prompt)} + "
+                f"max_new_tokens {seq.max_new_tokens}); the engine holds at most {self.kv_tokens} (kv_tokens, "
+                "sized from its memory limit): ask for fewer tokens, or give a larger kv_tokens")
         self.pending.append(seq)
         self.wake.set()
 
@@ -137,7 +143,7 @@ class Executor(Actor):
             while not self.inbox.empty():
                 if isinstance(self.inbox.get_nowait(), Stop):
                     return
-            while self.pending:
+            while self.pending and self._kv_fits(self.pending[0]):  # in order: none overtakes a waiting one
                 self.active.append(self.pending.popleft())
             self.active = [s for s in self.active if not self._drop_if_cancelled(s)]
             runnable = [s for s in self.active if s.out.qsize() < self.max_queued]
@@ -166,6 +172,11 @@ class Executor(Actor):
             self.batch_sizes[len(batch)] += 1
             await self._advance(batch, prefill=False)
             prefill_next = True
+
+    def _kv_fits(self, seq: Sequence) -> bool:
+        if self.kv_tokens is None or not self.active:
+            return True
+        return sum(kv_need(s) for s in self.active) + kv_need(seq) <= self.kv_tokens
 
     def _drop_if_cancelled(self, seq: Sequence) -> bool:
         if seq.cancelled:
@@ -388,6 +399,11 @@ def _prefill_batch(newcomers: list[Sequence], max_batch: int) -> list[Sequence]:
         batch.append(seq)
         rows += len(seq.prompt)
     return batch
+
+
+def kv_need(seq: Sequence) -> int:
+    """Tokens of KV cache a sequence holds while it runs (allocated whole at its prefill)."""
+    return len(seq.prompt) + seq.max_new_tokens
 
 
 def _finish(seq: Sequence, error: BaseException | None) -> None:

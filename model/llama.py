@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import UnsupportedArchitectureError
+from m2cache.model.int8 import Int8Weight, linear
+from m2cache.storage.rows import EmbeddingRows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ACTS = ("silu", "relu", "gelu", "gelu_pytorch_tanh")
@@ -195,23 +197,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 @dataclass(slots=True)
 class LayerWeights:
-    """One decoder layer's resident weights (everything but the FFN neurons)."""
+    """One decoder layer's resident weights (everything but the FFN neurons). The projections are
+    plain matrices in the compute dtype, or :class:`~m2cache.model.int8.Int8Weight` (``resident="int8"``)."""
 
     attn_norm: torch.Tensor  # [D]
-    wq: torch.Tensor  # [H*hd, D]
-    wk: torch.Tensor  # [KV*hd, D]
-    wv: torch.Tensor  # [KV*hd, D]
-    wo: torch.Tensor  # [D, H*hd]
+    wqkv: torch.Tensor | Int8Weight  # [(H+2KV)*hd, D]: q, k and v fused for one product per token
+    wo: torch.Tensor | Int8Weight  # [D, H*hd]
     ffn_norm: torch.Tensor  # [D]
-    wqkv: torch.Tensor | None = None  # [(H+2KV)*hd, D], fused at load for one matmul per token
 
 
 @dataclass(slots=True)
 class ResidentWeights:
-    embed: torch.Tensor  # [V, D]
+    embed: torch.Tensor | EmbeddingRows  # [V, D]: ``embed[ids]`` gives the rows; may be read from the store
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [D]
-    lm_head: torch.Tensor  # [V, D]; the same tensor as embed when tied
+    lm_head: torch.Tensor | Int8Weight  # [V, D]; the same tensor as embed when tied and resident
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_norm.dtype
 
 
 class KVCache:
@@ -253,7 +257,7 @@ def attention_block(
 
     ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step)."""
     out = _attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype)
-    return x + F.linear(out, w.wo)
+    return x + linear(out, w.wo)
 
 
 def attention_rows(
@@ -266,14 +270,11 @@ def attention_rows(
     x = torch.cat(xs)  # [sum T, D]
     qkvs = _qkv(cfg, w, x).split(sizes)
     out = torch.cat([_attend(cfg, q, layer, c, p, r, x.dtype) for q, c, p, r in zip(qkvs, kvs, pos, ropes)])
-    return list((x + F.linear(out, w.wo)).split(sizes))
+    return list((x + linear(out, w.wo)).split(sizes))
 
 
 def _qkv(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-    return F.linear(h, w.wqkv) if w.wqkv is not None else torch.cat(
-        (F.linear(h, w.wq), F.linear(h, w.wk), F.linear(h, w.wv)), dim=-1
-    )
+    return linear(rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.wqkv)
 
 
 def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer: int, kv: KVCache, pos: int,
@@ -311,12 +312,12 @@ def ffn_bundles(h: torch.Tensor, W: torch.Tensor, act) -> torch.Tensor:
 def lm_head(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Tensor:
     """Logits for the last position. x: [T, D] -> [V] (float32)."""
     h = rms_norm(x[-1:], res.final_norm, cfg.rms_norm_eps)
-    return F.linear(h, res.lm_head)[0].float()
+    return linear(h, res.lm_head)[0].float()
 
 
 def lm_head_rows(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Tensor:
     """Logits of every row, in one product (a batch's last positions). x: [B, D] -> [B, V] (float32)."""
-    return F.linear(rms_norm(x, res.final_norm, cfg.rms_norm_eps), res.lm_head).float()
+    return linear(rms_norm(x, res.final_norm, cfg.rms_norm_eps), res.lm_head).float()
 
 
 class DenseModel:
@@ -327,7 +328,7 @@ class DenseModel:
         self.act = activation(cfg.hidden_act)
         self.rope = Rotary(cfg, device)
         self.device = device
-        self.dtype = res.embed.dtype
+        self.dtype = res.dtype
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg, self.dtype, self.device)
@@ -347,5 +348,5 @@ class DenseModel:
         kv.length = pos + ids.shape[0]
         if all_logits:
             hn = rms_norm(x, self.res.final_norm, self.cfg.rms_norm_eps)
-            return F.linear(hn, self.res.lm_head).float()
+            return linear(hn, self.res.lm_head).float()
         return lm_head(self.cfg, self.res, x)

@@ -4,7 +4,8 @@ Synchronous on purpose: the SSD reader actor calls ``read()`` from a thread pool
 block without blocking the event loop. Every backend is thread-safe.
 
 - :class:`FileBackend` — ``os.pread`` on cached file descriptors; optional ``O_DIRECT`` (bypasses
-  the page cache, so cold-SSD benchmarks measure the SSD and not DRAM) with a page-aligned buffer.
+  the page cache: the engine's tiers are then the only copy, and cold-SSD benchmarks measure the SSD)
+  into a page-aligned buffer the caller keeps.
 - :class:`~m2cache.storage.ssd_sim.SimulatedSSD` — wraps any backend and adds latency, a shared
   bandwidth cap, stalls and injected faults (``m2cache.storage.ssd_sim``).
 """
@@ -28,7 +29,7 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ET
 
 
 class SSDBackend(Protocol):
-    def read(self, path: str | Path, offset: int, length: int) -> bytes: ...
+    def read(self, path: str | Path, offset: int, length: int) -> bytes | memoryview: ...
     def evict_page_cache(self, paths: Iterable[str | Path]) -> None: ...
     def close(self) -> None: ...
 
@@ -46,8 +47,8 @@ class FileBackend:
     """Reads exact byte ranges with ``os.pread`` on file descriptors kept open per path.
 
     With ``direct=True`` it opens files with ``O_DIRECT`` and reads whole aligned blocks into a
-    per-thread anonymous ``mmap`` (page-aligned, as ``O_DIRECT`` requires), then slices out the
-    range asked for. Where the OS or filesystem refuses ``O_DIRECT`` (no such flag, or ``EINVAL``
+    fresh anonymous ``mmap`` (page-aligned, as ``O_DIRECT`` requires) and returns a view of the range
+    asked for. Where the OS or filesystem refuses ``O_DIRECT`` (no such flag, or ``EINVAL``
     as on tmpfs) it logs once and falls back to buffered reads for good: ``direct_active`` says
     which mode is in use.
     """
@@ -61,7 +62,6 @@ class FileBackend:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[tuple[str, bool], int] = {}
-        self._local = threading.local()  # per-thread aligned buffer for O_DIRECT
 
     def _fd(self, path: str, direct: bool) -> int:
         key = (path, direct)
@@ -73,42 +73,42 @@ class FileBackend:
                 self._fds[key] = fd
             return fd
 
-    def _buffer(self, size: int) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            if buf is not None:
-                buf.close()
-            buf = mmap.mmap(-1, max(size, 1 << 20))  # anonymous: page-aligned
-            self._local.buf = buf
-        return buf
-
     def _fall_back(self, path: str, exc: OSError) -> None:
         if self.direct_active:
             self.direct_active = False
             log.warning("O_DIRECT refused for %s (%s); falling back to buffered reads", path, exc)
 
-    def _read_direct(self, path: str, offset: int, length: int) -> bytes | None:
-        """Aligned O_DIRECT read; None when the filesystem refuses it (caller falls back)."""
+    def _read_direct(self, path: str, offset: int, length: int) -> memoryview | None:
+        """Aligned O_DIRECT read; None when the filesystem refuses it (caller falls back).
+
+        The blocks land in a fresh anonymous mmap (page-aligned, as O_DIRECT needs) and the caller gets a
+        view of the range asked for: no bounce buffer and no second copy, so a whole-layer read holds
+        its own bytes once (the mmap goes back to the OS when the last view of it is dropped)."""
         start = offset - offset % _ALIGN
         end = -(-(offset + length) // _ALIGN) * _ALIGN
+        want = offset - start + length
+        buf = mmap.mmap(-1, end - start)
+        got = 0
         try:
             fd = self._fd(path, True)
-            buf = self._buffer(end - start)
-            view = memoryview(buf)[:end - start]
-            try:
-                got = os.preadv(fd, [view], start)
-            finally:
-                view.release()
+            with memoryview(buf) as whole:
+                while got < want:  # a short read before the end of the file: read on from there
+                    n = os.preadv(fd, [whole[got:]], start + got)
+                    if n == 0:
+                        break
+                    got += n
         except OSError as exc:
+            buf.close()
             if exc.errno == errno.EINVAL:
                 self._fall_back(path, exc)
                 return None
             raise
-        if got < offset - start + length:
+        if got < want:
+            buf.close()
             raise PermanentSSDError(
                 f"short read of {_where(path, offset, length)}: file ends at byte "
                 f"{start + got} (truncated store file?)")
-        return bytes(buf[offset - start:offset - start + length])
+        return memoryview(buf)[offset - start:offset - start + length]
 
     def _read_buffered(self, path: str, offset: int, length: int) -> bytes:
         fd = self._fd(path, False)
@@ -124,8 +124,9 @@ class FileBackend:
             done += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; a file too short raises PermanentSSDError."""
+    def read(self, path: str | Path, offset: int, length: int) -> bytes | memoryview:
+        """Exactly ``length`` bytes at ``offset`` (bytes, or a writable view of its own buffer with
+        O_DIRECT); a file too short raises PermanentSSDError."""
         if offset < 0 or length < 0:
             raise ValueError(f"bad range: {_where(path, offset, length)}")
         spath = os.fspath(path)

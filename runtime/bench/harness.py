@@ -7,7 +7,8 @@ measures m2cache's own overhead. Systems (``--systems``), every one greedy, with
 
 - ``m2cache``: the store's default policy (skipped as a duplicate when that is ``dense-fp16``);
   ``m2cache-dense-fp16``: tiering alone. Both read with ``O_DIRECT`` by default (``--no-direct-io``),
-  with HBM and DRAM budgets sized from the memory limit (or ``--hbm-budget``/``--dram-budget``);
+  with the engine sized from the memory limit (``EngineConfig.memory``: resident form, KV reserve and tiers;
+  or ``--hbm-budget``/``--dram-budget``);
 - ``llama-f16`` / ``llama-q8_0`` / ``llama-q4_0``: llama.cpp through llama-cpp-python (mmap, 2 threads)
   on GGUF files written by ``m2cache export-gguf`` — an optional extra (``make peers``);
 - ``hf-bf16`` / ``hf-fp32``: transformers, every weight resident;
@@ -42,9 +43,9 @@ QUICK_SYSTEMS = ("m2cache", "llama-f16", "llama-q4_0", "hf-offload", "layer-stre
 BYTES_PER_WEIGHT = {"llama-f16": 2.0, "llama-q8_0": 34 / 32, "llama-q4_0": 18 / 32, "hf-bf16": 2.0, "hf-fp32": 4.0,
                     "hf-offload": 2.0, "layer-stream": 2.0, "m2cache-dense-fp16": 2.0}
 # measured RSS before any weight: python + torch + m2cache 0.23 GB, + transformers/accelerate 0.35 GB;
-# the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's: a run
-# whose resident weights and budgets came to 2.59 GB was OOM-killed at load under 2.82 GB (anon 2.75 GB)
-PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD, M2CACHE_OVERHEAD = 350 << 20, 500 << 20, 200 << 20, 550 << 20
+# the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's rows size
+# themselves from the limit (EngineConfig.memory: the engine measures its own process at open)
+PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD = 350 << 20, 500 << 20, 200 << 20
 PEERS_HINT = ("llama-cpp-python is not installed: `make peers` (or pip install 'm2cache[peers]') builds it from "
               "source, about 16 minutes on 2 cores")
 
@@ -155,32 +156,35 @@ class Plan:
                                      f"{w / GB:.2f} GB + runtime {PY_OVERHEAD / GB:.2f} GB")
         if system.startswith("llama"):
             return LLAMA_OVERHEAD, "runtime, KV cache and buffers; weights are mapped from the file"
-        from m2cache.bench.model import min_budgets
+        return self._m2cache_needs(system)
 
-        hbm, dram = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
-        res = self.resident_fp16 // 2 * self.dtype_bytes
-        # O_DIRECT reads land in one page-aligned buffer per I/O thread, as large as the largest read (a
-        # whole FP16 layer file), kept for the run, and are copied out once more
-        dio = (self.args.io_threads + 1) * self.store.layer_bytes("fp16") if self.args.direct_io else 0
-        return (res + hbm + dram + dio + M2CACHE_OVERHEAD,
-                f"resident attention, embeddings and head in {self.dtype} {res / GB:.2f} GB + smallest HBM "
-                f"{hbm / GB:.2f} GB and DRAM {dram / GB:.2f} GB budgets + O_DIRECT buffers {dio / GB:.2f} GB "
-                f"+ runtime {M2CACHE_OVERHEAD / GB:.2f} GB")
+    def _m2cache_needs(self, system: str) -> tuple[int, str]:
+        """The engine's own smallest ``memory`` (:func:`m2cache.engine.memory.smallest_memory`), for a child
+        holding PY_OVERHEAD before the engine opens."""
+        from m2cache.engine.config import EngineConfig
+        from m2cache.engine.memory import smallest_memory
+        from m2cache.model.policy import Policy, Shares
 
-    def budgets(self, system: str, limit: int | None) -> tuple[int, int]:
+        name = "dense-fp16" if system == "m2cache-dense-fp16" else self.policy
+        spec = (self.store.manifest.get("policies") or {}).get(name, {})
+        policy = Policy(self.store.config.num_layers, self.store.num_neurons,
+                        Shares(**spec["shares"]) if spec.get("shares") else Shares())
+        cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
+                           resident="full" if name == "dense-fp16" else "auto")
+        direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"
+        need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct, runtime=PY_OVERHEAD)
+        return need, why.replace("the process already holds", "the process holds about")
+
+    def budgets(self, system: str, limit: int | None) -> tuple[int | None, int | None]:
+        """m2cache's budgets: the ones given, else the defaults without a limit, else None (the engine sizes
+        them from ``memory``, the limit)."""
         from m2cache.cli.main import resolve_budget
         from m2cache.engine.config import parse_size
 
         if limit is None or self.args.hbm_budget_set:
             return (parse_size(resolve_budget(self.args.hbm_budget, self.store), "--hbm-budget"),
                     parse_size(resolve_budget(self.args.dram_budget, self.store), "--dram-budget"))
-        need, _ = self.needs(system)
-        spare = limit - need
-        from m2cache.bench.model import min_budgets
-
-        hbm_min, dram_min = min_budgets(self.store, "dense-fp16" if system == "m2cache-dense-fp16" else self.policy)
-        hbm = hbm_min + int(spare * 0.5)  # the neuron cache keeps every layer's hot neurons; the rest reads ahead
-        return hbm, dram_min + spare - int(spare * 0.5)
+        return None, None
 
     def jobs(self, limit: int | None) -> tuple[list[Job], dict[str, dict[str, Any]]]:
         """The runnable jobs at ``limit``, and the rows of systems that do not run (with why)."""
@@ -207,9 +211,11 @@ class Plan:
                 offload = max(limit - HF_OVERHEAD - 2 * (self.params // self.store.config.num_layers), 0)
             else:  # the weight bytes m2cache holds on the compute device (on the CPU, the DRAM tier too)
                 m_hbm, m_dram = self.budgets("m2cache", None)
-                offload = self.resident_fp16 + m_hbm + (0 if self.cuda else m_dram)
+                offload = self.resident_fp16 + (m_hbm or 0) + (0 if self.cuda else m_dram or 0)
             jobs.append(Job(system=s, store=str(self.model.store), hf=str(self.model.hf), prompts=self.prompts,
                             tokens=self.args.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
+                            memory=limit if s.startswith("m2cache") and not self.args.hbm_budget_set else None,
+                            resident="full" if s == "m2cache-dense-fp16" else self.args.resident,
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
                             direct_io=self.args.direct_io, preload=self.args.preload, io_threads=self.args.io_threads,

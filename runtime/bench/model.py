@@ -4,7 +4,6 @@
   ``m2cache synth``, with its HF folder and GGUF exports, written once under ``~/.cache/m2cache``.
 - :func:`disk_bandwidth`: the disk's ``O_DIRECT`` read bandwidth, measured now (4 MiB reads, one
   thread): the floor of every system is its disk bytes per token over this.
-- :func:`min_budgets`: the smallest HBM and DRAM budgets m2cache accepts for a store and policy.
 - :func:`evict` (the page cache before a cold run) and :func:`code_state` (the commit measured).
 """
 from __future__ import annotations
@@ -93,35 +92,6 @@ def disk_bandwidth(files: list[Path], nbytes: int = 1 << 30, block: int = 4 << 2
     dt = time.perf_counter() - t0
     return {"bytes_per_s": done / dt if dt > 0 and done else None, "bytes": done, "seconds": dt, "block": block,
             "files": [str(f) for f in files]}
-
-
-def min_budgets(store, policy_name: str | None, preload: str = "auto") -> tuple[int, int]:
-    """(smallest hbm_budget, smallest dram_budget) :func:`m2cache.engine.sizing.plan_tiers` accepts."""
-    from m2cache.engine.config import EngineConfig
-    from m2cache.errors import BudgetError
-    from m2cache.model.policy import Policy, Shares
-    from m2cache.engine.policies import default_policy_name
-    from m2cache.engine.sizing import plan_tiers
-
-    name = policy_name or default_policy_name(store)
-    spec = (store.manifest.get("policies") or {}).get(name, {})
-    shares = Shares(**spec["shares"]) if spec.get("shares") else Shares()
-    policy = Policy(store.config.num_layers, store.num_neurons, shares)
-    big = 1 << 50
-
-    def smallest(which: str) -> int:
-        lo, hi = 0, big
-        while hi - lo > 1 << 16:
-            mid = (lo + hi) // 2
-            kw = {"hbm_budget": big, "dram_budget": big, which: mid}
-            try:
-                plan_tiers(store, EngineConfig(preload=preload, **kw), policy)
-                hi = mid
-            except BudgetError:
-                lo = mid
-        return hi
-
-    return smallest("hbm_budget"), smallest("dram_budget")
 
 
 def evict(paths: list[Path]) -> None:

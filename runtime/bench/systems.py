@@ -24,9 +24,11 @@ class Job:
     hf: str
     prompts: list[list[int]]
     tokens: int
-    hbm_budget: int
-    dram_budget: int
+    hbm_budget: int | None  # m2cache rows: None = sized from ``memory``
+    dram_budget: int | None
     offload_memory: int
+    memory: int | None = None  # m2cache rows: the limit the engine sizes itself from (EngineConfig.memory)
+    resident: str = "auto"  # m2cache rows: EngineConfig.resident
     device: str = "cpu"
     m2cache_dtype: str = "float32"
     policy: str | None = None
@@ -81,7 +83,8 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
     from m2cache.engine.figures import Counters, figures
     from m2cache.engine.metrics import engine_counters
 
-    cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, policy=job.policy,
+    cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, memory=job.memory,
+                       resident=job.resident, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
                        io_threads=job.io_threads, trace=job.trace, compute_from_dram=job.compute_from_dram)
 
@@ -232,7 +235,7 @@ def _run_layer_stream(job: Job) -> dict[str, Any]:
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             w = load([p + n + ".weight" for n in parts])
-            x = attention_block(cfg, LayerWeights(*w[:6]), x, i, kv, kv.length, rope)
+            x = attention_block(cfg, LayerWeights(w[0], torch.cat(w[1:4]), w[4], w[5]), x, i, kv, kv.length, rope)
             h = rms_norm(x, w[5], cfg.rms_norm_eps)
             x = x + F.linear(act(F.linear(h, w[6])) * F.linear(h, w[7]), w[8])
         kv.length += len(ids)

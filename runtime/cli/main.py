@@ -27,8 +27,18 @@ def resolve_budget(value: str, store) -> int | str:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="precision policy (see `m2cache policies STORE`); default: the store's")
-    p.add_argument("--hbm-budget", default="20%", help="device pool: a size (48MB) or a share of FP16 FFN bytes (20%%)")
-    p.add_argument("--dram-budget", default="30%", help="DRAM FIFO: a size or a share of FP16 FFN bytes (30%%)")
+    p.add_argument("--memory", help="one limit for the whole process (2GB, or a share of the FP16 weights: 40%%): "
+                                    "the tiers, resident weights and KV cache are sized from it (CPU); "
+                                    "`generate` also runs under it (cgroup where possible, else a balloon)")
+    p.add_argument("--hbm-budget", help="device pool: a size (48MB) or a share of FP16 FFN bytes (default 20%%, "
+                                        "or sized from --memory)")
+    p.add_argument("--dram-budget", help="DRAM FIFO: a size or a share of FP16 FFN bytes (default 30%%, or sized "
+                                         "from --memory)")
+    p.add_argument("--resident", default="auto", choices=("auto", "full", "int8"),
+                   help="attention, embeddings and LM head: full (compute dtype), int8 (half the bytes, embeddings "
+                        "read per token), auto (full unless --memory needs int8)")
+    p.add_argument("--kv-tokens", type=int, help="KV cache tokens the running requests hold together "
+                                                 "(default: no bound; 1024 with --memory)")
     p.add_argument("--prefetch", type=int, default=2, help="layers the DRAM tier preloads ahead (k)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"),
                    help="auto = hybrid; neuron reads fewer bytes (for slow SSDs)")
@@ -48,12 +58,31 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args, store):
     from m2cache.engine.config import EngineConfig
 
+    memory = resolve_memory(args.memory, store)
+    limited = memory is not None
     return EngineConfig(
-        hbm_budget=resolve_budget(args.hbm_budget, store), dram_budget=resolve_budget(args.dram_budget, store),
+        hbm_budget=_budget(args.hbm_budget, "20%", limited, store), dram_budget=_budget(args.dram_budget, "30%", limited, store),
+        memory=memory, resident=args.resident,
+        kv_tokens=args.kv_tokens,
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
         compute_from_dram=args.compute_from_dram)
+
+
+def _budget(value: str | None, default: str, limited: bool, store):
+    """A budget the user gave wins; without one, the default share, or None to size it from --memory."""
+    if value is None:
+        return None if limited else resolve_budget(default, store)
+    return resolve_budget(value, store)
+
+
+def resolve_memory(value: str | None, store) -> int | None:
+    """``--memory``: a size, a share of the model's FP16 weight bytes (resident + every FFN layer), or none."""
+    from m2cache.bench.memlimit import parse_memory
+
+    fp16 = int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store)
+    return None if value is None else parse_memory(value, fp16)
 
 
 def cmd_fetch(args) -> int:
@@ -80,24 +109,12 @@ def cmd_generate(args) -> int:
 
         store = Store(args.store)
         fp16 = int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store)
-        rc = rerun_under_limit(_without_memory(args.argv), args.memory, fp16)
+        rc = rerun_under_limit(args.argv, args.memory, fp16)  # the run inside sizes its engine from it too
         if rc >= 0:
             return rc
     if args.dense:
         return _generate_dense(args)
     return run_async(_generate_tiered(args))
-
-
-def _without_memory(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--memory":
-            skip = True
-        elif not a.startswith("--memory="):
-            out.append(a)
-    return out
 
 
 def run_async(coro):
@@ -225,8 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--stats", action="store_true", help="print speed, bytes and cache figures on stderr")
     p.add_argument("--trace", help="write the run's trace to this file (see tools/trace.py)")
-    p.add_argument("--memory", help="run under a memory limit (RSS + page cache): a size, a share of the FP16 "
-                                    "weights such as 40%%, or none (cgroup where possible, else a balloon)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="fetch the demo model, train its predictors, generate with tiering on")

@@ -57,7 +57,7 @@ def cmd_eval(args) -> int:
     from m2cache.storage.reader import Store
 
     policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
-    rows = evaluate(args.store, policies, _read_text(args.text), tokens=args.tokens)
+    rows = evaluate(args.store, policies, _read_text(args.text), tokens=args.tokens, resident=args.resident)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -101,4 +101,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         "default: dense-fp16 and the store's default)")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens for perplexity")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per policy")
+    p.add_argument("--resident", choices=("full", "int8"), default="full",
+                   help="the form of attention, embeddings and LM head the policies run with (the engine's "
+                        "--resident); the dense FP32 reference stays full")
     p.set_defaults(func=cmd_eval)

@@ -10,6 +10,8 @@ from m2cache.errors import ConfigError
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "k": 10**3, "m": 10**6, "g": 10**9}
 PRELOADS = ("auto", "layer", "neuron", "hybrid")
+RESIDENT_FORMS = ("auto", "full", "int8")
+DEFAULT_HBM, DEFAULT_DRAM = "64MB", "96MB"  # without a memory limit and without budgets
 DEVICES = ("cpu", "cuda")
 
 
@@ -40,6 +42,16 @@ class EngineConfig:
 
     hbm_budget: bytes of the device neuron pool (the "HBM" tier; on the CPU a capacity-limited pool).
     dram_budget: bytes of the host DRAM FIFO of layers (and staging for neuron-level reads).
+        Either budget left None is sized from ``memory`` (64MB and 96MB without one).
+    memory: one limit for the whole process on the CPU (``"2GB"``): the engine measures what the process
+        holds at open and splits the rest into resident weights, KV cache and tiers
+        (:mod:`m2cache.engine.memory`); refused at open, with the smallest that works, when too small.
+    resident: the form of attention, embeddings and LM head: "full" (the compute dtype: what the dense
+        reference holds), "int8" (INT8 rows with a scale each, embeddings read per token from the store:
+        about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures) or
+        "auto" (full, unless a memory limit leaves the tiers too little with it).
+    kv_tokens: tokens of KV cache the running requests may hold together; a request waits until its
+        prompt + max_new_tokens fit. None: no bound without ``memory``, 1024 tokens with it.
     prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
     preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand),
         "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM) or
@@ -71,8 +83,11 @@ class EngineConfig:
         1 serves them one at a time. The tier budgets do not grow with the batch.
     """
 
-    hbm_budget: int | str = "64MB"
-    dram_budget: int | str = "96MB"
+    hbm_budget: int | str | None = None
+    dram_budget: int | str | None = None
+    memory: int | str | None = None
+    resident: str = "auto"
+    kv_tokens: int | None = None
     prefetch: int = 2
     preload: str = "auto"
     fixed_layers: int | None = None
@@ -90,8 +105,17 @@ class EngineConfig:
     max_batch: int = 16
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hbm_budget", parse_size(self.hbm_budget, "hbm_budget"))
-        object.__setattr__(self, "dram_budget", parse_size(self.dram_budget, "dram_budget"))
+        if self.memory is not None:
+            object.__setattr__(self, "memory", parse_size(self.memory, "memory"))
+        for name, default in (("hbm_budget", DEFAULT_HBM), ("dram_budget", DEFAULT_DRAM)):
+            value = getattr(self, name)
+            if value is None and self.memory is None:
+                value = default
+            object.__setattr__(self, name, None if value is None else parse_size(value, name))
+        if self.resident not in RESIDENT_FORMS:
+            raise ConfigError(f"resident must be one of {', '.join(RESIDENT_FORMS)}, got {self.resident!r}")
+        if self.kv_tokens is not None and self.kv_tokens < 1:
+            raise ConfigError(f"kv_tokens must be >= 1 (or None), got {self.kv_tokens}")
         if not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 16:
             raise ConfigError(f"prefetch must be a whole number of layers from 0 to 16, got {self.prefetch!r}")
         if self.preload not in PRELOADS:

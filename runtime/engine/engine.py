@@ -30,7 +30,9 @@ from m2cache.model.llama import DenseModel
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import load_policy
 from m2cache.model.sampling import check_sampling
+from m2cache.engine.memory import MemoryPlan, plan_memory
 from m2cache.engine.sizing import TierPlan, plan_tiers
+from m2cache.storage.rows import EmbeddingRows
 from m2cache.storage.reader import Store
 from m2cache.storage.ssd import FileBackend
 from m2cache.storage.ssd_sim import SimulatedSSD
@@ -86,9 +88,16 @@ class Engine:
         # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
         direct = (cfg.compute_from_dram and cfg.cpu_kernels
                   and kernels_apply(self.policy, store, store.config, self.device))
+        self.memory: MemoryPlan | None = None
+        if cfg.memory is not None:  # one limit: the budgets, resident form and KV reserve come from it
+            self.memory = plan_memory(store, cfg, self.policy, cpu_direct=direct)
+            cfg = self.config = cfg.replace(hbm_budget=self.memory.hbm_budget, dram_budget=self.memory.dram_budget,
+                                            resident=self.memory.resident_form, kv_tokens=self.memory.kv_tokens)
+            log.info("m2cache %s", self.memory.describe())
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
         loop = asyncio.get_running_loop()
-        self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device)
+        form = "full" if cfg.resident == "auto" else cfg.resident
+        self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
         self.model = DenseModel(store.config, self.res, [], self.device)
         self.backend = FileBackend(direct=cfg.direct_io)
         if cfg.ssd_sim:
@@ -108,7 +117,7 @@ class Engine:
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
-                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch)
+                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
@@ -150,6 +159,8 @@ class Engine:
                     actor.wake.set()
         await asyncio.gather(sup, return_exceptions=True)
         self.backend.close()
+        if isinstance(self.res.embed, EmbeddingRows):
+            self.res.embed.close()
         if isinstance(self.config.trace, (str, Path)) and self.config.trace is not True:
             self.save_trace(self.config.trace)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from m2cache.errors import ChecksumError
+from m2cache.errors import ChecksumError, ConfigError
+from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
 from m2cache.storage.layout import file_checksum
 from m2cache.storage.reader import FIX_HINT, PlainBackend, Store
+from m2cache.storage.rows import EmbeddingRows
 
 
 def verify_resident(store: Store) -> None:
@@ -18,38 +20,68 @@ def verify_resident(store: Store) -> None:
         raise ChecksumError(f"{path} fails its checksum: the file is corrupt; {FIX_HINT}")
 
 
-def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device = "cpu") -> ResidentWeights:
-    """Embeddings, attention, norms and LM head in the compute dtype, on the compute device."""
+RESIDENT_FORMS = ("full", "int8")
+
+
+def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device = "cpu",
+                  form: str = "full") -> ResidentWeights:
+    """Embeddings, attention, norms and LM head on the compute device.
+
+    ``form="full"``: every matrix in the compute dtype (what the dense reference holds). ``"int8"``:
+    the attention projections and the LM head as INT8 rows with one scale each (half the bytes of BF16),
+    the embeddings read per token from the store's file (:class:`EmbeddingRows`), norms as they are."""
+    if form not in RESIDENT_FORMS:
+        raise ConfigError(f"resident must be one of {', '.join(RESIDENT_FORMS)}, got {form!r}")
     verify_resident(store)
     cfg = store.config
-    path = str(store.path / store.manifest["resident"]["path"])
-    with safe_open(path, framework="pt") as f:
+    path = store.path / store.manifest["resident"]["path"]
+    with safe_open(str(path), framework="pt") as f:
         def get(name: str) -> torch.Tensor:
             return f.get_tensor(name).to(device=device, dtype=dtype).contiguous()
+
+        def matrix(*names: str) -> torch.Tensor | Int8Weight:
+            if form == "full":  # one fused matrix for one product per token
+                return torch.cat([get(n) for n in names]).contiguous() if len(names) > 1 else get(names[0])
+            parts = [f.get_tensor(n).to(device) for n in names]  # the file's dtype: no float copy of all
+            return Int8Weight.quantize(torch.cat(parts) if len(parts) > 1 else parts[0], dtype)
 
         layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            w = LayerWeights(
+            layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wq=get(p + "self_attn.q_proj.weight"),
-                wk=get(p + "self_attn.k_proj.weight"),
-                wv=get(p + "self_attn.v_proj.weight"),
-                wo=get(p + "self_attn.o_proj.weight"),
+                wqkv=matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
+                wo=matrix(p + "self_attn.o_proj.weight"),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
-            )
-            # one fused matrix for one matmul per token; q/k/v become views of it (no second copy)
-            w.wqkv = torch.cat((w.wq, w.wk, w.wv), dim=0).contiguous()
-            w.wq, w.wk, w.wv = w.wqkv.split((w.wq.shape[0], w.wk.shape[0], w.wv.shape[0]), dim=0)
-            layers.append(w)
-        embed = get("model.embed_tokens.weight")
-        head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+            ))
+        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        embed: torch.Tensor | EmbeddingRows
+        if form == "full":
+            embed = get("model.embed_tokens.weight")
+            head = embed if cfg.tie_word_embeddings else get(head_name)
+        else:
+            embed = EmbeddingRows(path, "model.embed_tokens.weight", dtype, device)
+            head = matrix(head_name)
         return ResidentWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight"), lm_head=head)
 
 
-def load_dense(store: Store, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DenseModel:
+def resident_bytes(res: ResidentWeights) -> int:
+    """Bytes the resident weights hold (a tensor shared by two fields counted once)."""
+    seen: dict[int, int] = {}
+    for t in [res.embed, res.final_norm, res.lm_head] + [
+        x for w in res.layers for x in (w.attn_norm, w.wqkv, w.wo, w.ffn_norm)
+    ]:
+        if isinstance(t, torch.Tensor):
+            seen[id(t)] = t.numel() * t.element_size()
+        elif isinstance(t, Int8Weight):
+            seen[id(t)] = t.nbytes
+    return sum(seen.values())
+
+
+def load_dense(store: Store, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               resident: str = "full") -> DenseModel:
     """Every weight resident; the FFN from the FP16 bundles, in the layout the tiered engine uses."""
-    res = load_resident(store, dtype, device)
+    res = load_resident(store, dtype, device, resident)
     backend = PlainBackend()
     ffn = [
         store.decode("fp16", store.read_layer(layer, "fp16", backend), dtype).to(device).contiguous()

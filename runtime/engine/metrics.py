@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from m2cache.engine.figures import Counters, figures
+from m2cache.engine.loading import resident_bytes
 
 
 def engine_counters(engine) -> Counters:
@@ -31,13 +32,14 @@ def engine_stats(engine) -> dict[str, Any]:
         "requests": {"completed": rs.completed, "failed": rs.failed, "cancelled": rs.cancelled},
         "held_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["bytes_held"]},
         "peak_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["peak_bytes"],
-                       "resident": sum(t.numel() * t.element_size() for t in _resident_tensors(engine))},
+                       "resident": resident_bytes(engine.res)},
         # per tier as planned: on the CPU computing from DRAM the device pool's budget is lent to DRAM
         "budgets": {"hbm": 0 if engine.plan.direct else int(engine.config.hbm_budget),
                     "dram": engine.plan.dram_budget},
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
                   "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
                   "direct_from_dram": engine.plan.direct},
+        "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
         "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
         "device": engine.device.type,
@@ -46,12 +48,11 @@ def engine_stats(engine) -> dict[str, Any]:
     return out
 
 
-def _resident_tensors(engine):
-    res = engine.res
-    seen = set()
-    for t in [res.embed, res.final_norm, res.lm_head] + [
-        x for w in res.layers for x in (w.attn_norm, w.wqkv, w.wo, w.ffn_norm)
-    ]:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            yield t
+
+def _memory(engine, dram_peak: int, hbm_pool: int) -> dict[str, Any] | None:
+    """The memory limit's split (``EngineConfig.memory``) and what the engine holds of it now."""
+    if engine.memory is None:
+        return None
+    kv = sum(s.kv.nbytes for s in list(engine.executor.active) if s.kv is not None)
+    held = {"resident": resident_bytes(engine.res), "hbm": hbm_pool, "dram_peak": dram_peak, "kv": kv}
+    return engine.memory.to_dict() | {"held": held}

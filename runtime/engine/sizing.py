@@ -50,7 +50,7 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
     counts = policy.max_counts()
     need = {"fp16": max(F, counts["fp16"]), "int8": counts["int8"], "int4": counts["int4"]}
-    min_hbm = sum(need[p] * bb[p] for p in PRECISION_ORDER)
+    min_hbm = _min_hbm(store, policy)
     hbm_budget = int(cfg.hbm_budget)
     if hbm_budget < min_hbm:
         raise BudgetError(
@@ -68,6 +68,22 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     assert hbm_bytes <= hbm_budget, "HBM slots exceed the budget they were sized from"
 
     return replace(_plan_dram(store, cfg, policy), hbm_slots=slots, hbm_bytes=hbm_bytes)
+
+
+def min_tier_budgets(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> tuple[int, int]:
+    """(smallest hbm_budget, smallest dram_budget) that :func:`plan_tiers` accepts for this policy; on the
+    CPU computing from DRAM the pool's budget is lent to DRAM, so all of it is DRAM's."""
+    min_dram = _dram_needs(store, cfg, policy).min_dram
+    if cpu_direct and cfg.preload in ("auto", "layer", "hybrid"):
+        return 0, min_dram
+    return _min_hbm(store, policy), min_dram
+
+
+def _min_hbm(store: Store, policy: Policy) -> int:
+    """One layer's working set in the pool: prefill is dense (every neuron at FP16), decode the policy's."""
+    counts = policy.max_counts()
+    need = {"fp16": max(store.num_neurons, counts["fp16"]), "int8": counts["int8"], "int4": counts["int4"]}
+    return sum(need[p] * store.bundle_bytes(p) for p in PRECISION_ORDER)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import ConfigError
-from m2cache.engine.loading import load_dense, load_tokenizer
+from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
+from m2cache.model.int8 import linear
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
 from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
@@ -123,7 +124,7 @@ class QualityModel:
                 recall.append(kept_recall(masks, self.oracle_scores(layer, h)))
             x = x + ffn_masked(h, {p: self.weights[p][layer] for p in masks}, masks, m.act)
         hn = rms_norm(x, m.res.final_norm, cfg.rms_norm_eps)
-        return F.linear(hn, m.res.lm_head).float()
+        return linear(hn, m.res.lm_head).float()
 
     # ---- greedy decoding ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -159,7 +160,7 @@ class QualityModel:
             assert y is not None, "a policy keeps at least one neuron"
             x = x + y
         kv.length = pos + 1
-        return F.linear(rms_norm(x, m.res.final_norm, cfg.rms_norm_eps), m.res.lm_head)[-1].float()
+        return linear(rms_norm(x, m.res.final_norm, cfg.rms_norm_eps), m.res.lm_head)[-1].float()
 
 
 def rank_masks(scores: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -213,10 +214,17 @@ def eval_data(store: Store, text: str | None, prompts: list[str] | None, tokens:
 
 def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None,
              prompts: list[str] | None = None, *, tokens: int = EVAL_TOKENS, greedy_tokens: int = GREEDY_TOKENS,
-             qm: QualityModel | None = None) -> list[dict]:
-    """One dict per policy: policy, ppl, dense_ppl, top1, agreement, ffn_bytes_ratio (+ recall)."""
+             qm: QualityModel | None = None, resident: str = "full") -> list[dict]:
+    """One dict per policy: policy, ppl, dense_ppl, top1, agreement, ffn_bytes_ratio (+ recall).
+
+    ``resident``: the form of the attention, embeddings and head the policies run with ("int8": what
+    ``EngineConfig.resident="int8"`` holds); the reference stays dense FP32, so the rows carry its cost."""
     store = Store(store_dir)
     qm = qm or QualityModel(store)
+    for name in policies:  # an unknown name is refused before the minutes of work below
+        qm.policy(name)
+    full = qm.dense.res
+    held = full if resident == "full" else load_resident(store, torch.float32, "cpu", resident)
     data = eval_data(store, text, prompts, tokens)
     dense = Policy(qm.cfg.num_layers, qm.cfg.intermediate_size)
     dense_logits = [qm.logits(w, dense)[:-1] for w in data.windows]
@@ -224,21 +232,31 @@ def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None
     dense_ppl = math.exp(nll / sum(len(w) - 1 for w in data.windows))
     dense_tokens = [qm.greedy(p, None, greedy_tokens) for p in data.prompts]
     rows = []
-    for name in policies:
-        pol = qm.policy(name)
-        recall: list[float] | None = [] if isinstance(pol, PredictorPolicy) else None
-        ppl, top1 = perplexity(qm, data.windows, pol, recall, dense_logits)
-        same = 0
-        for p, ref in zip(data.prompts, dense_tokens):
-            got = qm.greedy(p, pol, greedy_tokens)
-            same += sum(a == b for a, b in zip(got, ref))
-        row = {"policy": name, "ppl": ppl, "dense_ppl": dense_ppl, "ppl_delta": ppl / dense_ppl - 1,
-               "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)),
-               "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol)}
-        if recall:
-            row["recall"] = float(np.mean(recall))
-        rows.append(row)
+    try:
+        qm.dense.res = held
+        for name in policies:
+            rows.append(_policy_row(qm, data, name, dense_logits, dense_tokens, dense_ppl, greedy_tokens)
+                        | {"resident": resident})
+    finally:
+        qm.dense.res = full
     return rows
+
+
+def _policy_row(qm: QualityModel, data: EvalData, name: str, dense_logits: list[torch.Tensor],
+                dense_tokens: list[list[int]], dense_ppl: float, greedy_tokens: int) -> dict:
+    pol = qm.policy(name)
+    recall: list[float] | None = [] if isinstance(pol, PredictorPolicy) else None
+    ppl, top1 = perplexity(qm, data.windows, pol, recall, dense_logits)
+    same = 0
+    for p, ref in zip(data.prompts, dense_tokens):
+        got = qm.greedy(p, pol, greedy_tokens)
+        same += sum(a == b for a, b in zip(got, ref))
+    row = {"policy": name, "ppl": ppl, "dense_ppl": dense_ppl, "ppl_delta": ppl / dense_ppl - 1,
+           "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)),
+           "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol)}
+    if recall:
+        row["recall"] = float(np.mean(recall))
+    return row
 
 
 def _kept(policy: Policy) -> float:

@@ -1,0 +1,174 @@
+"""One memory limit for the whole process, split into the engine's parts (``EngineConfig.memory``).
+
+A user who says "use 2 GB" means the process. At open the engine measures what the process already
+holds (Python, torch, the caller's own objects: its resident set), keeps a margin for activations and
+transients, and splits the rest:
+
+    limit = runtime (RSS at open) + margin + resident weights + KV cache reserve + tiers (HBM + DRAM)
+
+The resident weights take the form that fits (``resident="auto"``: ``full`` in the compute dtype when it
+leaves the tiers their smallest budgets, else ``int8``), the KV reserve holds ``kv_tokens`` tokens of
+the requests admitted at once, and the tiers get the rest — on the CPU computing from DRAM all of it
+goes to DRAM (the device pool would be the same memory); otherwise half beyond the smallest device pool
+goes to the pool (it keeps every layer's hot neurons) and half to DRAM. Budgets given explicitly win,
+and must fit with the rest. A limit too small is refused at open with the smallest that works.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from m2cache.engine.config import EngineConfig, format_size
+from m2cache.engine.sizing import min_tier_budgets
+from m2cache.errors import BudgetError, ConfigError
+from m2cache.model.policy import Policy
+from m2cache.storage.reader import Store
+
+MARGIN_MIN = 64 << 20  # activations of a step, one layer's transients, allocator slack
+MARGIN_SHARE = 0.05
+DEFAULT_KV_TOKENS = 1024  # under a memory limit: tokens of KV cache for the requests admitted together
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    limit: int
+    runtime: int  # the process's resident set when the engine opened (before any weight)
+    margin: int
+    resident_form: str
+    resident: int
+    kv_tokens: int
+    kv: int
+    hbm_budget: int
+    dram_budget: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.margin + self.resident + self.kv + self.hbm_budget + self.dram_budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"total": self.total}
+
+    def describe(self) -> str:
+        return (f"memory {format_size(self.limit)}: runtime {format_size(self.runtime)} + margin "
+                f"{format_size(self.margin)} + resident ({self.resident_form}) {format_size(self.resident)} + KV "
+                f"{self.kv_tokens} tokens {format_size(self.kv)} + device pool {format_size(self.hbm_budget)} + "
+                f"DRAM {format_size(self.dram_budget)}")
+
+
+def process_rss() -> int:
+    """Bytes the process holds in RAM now (Linux: VmRSS; elsewhere the peak, an upper bound)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
+    """Bytes the resident weights take in ``form``, from the store's shapes (nothing loaded)."""
+    cfg = store.config
+    D, hd = cfg.hidden_size, cfg.head_dim
+    attn = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * D + D * cfg.num_heads * hd  # qkv + o, per layer
+    attn_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + D
+    norms = (2 * cfg.num_layers + 1) * D * dtype_bytes
+    table = cfg.vocab_size * D
+    if form == "full":
+        tables = table * (1 if cfg.tie_word_embeddings else 2)
+        return cfg.num_layers * attn * dtype_bytes + tables * dtype_bytes + norms
+    # int8: one byte a weight and a scale a row; the embeddings are read from the store per token
+    return cfg.num_layers * (attn + attn_rows * dtype_bytes) + table + cfg.vocab_size * dtype_bytes + norms
+
+
+def kv_bytes_per_token(store: Store, dtype_bytes: int) -> int:
+    cfg = store.config
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool,
+                runtime: int | None = None) -> MemoryPlan:
+    """Splits ``cfg.memory`` (see the module's doc); BudgetError, with the smallest limit, when it cannot."""
+    assert cfg.memory is not None, "plan_memory needs a memory limit"
+    if str(cfg.device).startswith("cuda"):
+        raise ConfigError("memory= sizes a CPU engine (the limit is the process's RAM); on CUDA give "
+                          "hbm_budget (device memory) and dram_budget (host memory)")
+    limit = int(cfg.memory)
+    need = _needs(store, cfg, policy, cpu_direct, process_rss() if runtime is None else runtime, limit)
+    if need.floor > limit:
+        raise BudgetError(f"memory {format_size(limit)} is too small: {need.why()}; the smallest memory that works is "
+                          f"about {format_size(need.smallest)} ({need.smallest} bytes)"
+                          + ("" if need.form == "int8" or cfg.resident != "full" else ", or use resident='int8'"))
+    spare = limit - need.floor
+    hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if cpu_direct else need.min_hbm + spare // 2)
+    dram = cfg.dram_budget if cfg.dram_budget is not None else limit - need.fixed - need.resident - int(hbm)
+    plan = MemoryPlan(limit, need.runtime, need.margin, need.form, need.resident, need.kv_tokens, need.kv,
+                      int(hbm), int(dram))
+    assert plan.total <= limit, f"the memory plan exceeds its limit: {plan.describe()}"
+    return plan
+
+
+def smallest_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool,
+                    runtime: int) -> tuple[int, str]:
+    """(the smallest ``memory`` that works, what it is made of), for a process holding ``runtime`` bytes
+    before the engine: what ``m2cache bench`` lists for a limit that m2cache does not fit."""
+    need = _needs(store, cfg.replace(memory=1 << 50), policy, cpu_direct, runtime, None)
+    return need.smallest, need.why()
+
+
+@dataclass(frozen=True)
+class _Needs:
+    runtime: int
+    margin: int
+    form: str
+    resident: int
+    kv_tokens: int
+    kv: int
+    min_hbm: int
+    tiers: int  # the smallest tiers (or the budgets given)
+    budgets_given: bool
+
+    @property
+    def fixed(self) -> int:
+        return self.runtime + self.margin + self.kv
+
+    @property
+    def floor(self) -> int:
+        return self.fixed + self.resident + self.tiers
+
+    @property
+    def smallest(self) -> int:
+        """The smallest limit that works: the margin grows with the limit (max(MARGIN_MIN, share x limit))."""
+        without = self.floor - self.margin
+        return max(without + MARGIN_MIN, int(without / (1 - MARGIN_SHARE)) + 1)
+
+    def why(self) -> str:
+        return (f"the process already holds {format_size(self.runtime)}, and the engine needs a margin of "
+                f"{format_size(self.margin)}, resident weights ({self.form}) {format_size(self.resident)}, a KV "
+                f"cache of {self.kv_tokens} tokens {format_size(self.kv)} and tiers of at least "
+                f"{format_size(self.tiers)}" + (" (the budgets given)" if self.budgets_given else ""))
+
+
+def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,
+           limit: int | None) -> _Needs:
+    """What the engine needs beside the tiers' spare; ``limit`` None: the resident form that needs least."""
+    margin = max(MARGIN_MIN, int((limit or 0) * MARGIN_SHARE))
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
+    kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
+    min_hbm, min_dram = min_tier_budgets(store, cfg, policy, cpu_direct=cpu_direct)
+    tiers = ((int(cfg.hbm_budget) if cfg.hbm_budget is not None else min_hbm)
+             + (int(cfg.dram_budget) if cfg.dram_budget is not None else min_dram))
+    fixed = runtime + margin + kv
+    form = cfg.resident
+    if form == "auto":
+        full = resident_bytes_of(store, "full", dtype_bytes)
+        form = "full" if limit is not None and fixed + full + tiers <= limit else "int8"
+    return _Needs(runtime, margin, form, resident_bytes_of(store, form, dtype_bytes), kv_tokens, kv, min_hbm, tiers,
+                  cfg.hbm_budget is not None or cfg.dram_budget is not None)

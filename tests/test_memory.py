@@ -1,0 +1,137 @@
+"""One memory limit for the process (``EngineConfig.memory``), the INT8 resident form, the embeddings read
+by row from the store, and the KV reserve that bounds the requests admitted together."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+import torch
+
+from m2cache.engine.config import EngineConfig
+from m2cache.engine.engine import Engine
+from m2cache.engine.loading import load_dense, load_resident, resident_bytes
+from m2cache.engine.memory import plan_memory, process_rss, resident_bytes_of
+from m2cache.engine.policies import load_policy
+from m2cache.errors import BudgetError, ConfigError, TruncatedStoreError
+from m2cache.model.int8 import Int8Weight
+from m2cache.storage.reader import Store
+from m2cache.storage.rows import EmbeddingRows
+
+MB = 1 << 20
+
+
+def smallest_in(message: str) -> int:
+    m = re.search(r"the smallest memory that works is about \S+ \((\d+) bytes\)", message)
+    assert m, message
+    return int(m.group(1))
+
+
+async def generate(engine: Engine, prompt: list[int], n: int, seen: list[dict] | None = None) -> list[int]:
+    out = []
+    async for t in engine.generate_ids(prompt, n):
+        out.append(t)
+        if seen is not None:
+            seen.append(engine.stats())
+    return out
+
+
+def test_int8_rows_reproduce_the_matrix_within_half_a_step_of_each_row_scale() -> None:
+    w = torch.randn(300, 64, dtype=torch.bfloat16) * torch.linspace(0.01, 3, 300, dtype=torch.bfloat16)[:, None]
+    q = Int8Weight.quantize(w, torch.float32)
+    err = (q.rows(torch.arange(300)) - w.float()).abs()
+    assert (err <= q.scale[:, None] / 2 + 1e-6).all()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(q.linear(x), x @ q.rows(torch.arange(300)).T, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_rows_read_from_the_store_equal_the_resident_matrix(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    full = load_resident(store, torch.float32)
+    rows = EmbeddingRows(store.path / store.manifest["resident"]["path"], "model.embed_tokens.weight", torch.float32)
+    ids = torch.tensor([0, 5, 5, store.config.vocab_size - 1])
+    try:
+        assert torch.equal(rows[ids], full.embed[ids])
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            rows[torch.tensor([store.config.vocab_size])]
+    finally:
+        rows.close()
+
+
+def test_a_truncated_resident_file_is_named_when_an_embedding_row_is_missing(tiny_store, tmp_path) -> None:
+    store = Store(tiny_store.store)
+    src = store.path / store.manifest["resident"]["path"]
+    cut = tmp_path / "resident.safetensors"
+    rows = EmbeddingRows(src, "model.embed_tokens.weight", torch.float32)
+    cut.write_bytes(src.read_bytes()[:rows.offset + rows.row_bytes * 3])
+    rows.close()
+    short = EmbeddingRows(cut, "model.embed_tokens.weight", torch.float32)
+    try:
+        with pytest.raises(TruncatedStoreError, match="truncated"):
+            short[torch.tensor([10])]
+    finally:
+        short.close()
+
+
+def test_the_int8_resident_form_holds_what_the_plan_counts_and_keeps_the_dense_top1(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    full = load_dense(store, torch.float32)
+    small = load_dense(store, torch.float32, resident="int8")
+    assert resident_bytes(small.res) == resident_bytes_of(store, "int8", 4)
+    assert resident_bytes(full.res) == resident_bytes_of(store, "full", 4)
+    assert resident_bytes(small.res) < resident_bytes(full.res) / 2
+    ids = list(range(3, 40))
+    a = full.forward(ids, full.new_cache(), all_logits=True)
+    b = small.forward(ids, small.new_cache(), all_logits=True)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    small.res.embed.close()
+
+
+async def test_a_memory_limit_too_small_is_refused_with_the_smallest_that_works(tiny_store) -> None:
+    async with asyncio.timeout(60):
+        with pytest.raises(BudgetError, match="memory 1.0MB is too small") as err:
+            await Engine.open(tiny_store.store, EngineConfig(memory="1MB"))
+        smallest = smallest_in(str(err.value))
+        # the process holds what it held: the limit said is enough (with room for the RSS to move a little)
+        async with Engine.open(tiny_store.store, EngineConfig(memory=smallest + 32 * MB)) as engine:
+            assert await generate(engine, [1, 2, 3], 4)
+
+
+async def test_an_engine_under_a_memory_limit_never_holds_more_than_the_limit_leaves_it(tiny_store) -> None:
+    limit = process_rss() + 256 * MB
+    seen: list[dict] = []
+    async with asyncio.timeout(120):
+        async with Engine.open(tiny_store.store, EngineConfig(memory=limit)) as engine:
+            plan = engine.memory
+            assert plan is not None and plan.total <= limit
+            outs = await asyncio.gather(*(generate(engine, [1, 2, 3 + i], 12, seen) for i in range(3)))
+            final = engine.stats()
+    assert all(len(o) == 12 for o in outs)
+    mine = limit - plan.runtime - plan.margin  # what the engine may hold itself
+    for st in seen + [final]:
+        held = st["memory"]["held"]
+        assert held["resident"] + held["hbm"] + held["dram_peak"] + held["kv"] <= mine, held
+        assert held["kv"] <= plan.kv
+    assert final["memory"]["limit"] == limit
+
+
+async def test_budgets_given_explicitly_win_and_must_fit_the_limit(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    cfg = EngineConfig(memory=process_rss() + 256 * MB, dram_budget="3MB")
+    policy = load_policy(store, None, torch.float32, "cpu")
+    plan = plan_memory(store, cfg, policy, cpu_direct=True)
+    assert plan.dram_budget == 3_000_000
+    with pytest.raises(BudgetError, match=r"tiers of at least 10\.0GB \(the budgets given\)"):
+        plan_memory(store, cfg.replace(dram_budget="10GB"), policy, cpu_direct=True)
+
+
+async def test_kv_tokens_admit_requests_only_while_their_caches_fit(tiny_store) -> None:
+    cfg = EngineConfig(kv_tokens=3 + 10, hbm_budget="4MB", dram_budget="4MB")
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            with pytest.raises(ConfigError, match="needs 14 tokens of KV cache"):
+                await generate(engine, [1, 2, 3], 11)
+            outs = await asyncio.gather(*(generate(engine, [1, 2, 3 + i], 10) for i in range(3)))
+            sizes = engine.executor.batch_sizes
+    assert all(len(o) == 10 for o in outs)
+    assert max(sizes) == 1, sizes  # one request's cache at a time fits: never two in a step
