@@ -26,15 +26,16 @@ class DRAMManager(Actor):
     name = "dram"
 
     def __init__(self, *, num_layers: int, num_neurons: int, layer_bytes: dict[str, int], budget: int, staging_reserve: int,
-                 preload: str, prefetch: int, fixed_layers: int, precisions: tuple[str, ...],
+                 preload: str, prefetch: int, fixed_keys: tuple[tuple[int, str], ...], precisions: tuple[str, ...],
                  reader, recorder, pin_memory: bool = False, inbox_size: int = 64) -> None:
         super().__init__(inbox_size)
         self.num_layers, self.num_neurons, self.layer_bytes = num_layers, num_neurons, layer_bytes
         self.preload, self.prefetch, self.precisions = preload, prefetch, precisions
         self.reader, self.recorder, self.pin_memory = reader, recorder, pin_memory
-        self.budget, self.staging_reserve, self.fixed_layers = budget, staging_reserve, fixed_layers
-        fixed_bytes = fixed_layers * sum(layer_bytes[p] for p in precisions)
-        self.fifo = LayerFIFO(budget - staging_reserve, fixed_layers, fixed_budget_bytes=fixed_bytes)
+        self.budget, self.staging_reserve = budget, staging_reserve
+        self.fixed_keys = frozenset(fixed_keys)  # (layer, precision) entries kept for good, read whole when first used
+        fixed_bytes = sum(layer_bytes[p] for _, p in self.fixed_keys)
+        self.fifo = LayerFIFO(budget - staging_reserve, 0, fixed_budget_bytes=fixed_bytes, fixed_keys=self.fixed_keys)
         self.data: dict[tuple[int, str], torch.Tensor] = {}
         self.loading: dict[tuple[int, str], asyncio.Future] = {}
         self.staged = 0  # bytes of neuron-level reads held until their copies are applied
@@ -144,7 +145,7 @@ class DRAMManager(Actor):
         try:
             for p, ids in msg.ids.items():
                 key = (msg.layer, p)
-                if key not in self.fifo and (self.preload == "layer" or key[0] < self.fixed_layers):
+                if key not in self.fifo and (self.preload == "layer" or key in self.fixed_keys):
                     self._start_layer_read(key, preload=False, step=msg.step)
                 if key in self.loading:
                     self.counts["waited"] += 1

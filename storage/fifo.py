@@ -16,6 +16,8 @@ Rules
   entries, oldest admitted first, to make room, and raises :class:`~m2cache.errors.BudgetError`
   *without changing anything* if the entry cannot fit even after evicting all of them.
 - Pinned entries (being read or copied up) are never evicted; pins count, so two readers pin twice.
+- The fixed area is the first ``fixed_layers`` layers, or the ``fixed_keys`` given (a precision of every
+  layer, say: what a small budget holds best when decode reads every layer every token).
 - A fixed-layer entry joins the fixed area only while the fixed area stays within
   ``fixed_budget_bytes`` (default: half the budget, so that the dynamic ring always keeps room for
   the preload window). One that does not fit goes to the dynamic area instead, where it is
@@ -42,7 +44,7 @@ class LayerFIFO:
     """Byte-budgeted layer-aware FIFO. Not thread-safe: the DRAM manager actor owns it."""
 
     def __init__(self, budget_bytes: int, fixed_layers: int, *,
-                 fixed_budget_bytes: int | None = None) -> None:
+                 fixed_budget_bytes: int | None = None, fixed_keys: frozenset | None = None) -> None:
         if budget_bytes < 0:
             raise ConfigError(f"DRAM budget must be >= 0 bytes, got {budget_bytes}")
         if fixed_layers < 0:
@@ -55,6 +57,7 @@ class LayerFIFO:
         self.budget_bytes = int(budget_bytes)
         self.fixed_layers = int(fixed_layers)
         self.fixed_budget_bytes = int(fixed_budget_bytes)
+        self.fixed_keys = fixed_keys  # when given, these keys (not the first layers) form the fixed area
         self.bytes_held = 0
         self.peak_bytes = 0
         self.fixed_bytes = 0
@@ -91,7 +94,8 @@ class LayerFIFO:
             raise RuntimeError(f"{key!r} admitted twice: invariant 'no key duplicated' would break")
         if nbytes < 0:
             raise RuntimeError(f"admit({key!r}): negative size {nbytes}")
-        fixed = layer < self.fixed_layers and self.fixed_bytes + nbytes <= self.fixed_budget_bytes
+        wanted = key in self.fixed_keys if self.fixed_keys is not None else layer < self.fixed_layers
+        fixed = wanted and self.fixed_bytes + nbytes <= self.fixed_budget_bytes
         pinned = self._pinned_dynamic_bytes()
         room = self.budget_bytes - self.fixed_bytes - pinned  # what evicting every unpinned entry leaves
         if nbytes > room:

@@ -135,3 +135,20 @@ async def test_kv_tokens_admit_requests_only_while_their_caches_fit(tiny_store) 
             sizes = engine.executor.batch_sizes
     assert all(len(o) == 10 for o in outs)
     assert max(sizes) == 1, sizes  # one request's cache at a time fits: never two in a step
+
+
+async def test_entries_kept_for_good_are_read_once_and_serve_every_later_token(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    n = store.config.num_layers
+    dram = store.layer_bytes("fp16") + n * store.layer_bytes("int4") + store.layer_bytes("int8")  # staging + held
+    # on the CPU the device pool's budget is lent to DRAM: give it nothing, so DRAM is what is said here
+    cfg = EngineConfig(hbm_budget=0, dram_budget=dram, policy="oracle:0.1,0.2,0.7", direct_io=True)
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            fixed = engine.plan.fixed_keys
+            assert fixed[:n] == tuple((i, "int4") for i in range(n)) and fixed[n:] == ((0, "int8"),)
+            await generate(engine, [1, 2, 3], 4)
+            reads = engine.dram.counts["layer_reads"]
+            await generate(engine, [4, 5, 6], 4)
+            assert engine.dram.counts["layer_reads"] == reads == len(fixed)  # each read whole once, then held
+            assert all(engine.dram.fifo.is_fixed(k) for k in fixed)

@@ -148,3 +148,17 @@ def test_on_the_cpu_a_too_small_dram_budget_names_what_works_with_the_lent_devic
     with pytest.raises(BudgetError):
         plan_tiers(store, EngineConfig(hbm_budget=hbm, dram_budget=least - 1), mixed(store), cpu_direct=True)
     assert plan_tiers(store, EngineConfig(hbm_budget=hbm, dram_budget=least), mixed(store), cpu_direct=True).direct
+
+
+def test_off_the_disk_a_small_dram_keeps_the_precision_most_neurons_take_in_every_layer(store: Store) -> None:
+    policy = Policy(store.config.num_layers, store.num_neurons, Shares(0.1, 0.2, 0.7))
+    staging = layer(store)  # prefill's dense FP16 layer
+    room = store.config.num_layers * layer(store, "int4") + layer(store, "int8")  # every int4 and one int8
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget=staging + room, preload="hybrid", direct_io=True)
+    plan = plan_tiers(store, cfg, policy)
+    int4 = {(i, "int4") for i in range(store.config.num_layers)}
+    assert int4 <= set(plan.fixed_keys) and (0, "int8") in plan.fixed_keys and plan.prefetch == 0
+    assert sum(store.layer_bytes(p) for _, p in plan.fixed_keys) <= plan.dram_budget - plan.staging_reserve
+    # from the page cache (no O_DIRECT) whole layers are still preloaded ahead, as measured there
+    cached = plan_tiers(store, cfg.replace(direct_io=False), policy)
+    assert all(p != "int4" or layer_ < cached.fixed_layers for layer_, p in cached.fixed_keys)

@@ -38,14 +38,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention, embeddings and LM head: full (compute dtype), int8 (half the bytes, embeddings "
                         "read per token), auto (full unless --memory needs int8)")
     p.add_argument("--kv-tokens", type=int, help="KV cache tokens the running requests hold together "
-                                                 "(default: no bound; 1024 with --memory)")
+                                                 "(default: no bound; 512 with --memory)")
     p.add_argument("--prefetch", type=int, default=2, help="layers the DRAM tier preloads ahead (k)")
     p.add_argument("--preload", default="auto", choices=("auto", "layer", "neuron", "hybrid"),
                    help="auto = hybrid; neuron reads fewer bytes (for slow SSDs)")
     p.add_argument("--ssd-sim", help='simulated SSD, e.g. "latency=5ms,bandwidth=200MB/s,seed=1"')
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT")
+    p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT (the default under --memory)")
     p.add_argument("--compute-threads", type=int, default=1,
                    help="torch intra-op threads on the CPU (default 1: the other cores serve I/O)")
     p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
@@ -65,7 +65,7 @@ def engine_config(args, store):
         memory=memory, resident=args.resident,
         kv_tokens=args.kv_tokens,
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
-        ssd_sim=args.ssd_sim, direct_io=args.direct_io, trace=getattr(args, "trace", None),
+        ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
         compute_from_dram=args.compute_from_dram)
 

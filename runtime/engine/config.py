@@ -51,7 +51,7 @@ class EngineConfig:
         about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures) or
         "auto" (full, unless a memory limit leaves the tiers too little with it).
     kv_tokens: tokens of KV cache the running requests may hold together; a request waits until its
-        prompt + max_new_tokens fit. None: no bound without ``memory``, 1024 tokens with it.
+        prompt + max_new_tokens fit. None: no bound without ``memory``, 512 tokens with it.
     prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
     preload: "layer" (whole layers into DRAM), "neuron" (only missing bundles, read on demand),
         "hybrid" (whole layers ahead when they fit; neuron-level reads for a layer not yet in DRAM) or
@@ -63,7 +63,10 @@ class EngineConfig:
         store's default.
     device: "cpu" or "cuda". dtype: compute dtype ("float32", "bfloat16", "float16").
     ssd_sim: a simulated SSD spec such as "latency=5ms,bandwidth=200MB/s,seed=1" (None = the real disk).
-    direct_io: read the store with O_DIRECT where the filesystem allows.
+    direct_io: read the store with O_DIRECT where the filesystem allows (the tiers are then the only copy of
+        what was read, and the page cache is not filled); None: on under a memory limit, off without one.
+        With it, the DRAM tier keeps the entries that save the most disk bytes (a precision of every layer)
+        when that reads less per token than preloading whole layers ahead.
     io_threads: threads serving SSD reads.
     compute_threads: torch's intra-op threads while the engine runs on the CPU (process-wide, restored at
         close); 1 by default, since the I/O threads and the event loop need the other cores: on the
@@ -95,7 +98,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     ssd_sim: str | None = None
-    direct_io: bool = False
+    direct_io: bool | None = None
     io_threads: int = 4
     compute_threads: int | None = 1
     cpu_kernels: bool = True
@@ -107,6 +110,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.memory is not None:
             object.__setattr__(self, "memory", parse_size(self.memory, "memory"))
+        if self.direct_io is None:
+            object.__setattr__(self, "direct_io", self.memory is not None)
         for name, default in (("hbm_budget", DEFAULT_HBM), ("dram_budget", DEFAULT_DRAM)):
             value = getattr(self, name)
             if value is None and self.memory is None:

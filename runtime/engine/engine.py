@@ -107,7 +107,7 @@ class Engine:
         self.dram = DRAMManager(
             num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in store.geometry},
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
-            prefetch=self.plan.prefetch, fixed_layers=self.plan.fixed_layers, precisions=self.plan.dram_precisions,
+            prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
                               bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},

@@ -27,7 +27,7 @@ from m2cache.storage.reader import Store
 
 MARGIN_MIN = 64 << 20  # activations of a step, one layer's transients, allocator slack
 MARGIN_SHARE = 0.05
-DEFAULT_KV_TOKENS = 1024  # under a memory limit: tokens of KV cache for the requests admitted together
+DEFAULT_KV_TOKENS = 512  # under a memory limit: tokens of KV cache for the requests admitted together
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class TierPlan:
     fixed_layers: int
     preload: str  # resolved: "auto" becomes layer/neuron/hybrid here
     direct: bool = False  # CPU: decode computes from DRAM's whole layers; the HBM budget is lent to DRAM
+    fixed_keys: tuple[tuple[int, str], ...] = ()  # (layer, precision) entries DRAM keeps for good
 
 
 def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> TierPlan:
@@ -133,4 +134,33 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     else:
         spare = ring_layers if preload == "neuron" else ring_layers - prefetch - 2
         fixed = min(max(0, spare), n_layers)
-    return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload)
+    keys = tuple((layer, p) for layer in range(fixed) for p in used)
+    # off the disk (O_DIRECT) bytes decide: keep what saves most reads when that reads less per token than
+    # whole layers ahead. From the page cache, whole-layer reads checked in one pass measured faster
+    if cfg.direct_io and cfg.fixed_layers is None and preload != "layer":
+        by_share = _fixed_by_share(store, policy, used, dram_budget - staging)
+        if _read_bytes(store, policy, used, by_share, 0) < _read_bytes(store, policy, used, keys, prefetch):
+            keys, prefetch, fixed = by_share, 0, 0
+    return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload, fixed_keys=keys)
+
+
+def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: int) -> tuple[tuple[int, str], ...]:
+    """Whole (layer, precision) entries to keep for good in ``room`` bytes, the precision that most neurons
+    take first (holding it saves the most neuron reads per byte held), every layer of it before the next."""
+    counts, F = policy.max_counts(), store.num_neurons
+    keys: list[tuple[int, str]] = []
+    for p in sorted(used, key=lambda p: -counts[p] / F):
+        for layer in range(store.config.num_layers):
+            if store.layer_bytes(p) <= room:
+                keys.append((layer, p))
+                room -= store.layer_bytes(p)
+    return tuple(keys)
+
+
+def _read_bytes(store: Store, policy: Policy, used: tuple[str, ...], fixed: tuple[tuple[int, str], ...],
+                prefetch: int) -> int:
+    """Bytes a decode token reads off the store: entries not held are read whole when preloaded ahead,
+    else just the neurons the policy takes at that precision."""
+    counts, held = policy.max_counts(), set(fixed)
+    per_key = {p: store.layer_bytes(p) if prefetch else counts[p] * store.bundle_bytes(p) for p in used}
+    return sum(per_key[p] for layer in range(store.config.num_layers) for p in used if (layer, p) not in held)
