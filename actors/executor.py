@@ -68,7 +68,7 @@ class Executor(Actor):
 
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
                  recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
-                 max_batch: int = 16, kv_tokens: int | None = None) -> None:
+                 max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -78,6 +78,7 @@ class Executor(Actor):
         self.active: list[Sequence] = []
         self.max_pending, self.max_queued, self.max_batch = max_pending, max_queued, max_batch
         self.kv_tokens = kv_tokens  # KV cache tokens the running sequences may hold together (None: no bound)
+        self.dense_prefill = dense_prefill  # False: prefill is scored and split by the policy, as decode
         self.exact = policy.exact  # products per sequence: tokens independent of the batch
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
@@ -274,8 +275,10 @@ class Executor(Actor):
         for seq in batch:
             seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
         order = None
-        if self.policy.needs_scores and not prefill:
-            scores = self.policy.score_batch(layer, [s.h for s in batch])  # type: ignore[misc]
+        if self.policy.needs_scores and not (prefill and self.dense_prefill):
+            # decode scores each sequence's last position; a sparse prefill every position of the prompts
+            hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
+            scores = self.policy.score_batch(layer, hs)  # type: ignore[arg-type]
             order = self.policy.rank(layer, scores)
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)

@@ -2,7 +2,8 @@
 
 The scoring itself (a small matmul) runs on the compute thread next to the layer that produced the
 input, so no thread hop is spent on it; this actor applies the policy's shares and routes the request.
-Prefill is dense: a long prompt activates nearly every neuron, so it asks for every neuron at FP16.
+Prefill is dense: a long prompt activates nearly every neuron, so it asks for every neuron at FP16 —
+unless ``dense_prefill`` is off (under a tight memory limit), when prefill takes the policy's split too.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from m2cache.model.policy import Policy
 class PredictorActor(Actor):
     name = "predictor"
 
-    def __init__(self, policy: Policy, hbm, recorder, inbox_size: int = 8) -> None:
+    def __init__(self, policy: Policy, hbm, recorder, inbox_size: int = 8, dense_prefill: bool = True) -> None:
         super().__init__(inbox_size)
-        self.policy, self.hbm, self.recorder = policy, hbm, recorder
+        self.policy, self.hbm, self.recorder, self.dense_prefill = policy, hbm, recorder, dense_prefill
         self._all = np.arange(policy.num_neurons, dtype=np.int64)
         self.kept = 0
         self.requests = 0
@@ -30,7 +31,8 @@ class PredictorActor(Actor):
         if not isinstance(msg, LayerInput):
             raise RuntimeError(f"predictor got an unknown message {type(msg).__name__}")
         t0 = time.perf_counter_ns()
-        ids = {"fp16": self._all} if msg.prefill else self.policy.split(msg.layer, msg.order)
+        dense = msg.prefill and self.dense_prefill
+        ids = {"fp16": self._all} if dense else self.policy.split(msg.layer, msg.order)
         self.requests += 1
         self.kept += sum(len(v) for v in ids.values())
         self.recorder.add("predictor", "predict", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)

@@ -152,3 +152,15 @@ async def test_entries_kept_for_good_are_read_once_and_serve_every_later_token(t
             await generate(engine, [4, 5, 6], 4)
             assert engine.dram.counts["layer_reads"] == reads == len(fixed)  # each read whole once, then held
             assert all(engine.dram.fifo.is_fixed(k) for k in fixed)
+
+
+async def test_a_prefill_split_by_the_policy_needs_only_the_policys_staging(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    decode = store.num_neurons * (store.bundle_bytes("fp16") + store.bundle_bytes("int8")) // 2
+    cfg = EngineConfig(hbm_budget=0, dram_budget=decode + 4096, policy="oracle:0.5,0.5,0", preload="hybrid")
+    with pytest.raises(BudgetError, match="dram_budget"):  # a dense prefill stages a whole FP16 layer
+        await Engine.open(tiny_store.store, cfg)
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg.replace(dense_prefill=False)) as engine:
+            assert len(await generate(engine, list(range(3, 30)), 6)) == 6
+            assert engine.dram.peak_staged <= decode + 4096

@@ -50,6 +50,10 @@ class EngineConfig:
         reference holds), "int8" (INT8 rows with a scale each, embeddings read per token from the store:
         about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures) or
         "auto" (full, unless a memory limit leaves the tiers too little with it).
+    dense_prefill: prefill with every neuron at FP16 (True: a long prompt activates nearly all of them), or
+        with the policy's split, as decode (False: a layer's staging shrinks from a whole FP16 layer to the
+        policy's bytes; teacher-forced ``m2cache eval`` measures exactly this). None: True, unless a memory
+        limit needs it off.
     kv_tokens: tokens of KV cache the running requests may hold together; a request waits until its
         prompt + max_new_tokens fit. None: no bound without ``memory``, 512 tokens with it.
     prefetch: how many layers ahead of the executor the DRAM tier preloads from the SSD (k).
@@ -91,6 +95,7 @@ class EngineConfig:
     memory: int | str | None = None
     resident: str = "auto"
     kv_tokens: int | None = None
+    dense_prefill: bool | None = None
     prefetch: int = 2
     preload: str = "auto"
     fixed_layers: int | None = None

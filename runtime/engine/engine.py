@@ -92,7 +92,8 @@ class Engine:
         if cfg.memory is not None:  # one limit: the budgets, resident form and KV reserve come from it
             self.memory = plan_memory(store, cfg, self.policy, cpu_direct=direct)
             cfg = self.config = cfg.replace(hbm_budget=self.memory.hbm_budget, dram_budget=self.memory.dram_budget,
-                                            resident=self.memory.resident_form, kv_tokens=self.memory.kv_tokens)
+                                            resident=self.memory.resident_form, kv_tokens=self.memory.kv_tokens,
+                                            dense_prefill=self.memory.dense_prefill)
             log.info("m2cache %s", self.memory.describe())
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
         loop = asyncio.get_running_loop()
@@ -113,11 +114,12 @@ class Engine:
                               bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
                               device=self.device, dram=self.dram, recorder=self.recorder,
                               direct_from_dram=self.plan.direct)
-        self.predictor = PredictorActor(self.policy, self.hbm, self.recorder)
+        self.predictor = PredictorActor(self.policy, self.hbm, self.recorder, dense_prefill=cfg.dense_prefill is not False)
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
-                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens)
+                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
+                                 dense_prefill=cfg.dense_prefill is not False)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))

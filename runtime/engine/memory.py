@@ -7,7 +7,9 @@ transients, and splits the rest:
     limit = runtime (RSS at open) + margin + resident weights + KV cache reserve + tiers (HBM + DRAM)
 
 The resident weights take the form that fits (``resident="auto"``: ``full`` in the compute dtype when it
-leaves the tiers their smallest budgets, else ``int8``), the KV reserve holds ``kv_tokens`` tokens of
+leaves the tiers their smallest budgets, else ``int8``); if even that does not fit, prefill takes the
+policy's split instead of every neuron at FP16 (``dense_prefill``: its staging shrinks to the policy's
+bytes per layer). The KV reserve holds ``kv_tokens`` tokens of
 the requests admitted at once, and the tiers get the rest — on the CPU computing from DRAM all of it
 goes to DRAM (the device pool would be the same memory); otherwise half beyond the smallest device pool
 goes to the pool (it keeps every layer's hot neurons) and half to DRAM. Budgets given explicitly win,
@@ -41,6 +43,7 @@ class MemoryPlan:
     kv: int
     hbm_budget: int
     dram_budget: int
+    dense_prefill: bool = True
 
     @property
     def total(self) -> int:
@@ -109,7 +112,7 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
     hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if cpu_direct else need.min_hbm + spare // 2)
     dram = cfg.dram_budget if cfg.dram_budget is not None else limit - need.fixed - need.resident - int(hbm)
     plan = MemoryPlan(limit, need.runtime, need.margin, need.form, need.resident, need.kv_tokens, need.kv,
-                      int(hbm), int(dram))
+                      int(hbm), int(dram), need.dense_prefill)
     assert plan.total <= limit, f"the memory plan exceeds its limit: {plan.describe()}"
     return plan
 
@@ -133,6 +136,7 @@ class _Needs:
     min_hbm: int
     tiers: int  # the smallest tiers (or the budgets given)
     budgets_given: bool
+    dense_prefill: bool
 
     @property
     def fixed(self) -> int:
@@ -152,23 +156,29 @@ class _Needs:
         return (f"the process already holds {format_size(self.runtime)}, and the engine needs a margin of "
                 f"{format_size(self.margin)}, resident weights ({self.form}) {format_size(self.resident)}, a KV "
                 f"cache of {self.kv_tokens} tokens {format_size(self.kv)} and tiers of at least "
-                f"{format_size(self.tiers)}" + (" (the budgets given)" if self.budgets_given else ""))
+                f"{format_size(self.tiers)}" + (" (the budgets given)" if self.budgets_given else "")
+                + ("" if self.dense_prefill else " (prefill split by the policy)"))
 
 
 def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,
            limit: int | None) -> _Needs:
-    """What the engine needs beside the tiers' spare; ``limit`` None: the resident form that needs least."""
+    """What the engine needs beside the tiers' spare, with the first choice of resident form and prefill
+    that fits ``limit`` (None: the one that needs least)."""
     margin = max(MARGIN_MIN, int((limit or 0) * MARGIN_SHARE))
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
     kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
     kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
-    min_hbm, min_dram = min_tier_budgets(store, cfg, policy, cpu_direct=cpu_direct)
-    tiers = ((int(cfg.hbm_budget) if cfg.hbm_budget is not None else min_hbm)
-             + (int(cfg.dram_budget) if cfg.dram_budget is not None else min_dram))
     fixed = runtime + margin + kv
-    form = cfg.resident
-    if form == "auto":
-        full = resident_bytes_of(store, "full", dtype_bytes)
-        form = "full" if limit is not None and fixed + full + tiers <= limit else "int8"
-    return _Needs(runtime, margin, form, resident_bytes_of(store, form, dtype_bytes), kv_tokens, kv, min_hbm, tiers,
-                  cfg.hbm_budget is not None or cfg.dram_budget is not None)
+    # what may give, in order: the resident form (full -> int8), then dense prefill (its staging)
+    forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8"]
+    prefills = [cfg.dense_prefill] if cfg.dense_prefill is not None else [True, False]
+    for form, dense_prefill in [(f, d) for d in prefills for f in forms]:
+        min_hbm, min_dram = min_tier_budgets(store, cfg.replace(dense_prefill=dense_prefill), policy,
+                                             cpu_direct=cpu_direct)
+        tiers = ((int(cfg.hbm_budget) if cfg.hbm_budget is not None else min_hbm)
+                 + (int(cfg.dram_budget) if cfg.dram_budget is not None else min_dram))
+        resident = resident_bytes_of(store, form, dtype_bytes)
+        if limit is not None and fixed + resident + tiers <= limit:
+            break
+    return _Needs(runtime, margin, form, resident, kv_tokens, kv, min_hbm, tiers,
+                  cfg.hbm_budget is not None or cfg.dram_budget is not None, dense_prefill)

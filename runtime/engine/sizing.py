@@ -1,7 +1,8 @@
 """Sizes the tiers from the budgets, the store and the policy — and refuses budgets that cannot work.
 
-HBM: one slot pool per precision. Prefill is dense (every neuron at FP16), decode keeps the policy's
-counts, so one layer's working set is max(F, n_fp16) FP16 slots + n_int8 + n_int4; the rest of the
+HBM: one slot pool per precision. Prefill is dense (every neuron at FP16; ``dense_prefill=False`` takes
+the policy's split instead), decode keeps the policy's counts, so one layer's working set is
+max(F, n_fp16) FP16 slots + n_int8 + n_int4; the rest of the
 budget is shared in proportion to the bytes each precision moves per token.
 DRAM: whole layers of the precisions decode uses (``layer``/``hybrid``) in a FIFO, plus a staging
 reserve for neuron-level reads (``neuron``/``hybrid``); the ring holds the current layer and
@@ -50,13 +51,13 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     n_layers, F = store.config.num_layers, store.num_neurons
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
     counts = policy.max_counts()
-    need = {"fp16": max(F, counts["fp16"]), "int8": counts["int8"], "int4": counts["int4"]}
-    min_hbm = _min_hbm(store, policy)
+    need = _working_set(store, cfg, policy)
+    min_hbm = _min_hbm(store, cfg, policy)
     hbm_budget = int(cfg.hbm_budget)
     if hbm_budget < min_hbm:
         raise BudgetError(
             f"hbm_budget {format_size(hbm_budget)} is below one layer's working set under policy "
-            f"{policy.name!r} (prefill: {F} neurons at FP16; decode: {counts}); the smallest hbm_budget "
+            f"{policy.name!r} (prefill: {_prefill_counts(store, cfg, policy)}; decode: {counts}); the smallest hbm_budget "
             f"that works is {format_size(min_hbm)} ({min_hbm} bytes)")
     decode_bytes = {p: counts[p] * bb[p] for p in PRECISION_ORDER}
     total_decode = sum(decode_bytes.values()) or 1
@@ -77,13 +78,25 @@ def min_tier_budgets(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_dir
     min_dram = _dram_needs(store, cfg, policy).min_dram
     if cpu_direct and cfg.preload in ("auto", "layer", "hybrid"):
         return 0, min_dram
-    return _min_hbm(store, policy), min_dram
+    return _min_hbm(store, cfg, policy), min_dram
 
 
-def _min_hbm(store: Store, policy: Policy) -> int:
-    """One layer's working set in the pool: prefill is dense (every neuron at FP16), decode the policy's."""
-    counts = policy.max_counts()
-    need = {"fp16": max(store.num_neurons, counts["fp16"]), "int8": counts["int8"], "int4": counts["int4"]}
+def _prefill_counts(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str, int]:
+    """Neurons a prefill step takes per precision: every one at FP16 (``dense_prefill``), else the policy's."""
+    if cfg.dense_prefill is False:
+        return policy.max_counts()
+    return {"fp16": store.num_neurons, "int8": 0, "int4": 0}
+
+
+def _working_set(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str, int]:
+    """One layer's neurons per precision that prefill or decode may hold at once."""
+    decode, prefill = policy.max_counts(), _prefill_counts(store, cfg, policy)
+    return {p: max(decode[p], prefill[p]) for p in PRECISION_ORDER}
+
+
+def _min_hbm(store: Store, cfg: EngineConfig, policy: Policy) -> int:
+    """One layer's working set in the pool."""
+    need = _working_set(store, cfg, policy)
     return sum(need[p] * store.bundle_bytes(p) for p in PRECISION_ORDER)
 
 
@@ -109,8 +122,11 @@ def _dram_needs(store: Store, cfg: EngineConfig, policy: Policy) -> _DramNeeds:
     used = tuple(p for p in PRECISION_ORDER if counts[p] > 0)
     layer_bytes = {p: store.layer_bytes(p) for p in PRECISION_ORDER}
     per_layer = sum(layer_bytes[p] for p in used)
-    staging = 0 if preload == "layer" else max(layer_bytes["fp16"], sum(decode_bytes.values()))
-    min_dram = max(layer_bytes["fp16"], per_layer) if preload == "layer" else staging
+    prefill = _prefill_counts(store, cfg, policy)
+    prefill_bytes = sum(prefill[p] * bb[p] for p in PRECISION_ORDER)
+    staging = 0 if preload == "layer" else max(prefill_bytes, sum(decode_bytes.values()))
+    prefill_layers = sum(layer_bytes[p] for p in PRECISION_ORDER if prefill[p])
+    min_dram = max(prefill_layers, per_layer) if preload == "layer" else staging
     return _DramNeeds(preload, used, per_layer, staging, min_dram)
 
 
