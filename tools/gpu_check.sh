@@ -17,7 +17,8 @@
 # Environment (all optional): OUT (default ./gpu_out), WORK (/tmp/m2cache-gpu), SYNTH_LAYERS (16: half
 #   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
 #   TOKENS (8 new tokens per run), RUNS (3), HBM (25%), DRAM (30%),
-#   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8), TRACE_TOKENS (24).
+#   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8), TRACE_TOKENS (24),
+#   RESIDENT (auto: the 'm2cache' row's attention and LM head form, the bench's --resident; int8 halves them).
 # Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, tqdm,
 # jinja2 (the machines' image has them). zstandard (only trace files use it) is installed from a carried
 # .whl/ folder when there is one, else replaced by a stub. m2cache is imported from this checkout through a
@@ -33,6 +34,7 @@ RUNS=${RUNS:-3}
 HBM=${HBM:-25%}
 DRAM=${DRAM:-30%}
 SYSTEMS=${SYSTEMS:-m2cache,m2cache-dense-fp16,hf-bf16,hf-offload}
+RESIDENT=${RESIDENT:-auto}
 CHECK_TOKENS=${CHECK_TOKENS:-8}
 TRACE_TOKENS=${TRACE_TOKENS:-24}
 DEMO=${1:-${M2CACHE_HOME:+$M2CACHE_HOME/smollm2-135m-instruct/store}}
@@ -178,6 +180,7 @@ echo "(a) exit code $?"
 stamp "(b) bench --device cuda on $SYN (hbm $HBM, dram $DRAM, $TOKENS tokens, $RUNS runs): $SYSTEMS"
 python3 -m m2cache.bench.harness --store "$SYN/store" --hf "$SYN/hf" --device cuda --memory none --hbm-budget "$HBM" \
   --dram-budget "$DRAM" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" --systems "$SYSTEMS" \
+  --resident "$RESIDENT" \
   --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
 
 stamp "bytes moved per decode token, and the floor they imply"
