@@ -22,6 +22,9 @@ from m2cache.errors import BudgetError, EngineClosedError, M2CacheError
 from m2cache.storage.fifo import LayerFIFO
 
 
+FIXED_AHEAD = 2  # layers ahead whose entries kept for good are read before the executor asks
+
+
 class DRAMManager(Actor):
     name = "dram"
 
@@ -60,12 +63,16 @@ class DRAMManager(Actor):
             raise RuntimeError(f"DRAM manager got an unknown message {type(msg).__name__}")
 
     def _preload_after(self, layer: int, step: int = -1) -> None:
-        if self.preload == "neuron":
-            return
-        for j in range(1, self.prefetch + 1):
+        """Starts the reads ahead of the executor: whole layers ``prefetch`` deep (not in ``neuron`` mode),
+        and the entries kept for good (``fixed_keys``) at least FIXED_AHEAD deep, so their first reads
+        overlap compute instead of stalling the first tokens."""
+        ahead = max(self.prefetch if self.preload != "neuron" else 0, FIXED_AHEAD if self.fixed_keys else 0)
+        for j in range(1, ahead + 1):
             target = (layer + j) % self.num_layers
             for p in self.precisions:  # a layer past the last is the next step's
-                if not self._start_layer_read((target, p), preload=True, step=step + (layer + j) // self.num_layers):
+                key = (target, p)
+                whole = key in self.fixed_keys or (self.preload != "neuron" and j <= self.prefetch)
+                if whole and not self._start_layer_read(key, preload=True, step=step + (layer + j) // self.num_layers):
                     return  # no room ahead: later layers would evict nearer ones
 
     def _start_layer_read(self, key: tuple[int, str], preload: bool, step: int = -1) -> bool:

@@ -329,15 +329,19 @@ class Executor(Actor):
         rows (None: the tensor holds exactly the requested bundles).
 
         Decode steps on the CPU run the C kernels straight over those rows (no gather, no dequantised
-        copy); prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use torch (the FP16
-        torch path is the dense model's own code, bit for bit)."""
+        copy), and so does a prefill split by the policy (``dense_prefill`` off); a dense prefill, CUDA and
+        the exact ``dense-fp16`` policy gather the rows and use torch (the FP16 torch path is the dense
+        model's own code, bit for bit)."""
         sources = self._sources(ready)
-        if self.use_kernels and not prefill and h.shape[0] <= cpu_kernels.MAX_TOKENS:
+        # the kernels take 64 rows a call; a prefill split by the policy runs them too: no layer dequantised
+        if self.use_kernels and not (prefill and self.dense_prefill):
             hf = h.float().contiguous()
             out = torch.zeros_like(hf)
-            for p, (src, rows) in sources.items():
-                slots = torch.arange(src.shape[0]) if rows is None else rows
-                cpu_kernels.ffn_group(p, src, slots, hf, out, self.dim, self.group, self.cfg.hidden_act)
+            for start in range(0, hf.shape[0], cpu_kernels.MAX_TOKENS):
+                rows_h, rows_out = hf[start:start + cpu_kernels.MAX_TOKENS], out[start:start + cpu_kernels.MAX_TOKENS]
+                for p, (src, rows) in sources.items():
+                    slots = torch.arange(src.shape[0]) if rows is None else rows
+                    cpu_kernels.ffn_group(p, src, slots, rows_h, rows_out, self.dim, self.group, self.cfg.hidden_act)
             return out.to(self.dtype)
         return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.group, self.act, self.dtype)
 

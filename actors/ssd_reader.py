@@ -16,6 +16,9 @@ from m2cache.errors import M2CacheError, SSDError
 from m2cache.storage.reader import Store
 
 
+RUN_THREADS = 8  # the disk's queue depth for one neuron-level read's runs
+
+
 class SSDReader(Actor):
     name = "ssd"
 
@@ -24,6 +27,7 @@ class SSDReader(Actor):
         self.store, self.backend, self.recorder = store, backend, recorder
         self.io_threads = io_threads
         self.pool: ThreadPoolExecutor | None = None
+        self.run_pool: ThreadPoolExecutor | None = None  # the runs of one neuron-level read, at once
         self.slots = asyncio.Semaphore(io_threads * 2)  # reads queued in the pool at most
         self.bytes_read = 0
         self.bytes_by_kind: dict[str, int] = {}
@@ -33,14 +37,15 @@ class SSDReader(Actor):
 
     async def setup(self) -> None:
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="m2cache-ssd")
+        self.run_pool = ThreadPoolExecutor(RUN_THREADS, thread_name_prefix="m2cache-ssd-run")
 
     async def teardown(self, error: BaseException | None) -> None:
-        if self.pool is not None:
-            # waiting for reads in flight (a slow or stalled SSD: up to a read's latency) must not
-            # block the event loop: wait in a helper thread
-            pool = self.pool
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: pool.shutdown(wait=True, cancel_futures=True))
+        for pool in (self.pool, self.run_pool):
+            if pool is not None:
+                # waiting for reads in flight (a slow or stalled SSD: up to a read's latency) must not
+                # block the event loop: wait in a helper thread
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda pool=pool: pool.shutdown(wait=True, cancel_futures=True))
 
     async def handle(self, msg: ReadRequest) -> None:
         await self.slots.acquire()
@@ -61,7 +66,7 @@ class SSDReader(Actor):
                 data = self.store.read_layer(msg.layer, msg.precision, self.backend)
                 nbytes = self.store.layer_bytes(msg.precision)
             else:
-                data = self.store.read_neurons(msg.layer, msg.precision, msg.ids, self.backend)
+                data = self.store.read_neurons(msg.layer, msg.precision, msg.ids, self.backend, self.run_pool)
                 nbytes = self.store.run_bytes(msg.precision, msg.ids)
         except SSDError as e:
             where = f"FFN layer {msg.layer} {msg.precision}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -157,11 +158,14 @@ class Store:
             rows = rows.copy()
         return torch.from_numpy(rows.reshape(-1, geom.bundle_bytes)[: self.num_neurons])
 
-    def read_neurons(self, layer: int, precision: str, ids: np.ndarray, backend: Backend) -> torch.Tensor:
+    def read_neurons(self, layer: int, precision: str, ids: np.ndarray, backend: Backend,
+                     pool: Executor | None = None) -> torch.Tensor:
         """Bundles of ``ids`` (any order, unique) at a precision: [n, bundle_bytes] uint8, aligned with ids.
 
         Reads the blocks that hold them — one read per run of blocks, runs closer than MERGE_GAP_BYTES
-        merged into one larger read — and verifies each block it uses.
+        merged into one larger read — and verifies each block it uses. With a ``pool`` the runs are read
+        by its threads at once: on a disk whose small reads are latency-bound (measured here: one thread
+        0.40 GB/s, eight 0.69 GB/s for 20% of an INT8 layer's neurons), the queue depth is the speed.
         """
         geom = self.geometry[precision]
         ids = np.asarray(ids, dtype=np.int64)
@@ -170,12 +174,19 @@ class Store:
         blocks = np.unique(ids // geom.neurons_per_block)
         if self._whole_file_is_cheaper(precision, blocks):
             return self.read_layer(layer, precision, backend)[torch.from_numpy(ids)]
-        pieces = []
-        for first, count in coalesce(blocks, merge_gap(geom)):
-            need = blocks[(blocks >= first) & (blocks < first + count)] - first
-            run = self._read_verified(layer, precision, first, count, need, backend, None)
-            pieces.append(run.reshape(count, geom.block_bytes)[need])
-        data = np.concatenate(pieces) if pieces else np.zeros((0, geom.block_bytes), np.uint8)
+        data = np.empty((len(blocks), geom.block_bytes), np.uint8)  # the blocks kept, filled run by run
+        runs = [(first, count, blocks[(blocks >= first) & (blocks < first + count)] - first)
+                for first, count in coalesce(blocks, merge_gap(geom))]
+
+        def read_run(run: tuple[int, int, np.ndarray]) -> np.ndarray:
+            first, count, need = run
+            return self._read_verified(layer, precision, first, count, need, backend, None)
+
+        done = 0
+        for (_, count, need), got in zip(runs, pool.map(read_run, runs) if pool and len(runs) > 1 else map(read_run, runs)):
+            data[done:done + len(need)] = got.reshape(count, geom.block_bytes)[need]
+            done += len(need)
+        assert done == len(blocks), "every block kept was read once"
         # the row of each id's block among the blocks kept, then the bundle inside the block
         row = np.searchsorted(blocks, ids // geom.neurons_per_block)
         bundles = data[:, : geom.neurons_per_block * geom.bundle_bytes].reshape(

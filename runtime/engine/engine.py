@@ -30,7 +30,7 @@ from m2cache.model.llama import DenseModel
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import load_policy
 from m2cache.model.sampling import check_sampling
-from m2cache.engine.memory import MemoryPlan, plan_memory
+from m2cache.engine.memory import MemoryPlan, plan_memory, return_freed_memory
 from m2cache.engine.sizing import TierPlan, plan_tiers
 from m2cache.storage.rows import EmbeddingRows
 from m2cache.storage.reader import Store
@@ -90,6 +90,7 @@ class Engine:
                   and kernels_apply(self.policy, store, store.config, self.device))
         self.memory: MemoryPlan | None = None
         if cfg.memory is not None:  # one limit: the budgets, resident form and KV reserve come from it
+            return_freed_memory(large_allocations_mapped=True)  # what the process holds is what it uses
             self.memory = plan_memory(store, cfg, self.policy, cpu_direct=direct)
             cfg = self.config = cfg.replace(hbm_budget=self.memory.hbm_budget, dram_budget=self.memory.dram_budget,
                                             resident=self.memory.resident_form, kv_tokens=self.memory.kv_tokens,
@@ -99,6 +100,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         form = "full" if cfg.resident == "auto" else cfg.resident
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
+        if self.memory is not None:
+            return_freed_memory()  # the load's transients
         self.model = DenseModel(store.config, self.res, [], self.device)
         self.backend = FileBackend(direct=cfg.direct_io)
         if cfg.ssd_sim:

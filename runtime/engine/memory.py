@@ -4,7 +4,8 @@ A user who says "use 2 GB" means the process. At open the engine measures what t
 holds (Python, torch, the caller's own objects: its resident set), keeps a margin for activations and
 transients, and splits the rest:
 
-    limit = runtime (RSS at open) + margin + resident weights + KV cache reserve + tiers (HBM + DRAM)
+    limit = runtime (RSS at open) + margin + reads in flight + resident weights + KV cache reserve
+            + tiers (HBM + DRAM)
 
 The resident weights take the form that fits (``resident="auto"``: ``full`` in the compute dtype when it
 leaves the tiers their smallest budgets, else ``int8``); if even that does not fit, prefill takes the
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from m2cache.engine.config import EngineConfig, format_size
-from m2cache.engine.sizing import min_tier_budgets
+from m2cache.engine.sizing import min_tier_budgets, staging_bytes
 from m2cache.errors import BudgetError, ConfigError
 from m2cache.model.policy import Policy
 from m2cache.storage.reader import Store
@@ -44,17 +45,19 @@ class MemoryPlan:
     hbm_budget: int
     dram_budget: int
     dense_prefill: bool = True
+    reads: int = 0  # transients: blocks read while their bundles are gathered out; a dense prefill's layer
 
     @property
     def total(self) -> int:
-        return self.runtime + self.margin + self.resident + self.kv + self.hbm_budget + self.dram_budget
+        return (self.runtime + self.margin + self.reads + self.resident + self.kv + self.hbm_budget
+                + self.dram_budget)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"total": self.total}
 
     def describe(self) -> str:
         return (f"memory {format_size(self.limit)}: runtime {format_size(self.runtime)} + margin "
-                f"{format_size(self.margin)} + resident ({self.resident_form}) {format_size(self.resident)} + KV "
+                f"{format_size(self.margin)} + reads in flight {format_size(self.reads)} + resident ({self.resident_form}) {format_size(self.resident)} + KV "
                 f"{self.kv_tokens} tokens {format_size(self.kv)} + device pool {format_size(self.hbm_budget)} + "
                 f"DRAM {format_size(self.dram_budget)}")
 
@@ -73,6 +76,37 @@ def process_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def return_freed_memory(*, large_allocations_mapped: bool = False) -> None:
+    """Hands memory the allocator keeps after a free back to the OS (glibc; elsewhere nothing).
+
+    glibc serves allocations below a threshold that grows to 32 MB from its heap, and a heap keeps what was
+    freed: loading the 7B shape's resident part (tensors read, quantised, dropped) left 240 MB held that
+    no tensor used. ``malloc_trim`` returns it; ``large_allocations_mapped`` also pins the threshold at
+    1 MiB, so every later large buffer is its own mapping and goes back to the OS when freed."""
+    libc = _libc()
+    if libc is None:
+        return
+    if large_allocations_mapped:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.malloc_trim(0)
 
 
 def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
@@ -112,7 +146,7 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
     hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if cpu_direct else need.min_hbm + spare // 2)
     dram = cfg.dram_budget if cfg.dram_budget is not None else limit - need.fixed - need.resident - int(hbm)
     plan = MemoryPlan(limit, need.runtime, need.margin, need.form, need.resident, need.kv_tokens, need.kv,
-                      int(hbm), int(dram), need.dense_prefill)
+                      int(hbm), int(dram), need.dense_prefill, need.reads)
     assert plan.total <= limit, f"the memory plan exceeds its limit: {plan.describe()}"
     return plan
 
@@ -137,10 +171,11 @@ class _Needs:
     tiers: int  # the smallest tiers (or the budgets given)
     budgets_given: bool
     dense_prefill: bool
+    reads: int
 
     @property
     def fixed(self) -> int:
-        return self.runtime + self.margin + self.kv
+        return self.runtime + self.margin + self.kv + self.reads
 
     @property
     def floor(self) -> int:
@@ -154,7 +189,7 @@ class _Needs:
 
     def why(self) -> str:
         return (f"the process already holds {format_size(self.runtime)}, and the engine needs a margin of "
-                f"{format_size(self.margin)}, resident weights ({self.form}) {format_size(self.resident)}, a KV "
+                f"{format_size(self.margin)}, reads in flight {format_size(self.reads)}, resident weights ({self.form}) {format_size(self.resident)}, a KV "
                 f"cache of {self.kv_tokens} tokens {format_size(self.kv)} and tiers of at least "
                 f"{format_size(self.tiers)}" + (" (the budgets given)" if self.budgets_given else "")
                 + ("" if self.dense_prefill else " (prefill split by the policy)"))
@@ -168,17 +203,22 @@ def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, ru
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
     kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
     kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
-    fixed = runtime + margin + kv
     # what may give, in order: the resident form (full -> int8), then dense prefill (its staging)
     forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8"]
     prefills = [cfg.dense_prefill] if cfg.dense_prefill is not None else [True, False]
     for form, dense_prefill in [(f, d) for d in prefills for f in forms]:
-        min_hbm, min_dram = min_tier_budgets(store, cfg.replace(dense_prefill=dense_prefill), policy,
-                                             cpu_direct=cpu_direct)
+        tier_cfg = cfg.replace(dense_prefill=dense_prefill)
+        min_hbm, min_dram = min_tier_budgets(store, tier_cfg, policy, cpu_direct=cpu_direct)
         tiers = ((int(cfg.hbm_budget) if cfg.hbm_budget is not None else min_hbm)
                  + (int(cfg.dram_budget) if cfg.dram_budget is not None else min_dram))
+        # a neuron-level read holds the blocks it read while it copies the bundles out (as much again as
+        # the staging it fills), and torch's prefill dequantises a whole layer; measured on the 7B shape:
+        # without counting them, the process's peak passed the plan
+        reads = staging_bytes(store, tier_cfg, policy)
+        if dense_prefill or not cpu_direct:  # torch's prefill: a whole layer dequantised to the compute dtype
+            reads += store.num_neurons * store.parts * store.hidden * dtype_bytes
         resident = resident_bytes_of(store, form, dtype_bytes)
-        if limit is not None and fixed + resident + tiers <= limit:
+        if limit is not None and runtime + margin + kv + reads + resident + tiers <= limit:
             break
     return _Needs(runtime, margin, form, resident, kv_tokens, kv, min_hbm, tiers,
-                  cfg.hbm_budget is not None or cfg.dram_budget is not None, dense_prefill)
+                  cfg.hbm_budget is not None or cfg.dram_budget is not None, dense_prefill, reads)

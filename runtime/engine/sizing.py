@@ -81,6 +81,11 @@ def min_tier_budgets(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_dir
     return _min_hbm(store, cfg, policy), min_dram
 
 
+def staging_bytes(store: Store, cfg: EngineConfig, policy: Policy) -> int:
+    """The DRAM reserve for neuron-level reads (0 when whole layers are always read)."""
+    return _dram_needs(store, cfg, policy).staging
+
+
 def _prefill_counts(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str, int]:
     """Neurons a prefill step takes per precision: every one at FP16 (``dense_prefill``), else the policy's."""
     if cfg.dense_prefill is False:
