@@ -184,11 +184,18 @@ def print_stats(st: dict, stream) -> None:
         f"peak held: device pool {st['peak_bytes']['hbm'] / mb:.1f} MB of {st['budgets']['hbm'] / mb:.1f} MB, "
         f"DRAM {st['peak_bytes']['dram'] / mb:.1f} MB of {st['budgets']['dram'] / mb:.1f} MB, "
         f"resident {st['peak_bytes']['resident'] / mb:.1f} MB",
-        f"tiers: prefetch {st['tiers']['prefetch']}, fixed layers {st['tiers']['fixed_layers']}, "
-        f"preload {st['tiers']['preload']}" + (
+        f"tiers: prefetch {st['tiers']['prefetch']}, DRAM keeps for good {st['tiers']['kept_for_good'] or 'nothing'} "
+        f"(layers per precision), preload {st['tiers']['preload']}" + (
             "; the CPU computes from DRAM's whole layers, the device pool's budget lent to DRAM"
             if st["tiers"]["direct_from_dram"] else ""),
     ]
+    if st.get("memory"):
+        m, held = st["memory"], st["memory"]["held"]
+        lines.append(f"memory limit {m['limit'] / mb:.0f} MB: runtime {m['runtime'] / mb:.0f}, margin {m['margin'] / mb:.0f}, "
+                     f"reads in flight {m['reads'] / mb:.0f}, resident ({m['resident_form']}) {m['resident'] / mb:.0f}, "
+                     f"KV {m['kv_tokens']} tokens {m['kv'] / mb:.0f}, device pool {m['hbm_budget'] / mb:.0f}, DRAM "
+                     f"{m['dram_budget'] / mb:.0f} MB" + ("" if m["dense_prefill"] else "; prefill split by the policy")
+                     + f"; held now: KV {held['kv'] / mb:.1f} MB")
     if st.get("predictor_recall") is not None:
         lines.append(f"predictor recall {st['predictor_recall']:.1%}")
     if "carbon_g_per_1k_tokens" in st:

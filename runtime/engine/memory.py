@@ -8,9 +8,9 @@ transients, and splits the rest:
             + tiers (HBM + DRAM)
 
 The resident weights take the form that fits (``resident="auto"``: ``full`` in the compute dtype when it
-leaves the tiers their smallest budgets, else ``int8``); if even that does not fit, prefill takes the
-policy's split instead of every neuron at FP16 (``dense_prefill``: its staging shrinks to the policy's
-bytes per layer). The KV reserve holds ``kv_tokens`` tokens of
+leaves the tiers their smallest budgets, else ``int8``); with ``int8``, prefill also takes the policy's
+split instead of every neuron at FP16 (``dense_prefill``: no whole FP16 layer staged and dequantised, so
+DRAM keeps more for good). The KV reserve holds ``kv_tokens`` tokens of
 the requests admitted at once, and the tiers get the rest — on the CPU computing from DRAM all of it
 goes to DRAM (the device pool would be the same memory); otherwise half beyond the smallest device pool
 goes to the pool (it keeps every layer's hot neurons) and half to DRAM. Budgets given explicitly win,
@@ -203,10 +203,14 @@ def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, ru
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
     kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
     kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
-    # what may give, in order: the resident form (full -> int8), then dense prefill (its staging)
+    # what gives way when the limit is tight: the resident form goes to int8 and, with it, prefill takes
+    # the policy's split (a dense prefill reserves a whole FP16 layer staged and dequantised: on the 7B
+    # shape 540 MB that DRAM then holds for good instead, and reads less every token)
     forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8"]
-    prefills = [cfg.dense_prefill] if cfg.dense_prefill is not None else [True, False]
-    for form, dense_prefill in [(f, d) for d in prefills for f in forms]:
+    choices = [(f, f == "full" if cfg.dense_prefill is None else cfg.dense_prefill) for f in forms]
+    if cfg.dense_prefill is None and cfg.resident == "full":
+        choices.append(("full", False))
+    for form, dense_prefill in choices:
         tier_cfg = cfg.replace(dense_prefill=dense_prefill)
         min_hbm, min_dram = min_tier_budgets(store, tier_cfg, policy, cpu_direct=cpu_direct)
         tiers = ((int(cfg.hbm_budget) if cfg.hbm_budget is not None else min_hbm)

@@ -38,6 +38,7 @@ def engine_stats(engine) -> dict[str, Any]:
                     "dram": engine.plan.dram_budget},
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
                   "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
+                  "kept_for_good": _kept_for_good(engine.plan.fixed_keys),
                   "direct_from_dram": engine.plan.direct},
         "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
         "predictor_recall": getattr(engine.policy, "recall", None),
@@ -56,3 +57,11 @@ def _memory(engine, dram_peak: int, hbm_pool: int) -> dict[str, Any] | None:
     kv = sum(s.kv.nbytes for s in list(engine.executor.active) if s.kv is not None)
     held = {"resident": resident_bytes(engine.res), "hbm": hbm_pool, "dram_peak": dram_peak, "kv": kv}
     return engine.memory.to_dict() | {"held": held}
+
+
+def _kept_for_good(keys) -> dict[str, int]:
+    """Layers per precision whose whole entry DRAM keeps for good."""
+    out: dict[str, int] = {}
+    for _, p in keys:
+        out[p] = out.get(p, 0) + 1
+    return out
