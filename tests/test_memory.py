@@ -167,3 +167,20 @@ async def test_a_prefill_split_by_the_policy_needs_only_the_policys_staging(tiny
         async with Engine.open(tiny_store.store, cfg.replace(dense_prefill=False)) as engine:
             assert len(await generate(engine, list(range(3, 30)), 6)) == 6
             assert engine.dram.peak_staged <= decode + 4096
+
+
+async def test_auto_threads_take_every_core_only_when_decode_reads_nothing_off_the_store(tiny_store) -> None:
+    import os
+
+    before = torch.get_num_threads()
+    cfg = EngineConfig(hbm_budget=0, dram_budget="8MB", policy="oracle:0.1,0.2,0.7", direct_io=True)
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:  # every entry fits: kept for good
+            assert engine.plan.decode_read_bytes == 0
+            assert torch.get_num_threads() == (os.cpu_count() or 1)
+        assert torch.get_num_threads() == before  # restored at close
+        store = Store(tiny_store.store)
+        tight = cfg.replace(dram_budget=store.layer_bytes("fp16") + store.layer_bytes("int4"))
+        async with Engine.open(tiny_store.store, tight) as engine:
+            assert engine.plan.decode_read_bytes > 0
+            assert torch.get_num_threads() == 1

@@ -46,8 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--direct-io", action="store_true", help="read the store with O_DIRECT (the default under --memory)")
-    p.add_argument("--compute-threads", type=int, default=1,
-                   help="torch intra-op threads on the CPU (default 1: the other cores serve I/O)")
+    p.add_argument("--compute-threads", type=_threads, default="auto",
+                   help="torch intra-op threads on the CPU (default auto: every core when decode reads nothing "
+                        "off the store, else 1, the other cores serving I/O)")
     p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="decode FFNs with torch instead of m2cache's C kernels (CPU)")
     p.add_argument("--no-compute-from-dram", dest="compute_from_dram", action="store_false",
@@ -68,6 +69,10 @@ def engine_config(args, store):
         ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
         compute_from_dram=args.compute_from_dram)
+
+
+def _threads(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _budget(value: str | None, default: str, limited: bool, store):

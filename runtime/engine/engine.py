@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,6 @@ class Engine:
             from m2cache.errors import ConfigError
 
             raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
-        if self.device.type == "cpu" and cfg.compute_threads is not None:
-            self._torch_threads = torch.get_num_threads()
-            torch.set_num_threads(cfg.compute_threads)
         self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
         # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
         direct = (cfg.compute_from_dram and cfg.cpu_kernels
@@ -97,6 +95,9 @@ class Engine:
                                             dense_prefill=self.memory.dense_prefill)
             log.info("m2cache %s", self.memory.describe())
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
+        if self.device.type == "cpu" and cfg.compute_threads is not None:
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(compute_threads(cfg, self.plan))
         loop = asyncio.get_running_loop()
         form = "full" if cfg.resident == "auto" else cfg.resident
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
@@ -229,6 +230,13 @@ class Engine:
                            ("device", self.device.type), ("policy", st["policy"]), ("stats", st)):
             self.recorder.mark(key, value)
         self.recorder.save(path)
+
+
+def compute_threads(cfg: EngineConfig, plan: TierPlan) -> int:
+    """torch's threads for this engine: ``auto`` takes every core when decode reads nothing off the store."""
+    if cfg.compute_threads != "auto":
+        return int(cfg.compute_threads)  # type: ignore[arg-type]
+    return (os.cpu_count() or 1) if plan.decode_read_bytes == 0 else 1
 
 
 class _Opening:

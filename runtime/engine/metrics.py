@@ -39,6 +39,7 @@ def engine_stats(engine) -> dict[str, Any]:
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
                   "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
                   "kept_for_good": _kept_for_good(engine.plan.fixed_keys),
+                  "decode_read_bytes": engine.plan.decode_read_bytes,
                   "direct_from_dram": engine.plan.direct},
         "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
         "predictor_recall": getattr(engine.policy, "recall", None),

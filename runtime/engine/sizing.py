@@ -30,6 +30,7 @@ class TierPlan:
     preload: str  # resolved: "auto" becomes layer/neuron/hybrid here
     direct: bool = False  # CPU: decode computes from DRAM's whole layers; the HBM budget is lent to DRAM
     fixed_keys: tuple[tuple[int, str], ...] = ()  # (layer, precision) entries DRAM keeps for good
+    decode_read_bytes: int = -1  # what a decode token reads off the store once warm (-1: not estimated)
 
 
 def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> TierPlan:
@@ -162,7 +163,9 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
         by_share = _fixed_by_share(store, policy, used, dram_budget - staging)
         if _read_bytes(store, policy, used, by_share, 0) < _read_bytes(store, policy, used, keys, prefetch):
             keys, prefetch, fixed = by_share, 0, 0
-    return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload, fixed_keys=keys)
+    whole = {"layer": 1, "hybrid": prefetch}.get(preload, 0)  # entries not kept: read whole, or their neurons
+    return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload, fixed_keys=keys,
+                    decode_read_bytes=_read_bytes(store, policy, used, keys, whole))
 
 
 def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: int) -> tuple[tuple[int, str], ...]:
