@@ -84,6 +84,8 @@ class Executor(Actor):
         self.wake = asyncio.Event()
         self.stopping = False
         self.worker: ThreadPoolExecutor | None = None
+        self.kernel_pool: ThreadPoolExecutor | None = None  # more threads for the C kernels' neuron shares
+        self.kernel_ways = 1
         self.step_no = 0
         self.eos = set(self.cfg.eos_token_ids)
         cuda = device.type == "cuda"
@@ -114,6 +116,9 @@ class Executor(Actor):
     # ---- the loop ------------------------------------------------------------------------------
     async def setup(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="m2cache-compute")
+        self.kernel_ways = torch.get_num_threads() if self.use_kernels else 1  # the engine set it for this run
+        if self.kernel_ways > 1:
+            self.kernel_pool = ThreadPoolExecutor(self.kernel_ways - 1, thread_name_prefix="m2cache-kernels")
 
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
@@ -121,9 +126,9 @@ class Executor(Actor):
             _finish(seq, exc)
         self.active.clear()
         self.pending.clear()
-        if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
-            worker = self.worker
-            await asyncio.get_running_loop().run_in_executor(None, lambda: worker.shutdown(wait=True))
+        for pool in (self.worker, self.kernel_pool):  # a job in flight finishes in a helper thread, not on the loop
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, lambda pool=pool: pool.shutdown(wait=True))
 
     async def run(self) -> None:
         error: BaseException | None = None
@@ -333,17 +338,32 @@ class Executor(Actor):
         the exact ``dense-fp16`` policy gather the rows and use torch (the FP16 torch path is the dense
         model's own code, bit for bit)."""
         sources = self._sources(ready)
-        # the kernels take 64 rows a call; a prefill split by the policy runs them too: no layer dequantised
+        # a prefill split by the policy runs the kernels too: no layer dequantised
         if self.use_kernels and not (prefill and self.dense_prefill):
-            hf = h.float().contiguous()
-            out = torch.zeros_like(hf)
-            for start in range(0, hf.shape[0], cpu_kernels.MAX_TOKENS):
-                rows_h, rows_out = hf[start:start + cpu_kernels.MAX_TOKENS], out[start:start + cpu_kernels.MAX_TOKENS]
-                for p, (src, rows) in sources.items():
-                    slots = torch.arange(src.shape[0]) if rows is None else rows
-                    cpu_kernels.ffn_group(p, src, slots, rows_h, rows_out, self.dim, self.group, self.cfg.hidden_act)
-            return out.to(self.dtype)
+            return self._kernel_ffn(sources, h.float().contiguous()).to(self.dtype)
         return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.group, self.act, self.dtype)
+
+    def _kernel_ffn(self, sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor) -> torch.Tensor:
+        """The C kernels over every precision's rows, 64 rows of h a call. With several compute threads
+        each takes a share of every precision's neurons into its own output (the kernels release the
+        GIL), summed at the end: the FFN is a sum over neurons."""
+        ways = self.kernel_ways
+        outs = [torch.zeros_like(hf) for _ in range(ways)]
+        parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
+                 for p, (src, rows) in sources.items()}
+
+        def share(j: int) -> None:
+            for start in range(0, hf.shape[0], cpu_kernels.MAX_TOKENS):
+                rows_h, rows_out = hf[start:start + cpu_kernels.MAX_TOKENS], outs[j][start:start + cpu_kernels.MAX_TOKENS]
+                for p, (src, slots) in parts.items():
+                    cpu_kernels.ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, self.dim, self.group,
+                                          self.cfg.hidden_act)
+
+        others = [] if self.kernel_pool is None else [self.kernel_pool.submit(share, j) for j in range(1, ways)]
+        share(0)
+        for f in others:
+            f.result()
+        return outs[0] if ways == 1 else torch.stack(outs).sum(0)
 
     def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""

@@ -184,3 +184,14 @@ async def test_auto_threads_take_every_core_only_when_decode_reads_nothing_off_t
         async with Engine.open(tiny_store.store, tight) as engine:
             assert engine.plan.decode_read_bytes > 0
             assert torch.get_num_threads() == 1
+
+
+async def test_the_kernels_split_over_threads_give_the_tokens_of_one_thread(tiny_store) -> None:
+    cfg = EngineConfig(hbm_budget=0, dram_budget="8MB", policy="oracle:0.1,0.2,0.7", direct_io=True)
+    got = {}
+    async with asyncio.timeout(60):
+        for threads in (1, 3):
+            async with Engine.open(tiny_store.store, cfg.replace(compute_threads=threads)) as engine:
+                assert engine.executor.kernel_ways == (threads if engine.executor.use_kernels else 1)
+                got[threads] = await generate(engine, [5, 6, 7, 8], 12)
+    assert got[1] == got[3]
