@@ -128,7 +128,7 @@ class Executor(Actor):
         self.pending.clear()
         for pool in (self.worker, self.kernel_pool):  # a job in flight finishes in a helper thread, not on the loop
             if pool is not None:
-                await asyncio.get_running_loop().run_in_executor(None, lambda pool=pool: pool.shutdown(wait=True))
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
 
     async def run(self) -> None:
         error: BaseException | None = None

@@ -19,6 +19,10 @@ from m2cache.storage.reader import Store
 RUN_THREADS = 8  # the disk's queue depth for one neuron-level read's runs
 
 
+def _shutdown(pool: ThreadPoolExecutor) -> None:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 class SSDReader(Actor):
     name = "ssd"
 
@@ -44,8 +48,7 @@ class SSDReader(Actor):
             if pool is not None:
                 # waiting for reads in flight (a slow or stalled SSD: up to a read's latency) must not
                 # block the event loop: wait in a helper thread
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda pool=pool: pool.shutdown(wait=True, cancel_futures=True))
+                await asyncio.get_running_loop().run_in_executor(None, _shutdown, pool)
 
     async def handle(self, msg: ReadRequest) -> None:
         await self.slots.acquire()

@@ -133,7 +133,7 @@ class FileBackend:
         if length == 0:
             return b""
         try:
-            data = self._read_direct(spath, offset, length) if self.direct_active else None
+            data: bytes | memoryview | None = self._read_direct(spath, offset, length) if self.direct_active else None
             if data is None:
                 data = self._read_buffered(spath, offset, length)
         except OSError as exc:
