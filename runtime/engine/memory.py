@@ -7,10 +7,11 @@ transients, and splits the rest:
     limit = runtime (RSS at open) + margin + reads in flight + resident weights + KV cache reserve
             + tiers (HBM + DRAM)
 
-The resident weights take the form that fits (``resident="auto"``: ``full`` in the compute dtype when it
-leaves the tiers their smallest budgets, else ``int8``); with ``int8``, prefill also takes the policy's
-split instead of every neuron at FP16 (``dense_prefill``: no whole FP16 layer staged and dequantised, so
-DRAM keeps more for good). The KV reserve holds ``kv_tokens`` tokens of
+The resident weights take a form that fits (``resident="auto"``: of ``full`` in the compute dtype and
+``int8``, the one whose tier plan reads least per decode token, ``full`` on a tie and always for the
+exact ``dense-fp16`` policy when it fits); with ``int8``, prefill also takes the policy's split instead of
+every neuron at FP16 (``dense_prefill``: no whole FP16 layer staged and dequantised, so DRAM keeps more
+for good). The KV reserve holds ``kv_tokens`` tokens of
 the requests admitted at once, and the tiers get the rest — on the CPU computing from DRAM all of it
 goes to DRAM (the device pool would be the same memory); otherwise half beyond the smallest device pool
 goes to the pool (it keeps every layer's hot neurons) and half to DRAM. Budgets given explicitly win,
@@ -137,11 +138,29 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
         raise ConfigError("memory= sizes a CPU engine (the limit is the process's RAM); on CUDA give "
                           "hbm_budget (device memory) and dram_budget (host memory)")
     limit = int(cfg.memory)
-    need = _needs(store, cfg, policy, cpu_direct, process_rss() if runtime is None else runtime, limit)
-    if need.floor > limit:
+    runtime = process_rss() if runtime is None else runtime
+    fitting = [n for n in _candidates(store, cfg, policy, cpu_direct, runtime, limit) if n.floor <= limit]
+    if not fitting:
+        need = _needs(store, cfg, policy, cpu_direct, runtime, limit)
         raise BudgetError(f"memory {format_size(limit)} is too small: {need.why()}; the smallest memory that works is "
                           f"about {format_size(need.smallest)} ({need.smallest} bytes)"
                           + ("" if need.form == "int8" or cfg.resident != "full" else ", or use resident='int8'"))
+    plans = [_split(n, cfg, limit, cpu_direct) for n in fitting]
+    if len(plans) == 1 or policy.exact:  # the exact policy keeps the dense model's resident form when it fits
+        return plans[0]
+    # otherwise the form that reads least per token once warm (ties: the first, full before int8): on the 7B
+    # shape at 3.87 GB the full resident part left DRAM 1.2 GB and 720 MB of reads a token
+    from m2cache.engine.sizing import plan_tiers
+
+    def reads(plan: MemoryPlan) -> int:
+        tier_cfg = cfg.replace(hbm_budget=plan.hbm_budget, dram_budget=plan.dram_budget,
+                               dense_prefill=plan.dense_prefill, resident=plan.resident_form)
+        return plan_tiers(store, tier_cfg, policy, cpu_direct=cpu_direct).decode_read_bytes
+
+    return min(plans, key=reads)
+
+
+def _split(need: "_Needs", cfg: EngineConfig, limit: int, cpu_direct: bool) -> MemoryPlan:
     spare = limit - need.floor
     hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if cpu_direct else need.min_hbm + spare // 2)
     dram = cfg.dram_budget if cfg.dram_budget is not None else limit - need.fixed - need.resident - int(hbm)
@@ -197,19 +216,27 @@ class _Needs:
 
 def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,
            limit: int | None) -> _Needs:
-    """What the engine needs beside the tiers' spare, with the first choice of resident form and prefill
-    that fits ``limit`` (None: the one that needs least)."""
+    """The first choice of resident form and prefill that fits ``limit`` (None, or none fits: the last,
+    which needs least)."""
+    options = _candidates(store, cfg, policy, cpu_direct, runtime, limit)
+    return next((n for n in options if limit is not None and n.floor <= limit), options[-1])
+
+
+def _candidates(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,
+                limit: int | None) -> list[_Needs]:
+    """What the engine needs beside the tiers' spare, for each choice of resident form and prefill, the
+    one that needs most first. What gives way when the limit is tight: the resident form goes to int8
+    and, with it, prefill takes the policy's split (a dense prefill reserves a whole FP16 layer staged and
+    dequantised: on the 7B shape 540 MB that DRAM then holds for good instead)."""
     margin = max(MARGIN_MIN, int((limit or 0) * MARGIN_SHARE))
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
     kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
     kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
-    # what gives way when the limit is tight: the resident form goes to int8 and, with it, prefill takes
-    # the policy's split (a dense prefill reserves a whole FP16 layer staged and dequantised: on the 7B
-    # shape 540 MB that DRAM then holds for good instead, and reads less every token)
     forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8"]
     choices = [(f, f == "full" if cfg.dense_prefill is None else cfg.dense_prefill) for f in forms]
     if cfg.dense_prefill is None and cfg.resident == "full":
         choices.append(("full", False))
+    out = []
     for form, dense_prefill in choices:
         tier_cfg = cfg.replace(dense_prefill=dense_prefill)
         min_hbm, min_dram = min_tier_budgets(store, tier_cfg, policy, cpu_direct=cpu_direct)
@@ -221,8 +248,6 @@ def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, ru
         reads = staging_bytes(store, tier_cfg, policy)
         if dense_prefill or not cpu_direct:  # torch's prefill: a whole layer dequantised to the compute dtype
             reads += store.num_neurons * store.parts * store.hidden * dtype_bytes
-        resident = resident_bytes_of(store, form, dtype_bytes)
-        if limit is not None and runtime + margin + kv + reads + resident + tiers <= limit:
-            break
-    return _Needs(runtime, margin, form, resident, kv_tokens, kv, min_hbm, tiers,
-                  cfg.hbm_budget is not None or cfg.dram_budget is not None, dense_prefill, reads)
+        out.append(_Needs(runtime, margin, form, resident_bytes_of(store, form, dtype_bytes), kv_tokens, kv, min_hbm,
+                          tiers, cfg.hbm_budget is not None or cfg.dram_budget is not None, dense_prefill, reads))
+    return out
