@@ -30,9 +30,10 @@ from m2cache.actors.messages import LayerInput, Progress, Release, Stop, Weights
 from m2cache.actors.uploads import Uploader, wide
 from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
 from m2cache.model import cpu_kernels
-from m2cache.model.llama import (KVCache, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
+from m2cache.model.llama import (KVCache, LayerWeights, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
 from m2cache.model.sparse_ffn import ffn_groups
+from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
 
 _DONE = object()  # end of a sequence's output
@@ -68,7 +69,8 @@ class Executor(Actor):
 
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
                  recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
-                 max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True) -> None:
+                 max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
+                 attention: AttentionStream | None = None) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -79,6 +81,7 @@ class Executor(Actor):
         self.max_pending, self.max_queued, self.max_batch = max_pending, max_queued, max_batch
         self.kv_tokens = kv_tokens  # KV cache tokens the running sequences may hold together (None: no bound)
         self.dense_prefill = dense_prefill  # False: prefill is scored and split by the policy, as decode
+        self.attention = attention  # resident="stream": each layer's projections, read ahead of their use
         self.exact = policy.exact  # products per sequence: tokens independent of the batch
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
@@ -267,7 +270,7 @@ class Executor(Actor):
     def _attend(self, batch: list[Sequence], layer: int, prefill: bool, t0: int):
         """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
         neuron ranking."""
-        w = self.res.layers[layer]
+        w = self._weights(layer)
         if len(batch) == 1 or self.exact:
             for seq in batch:
                 assert seq.kv is not None and seq.x is not None
@@ -288,6 +291,16 @@ class Executor(Actor):
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
         return order
+
+    def _weights(self, layer: int) -> LayerWeights:
+        """The layer's resident weights; streamed projections are waited for here (a stall, recorded)."""
+        w = self.res.layers[layer]
+        if self.attention is None:
+            return w
+        t0 = time.perf_counter_ns()
+        wqkv, wo = self.attention.weights(layer)
+        self.recorder.add("executor", "attention_wait", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
+        return LayerWeights(w.attn_norm, wqkv, wo, w.ffn_norm)
 
     def _layer(self, batch: list[Sequence], layer: int, ready: WeightsReady, prefill: bool, step: int):
         with self._streams():

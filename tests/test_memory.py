@@ -195,3 +195,39 @@ async def test_the_kernels_split_over_threads_give_the_tokens_of_one_thread(tiny
                 assert engine.executor.kernel_ways == (threads if engine.executor.use_kernels else 1)
                 got[threads] = await generate(engine, [5, 6, 7, 8], 12)
     assert got[1] == got[3]
+
+
+def test_streamed_attention_is_the_files_own_and_holds_a_window_of_layers(tiny_store) -> None:
+    from m2cache.storage.attention_stream import AttentionStream
+    from m2cache.storage.ssd import FileBackend
+
+    store = Store(tiny_store.store)
+    full = load_resident(store, torch.float32)
+    n = store.config.num_layers
+    stream = AttentionStream(store.path / store.manifest["resident"]["path"], n, torch.float32, FileBackend(), depth=1)
+    try:
+        for step in range(2):  # the layers in a cycle, twice
+            for layer in range(n):
+                wqkv, wo = stream.weights(layer)
+                assert torch.equal(wqkv, full.layers[layer].wqkv) and torch.equal(wo, full.layers[layer].wo)
+                assert len(stream._held) <= stream.held_layers()
+    finally:
+        stream.close()
+
+
+async def test_an_engine_streaming_attention_gives_the_tokens_of_its_weights_resident(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    model = load_dense(store, torch.float32)
+    model.res.lm_head = load_resident(store, torch.float32, form="int8").lm_head  # what "stream" keeps
+    prompt, n = [3, 4, 5, 6], 10
+    kv, want = model.new_cache(), []
+    logits = model.forward(prompt, kv)
+    for _ in range(n):
+        want.append(int(logits.argmax()))
+        logits = model.forward([want[-1]], kv)
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            got = await generate(engine, prompt, n)
+            assert engine.attention is not None and engine.attention.bytes_read > 0
+    assert got == want

@@ -46,6 +46,7 @@ BYTES_PER_WEIGHT = {"llama-f16": 2.0, "llama-q8_0": 34 / 32, "llama-q4_0": 18 / 
 # the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's rows size
 # themselves from the limit (EngineConfig.memory: the engine measures its own process at open)
 PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD = 350 << 20, 500 << 20, 200 << 20
+M2CACHE_RUNTIME = 300 << 20  # the m2cache child's own RSS when its engine opens: measured 274-279 MB (7B shape)
 PEERS_HINT = ("llama-cpp-python is not installed: `make peers` (or pip install 'm2cache[peers]') builds it from "
               "source, about 16 minutes on 2 cores")
 
@@ -160,7 +161,7 @@ class Plan:
 
     def _m2cache_needs(self, system: str) -> tuple[int, str]:
         """The engine's own smallest ``memory`` (:func:`m2cache.engine.memory.smallest_memory`), for a child
-        holding PY_OVERHEAD before the engine opens."""
+        holding M2CACHE_RUNTIME when the engine opens (the child measures its own and decides for real)."""
         from m2cache.engine.config import EngineConfig
         from m2cache.engine.memory import smallest_memory
         from m2cache.model.policy import Policy, Shares
@@ -172,7 +173,7 @@ class Plan:
         cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
                            resident="full" if name == "dense-fp16" else "auto")
         direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"
-        need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct, runtime=PY_OVERHEAD)
+        need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct, runtime=M2CACHE_RUNTIME)
         return need, why.replace("the process already holds", "the process holds about")
 
     def budgets(self, system: str, limit: int | None) -> tuple[int | None, int | None]:

@@ -194,6 +194,9 @@ def print_stats(st: dict, stream) -> None:
             "; the CPU computes from DRAM's whole layers, the device pool's budget lent to DRAM"
             if st["tiers"]["direct_from_dram"] else ""),
     ]
+    if st.get("attention_stream_bytes") is not None and st["tokens"]:
+        lines.append(f"attention streamed from the store: {st['attention_stream_bytes'] / st['tokens'] / mb:.1f} MB "
+                     f"{PER_TOKEN}")
     if st.get("memory"):
         m, held = st["memory"], st["memory"]["held"]
         lines.append(f"memory limit {m['limit'] / mb:.0f} MB: runtime {m['runtime'] / mb:.0f}, margin {m['margin'] / mb:.0f}, "

@@ -10,7 +10,7 @@ from m2cache.errors import ConfigError
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "k": 10**3, "m": 10**6, "g": 10**9}
 PRELOADS = ("auto", "layer", "neuron", "hybrid")
-RESIDENT_FORMS = ("auto", "full", "int8")
+RESIDENT_FORMS = ("auto", "full", "int8", "stream")
 DEFAULT_HBM, DEFAULT_DRAM = "64MB", "96MB"  # without a memory limit and without budgets
 DEVICES = ("cpu", "cuda")
 
@@ -48,8 +48,10 @@ class EngineConfig:
         (:mod:`m2cache.engine.memory`); refused at open, with the smallest that works, when too small.
     resident: the form of attention, embeddings and LM head: "full" (the compute dtype: what the dense
         reference holds), "int8" (INT8 rows with a scale each, embeddings read per token from the store:
-        about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures) or
-        "auto" (full, unless a memory limit leaves the tiers too little with it).
+        about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures),
+        "stream" (CPU: the LM head as int8, the attention projections read per layer from the store a few
+        layers ahead, in the compute dtype) or "auto" (under a memory limit, of the forms that fit the one
+        that reads least per token; else full).
     dense_prefill: prefill with every neuron at FP16 (True: a long prompt activates nearly all of them), or
         with the policy's split, as decode (False: a layer's staging shrinks from a whole FP16 layer to the
         policy's bytes; teacher-forced ``m2cache eval`` measures exactly this). None: True, unless a memory
@@ -137,6 +139,9 @@ class EngineConfig:
         dev = str(self.device).split(":")[0]
         if dev not in DEVICES:
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.resident == "stream" and dev == "cuda":
+            raise ConfigError("resident='stream' reads attention per layer into host memory: CPU only; on CUDA "
+                              "use 'full' or 'int8'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.compute_threads is not None and self.compute_threads != "auto" and (

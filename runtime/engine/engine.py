@@ -31,8 +31,9 @@ from m2cache.model.llama import DenseModel
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import load_policy
 from m2cache.model.sampling import check_sampling
-from m2cache.engine.memory import MemoryPlan, plan_memory, return_freed_memory
+from m2cache.engine.memory import STREAM_DEPTH, MemoryPlan, plan_memory, return_freed_memory
 from m2cache.engine.sizing import TierPlan, plan_tiers
+from m2cache.storage.attention_stream import AttentionStream
 from m2cache.storage.rows import EmbeddingRows
 from m2cache.storage.reader import Store
 from m2cache.storage.ssd import FileBackend
@@ -107,6 +108,10 @@ class Engine:
         self.backend = FileBackend(direct=cfg.direct_io)
         if cfg.ssd_sim:
             self.backend = SimulatedSSD(self.backend, cfg.ssd_sim)
+        self.attention: AttentionStream | None = None
+        if form == "stream":  # the attention projections read per layer, a few layers ahead
+            self.attention = AttentionStream(store.path / store.manifest["resident"]["path"], store.config.num_layers,
+                                             self.dtype, self.backend, depth=STREAM_DEPTH)
         n, F = store.config.num_layers, store.num_neurons
         self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
         self.dram = DRAMManager(
@@ -123,6 +128,7 @@ class Engine:
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
+                                 attention=self.attention,
                                  dense_prefill=cfg.dense_prefill is not False)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
@@ -167,6 +173,8 @@ class Engine:
         self.backend.close()
         if isinstance(self.res.embed, EmbeddingRows):
             self.res.embed.close()
+        if self.attention is not None:
+            self.attention.close()
         if isinstance(self.config.trace, (str, Path)) and self.config.trace is not True:
             self.save_trace(self.config.trace)
 

@@ -20,7 +20,7 @@ def verify_resident(store: Store) -> None:
         raise ChecksumError(f"{path} fails its checksum: the file is corrupt; {FIX_HINT}")
 
 
-RESIDENT_FORMS = ("full", "int8")
+RESIDENT_FORMS = ("full", "int8", "stream")
 
 
 def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -29,7 +29,9 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
 
     ``form="full"``: every matrix in the compute dtype (what the dense reference holds). ``"int8"``:
     the attention projections and the LM head as INT8 rows with one scale each (half the bytes of BF16),
-    the embeddings read per token from the store's file (:class:`EmbeddingRows`), norms as they are."""
+    the embeddings read per token from the store's file (:class:`EmbeddingRows`), norms as they are.
+    ``"stream"``: as ``int8`` but the attention projections are not loaded: the engine reads them per
+    layer (:class:`~m2cache.storage.attention_stream.AttentionStream`); their fields hold empty tensors."""
     if form not in RESIDENT_FORMS:
         raise ConfigError(f"resident must be one of {', '.join(RESIDENT_FORMS)}, got {form!r}")
     verify_resident(store)
@@ -39,7 +41,9 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
         def get(name: str) -> torch.Tensor:
             return f.get_tensor(name).to(device=device, dtype=dtype).contiguous()
 
-        def matrix(*names: str) -> torch.Tensor | Int8Weight:
+        def matrix(*names: str, streamed: bool = False) -> torch.Tensor | Int8Weight:
+            if streamed and form == "stream":
+                return torch.empty(0, dtype=dtype, device=device)
             if form == "full":  # one fused matrix for one product per token
                 return torch.cat([get(n) for n in names]).contiguous() if len(names) > 1 else get(names[0])
             parts = [f.get_tensor(n).to(device) for n in names]  # the file's dtype: no float copy of all
@@ -50,8 +54,8 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
             p = f"model.layers.{i}."
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
-                wo=matrix(p + "self_attn.o_proj.weight"),
+                wqkv=matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"), streamed=True),
+                wo=matrix(p + "self_attn.o_proj.weight", streamed=True),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
             ))
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"

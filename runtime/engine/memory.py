@@ -110,6 +110,9 @@ def return_freed_memory(*, large_allocations_mapped: bool = False) -> None:
     libc.malloc_trim(0)
 
 
+STREAM_DEPTH = 2  # resident="stream": layers of attention read ahead of the one computing
+
+
 def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     """Bytes the resident weights take in ``form``, from the store's shapes (nothing loaded)."""
     cfg = store.config
@@ -122,7 +125,21 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
         tables = table * (1 if cfg.tie_word_embeddings else 2)
         return cfg.num_layers * attn * dtype_bytes + tables * dtype_bytes + norms
     # int8: one byte a weight and a scale a row; the embeddings are read from the store per token
-    return cfg.num_layers * (attn + attn_rows * dtype_bytes) + table + cfg.vocab_size * dtype_bytes + norms
+    head = table + cfg.vocab_size * dtype_bytes
+    if form == "int8":
+        return cfg.num_layers * (attn + attn_rows * dtype_bytes) + head + norms
+    # stream: the layers held (the one computing and those read ahead), and the largest matrix as read
+    # from the file (2 bytes a weight) before it is converted
+    largest = max(cfg.num_heads * hd, cfg.num_kv_heads * hd) * D * 2
+    return (STREAM_DEPTH + 1) * attn * dtype_bytes + largest + head + norms
+
+
+def stream_read_bytes(store: Store) -> int:
+    """What ``resident="stream"`` reads off the store per decode token: every layer's projections."""
+    cfg = store.config
+    attn = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size \
+        + cfg.hidden_size * cfg.num_heads * cfg.head_dim
+    return cfg.num_layers * attn * 2  # the resident file's FP16/BF16
 
 
 def kv_bytes_per_token(store: Store, dtype_bytes: int) -> int:
@@ -155,7 +172,8 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
     def reads(plan: MemoryPlan) -> int:
         tier_cfg = cfg.replace(hbm_budget=plan.hbm_budget, dram_budget=plan.dram_budget,
                                dense_prefill=plan.dense_prefill, resident=plan.resident_form)
-        return plan_tiers(store, tier_cfg, policy, cpu_direct=cpu_direct).decode_read_bytes
+        ffn = plan_tiers(store, tier_cfg, policy, cpu_direct=cpu_direct).decode_read_bytes
+        return ffn + (stream_read_bytes(store) if plan.resident_form == "stream" else 0)
 
     return min(plans, key=reads)
 
@@ -232,7 +250,7 @@ def _candidates(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: boo
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
     kv_tokens = cfg.kv_tokens or min(DEFAULT_KV_TOKENS, store.config.max_position_embeddings)
     kv = kv_tokens * kv_bytes_per_token(store, dtype_bytes)
-    forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8"]
+    forms = [cfg.resident] if cfg.resident != "auto" else ["full", "int8", "stream"]
     choices = [(f, f == "full" if cfg.dense_prefill is None else cfg.dense_prefill) for f in forms]
     if cfg.dense_prefill is None and cfg.resident == "full":
         choices.append(("full", False))

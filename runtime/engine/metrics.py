@@ -32,7 +32,7 @@ def engine_stats(engine) -> dict[str, Any]:
         "requests": {"completed": rs.completed, "failed": rs.failed, "cancelled": rs.cancelled},
         "held_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["bytes_held"]},
         "peak_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["peak_bytes"],
-                       "resident": resident_bytes(engine.res)},
+                       "resident": _resident_held(engine)},
         # per tier as planned: on the CPU computing from DRAM the device pool's budget is lent to DRAM
         "budgets": {"hbm": 0 if engine.plan.direct else int(engine.config.hbm_budget),
                     "dram": engine.plan.dram_budget},
@@ -44,6 +44,8 @@ def engine_stats(engine) -> dict[str, Any]:
         "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
         "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
+        # resident="stream": the attention projections read per layer (beside the FFN's SSD->DRAM bytes)
+        "attention_stream_bytes": None if engine.attention is None else engine.attention.bytes_read,
         "device": engine.device.type,
         "counters": counters.to_dict(),
     }
@@ -56,7 +58,7 @@ def _memory(engine, dram_peak: int, hbm_pool: int) -> dict[str, Any] | None:
     if engine.memory is None:
         return None
     kv = sum(s.kv.nbytes for s in list(engine.executor.active) if s.kv is not None)
-    held = {"resident": resident_bytes(engine.res), "hbm": hbm_pool, "dram_peak": dram_peak, "kv": kv}
+    held = {"resident": _resident_held(engine), "hbm": hbm_pool, "dram_peak": dram_peak, "kv": kv}
     return engine.memory.to_dict() | {"held": held}
 
 
@@ -66,3 +68,9 @@ def _kept_for_good(keys) -> dict[str, int]:
     for _, p in keys:
         out[p] = out.get(p, 0) + 1
     return out
+
+
+def _resident_held(engine) -> int:
+    """The resident weights, and with ``resident="stream"`` the layers of attention it holds."""
+    streamed = 0 if engine.attention is None else engine.attention.held_layers() * engine.attention.layer_bytes
+    return resident_bytes(engine.res) + streamed
