@@ -353,30 +353,10 @@ class Executor(Actor):
         sources = self._sources(ready)
         # a prefill split by the policy runs the kernels too: no layer dequantised
         if self.use_kernels and not (prefill and self.dense_prefill):
-            return self._kernel_ffn(sources, h.float().contiguous()).to(self.dtype)
+            out = cpu_kernels.ffn_sources(sources, h.float().contiguous(), self.dim, self.group, self.cfg.hidden_act,
+                                          self.kernel_pool, self.kernel_ways)
+            return out.to(self.dtype)
         return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.group, self.act, self.dtype)
-
-    def _kernel_ffn(self, sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor) -> torch.Tensor:
-        """The C kernels over every precision's rows, 64 rows of h a call. With several compute threads
-        each takes a share of every precision's neurons into its own output (the kernels release the
-        GIL), summed at the end: the FFN is a sum over neurons."""
-        ways = self.kernel_ways
-        outs = [torch.zeros_like(hf) for _ in range(ways)]
-        parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
-                 for p, (src, rows) in sources.items()}
-
-        def share(j: int) -> None:
-            for start in range(0, hf.shape[0], cpu_kernels.MAX_TOKENS):
-                rows_h, rows_out = hf[start:start + cpu_kernels.MAX_TOKENS], outs[j][start:start + cpu_kernels.MAX_TOKENS]
-                for p, (src, slots) in parts.items():
-                    cpu_kernels.ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, self.dim, self.group,
-                                          self.cfg.hidden_act)
-
-        others = [] if self.kernel_pool is None else [self.kernel_pool.submit(share, j) for j in range(1, ways)]
-        share(0)
-        for f in others:
-            f.result()
-        return outs[0] if ways == 1 else torch.stack(outs).sum(0)
 
     def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
@@ -132,6 +133,30 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
         raise IndexError(f"slots must lie in [0, {pool.shape[0]}) for the {precision} pool")
     if rc != 0:
         raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, group={group})")
+
+
+def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, group: int,
+                act: str, pool: Executor | None = None, ways: int = 1) -> torch.Tensor:
+    """The FFN over every precision's rows (``sources[p]``: the tensor holding them and their row ids, None
+    for all), 64 rows of ``hf`` [T, D] float32 a call. With ``ways`` > 1 each of ``ways`` threads (this
+    one and ``ways - 1`` of ``pool``) takes a share of every precision's neurons into its own output, summed
+    at the end: the FFN is a sum over neurons, and each call releases the GIL."""
+    outs = [torch.zeros_like(hf) for _ in range(ways)]
+    parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
+             for p, (src, rows) in sources.items()}
+
+    def share(j: int) -> None:
+        for start in range(0, hf.shape[0], MAX_TOKENS):
+            rows_h, rows_out = hf[start:start + MAX_TOKENS], outs[j][start:start + MAX_TOKENS]
+            for p, (src, slots) in parts.items():
+                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, group, act)
+
+    assert ways == 1 or pool is not None, "a split over threads needs their pool"
+    others = [pool.submit(share, j) for j in range(1, ways)] if pool is not None else []
+    share(0)
+    for f in others:
+        f.result()
+    return outs[0] if ways == 1 else torch.stack(outs).sum(0)
 
 
 def copy_rows(pool: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:

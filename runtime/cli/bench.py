@@ -33,9 +33,9 @@ def add_commands(sub) -> None:
                    help="m2cache rows, CPU: compute from DRAM's whole layers (default); --no-compute-from-dram "
                         "keeps the device pool and its copies up, the path CUDA takes")
     p.add_argument("--io-threads", type=int, default=2, help="m2cache rows: I/O threads")
-    p.add_argument("--resident", default="auto", choices=("auto", "full", "int8"),
+    p.add_argument("--resident", default="auto", choices=("auto", "full", "int8", "stream"),
                    help="m2cache rows (not m2cache-dense-fp16, which stays exact): attention, embeddings and LM "
-                        "head full or INT8; auto = full unless the memory limit needs int8")
+                        "head full, INT8 or streamed per layer; auto = full, or under a limit the form that fits and reads least")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument("--llama-repack", action="store_true",
                    help="let llama.cpp repack weights into its extra buffer types (anonymous memory, not mmap)")

@@ -34,9 +34,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                         "or sized from --memory)")
     p.add_argument("--dram-budget", help="DRAM FIFO: a size or a share of FP16 FFN bytes (default 30%%, or sized "
                                          "from --memory)")
-    p.add_argument("--resident", default="auto", choices=("auto", "full", "int8"),
+    p.add_argument("--resident", default="auto", choices=("auto", "full", "int8", "stream"),
                    help="attention, embeddings and LM head: full (compute dtype), int8 (half the bytes, embeddings "
-                        "read per token), auto (full unless --memory needs int8)")
+                        "read per token), stream (CPU: attention read per layer, head int8), auto (full; under "
+                        "--memory the form that fits and reads least)")
     p.add_argument("--kv-tokens", type=int, help="KV cache tokens the running requests hold together "
                                                  "(default: no bound; 512 with --memory)")
     p.add_argument("--prefetch", type=int, default=2, help="layers the DRAM tier preloads ahead (k)")
