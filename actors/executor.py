@@ -107,8 +107,8 @@ class Executor(Actor):
         if self.kv_tokens is not None and kv_need(seq) > self.kv_tokens:
             raise ConfigError(
                 f"this request needs {kv_need(seq)} tokens of KV cache (a prompt of {len(seq.prompt)} + "
-                f"max_new_tokens {seq.max_new_tokens}); the engine holds at most {self.kv_tokens} (kv_tokens, "
-                "sized from its memory limit): ask for fewer tokens, or give a larger kv_tokens")
+                f"max_new_tokens {seq.max_new_tokens}); the engine holds at most {self.kv_tokens} (kv_tokens): "
+                "ask for fewer tokens, or give a larger kv_tokens")
         self.pending.append(seq)
         self.wake.set()
 

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from pathlib import Path
 
 import torch
@@ -153,7 +153,10 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
 
     assert ways == 1 or pool is not None, "a split over threads needs their pool"
     others = [pool.submit(share, j) for j in range(1, ways)] if pool is not None else []
-    share(0)
+    try:
+        share(0)
+    finally:  # the other shares write into outs: never return (or raise) while one still runs
+        wait(others)
     for f in others:
         f.result()
     return outs[0] if ways == 1 else torch.stack(outs).sum(0)

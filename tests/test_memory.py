@@ -231,3 +231,19 @@ async def test_an_engine_streaming_attention_gives_the_tokens_of_its_weights_res
             got = await generate(engine, prompt, n)
             assert engine.attention is not None and engine.attention.bytes_read > 0
     assert got == want
+
+
+async def test_a_memory_limit_works_with_neuron_level_preloads(tiny_store) -> None:
+    cfg = EngineConfig(memory=process_rss() + 256 * MB, preload="neuron", policy="oracle:0.1,0.2,0.7")
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            assert engine.memory is not None and engine.memory.hbm_budget > 0  # neuron mode keeps its pool
+            assert len(await generate(engine, [1, 2, 3], 4)) == 4
+
+
+def test_a_memory_limit_is_refused_at_construction_where_it_cannot_size_the_engine() -> None:
+    with pytest.raises(ConfigError, match="on CUDA give hbm_budget"):
+        EngineConfig(memory="2GB", device="cuda")
+    with pytest.raises(ConfigError, match="memory must be above 0"):
+        EngineConfig(memory=0)
+

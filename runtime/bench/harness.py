@@ -171,7 +171,7 @@ class Plan:
         policy = Policy(self.store.config.num_layers, self.store.num_neurons,
                         Shares(**spec["shares"]) if spec.get("shares") else Shares())
         cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
-                           resident="full" if name == "dense-fp16" else "auto")
+                           resident="full" if system == "m2cache-dense-fp16" else self.args.resident)
         direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"
         need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct, runtime=M2CACHE_RUNTIME)
         return need, why.replace("the process already holds", "the process holds about")
@@ -182,10 +182,15 @@ class Plan:
         from m2cache.cli.main import resolve_budget
         from m2cache.engine.config import parse_size
 
-        if limit is None or self.args.hbm_budget_set:
+        if limit is None or not self.sizes_itself():
             return (parse_size(resolve_budget(self.args.hbm_budget, self.store), "--hbm-budget"),
                     parse_size(resolve_budget(self.args.dram_budget, self.store), "--dram-budget"))
         return None, None
+
+    def sizes_itself(self) -> bool:
+        """m2cache rows size their engine from the limit (memory=), unless budgets are given or on CUDA,
+        where the tiers are device and host memory, given by their budgets."""
+        return not self.args.hbm_budget_set and not self.cuda
 
     def jobs(self, limit: int | None) -> tuple[list[Job], dict[str, dict[str, Any]]]:
         """The runnable jobs at ``limit``, and the rows of systems that do not run (with why)."""
@@ -215,7 +220,7 @@ class Plan:
                 offload = self.resident_fp16 + (m_hbm or 0) + (0 if self.cuda else m_dram or 0)
             jobs.append(Job(system=s, store=str(self.model.store), hf=str(self.model.hf), prompts=self.prompts,
                             tokens=self.args.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
-                            memory=limit if s.startswith("m2cache") and not self.args.hbm_budget_set else None,
+                            memory=limit if s.startswith("m2cache") and self.sizes_itself() else None,
                             resident="full" if s == "m2cache-dense-fp16" else self.args.resident,
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,

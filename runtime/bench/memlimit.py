@@ -269,7 +269,8 @@ class MemoryLimit:
 
 
 def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int) -> int:
-    """``generate --memory``: runs this command again, without the switch, under the limit; its exit code."""
+    """``generate --memory`` (and ``demo``): runs this command again under the limit, the switch kept so the
+    engine inside sizes itself from it (``UNDER_LIMIT_ENV`` stops a second rerun); its exit code."""
     limit = parse_memory(value, fp16_bytes)
     if limit is None:
         return -1

@@ -60,7 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args, store):
     from m2cache.engine.config import EngineConfig
 
-    memory = resolve_memory(args.memory, store)
+    # on CUDA --memory limits the process (generate runs under it) but does not size the engine: its
+    # tiers are device memory and host memory, given by their budgets
+    memory = None if str(args.device).startswith("cuda") else resolve_memory(args.memory, store)
     limited = memory is not None
     return EngineConfig(
         hbm_budget=_budget(args.hbm_budget, "20%", limited, store), dram_budget=_budget(args.dram_budget, "30%", limited, store),
@@ -224,6 +226,12 @@ def cmd_demo(args) -> int:
 
         print("training the demo model's predictors (once) ...", file=sys.stderr)
         train_predictors(store_dir)
+    if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):  # the whole demo, once, inside it
+        from m2cache.bench.memlimit import rerun_under_limit
+
+        rc = rerun_under_limit(args.argv, args.memory, int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store))
+        if rc >= 0:
+            return rc
     args.store, args.dense, args.stats = str(store_dir), False, True
     for prompt in DEMO_PROMPTS:
         print(f"\n>>> {prompt}")

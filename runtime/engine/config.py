@@ -119,6 +119,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.memory is not None:
             object.__setattr__(self, "memory", parse_size(self.memory, "memory"))
+            if self.memory <= 0:  # type: ignore[operator]
+                raise ConfigError(f"memory must be above 0 bytes, got {self.memory}")
+            if str(self.device).startswith("cuda"):
+                raise ConfigError("memory= sizes a CPU engine (the limit is the process's RAM); on CUDA give "
+                                  "hbm_budget (device memory) and dram_budget (host memory)")
         if self.direct_io is None:
             object.__setattr__(self, "direct_io", self.memory is not None)
         for name, default in (("hbm_budget", DEFAULT_HBM), ("dram_budget", DEFAULT_DRAM)):

@@ -157,7 +157,8 @@ class Engine:
         if self._torch_threads is not None:
             torch.set_num_threads(self._torch_threads)
             self._torch_threads = None
-        if self._supervisor is None:
+        if self._supervisor is None:  # start-up failed half way: release what it opened
+            self._release()
             return
         self._closed = True
         sup = self._supervisor
@@ -170,13 +171,20 @@ class Engine:
                 if actor is self.executor:
                     actor.wake.set()
         await asyncio.gather(sup, return_exceptions=True)
-        self.backend.close()
-        if isinstance(self.res.embed, EmbeddingRows):
-            self.res.embed.close()
-        if self.attention is not None:
-            self.attention.close()
+        self._release()
         if isinstance(self.config.trace, (str, Path)) and self.config.trace is not True:
             self.save_trace(self.config.trace)
+
+    def _release(self) -> None:
+        """Closes what start-up opened, readers of the store first (a read ahead still in flight reopens
+        nothing once they are closed), then the backend."""
+        attention, res, backend = getattr(self, "attention", None), getattr(self, "res", None), getattr(self, "backend", None)
+        if attention is not None:
+            attention.close()
+        if res is not None and isinstance(res.embed, EmbeddingRows):
+            res.embed.close()
+        if backend is not None:
+            backend.close()
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -244,7 +252,8 @@ def compute_threads(cfg: EngineConfig, plan: TierPlan) -> int:
     """torch's threads for this engine: ``auto`` takes every core when decode reads nothing off the store."""
     if cfg.compute_threads != "auto":
         return int(cfg.compute_threads)  # type: ignore[arg-type]
-    return (os.cpu_count() or 1) if plan.decode_read_bytes == 0 else 1
+    reads = plan.decode_read_bytes != 0 or cfg.resident == "stream"  # streamed attention is read every token
+    return 1 if reads else (os.cpu_count() or 1)
 
 
 class _Opening:

@@ -59,14 +59,17 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
             ))
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        embed: torch.Tensor | EmbeddingRows
         if form == "full":
             embed = get("model.embed_tokens.weight")
             head = embed if cfg.tie_word_embeddings else get(head_name)
-        else:
-            embed = EmbeddingRows(path, "model.embed_tokens.weight", dtype, device)
-            head = matrix(head_name)
-        return ResidentWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight"), lm_head=head)
+            return ResidentWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight"), lm_head=head)
+        rows = EmbeddingRows(path, "model.embed_tokens.weight", dtype, device)
+        try:
+            return ResidentWeights(embed=rows, layers=layers, final_norm=get("model.norm.weight"),
+                                   lm_head=matrix(head_name))
+        except BaseException:
+            rows.close()
+            raise
 
 
 def resident_bytes(res: ResidentWeights) -> int:

@@ -7,9 +7,9 @@ transients, and splits the rest:
     limit = runtime (RSS at open) + margin + reads in flight + resident weights + KV cache reserve
             + tiers (HBM + DRAM)
 
-The resident weights take a form that fits (``resident="auto"``: of ``full`` in the compute dtype and
-``int8``, the one whose tier plan reads least per decode token, ``full`` on a tie and always for the
-exact ``dense-fp16`` policy when it fits); with ``int8``, prefill also takes the policy's split instead of
+The resident weights take a form that fits (``resident="auto"``: of ``full`` in the compute dtype,
+``int8`` and ``stream``, the one whose plan reads least per decode token, ``full`` on a tie and always
+for the exact ``dense-fp16`` policy when it fits); with ``int8``, prefill also takes the policy's split instead of
 every neuron at FP16 (``dense_prefill``: no whole FP16 layer staged and dequantised, so DRAM keeps more
 for good). The KV reserve holds ``kv_tokens`` tokens of
 the requests admitted at once, and the tiers get the rest — on the CPU computing from DRAM all of it
@@ -105,7 +105,7 @@ def return_freed_memory(*, large_allocations_mapped: bool = False) -> None:
     libc = _libc()
     if libc is None:
         return
-    if large_allocations_mapped:
+    if large_allocations_mapped:  # process-wide, and left so: the limit it serves is the process's too
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     libc.malloc_trim(0)
 
@@ -150,10 +150,7 @@ def kv_bytes_per_token(store: Store, dtype_bytes: int) -> int:
 def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool,
                 runtime: int | None = None) -> MemoryPlan:
     """Splits ``cfg.memory`` (see the module's doc); BudgetError, with the smallest limit, when it cannot."""
-    assert cfg.memory is not None, "plan_memory needs a memory limit"
-    if str(cfg.device).startswith("cuda"):
-        raise ConfigError("memory= sizes a CPU engine (the limit is the process's RAM); on CUDA give "
-                          "hbm_budget (device memory) and dram_budget (host memory)")
+    assert cfg.memory is not None and not str(cfg.device).startswith("cuda"), "EngineConfig refuses memory= on CUDA"
     limit = int(cfg.memory)
     runtime = process_rss() if runtime is None else runtime
     fitting = [n for n in _candidates(store, cfg, policy, cpu_direct, runtime, limit) if n.floor <= limit]
@@ -162,7 +159,8 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
         raise BudgetError(f"memory {format_size(limit)} is too small: {need.why()}; the smallest memory that works is "
                           f"about {format_size(need.smallest)} ({need.smallest} bytes)"
                           + ("" if need.form == "int8" or cfg.resident != "full" else ", or use resident='int8'"))
-    plans = [_split(n, cfg, limit, cpu_direct) for n in fitting]
+    lent = cpu_direct and cfg.preload in ("auto", "layer", "hybrid")  # the pool's budget is lent to DRAM
+    plans = [_split(n, cfg, limit, lent) for n in fitting]
     if len(plans) == 1 or policy.exact:  # the exact policy keeps the dense model's resident form when it fits
         return plans[0]
     # otherwise the form that reads least per token once warm (ties: the first, full before int8): on the 7B
@@ -178,9 +176,9 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
     return min(plans, key=reads)
 
 
-def _split(need: "_Needs", cfg: EngineConfig, limit: int, cpu_direct: bool) -> MemoryPlan:
+def _split(need: "_Needs", cfg: EngineConfig, limit: int, lent: bool) -> MemoryPlan:
     spare = limit - need.floor
-    hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if cpu_direct else need.min_hbm + spare // 2)
+    hbm = cfg.hbm_budget if cfg.hbm_budget is not None else (0 if lent else need.min_hbm + spare // 2)
     dram = cfg.dram_budget if cfg.dram_budget is not None else limit - need.fixed - need.resident - int(hbm)
     plan = MemoryPlan(limit, need.runtime, need.margin, need.form, need.resident, need.kv_tokens, need.kv,
                       int(hbm), int(dram), need.dense_prefill, need.reads)
@@ -234,10 +232,11 @@ class _Needs:
 
 def _needs(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,
            limit: int | None) -> _Needs:
-    """The first choice of resident form and prefill that fits ``limit`` (None, or none fits: the last,
-    which needs least)."""
+    """The first choice of resident form and prefill that fits ``limit`` (None, or none fits: the one whose
+    smallest limit is least)."""
     options = _candidates(store, cfg, policy, cpu_direct, runtime, limit)
-    return next((n for n in options if limit is not None and n.floor <= limit), options[-1])
+    fits = [n for n in options if limit is not None and n.floor <= limit]
+    return fits[0] if fits else min(options, key=lambda n: n.smallest)
 
 
 def _candidates(store: Store, cfg: EngineConfig, policy: Policy, cpu_direct: bool, runtime: int,

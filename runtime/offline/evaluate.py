@@ -34,6 +34,7 @@ from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predicto
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.engine.policies import parse_oracle, parse_shares
 from m2cache.storage.reader import PlainBackend, Store
+from m2cache.storage.rows import EmbeddingRows
 from m2cache.offline.train import split_text, token_windows
 
 EVAL_TOKENS = 2048
@@ -239,6 +240,8 @@ def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None
                         | {"resident": resident})
     finally:
         qm.dense.res = full
+        if held is not full and isinstance(held.embed, EmbeddingRows):
+            held.embed.close()
     return rows
 
 
