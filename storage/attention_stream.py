@@ -12,6 +12,7 @@ Synchronous on purpose, like the rest of ``storage``: ``weights(layer)`` blocks 
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class AttentionStream:
     def layer_bytes(self) -> int:
         """Bytes of one layer's projections in the compute dtype (what each held layer takes)."""
         ext = self._extents[0]
-        return sum(_numel(ext[x][1]) for x in "qkvo") * torch.empty(0, dtype=self.dtype).element_size()
+        return sum(math.prod(ext[x][1]) for x in "qkvo") * self.dtype.itemsize
 
     def held_layers(self) -> int:
         return self.depth + 1
@@ -62,7 +63,7 @@ class AttentionStream:
 
     def _tensor(self, extent: tuple[torch.dtype, tuple[int, ...], int]) -> torch.Tensor:
         file_dtype, shape, offset = extent
-        nbytes = _numel(shape) * torch.empty(0, dtype=file_dtype).element_size()
+        nbytes = math.prod(shape) * file_dtype.itemsize
         data = self.backend.read(self.path, offset, nbytes)
         if isinstance(data, bytes):  # a buffered read: torch wants a writable buffer
             data = bytearray(data)
@@ -73,9 +74,3 @@ class AttentionStream:
         self._held.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -41,7 +41,7 @@ class EmbeddingRows:
         if len(shape) != 2:
             raise StoreError(f"{name} in {path} has shape {shape}; expected [vocab, hidden]")
         self.num_rows, self.dim = shape
-        self.row_bytes = self.dim * torch.empty(0, dtype=self.file_dtype).element_size()
+        self.row_bytes = self.dim * self.file_dtype.itemsize
         self.dtype, self.device = dtype, torch.device(device)
         self._fd = os.open(self.path, os.O_RDONLY)
         self._lock = threading.Lock()  # close() against a read in flight

@@ -12,7 +12,7 @@ import pytest
 
 from m2cache.engine.engine import Engine
 from m2cache.storage.reader import Store
-from stress.scenarios import Model, build_tiny, one_torch_thread
+from stress.scenarios import Model, build_tiny, one_torch_thread, tokens_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,10 +24,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory: pytest.TempPathFactory) -> Model:
     return build_tiny(tmp_path_factory.mktemp("batching"), layers=12)
-
-
-async def tokens_of(engine: Engine, prompt: list[int], n: int) -> list[int]:
-    return [t async for t in engine.generate_ids(prompt, n)]
 
 
 async def test_concurrent_requests_decode_in_batches_and_each_gets_the_dense_tokens(deep: Model) -> None:

@@ -16,7 +16,7 @@ import pytest
 from m2cache.engine.engine import Engine
 from m2cache.errors import BudgetError, EngineClosedError, SSDError
 from stress.scenarios import (
-    SLOW_SSD, Model, Watchdog, build_tiny, consume, load_model, one_torch_thread,
+    SLOW_SSD, Model, Watchdog, build_tiny, consume, load_model, one_torch_thread, tokens_of,
 )
 
 TOKENS = 8
@@ -39,10 +39,6 @@ def deep_relu(tmp_path_factory: pytest.TempPathFactory) -> Model:
     """10 layers, gated ReLU, LM head tied to the embeddings."""
     return build_tiny(tmp_path_factory.mktemp("engine-relu"), layers=10, seed=11, hidden_act="relu",
                       tie_word_embeddings=True)
-
-
-async def tokens_of(engine: Engine, prompt: list[int], n: int) -> list[int]:
-    return [t async for t in engine.generate_ids(prompt, n)]
 
 
 def assert_within_budgets(engine: Engine) -> None:

@@ -133,13 +133,22 @@ class Plan:
 
     def bytes_per_weight(self, system: str) -> float | None:
         if system == "m2cache":
-            from m2cache.model.policy import Shares
-
-            spec = (self.store.manifest.get("policies") or {}).get(self.policy, {})
-            shares = Shares(**spec["shares"]) if spec.get("shares") else Shares()
-            ffn = shares.bytes_ratio({p: self.store.bundle_bytes(p) for p in ("fp16", "int8", "int4")}) * 2
+            shares = self.stored_policy(self.policy).shares  # one per layer
+            bb = {p: self.store.bundle_bytes(p) for p in ("fp16", "int8", "int4")}
+            ffn = sum(s.bytes_ratio(bb) for s in shares) / len(shares) * 2
             return (ffn * self.ffn_fp16 + 2 * self.resident_fp16) / self.fp16_bytes
         return BYTES_PER_WEIGHT.get(system)
+
+    def stored_policy(self, name: str):
+        """The shares of a policy the store names (every neuron at FP16 for any other name), as a Policy:
+        what sizing needs of it, without loading its predictors."""
+        from m2cache.model.policy import Policy, Shares
+        from m2cache.model.predictor import shares_from_spec
+
+        spec = (self.store.manifest.get("policies") or {}).get(name, {})
+        cfg = self.store.config
+        shares = shares_from_spec(spec, cfg.num_layers) if spec.get("shares") else Shares()
+        return Policy(cfg.num_layers, self.store.num_neurons, shares)
 
     def needs(self, system: str) -> tuple[int, str]:
         """(bytes of memory the system must hold, what they are) for a run to work at all."""
@@ -164,12 +173,9 @@ class Plan:
         holding M2CACHE_RUNTIME when the engine opens (the child measures its own and decides for real)."""
         from m2cache.engine.config import EngineConfig
         from m2cache.engine.memory import smallest_memory
-        from m2cache.model.policy import Policy, Shares
 
         name = "dense-fp16" if system == "m2cache-dense-fp16" else self.policy
-        spec = (self.store.manifest.get("policies") or {}).get(name, {})
-        policy = Policy(self.store.config.num_layers, self.store.num_neurons,
-                        Shares(**spec["shares"]) if spec.get("shares") else Shares())
+        policy = self.stored_policy(name)
         cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
                            resident="full" if system == "m2cache-dense-fp16" else self.args.resident)
         direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"

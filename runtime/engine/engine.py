@@ -69,6 +69,7 @@ class Engine:
         self._torch_threads: int | None = None  # torch's setting before open, restored at close
         self._closed = False
         self._error: BaseException | None = None
+        self.attention: AttentionStream | None = None  # resident="stream": the projections read per layer
         self.t_open = time.perf_counter()
 
     @classmethod
@@ -108,7 +109,6 @@ class Engine:
         self.backend = FileBackend(direct=cfg.direct_io)
         if cfg.ssd_sim:
             self.backend = SimulatedSSD(self.backend, cfg.ssd_sim)
-        self.attention: AttentionStream | None = None
         if form == "stream":  # the attention projections read per layer, a few layers ahead
             self.attention = AttentionStream(store.path / store.manifest["resident"]["path"], store.config.num_layers,
                                              self.dtype, self.backend, depth=STREAM_DEPTH)
@@ -178,9 +178,9 @@ class Engine:
     def _release(self) -> None:
         """Closes what start-up opened, readers of the store first (a read ahead still in flight reopens
         nothing once they are closed), then the backend."""
-        attention, res, backend = getattr(self, "attention", None), getattr(self, "res", None), getattr(self, "backend", None)
-        if attention is not None:
-            attention.close()
+        res, backend = getattr(self, "res", None), getattr(self, "backend", None)  # set as start-up gets there
+        if self.attention is not None:
+            self.attention.close()
         if res is not None and isinstance(res.embed, EmbeddingRows):
             res.embed.close()
         if backend is not None:

@@ -117,7 +117,7 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     """Bytes the resident weights take in ``form``, from the store's shapes (nothing loaded)."""
     cfg = store.config
     D, hd = cfg.hidden_size, cfg.head_dim
-    attn = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * D + D * cfg.num_heads * hd  # qkv + o, per layer
+    attn = _attention_weights(store)
     attn_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + D
     norms = (2 * cfg.num_layers + 1) * D * dtype_bytes
     table = cfg.vocab_size * D
@@ -136,10 +136,13 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
 
 def stream_read_bytes(store: Store) -> int:
     """What ``resident="stream"`` reads off the store per decode token: every layer's projections."""
+    return store.config.num_layers * _attention_weights(store) * 2  # the resident file's FP16/BF16
+
+
+def _attention_weights(store: Store) -> int:
+    """Weights of one layer's attention projections: q, k, v [(H+2KV)*hd, D] and o [D, H*hd]."""
     cfg = store.config
-    attn = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size \
-        + cfg.hidden_size * cfg.num_heads * cfg.head_dim
-    return cfg.num_layers * attn * 2  # the resident file's FP16/BF16
+    return (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size
 
 
 def kv_bytes_per_token(store: Store, dtype_bytes: int) -> int:

@@ -5,6 +5,7 @@ along under ``"counters"``, so a saved trace (whose metadata holds ``stats()``) 
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from m2cache.engine.figures import Counters, figures
@@ -64,10 +65,7 @@ def _memory(engine, dram_peak: int, hbm_pool: int) -> dict[str, Any] | None:
 
 def _kept_for_good(keys) -> dict[str, int]:
     """Layers per precision whose whole entry DRAM keeps for good."""
-    out: dict[str, int] = {}
-    for _, p in keys:
-        out[p] = out.get(p, 0) + 1
-    return out
+    return dict(Counter(p for _, p in keys))
 
 
 def _resident_held(engine) -> int:

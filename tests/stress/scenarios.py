@@ -77,6 +77,11 @@ def load_model(name: str, store: Path) -> Model:
     return Model(name, Path(store), ffn_fp16_bytes(store), prompts, dense)
 
 
+async def tokens_of(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    """A request's generated token ids, all of them."""
+    return [t async for t in engine.generate_ids(prompt, n)]
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine torch's thread
