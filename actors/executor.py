@@ -74,7 +74,7 @@ class Executor(Actor):
         super().__init__(1)
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
-        self.parts, self.dim, self.group = store.parts, store.hidden, store.int4_group
+        self.parts, self.dim, self.groups = store.parts, store.hidden, store.groups
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -353,10 +353,10 @@ class Executor(Actor):
         sources = self._sources(ready)
         # a prefill split by the policy runs the kernels too: no layer dequantised
         if self.use_kernels and not (prefill and self.dense_prefill):
-            out = cpu_kernels.ffn_sources(sources, h.float().contiguous(), self.dim, self.group, self.cfg.hidden_act,
+            out = cpu_kernels.ffn_sources(sources, h.float().contiguous(), self.dim, self.groups, self.cfg.hidden_act,
                                           self.kernel_pool, self.kernel_ways)
             return out.to(self.dtype)
-        return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.group, self.act, self.dtype)
+        return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype)
 
     def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""
@@ -376,7 +376,7 @@ class Executor(Actor):
     def _ffn_each(self, hs: list[torch.Tensor], ready: WeightsReady) -> list[torch.Tensor]:
         """The exact policy's FFN for a batch: the rows gathered once, each sequence's product alone."""
         raw = self._raw_rows(ready)
-        return [ffn_groups(h, raw, self.parts, self.dim, self.group, self.act, self.dtype) for h in hs]
+        return [ffn_groups(h, raw, self.parts, self.dim, self.groups, self.act, self.dtype) for h in hs]
 
     def _streams(self):
         if self.compute_stream is None:

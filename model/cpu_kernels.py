@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from m2cache.storage.quant import Groups
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_ffn.c"
@@ -70,11 +72,11 @@ def _build() -> ctypes.CDLL:
             os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("m2c_ffn_fp16", "m2c_ffn_int8"):
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, p]
+    lib.m2c_ffn_fp16.argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, p]
+    lib.m2c_ffn_fp16.restype = i32
+    for name in ("m2c_ffn_int8", "m2c_ffn_int4"):  # these take the group size before the activation
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
         getattr(lib, name).restype = i32
-    lib.m2c_ffn_int4.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
-    lib.m2c_ffn_int4.restype = i32
     lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
     lib.m2c_copy_rows.restype = i32
     return lib
@@ -103,7 +105,7 @@ def available() -> bool:
 
 
 def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
-              dim: int, group: int, act: str) -> None:
+              dim: int, groups: Groups, act: str) -> None:
     """out += the FFN of the neurons at ``slots`` of ``pool`` (one precision), for every row of h.
 
     pool: [S, bundle_bytes] uint8, contiguous; slots: int64 [n]; h, out: float32 [T, D], contiguous.
@@ -124,18 +126,18 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
     if precision == "fp16":
         rc = lib.m2c_ffn_fp16(*args, code, out.data_ptr())
     elif precision == "int8":
-        rc = lib.m2c_ffn_int8(*args, code, out.data_ptr())
+        rc = lib.m2c_ffn_int8(*args, groups.int8, code, out.data_ptr())
     elif precision == "int4":
-        rc = lib.m2c_ffn_int4(*args, group, code, out.data_ptr())
+        rc = lib.m2c_ffn_int4(*args, groups.int4, code, out.data_ptr())
     else:
         raise ValueError(f"unknown precision {precision!r}")
     if rc == -3:  # checked on the C side before any row is read
         raise IndexError(f"slots must lie in [0, {pool.shape[0]}) for the {precision} pool")
     if rc != 0:
-        raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, group={group})")
+        raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, {groups})")
 
 
-def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, group: int,
+def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, groups: Groups,
                 act: str, pool: Executor | None = None, ways: int = 1) -> torch.Tensor:
     """The FFN over every precision's rows (``sources[p]``: the tensor holding them and their row ids, None
     for all), 64 rows of ``hf`` [T, D] float32 a call. With ``ways`` > 1 each of ``ways`` threads (this
@@ -149,7 +151,7 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
         for start in range(0, hf.shape[0], MAX_TOKENS):
             rows_h, rows_out = hf[start:start + MAX_TOKENS], outs[j][start:start + MAX_TOKENS]
             for p, (src, slots) in parts.items():
-                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, group, act)
+                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, groups, act)
 
     assert ways == 1 or pool is not None, "a split over threads needs their pool"
     others = [pool.submit(share, j) for j in range(1, ways)] if pool is not None else []

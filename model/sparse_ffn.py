@@ -7,9 +7,10 @@ set by precision changes nothing but each group's weights).
 
 - FP16 groups go through exactly the dense model's code (decode, then ``ffn_bundles``), so the
   policy "every neuron at FP16" reproduces the dense model bit for bit.
-- INT8 groups use ``torch._weight_int8pack_mm`` on the CPU when the compute dtype is BF16 (the kernel
-  wants BF16 activations: with FP32 ones it is ten times slower, DESIGN.md §6); otherwise the rows are
-  dequantised and multiplied in the compute dtype.
+- INT8 groups with one scale per row (stores of format version 1) use ``torch._weight_int8pack_mm``
+  on the CPU when the compute dtype is BF16 (the kernel wants BF16 activations: with FP32 ones it is
+  ten times slower, DESIGN.md §6), or apply the scales to the products; INT8 in groups along D (the
+  kernel takes one scale per output row only) is dequantised and multiplied in the compute dtype.
 - INT4 groups use ``torch._weight_int4pack_mm_for_cpu`` for gate and up only when asked
   (``int4_kernel=True``): its packed layout differs from the store's, so each call repacks the gathered
   rows, which costs about what dequantising does; by default INT4 rows are dequantised. The down part
@@ -27,7 +28,7 @@ GATED_PARTS = 3
 
 
 def ffn_groups(
-    h: torch.Tensor, raw: dict[str, torch.Tensor], parts: int, dim: int, group: int, act, dtype: torch.dtype,
+    h: torch.Tensor, raw: dict[str, torch.Tensor], parts: int, dim: int, groups: quant.Groups, act, dtype: torch.dtype,
     *, int8_kernel: bool | None = None, int4_kernel: bool = False,
 ) -> torch.Tensor:
     """Sum over precision groups of the FFN restricted to that group's neurons. h: [T, D] -> [T, D].
@@ -42,14 +43,14 @@ def ffn_groups(
             continue
         if precision == "fp16":
             y = ffn_bundles(h, quant.decode("fp16", rows, parts, dim, dtype), act)
-        elif precision == "int8" and _use_int8_kernel(h, dtype, int8_kernel):
+        elif precision == "int8" and groups.int8 == dim and _use_int8_kernel(h, dtype, int8_kernel):
             y = ffn_int8_kernel(h, rows, dim, act)
-        elif precision == "int8":
+        elif precision == "int8" and groups.int8 == dim:
             y = ffn_int8_scaled(h, rows, dim, act, dtype)
         elif precision == "int4" and int4_kernel and h.device.type == "cpu":
-            y = ffn_int4_kernel(h, rows, dim, group, act, dtype)
+            y = ffn_int4_kernel(h, rows, dim, groups.int4, act, dtype)
         else:
-            y = ffn_bundles(h, quant.decode(precision, rows, parts, dim, dtype, group), act)
+            y = ffn_bundles(h, quant.decode(precision, rows, parts, dim, dtype, groups), act)
         out = y if out is None else out.add_(y)
     if out is None:
         return torch.zeros_like(h)
@@ -72,11 +73,11 @@ def _use_int8_kernel(h: torch.Tensor, dtype: torch.dtype, forced: bool | None) -
 
 
 def _int8_parts(rows: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """raw INT8 bundles [n, B] -> int8 values [n, 3, D] (a strided view) and fp32 scales [n, 3]."""
+    """raw INT8 bundles with one scale per row [n, B] -> int8 values [n, 3, D] (a strided view) and fp32
+    scales [n, 3]."""
     n, body = rows.shape[0], GATED_PARTS * dim
     q = rows[:, :body].view(torch.int8).view(n, GATED_PARTS, dim)
-    scale = rows[:, body:].contiguous().view(torch.float32).view(n, GATED_PARTS)
-    return q, scale
+    return q, quant.int8_scales(rows, GATED_PARTS, dim, dim).view(n, GATED_PARTS)
 
 
 def ffn_int8_kernel(h: torch.Tensor, rows: torch.Tensor, dim: int, act) -> torch.Tensor:

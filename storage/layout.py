@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "m2cache-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: INT8 in groups along D (manifest ``ffn.int8_group``); 1: one INT8 scale per row
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.msgpack"
 RESIDENT = "resident.safetensors"
 PREDICTORS = "predictors.safetensors"

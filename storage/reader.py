@@ -22,7 +22,7 @@ from m2cache.errors import (
 from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
 from m2cache.storage import quant
 from m2cache.storage.layout import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, BlockGeometry, checksum_fn, coalesce, ffn_file_name,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, BlockGeometry, checksum_fn, coalesce, ffn_file_name,
 )
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ def _unpack_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path} is not a readable manifest ({e}); {FIX_HINT}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is not an m2cache manifest; {FIX_HINT}")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise StoreVersionError(
-            f"{path} has store format version {manifest.get('version')!r}; this m2cache reads version "
-            f"{FORMAT_VERSION}: {FIX_HINT} with this version of m2cache"
+            f"{path} has store format version {manifest.get('version')!r}; this m2cache reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} and writes {FORMAT_VERSION}: {FIX_HINT} with this "
+            "version of m2cache"
         )
     return manifest
 
@@ -96,7 +97,8 @@ class Store:
         self.parts: int = ffn["parts"]
         self.num_neurons: int = ffn["num_neurons"]
         self.hidden: int = ffn["hidden"]
-        self.int4_group: int = ffn["int4_group"]
+        # version 1 stores have one INT8 scale per row: a group as wide as the row
+        self.groups = quant.Groups(int8=ffn.get("int8_group", self.hidden), int4=ffn["int4_group"])
         self.geometry = {p: BlockGeometry(**g) for p, g in ffn["geometry"].items()}
         self._files: dict[tuple[int, str], dict[str, Any]] = {}
         self._crcs: dict[tuple[int, str], np.ndarray] = {}
@@ -243,7 +245,7 @@ class Store:
         return f"FFN layer {layer} {precision} neurons {lo}-{hi}"
 
     def decode(self, precision: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return quant.decode(precision, raw, self.parts, self.hidden, dtype, self.int4_group)
+        return quant.decode(precision, raw, self.parts, self.hidden, dtype, self.groups)
 
 
 def merge_gap(geom: BlockGeometry) -> int:

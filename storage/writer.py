@@ -66,13 +66,13 @@ def write_store(
     tokenizer: dict[str, Any],
     *,
     resident_dtype: torch.dtype = torch.float16,
-    int4_group: int = quant.DEFAULT_INT4_GROUP,
+    groups: quant.Groups = quant.Groups(),
     source: str = "",
     progress: Progress | None = None,
 ) -> Path:
     """Writes the store to ``dst`` (atomically: a temporary folder renamed at the end)."""
     dst = Path(dst)
-    quant.check_int4_group(cfg.hidden_size, int4_group)
+    groups.check(cfg.hidden_size)
     tmp = dst.with_name(dst.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -85,13 +85,13 @@ def write_store(
         progress(1, total)
 
     parts, dim = 3, cfg.hidden_size
-    geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, parts, dim, int4_group)) for p in quant.PRECISIONS}
+    geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, parts, dim, groups)) for p in quant.PRECISIONS}
     files: list[dict[str, Any]] = []
     for layer in range(cfg.num_layers):
         w = ffn_bundles_of(get, layer)
         for p in quant.PRECISIONS:
             name = ffn_file_name(layer, p)
-            crcs, whole = write_bundle_file(tmp / name, quant.encode(p, w, int4_group), geoms[p])
+            crcs, whole = write_bundle_file(tmp / name, quant.encode(p, w, groups), geoms[p])
             files.append({"layer": layer, "precision": p, "path": name, "size": int(geoms[p].file_bytes(
                 cfg.intermediate_size)), "crc32": crcs.tobytes(), "file_crc32": whole})
         if progress:
@@ -106,7 +106,8 @@ def write_store(
         "tokenizer": tokenizer,
         "resident": {"path": RESIDENT, "dtype": str(resident_dtype).removeprefix("torch."),
                      "size": os.path.getsize(tmp / RESIDENT), "crc32": file_checksum(tmp / RESIDENT)},
-        "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim, "int4_group": int4_group,
+        "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim,
+                "int8_group": groups.int8, "int4_group": groups.int4,
                 "geometry": {p: g.to_dict() for p, g in geoms.items()}, "files": files},
         "predictors": None,
         "policies": {},

@@ -19,14 +19,19 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compil
 RTOL = 1e-4
 
 
+def G(group: int) -> quant.Groups:
+    """INT8 and INT4 both in groups of ``group`` values."""
+    return quant.Groups(int8=group, int4=group)
+
+
 def pool_of(precision: str, n: int, dim: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.randn(n, 3, dim, generator=torch.Generator().manual_seed(seed)) * 0.05
-    return w, quant.encode(precision, w, group)
+    return w, quant.encode(precision, w, G(group))
 
 
 def reference(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, dim: int, group: int,
               act: str) -> torch.Tensor:
-    w = quant.decode(precision, pool[slots], 3, dim, torch.float32, group)
+    w = quant.decode(precision, pool[slots], 3, dim, torch.float32, G(group))
     return ffn_bundles(h, w, activation(act))
 
 
@@ -43,7 +48,7 @@ def test_kernel_matches_the_dequantised_reference(precision: str, act: str, T: i
     slots = torch.tensor([5, 199, 0, 17, 64, 63, 100])  # any order, first and last rows included
     h = torch.randn(T, dim, generator=torch.Generator().manual_seed(1))
     out = torch.zeros(T, dim)
-    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, group, act)
+    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, G(group), act)
     assert rel_err(out, reference(precision, pool, slots, h, dim, group, act)) < RTOL
 
 
@@ -54,8 +59,19 @@ def test_kernel_handles_widths_off_the_vector_length(precision: str) -> None:
     slots = torch.arange(30).flip(0).contiguous()
     h = torch.randn(2, dim, generator=torch.Generator().manual_seed(4))
     out = torch.zeros(2, dim)
-    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, group, "silu")
+    cpu_kernels.ffn_group(precision, pool, slots, h, out, dim, G(group), "silu")
     assert rel_err(out, reference(precision, pool, slots, h, dim, group, "silu")) < RTOL
+
+
+@pytest.mark.parametrize("dim", [128, 40])
+def test_int8_kernel_reads_one_scale_per_row_from_version_1_stores(dim: int) -> None:
+    # a format version 1 store's INT8 bundle is the same layout with a group as wide as the row
+    _, pool = pool_of("int8", 50, dim, dim)
+    slots = torch.tensor([3, 49, 0, 20])
+    h = torch.randn(2, dim, generator=torch.Generator().manual_seed(2))
+    out = torch.zeros(2, dim)
+    cpu_kernels.ffn_group("int8", pool, slots, h, out, dim, G(dim), "silu")
+    assert rel_err(out, reference("int8", pool, slots, h, dim, dim, "silu")) < RTOL
 
 
 def test_kernel_adds_into_the_output() -> None:
@@ -64,14 +80,14 @@ def test_kernel_adds_into_the_output() -> None:
     slots, h = torch.arange(10), torch.randn(1, dim)
     base = torch.randn(1, dim)
     out = base.clone()
-    cpu_kernels.ffn_group("int4", pool, slots, h, out, dim, group, "silu")
+    cpu_kernels.ffn_group("int4", pool, slots, h, out, dim, G(group), "silu")
     assert rel_err(out - base, reference("int4", pool, slots, h, dim, group, "silu")) < RTOL
 
 
 def test_no_slots_leave_the_output_alone() -> None:
     _, pool = pool_of("int8", 4, 64, 32)
     out = torch.ones(1, 64)
-    cpu_kernels.ffn_group("int8", pool, torch.zeros(0, dtype=torch.int64), torch.randn(1, 64), out, 64, 32, "silu")
+    cpu_kernels.ffn_group("int8", pool, torch.zeros(0, dtype=torch.int64), torch.randn(1, 64), out, 64, G(32), "silu")
     assert torch.equal(out, torch.ones(1, 64))
 
 
@@ -79,7 +95,7 @@ def test_no_slots_leave_the_output_alone() -> None:
 def test_a_slot_outside_the_pool_is_refused_before_any_read(slot: int) -> None:
     _, pool = pool_of("fp16", 4, 64, 32)
     with pytest.raises(IndexError, match=r"\[0, 4\)"):
-        cpu_kernels.ffn_group("fp16", pool, torch.tensor([0, slot]), torch.randn(1, 64), torch.zeros(1, 64), 64, 32,
+        cpu_kernels.ffn_group("fp16", pool, torch.tensor([0, slot]), torch.randn(1, 64), torch.zeros(1, 64), 64, G(32),
                               "silu")
 
 

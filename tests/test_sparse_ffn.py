@@ -12,7 +12,7 @@ from m2cache.model.policy import Policy, Shares
 from m2cache.model.sparse_ffn import ffn_groups, ffn_masked
 from m2cache.storage import quant
 
-D, N, GROUP = 128, 96, 32
+D, N, GROUP = 128, 96, quant.Groups(int8=32, int4=32)
 # BF16 activations round h and the intermediate products to 8 bits of mantissa: a few parts in a
 # thousand per product, about 1% relative on the output norm (measured ~0.6% INT8, ~0.8% INT4)
 KERNEL_RTOL = 2e-2
@@ -43,12 +43,15 @@ def test_fp16_only_is_bit_identical_to_ffn_bundles(dtype: torch.dtype, T: int) -
 
 
 @pytest.mark.parametrize("T", [1, 4])
-def test_int8_kernel_matches_dequantised_reference(T: int) -> None:
-    raw = raw_of(bundles(1))["int8"]
+@pytest.mark.parametrize("int8_group", [D, 32])  # one scale per row (format version 1): torch's kernel
+def test_int8_kernel_matches_dequantised_reference(T: int, int8_group: int) -> None:
+    groups = quant.Groups(int8=int8_group, int4=32)
+    raw = quant.encode("int8", bundles(1), groups)
     h = torch.randn(T, D).bfloat16()
-    ref = ffn_bundles(h.float(), quant.decode("int8", raw, 3, D, torch.float32), F.silu)
-    got = ffn_groups(h, {"int8": raw}, 3, D, GROUP, F.silu, torch.bfloat16, int8_kernel=True)
-    assert rel_err(got, ref) < KERNEL_RTOL
+    ref = ffn_bundles(h.float(), quant.decode("int8", raw, 3, D, torch.float32, groups), F.silu)
+    for kernel in (True, False):  # groups along D are dequantised whatever is asked
+        got = ffn_groups(h, {"int8": raw}, 3, D, groups, F.silu, torch.bfloat16, int8_kernel=kernel)
+        assert rel_err(got, ref) < KERNEL_RTOL
 
 
 @pytest.mark.parametrize("T", [1, 4])

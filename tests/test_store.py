@@ -97,7 +97,7 @@ def test_read_layer_returns_the_encoded_bundles_of_the_checkpoint(
 ) -> None:
     backend = PlainBackend()
     for layer, w in enumerate(wide_bundles):
-        want = quant.encode(precision, w, wide_store.int4_group)
+        want = quant.encode(precision, w, wide_store.groups)
         assert torch.equal(wide_store.read_layer(layer, precision, backend), want)
 
 

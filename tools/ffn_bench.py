@@ -27,7 +27,7 @@ from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.storage import quant
 
 SHAPES = {"demo": (576, 1536), "7b": (4096, 11008)}  # (hidden, FFN neurons)
-GROUP = 64
+GROUPS = quant.Groups()  # the store's defaults
 
 
 def build(dim: int, neurons: int, shares: Shares, rank: int, seed: int = 0):
@@ -38,8 +38,8 @@ def build(dim: int, neurons: int, shares: Shares, rank: int, seed: int = 0):
     slot_of = {p: torch.randperm(4 * neurons, generator=g)[:neurons] for p in quant.PRECISIONS}
     pools = {}
     for p in quant.PRECISIONS:
-        pool = torch.zeros(4 * neurons, quant.bundle_bytes(p, 3, dim, GROUP), dtype=torch.uint8)
-        pool[slot_of[p]] = quant.encode(p, w, GROUP)
+        pool = torch.zeros(4 * neurons, quant.bundle_bytes(p, 3, dim, GROUPS), dtype=torch.uint8)
+        pool[slot_of[p]] = quant.encode(p, w, GROUPS)
         pools[p] = pool
     w1 = torch.randn(rank, dim, generator=g) * 0.05
     w2 = torch.randn(neurons, rank, generator=g) * 0.05
@@ -61,13 +61,13 @@ def make_rows(dim: int, neurons: int, shares: Shares, rank: int):
         slots = plan()
         out = torch.zeros(1, dim)
         for p, s in slots.items():
-            cpu_kernels.ffn_group(p, pools[p], s, h, out, dim, GROUP, "silu")
+            cpu_kernels.ffn_group(p, pools[p], s, h, out, dim, GROUPS, "silu")
         return out
 
     def torch_path() -> torch.Tensor:
         slots = plan()
         raw = {p: pools[p].index_select(0, s) for p, s in slots.items()}
-        return ffn_groups(hb, raw, 3, dim, GROUP, F.silu, torch.bfloat16)
+        return ffn_groups(hb, raw, 3, dim, GROUPS, F.silu, torch.bfloat16)
 
     rows = {"dense-bf16": lambda: ffn_bundles(hb, w_bf16, F.silu), "dense-fp32": lambda: ffn_bundles(h, w_f32, F.silu),
             "torch": torch_path, "plan only": plan}

@@ -6,7 +6,7 @@
  * buffer: INT8 and INT4 values are widened in registers. Row layouts are the store's bundles
  * (m2cache.storage.quant):
  *   fp16: [3][D] halves
- *   int8: [3][D] int8, then 3 float32 scales (one per part)
+ *   int8: [3][D] int8, then [3][D/group] float32 scales (group = D: one per part, format version 1)
  *   int4: [3][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
  *         [3][D/group] (scale, min) float16 pairs; a value is q * scale + min
  * Inputs and outputs are float32 [T][D]; the output is accumulated into (+=).
@@ -93,28 +93,70 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
     }
 #endif
 ROW_KERNELS(fp16, f16)
-ROW_KERNELS(int8, int8_t)
+ROW_KERNELS(int8, int8_t)  /* axpy only: INT8 dot products run in groups, below */
 
-/* One FP16 or INT8 group: rows are [3][D] values; INT8 rows end with 3 float32 scales (one per part),
- * FP16 rows have none. */
+/* INT8 gate and up products of one row with x, in groups of `group` values: each group's partial sums
+ * are scaled once (one vector accumulator per group folded into the row's with one FMA). */
+static void dot2_int8_groups(const int8_t *w, const float *s, const float *x, int64_t D, int64_t group,
+                             float *g_out, float *u_out) {
+    const int64_t ng = D / group;
+    float g = 0.0f, u = 0.0f;
+#if defined(__AVX512F__)
+    if (group % 16 == 0) {
+        __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
+        for (int64_t k = 0; k < ng; k++) {
+            __m512 pg = _mm512_setzero_ps(), pu = _mm512_setzero_ps();
+            for (int64_t d = k * group; d < (k + 1) * group; d += 16) {
+                __m512 xv = _mm512_loadu_ps(x + d);
+                pg = _mm512_fmadd_ps(LOAD16_int8(w + d), xv, pg);
+                pu = _mm512_fmadd_ps(LOAD16_int8(w + D + d), xv, pu);
+            }
+            vg = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), pg, vg);
+            vu = _mm512_fmadd_ps(_mm512_set1_ps(s[ng + k]), pu, vu);
+        }
+        *g_out = _mm512_reduce_add_ps(vg);
+        *u_out = _mm512_reduce_add_ps(vu);
+        return;
+    }
+#endif
+    for (int64_t k = 0; k < ng; k++) {
+        float pg = 0.0f, pu = 0.0f;
+        for (int64_t d = k * group; d < (k + 1) * group; d++) {
+            pg += (float)w[d] * x[d];
+            pu += (float)w[D + d] * x[d];
+        }
+        g += pg * s[k];
+        u += pu * s[ng + k];
+    }
+    *g_out = g;
+    *u_out = u;
+}
+
+/* One FP16 or INT8 group of neurons. FP16 rows are [3][D] halves; INT8 rows [3][D] int8 followed by
+ * [3][D/group] float32 scales. */
 static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                    int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
-    if (T > MAX_T) return -1;
+                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
+    if (T > MAX_T || group <= 0 || D % group) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;
+    const int64_t ng = D / group;
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = pool + slots[i] * bundle_bytes;
-        float s[3] = {1.0f, 1.0f, 1.0f};
-        if (int8) memcpy(s, row + 3 * D, sizeof s);
+        const int8_t *q = (const int8_t *)row;
+        const float *s = (const float *)(row + 3 * D);  /* INT8 only: [3][ng], aligned as the bundle is */
         for (int64_t t = 0; t < T; t++) {
             float g, u;
-            if (int8) dot2_int8((const int8_t *)row, h + t * D, D, &g, &u);
+            if (int8) dot2_int8_groups(q, s, h + t * D, D, group, &g, &u);
             else dot2_fp16((const f16 *)row, h + t * D, D, &g, &u);
-            a[t] = activate(g * s[0], act) * (u * s[1]) * s[2];
+            a[t] = activate(g, act) * u;
         }
         for (int64_t t = 0; t < T; t++) {
-            if (int8) axpy_int8(a[t], (const int8_t *)row + 2 * D, out + t * D, D);
-            else axpy_fp16(a[t], (const f16 *)row + 2 * D, out + t * D, D);
+            if (!int8) {
+                axpy_fp16(a[t], (const f16 *)row + 2 * D, out + t * D, D);
+                continue;
+            }
+            for (int64_t k = 0; k < ng; k++)
+                axpy_int8(a[t] * s[2 * ng + k], q + 2 * D + k * group, out + t * D + k * group, group);
         }
     }
     return 0;
@@ -122,12 +164,12 @@ static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bu
 
 int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
                  int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
-    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, act, out);
+    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, out);
 }
 
 int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
-    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, act, out);
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
+    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, out);
 }
 
 /* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the

@@ -106,7 +106,7 @@ def cmd_fetch(args) -> int:
 def cmd_convert(args) -> int:
     from m2cache.offline.convert import convert
 
-    print(convert(args.src, args.dst, int4_group=args.int4_group))
+    print(convert(args.src, args.dst, int4_group=args.int4_group, int8_group=args.int8_group))
     return 0
 
 
@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder or a .gguf file into a store")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--int4-group", type=int, default=None, help="values per INT4 scale (default 64)")
+    p.add_argument("--int4-group", type=int, default=None, help="values per INT4 scale and minimum (default 32)")
+    p.add_argument("--int8-group", type=int, default=None,
+                   help="values per INT8 scale (default 32; the hidden size gives one scale per row)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")

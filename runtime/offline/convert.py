@@ -16,6 +16,8 @@ import torch
 from m2cache.errors import ConvertError, UnsupportedArchitectureError, require_extra
 from m2cache.model.llama import ModelConfig
 from m2cache.offline.progress import ProgressBar
+from m2cache.storage.layout import FORMAT_VERSION, MANIFEST
+from m2cache.storage.quant import Groups
 from m2cache.storage.writer import write_store
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,8 @@ DEMO = {
 }
 
 
-def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_group: int | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_group: int | None = None,
+            int8_group: int | None = None) -> Path:
     """Converts ``src`` (HF folder or .gguf file) into a store at ``dst``; returns ``dst``."""
     src = Path(src)
     if not src.exists():
@@ -42,8 +45,13 @@ def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_gro
         raise ConvertError(f"{src} is neither a checkpoint folder (config.json + *.safetensors) nor a .gguf file")
     bar = ProgressBar(f"convert {src.name}", cfg.num_layers + 1) if progress else None
     kw: dict[str, Any] = {"source": str(src), "progress": bar}
-    if int4_group:
-        kw["int4_group"] = int4_group
+    default = Groups()
+    groups = Groups(int8=int8_group or default.int8, int4=int4_group or default.int4)
+    try:
+        groups.check(cfg.hidden_size)
+    except ValueError as e:
+        raise ConvertError(f"{src}: {e}") from e
+    kw["groups"] = groups
     return write_store(dst, cfg, get, tok, **kw)
 
 
@@ -126,9 +134,23 @@ def fetch_demo(*, progress: bool = True) -> Path:
     if not (paths["hf"] / "config.json").is_file():
         _gguf_to_hf_folder(paths["gguf"], paths["hf"])
     store = paths["store"]
-    if not (store / "manifest.msgpack").is_file():
+    if not (store / MANIFEST).is_file():
+        convert(paths["hf"], store, progress=progress)
+    elif (version := _manifest_version(store)) != FORMAT_VERSION:
+        # the demo's store is m2cache's own cache: an older format is written again (predictors too)
+        print(f"the demo store has format version {version}; converting it again to version {FORMAT_VERSION} ...",
+              file=sys.stderr)
         convert(paths["hf"], store, progress=progress)
     return store
+
+
+def _manifest_version(store: Path) -> Any:
+    import msgpack
+
+    try:
+        return msgpack.unpackb((store / MANIFEST).read_bytes(), raw=False, strict_map_key=False).get("version")
+    except Exception:  # unreadable: write it again
+        return None
 
 
 def _download_gguf(dest: Path) -> None:
