@@ -2,8 +2,9 @@
 
 One predictor per FFN layer: a low-rank two-layer MLP from the layer's input (the post-norm hidden
 state h) to a score per neuron, ``score = W2 · relu(W1 · h + b1) + b2`` (d -> r -> F). It is trained
-offline on the dense model's own activation magnitudes (``m2cache.offline.train``); at decode time it costs
-two small matrix-vector products per layer, on the compute thread.
+offline (``m2cache.offline.train``) on the dense model's own neuron contributions, |activation| x
+||down column||; at decode time it costs two small matrix-vector products per layer, on the compute
+thread.
 
 ``predictors.safetensors`` holds, for L layers, rank r, hidden D and F neurons:
 ``w1 [L, r, D]``, ``b1 [L, r]``, ``w2 [L, F, r]``, ``b2 [L, F]`` (FP16 on disk).

@@ -52,12 +52,25 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from m2cache.offline.evaluate import evaluate, format_table
+    from m2cache.offline.evaluate import format_table
     from m2cache.engine.policies import default_policy_name
     from m2cache.storage.reader import Store
 
-    policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
-    rows = evaluate(args.store, policies, _read_text(args.text), tokens=args.tokens, resident=args.resident)
+    from m2cache.offline.evaluate import evaluate_texts, frontier_policies, plot_frontier
+    from m2cache.offline.progress import ProgressBar
+
+    if args.frontier:
+        policies = frontier_policies(args.methods.split(",")) + (args.policy or [])
+    else:
+        policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
+    # the pydoc prose's held-out tail, plus every --text (its own last 20%)
+    texts: dict[str, str | None] = {"pydoc": None} if args.frontier or not args.text else {}
+    for path in args.text or []:
+        texts[Path(path).name] = _read_text(path)
+    bar = None if args.quiet else ProgressBar("eval", len(policies) * len(texts))
+    rows = evaluate_texts(args.store, policies, texts, tokens=args.tokens, resident=args.resident, progress=bar)
+    if args.plot:
+        print(f"plot: {plot_frontier(rows, args.plot)}", file=sys.stderr)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -95,9 +108,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("eval", help="perplexity and greedy agreement of policies vs the dense FP32 model")
     p.add_argument("store")
-    p.add_argument("--text", help="text file; its last 20%% is the held-out part (default: pydoc_data prose)")
+    p.add_argument("--text", action="append",
+                   help="text file; its last 20%% is the held-out part (repeatable; default: pydoc_data prose)")
+    p.add_argument("--frontier", action="store_true",
+                   help="every selection method of --methods across a range of shares, on the pydoc prose and "
+                        "each --text")
+    p.add_argument("--methods", default="predictor,gate,oracle", help="the frontier's selection methods")
+    p.add_argument("--plot", help="write a PNG of perplexity against bytes fetched per token")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", action="append",
-                   help="dense-fp16, oracle:A,B,C, predictor:A,B,C or a stored name (repeatable; "
+                   help="dense-fp16, oracle:A,B,C, predictor:A,B,C, gate:A,B,C or a stored name (repeatable; "
                         "default: dense-fp16 and the store's default)")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens for perplexity")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per policy")

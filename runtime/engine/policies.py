@@ -5,10 +5,10 @@ import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.llama import activation
-from m2cache.model.policy import OraclePolicy, Policy, Shares
+from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, Shares
 from m2cache.storage.reader import PlainBackend, Store
 
-BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C")
+BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C")
 
 
 def parse_shares(name: str) -> Shares:
@@ -50,6 +50,8 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
                    for L in range(cfg.num_layers)]
         return OraclePolicy(cfg.num_layers, cfg.intermediate_size, parse_oracle(name), weights,
                             activation(cfg.hidden_act))
+    if name == "gate" or name.startswith("gate:"):
+        return gate_policy(store, parse_shares(name), dtype, device)
     stored = store.manifest.get("policies") or {}
     if name.startswith("predictor:"):  # ad-hoc shares over the store's trained predictors
         from m2cache.model.predictor import PredictorPolicy
@@ -62,3 +64,17 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
         return PredictorPolicy.from_store(store, name, stored[name], dtype, device)
     known = ", ".join(list(BUILTIN) + sorted(stored))
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
+
+
+def gate_policy(store: Store, shares: Shares, dtype: torch.dtype, device: str | torch.device = "cpu") -> GatePolicy:
+    """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
+    up rows and down columns (from the FP16 bundles), read once."""
+    cfg, backend = store.config, PlainBackend()
+    gates, norms = [], []
+    for layer in range(cfg.num_layers):
+        gates.append(store.decode("int4", store.read_layer(layer, "int4", backend), dtype)[:, 0].contiguous().to(device))
+        w = store.decode("fp16", store.read_layer(layer, "fp16", backend), torch.float32)
+        norms.append((w[:, 1].norm(dim=1) * w[:, 2].norm(dim=1)).to(device=device, dtype=dtype))
+    per_gate = store.bundle_bytes("int4") // store.parts  # one part's share of an INT4 bundle
+    return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
+                      per_gate * cfg.intermediate_size * cfg.num_layers)

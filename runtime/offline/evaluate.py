@@ -10,8 +10,12 @@ Per policy:
 - ``agreement``: greedy decoding of fixed prompts, dense prefill then sparse decode steps (like the
   engine); the fraction of the 64 generated positions equal to the dense FP32 model's tokens (both
   run 64 tokens, without stopping at EOS, and are compared position by position).
+- ``greedy_median``: over the same prompts, the median number of tokens generated before the first
+  one that differs from the dense model's (64 where none does).
+- ``selector_bytes_ratio``: what the policy's selection keeps resident beside the tiers (predictor
+  weights; a gate policy's INT4 gate rows), relative to all FFN layers' FP16 bytes.
 - ``ffn_bytes_ratio``: FFN bytes fetched per token relative to dense FP16 (the store's bundle sizes).
-- ``recall``: for predictor policies, the share of the true top-k kept set (by exact magnitude, on
+- ``recall``: for predictor and gate policies, the share of the true top-k kept set (by exact contribution, on
   the policy's own hidden states) that the predictor kept, averaged over layers and positions.
 """
 from __future__ import annotations
@@ -25,14 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m2cache.errors import ConfigError
+from m2cache.errors import ConfigError, require_extra
 from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
 from m2cache.model.int8 import linear
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
-from m2cache.model.policy import PRECISION_ORDER, OraclePolicy, Policy
+from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
 from m2cache.model.sparse_ffn import ffn_masked
-from m2cache.engine.policies import parse_oracle, parse_shares
+from m2cache.engine.policies import gate_policy, parse_oracle, parse_shares
 from m2cache.storage.reader import PlainBackend, Store
 from m2cache.storage.rows import EmbeddingRows
 from m2cache.offline.train import split_text, token_windows
@@ -66,6 +70,7 @@ class QualityModel:
         for p in ("int8", "int4"):
             self.weights[p] = [store.decode(p, store.read_layer(L, p, backend), torch.float32).contiguous()
                                for L in range(self.cfg.num_layers)]
+        self.down_norms = [w[:, 2].norm(dim=1) for w in self.dense.ffn]
         self._predictors: LowRankPredictors | None = None
         self.bundle_bytes = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
 
@@ -75,8 +80,7 @@ class QualityModel:
         return self._predictors
 
     def oracle_scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        W = self.dense.ffn[layer]
-        return (self.dense.act(F.linear(h, W[:, 0])) * F.linear(h, W[:, 1])).abs()
+        return contributions(self.dense.ffn[layer], h, self.dense.act, self.down_norms[layer])
 
     # ---- policies ------------------------------------------------------------------------------
     def policy(self, name: str) -> Policy:
@@ -88,6 +92,8 @@ class QualityModel:
         if name.startswith("predictor:"):
             shares = parse_shares(name)
             return PredictorPolicy(L, Fn, shares, self.predictors(), name)
+        if name == "gate" or name.startswith("gate:"):
+            return gate_policy(self.store, parse_shares(name), torch.float32)
         stored = self.store.manifest.get("policies") or {}
         if name in stored:
             return PredictorPolicy.from_store(self.store, name, stored[name], torch.float32, "cpu",
@@ -100,7 +106,21 @@ class QualityModel:
             return self.oracle_scores
         if isinstance(policy, PredictorPolicy):
             return policy.predictors.score_all
+        if isinstance(policy, GatePolicy):
+            return policy.score_all
         return None
+
+    def selector_bytes(self, policy: Policy) -> int:
+        """Bytes the policy's selection keeps resident beside the tiers (0 where it needs none; the
+        oracle's FP16 copy of every layer counts: it is the bound, not a candidate)."""
+        if isinstance(policy, PredictorPolicy):
+            p = policy.predictors
+            return 2 * sum(getattr(p, k).numel() for k in ("w1", "b1", "w2", "b2"))  # FP16, as stored
+        if isinstance(policy, GatePolicy):
+            return policy.resident_bytes
+        if isinstance(policy, OraclePolicy):
+            return self.bundle_bytes["fp16"] * self.cfg.intermediate_size * self.cfg.num_layers
+        return 0
 
     def bytes_ratio(self, policy: Policy) -> float:
         return sum(s.bytes_ratio(self.bundle_bytes) for s in policy.shares) / len(policy.shares)
@@ -215,7 +235,7 @@ def eval_data(store: Store, text: str | None, prompts: list[str] | None, tokens:
 
 def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None,
              prompts: list[str] | None = None, *, tokens: int = EVAL_TOKENS, greedy_tokens: int = GREEDY_TOKENS,
-             qm: QualityModel | None = None, resident: str = "full") -> list[dict]:
+             qm: QualityModel | None = None, resident: str = "full", progress=None) -> list[dict]:
     """One dict per policy: policy, ppl, dense_ppl, top1, agreement, ffn_bytes_ratio (+ recall).
 
     ``resident``: the form of the attention, embeddings and head the policies run with ("int8": what
@@ -238,6 +258,8 @@ def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None
         for name in policies:
             rows.append(_policy_row(qm, data, name, dense_logits, dense_tokens, dense_ppl, greedy_tokens)
                         | {"resident": resident})
+            if progress:
+                progress(len(rows))
     finally:
         qm.dense.res = full
         if held is not full and isinstance(held.embed, EmbeddingRows):
@@ -248,15 +270,19 @@ def evaluate(store_dir: str | Path, policies: list[str], text: str | None = None
 def _policy_row(qm: QualityModel, data: EvalData, name: str, dense_logits: list[torch.Tensor],
                 dense_tokens: list[list[int]], dense_ppl: float, greedy_tokens: int) -> dict:
     pol = qm.policy(name)
-    recall: list[float] | None = [] if isinstance(pol, PredictorPolicy) else None
+    recall: list[float] | None = [] if isinstance(pol, (PredictorPolicy, GatePolicy)) else None
     ppl, top1 = perplexity(qm, data.windows, pol, recall, dense_logits)
-    same = 0
+    same, first = 0, []
     for p, ref in zip(data.prompts, dense_tokens):
         got = qm.greedy(p, pol, greedy_tokens)
         same += sum(a == b for a, b in zip(got, ref))
+        first.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)))
+    ffn_fp16 = qm.bundle_bytes["fp16"] * qm.cfg.intermediate_size * qm.cfg.num_layers
     row = {"policy": name, "ppl": ppl, "dense_ppl": dense_ppl, "ppl_delta": ppl / dense_ppl - 1,
            "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)),
-           "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol)}
+           "greedy_median": float(np.median(first)),
+           "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol),
+           "selector_bytes_ratio": qm.selector_bytes(pol) / ffn_fp16}
     if recall:
         row["recall"] = float(np.mean(recall))
     return row
@@ -266,11 +292,80 @@ def _kept(policy: Policy) -> float:
     return sum(sum(s.to_dict().values()) for s in policy.shares) / len(policy.shares)
 
 
+# ---- the frontier ---------------------------------------------------------------------------------
+METHODS = ("predictor", "gate", "oracle")
+# (FP16, INT8, INT4) shares from every neuron kept down to half of them, most bytes first
+FRONTIER_SHARES: tuple[tuple[float, float, float], ...] = (
+    (0.1, 0.2, 0.7), (0.0, 0.3, 0.7), (0.1, 0.2, 0.5), (0.05, 0.15, 0.6), (0.05, 0.15, 0.5),
+    (0.0, 0.2, 0.55), (0.05, 0.1, 0.45), (0.0, 0.1, 0.5),
+)
+
+
+def frontier_policies(methods: list[str] | tuple[str, ...] = METHODS,
+                      shares: tuple[tuple[float, float, float], ...] = FRONTIER_SHARES) -> list[str]:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"unknown selection method(s) {unknown}; expected some of {', '.join(METHODS)}")
+    return [f"{m}:{a:g},{b:g},{c:g}" for m in methods for a, b, c in shares]
+
+
+def evaluate_texts(store_dir: str | Path, policies: list[str], texts: dict[str, str | None], *,
+                   tokens: int = EVAL_TOKENS, resident: str = "full", progress=None) -> list[dict]:
+    """``evaluate`` on each named held-out text (None: the pydoc prose), one QualityModel for all; every
+    row carries its text's name."""
+    qm = QualityModel(Store(store_dir))
+    rows: list[dict] = []
+    total = len(policies) * len(texts)
+    for label, text in texts.items():
+        done = len(rows)
+        step = (lambda i: progress(done + i, total)) if progress else None
+        rows += [r | {"text": label} for r in evaluate(store_dir, policies, text, tokens=tokens, qm=qm,
+                                                       resident=resident, progress=step)]
+    return rows
+
+
+def plot_frontier(rows: list[dict], path: str | Path) -> Path:
+    """Perplexity over dense against FFN bytes fetched per token, one panel per text, one line per method."""
+    require_extra("bench", "matplotlib", what="the frontier plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = list(dict.fromkeys(r.get("text", "held-out") for r in rows))
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        mine = [r for r in rows if r.get("text", "held-out") == text]
+        for method in dict.fromkeys(r["policy"].split(":")[0] for r in mine):
+            pts = sorted((r["ffn_bytes_ratio"], 100 * r["ppl_delta"], r["top1"]) for r in mine
+                         if r["policy"].split(":")[0] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.axhline(3.0, color="grey", lw=0.8, ls="--")
+        ax.axvline(0.30, color="grey", lw=0.8, ls=":")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlabel("FFN bytes fetched per token / dense FP16")
+        ax.set_ylabel("perplexity over dense FP32 (%)")
+        ax.set_title(f"held-out text: {text}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'policy':<24} {'kept':>5} {'bytes':>6} {'ppl':>8} {'dense':>8} {'Δppl':>7} {'top1':>6} {'greedy':>6} {'recall':>6}"
+    text = any("text" in r for r in rows)
+    head = (f"{'text':<10} " if text else "") + (
+        f"{'policy':<24} {'kept':>5} {'bytes':>6} {'select':>6} {'ppl':>8} {'dense':>8} {'Δppl':>7} {'top1':>6} "
+        f"{'greedy':>6} {'first':>5} {'recall':>6}")
     lines = [head]
     for r in rows:
         rec = f"{r['recall']:.3f}" if "recall" in r else "-"
-        lines.append(f"{r['policy']:<24} {r['kept']:5.2f} {r['ffn_bytes_ratio']:6.3f} {r['ppl']:8.3f} "
-                     f"{r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} {r['agreement']:6.3f} {rec:>6}")
+        lines.append((f"{r.get('text', ''):<10} " if text else "") + (
+            f"{r['policy']:<24} {r['kept']:5.2f} {r['ffn_bytes_ratio']:6.3f} {r['selector_bytes_ratio']:6.3f} "
+            f"{r['ppl']:8.3f} {r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} {r['agreement']:6.3f} "
+            f"{r['greedy_median']:5.0f} {rec:>6}"))
+    lines.append("bytes: FFN bytes fetched per token / dense FP16; select: bytes the selection keeps resident / all "
+                 "FFN FP16 bytes; greedy: share of 64 greedy tokens equal to dense; first: median tokens before the "
+                 "first difference")
     return "\n".join(lines)

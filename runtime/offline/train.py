@@ -83,8 +83,10 @@ def token_windows(store: Store, text: str, num_tokens: int, window: int = WINDOW
 @torch.inference_mode()
 def collect(model: DenseModel, windows: list[list[int]], bar: ProgressBar | None = None
             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each FFN layer's inputs h [N, D] (fp32) and magnitudes |act(gate·h)·(up·h)| [N, F] (fp16)."""
+    """Each FFN layer's inputs h [N, D] (fp32) and neuron contributions |act(gate·h)·(up·h)|·||down|| [N, F]
+    (fp16): what the predictors learn to rank (``m2cache.model.policy.contributions``)."""
     cfg = model.cfg
+    down_norms = [W[:, 2].norm(dim=1) for W in model.ffn]
     xs: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_layers)]
     ys: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_layers)]
     for i, win in enumerate(windows):
@@ -96,7 +98,7 @@ def collect(model: DenseModel, windows: list[list[int]], bar: ProgressBar | None
             W = model.ffn[layer]
             a = model.act(F.linear(h, W[:, 0])) * F.linear(h, W[:, 1])  # [T, F]
             xs[layer].append(h.clone())
-            ys[layer].append(a.abs().half())
+            ys[layer].append((a.abs() * down_norms[layer]).half())
             x = x + a @ W[:, 2]
         if bar:
             bar(i + 1)
