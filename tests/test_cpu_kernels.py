@@ -11,6 +11,7 @@ import torch
 from m2cache import Engine, EngineConfig
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import activation, ffn_bundles
+from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.storage import quant
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the torch path serves")
@@ -117,34 +118,52 @@ def test_row_copy_refuses_an_index_outside_either_tensor_before_any_copy(dst: li
     assert not pool.any()
 
 
-async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[int], Engine]:
+async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[float], Engine]:
+    """12 tokens through the engine; with the kernels on, every FFN they compute is checked against the torch
+    path over the same rows (its error relative to the output's largest value, one entry per layer call).
+
+    Tokens are not compared: on a tiny random model a 1e-7 rounding difference moves a neuron across the
+    oracle's cut or flips a near-tied argmax a few tokens later, so equal tokens would test luck."""
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", cpu_kernels=kernels,
                        preload=preload, **config)
+    errors: list[float] = []
     async with asyncio.timeout(60):
         async with Engine.open(store, cfg) as engine:
-            return [t async for t in engine.generate_ids([1, 2, 3, 4], 12)], engine
+            ex, kernel_ffn = engine.executor, engine.executor._ffn
+
+            def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
+                out = kernel_ffn(h, ready, prefill)
+                ref = ffn_groups(h, ex._raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype)
+                errors.append(float((out - ref).abs().max() / ref.abs().max()))
+                return out
+
+            ex._ffn = checked
+            assert len([t async for t in engine.generate_ids([1, 2, 3, 4], 12)]) == 12
+    return errors, engine
 
 
-async def test_engine_decodes_the_same_tokens_with_and_without_kernels(tiny_store, _no_task_left_behind) -> None:
-    with_kernels, engine = await decode(tiny_store.store, kernels=True, preload="neuron")
+def same_as_torch(errors: list[float]) -> bool:
+    return len(errors) >= 3 * 12 and max(errors) < 1e-5  # 3 layers, a prefill and 11 decode steps
+
+
+async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store, _no_task_left_behind) -> None:
+    errors, engine = await decode(tiny_store.store, kernels=True, preload="neuron")
     assert engine.executor.use_kernels and not engine.hbm.direct_from_dram  # the kernels over the pool
-    without, engine = await decode(tiny_store.store, kernels=False, preload="neuron")
+    assert same_as_torch(errors)
+    _, engine = await decode(tiny_store.store, kernels=False, preload="neuron")
     assert not engine.executor.use_kernels
-    assert with_kernels == without
 
 
 async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store, _no_task_left_behind) -> None:
-    direct, engine = await decode(tiny_store.store, kernels=True, preload="hybrid")
+    errors, engine = await decode(tiny_store.store, kernels=True, preload="hybrid")
     assert engine.hbm.direct_from_dram
     assert engine.stats()["bytes"]["dram_to_hbm"] == 0  # nothing copied into the pool
-    torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid")
-    assert direct == torch_path
+    assert same_as_torch(errors)
 
 
 async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store,
                                                                                     _no_task_left_behind) -> None:
-    pooled, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
+    errors, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
     assert not engine.hbm.direct_from_dram and engine.executor.uploader.row_copy
     assert engine.stats()["bytes"]["dram_to_hbm"] > 0
-    torch_path, _ = await decode(tiny_store.store, kernels=False, preload="hybrid", compute_from_dram=False)
-    assert pooled == torch_path
+    assert same_as_torch(errors)
