@@ -53,6 +53,9 @@ class Shares:
     def to_dict(self) -> dict[str, float]:
         return {p: getattr(self, p) for p in PRECISION_ORDER}
 
+    def astuple(self) -> tuple[float, float, float]:
+        return (self.fp16, self.int8, self.int4)
+
 
 class Policy:
     """Base: every neuron at FP16 (``dense-fp16``): tiering alone, the dense model's exact tokens."""

@@ -58,9 +58,11 @@ def cmd_eval(args) -> int:
 
     from m2cache.offline.evaluate import evaluate_texts, frontier_policies, plot_frontier
     from m2cache.offline.progress import ProgressBar
+    from m2cache.engine.policies import parse_shares
 
     if args.frontier:
-        policies = frontier_policies(args.methods.split(",")) + (args.policy or [])
+        shares = tuple(parse_shares("x:" + spec).astuple() for spec in args.shares.split("/")) if args.shares else None
+        policies = frontier_policies(args.methods.split(","), *([shares] if shares else [])) + (args.policy or [])
     else:
         policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
     # the pydoc prose's held-out tail, plus every --text (its own last 20%)
@@ -68,7 +70,8 @@ def cmd_eval(args) -> int:
     for path in args.text or []:
         texts[Path(path).name] = _read_text(path)
     bar = None if args.quiet else ProgressBar("eval", len(policies) * len(texts))
-    rows = evaluate_texts(args.store, policies, texts, tokens=args.tokens, resident=args.resident, progress=bar)
+    rows = evaluate_texts(args.store, policies, texts, tokens=args.tokens, greedy_tokens=args.greedy_tokens,
+                          resident=args.resident, progress=bar)
     if args.plot:
         print(f"plot: {plot_frontier(rows, args.plot)}", file=sys.stderr)
     if args.json:
@@ -114,12 +117,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="every selection method of --methods across a range of shares, on the pydoc prose and "
                         "each --text")
     p.add_argument("--methods", default="predictor,gate,oracle", help="the frontier's selection methods")
+    p.add_argument("--shares", help="the frontier's FP16,INT8,INT4 shares, '/'-separated (default: 8 from every "
+                                    "neuron kept down to half)")
     p.add_argument("--plot", help="write a PNG of perplexity against bytes fetched per token")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", action="append",
                    help="dense-fp16, oracle:A,B,C, predictor:A,B,C, gate:A,B,C or a stored name (repeatable; "
                         "default: dense-fp16 and the store's default)")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens for perplexity")
+    p.add_argument("--greedy-tokens", type=int, default=64,
+                   help="greedy tokens per prompt compared with dense (the slow part: ~1 min a policy at 64)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per policy")
     p.add_argument("--resident", choices=("full", "int8"), default="full",
                    help="the form of attention, embeddings and LM head the policies run with (the engine's "

@@ -8,10 +8,11 @@ Per policy:
 - ``dense_ppl``: the dense FP32 model on the same windows.
 - ``top1``: fraction of held-out positions where the policy's argmax equals the dense model's.
 - ``agreement``: greedy decoding of fixed prompts, dense prefill then sparse decode steps (like the
-  engine); the fraction of the 64 generated positions equal to the dense FP32 model's tokens (both
-  run 64 tokens, without stopping at EOS, and are compared position by position).
+  engine); the fraction of the generated positions (64 per prompt unless ``greedy_tokens`` says) equal to
+  the dense FP32 model's tokens (both run as many tokens, without stopping at EOS, and are compared
+  position by position).
 - ``greedy_median``: over the same prompts, the median number of tokens generated before the first
-  one that differs from the dense model's (64 where none does).
+  one that differs from the dense model's (all of them where none does).
 - ``selector_bytes_ratio``: what the policy's selection keeps resident beside the tiers (predictor
   weights; a gate policy's INT4 gate rows), relative to all FFN layers' FP16 bytes.
 - ``ffn_bytes_ratio``: FFN bytes fetched per token relative to dense FP16 (the store's bundle sizes).
@@ -310,7 +311,8 @@ def frontier_policies(methods: list[str] | tuple[str, ...] = METHODS,
 
 
 def evaluate_texts(store_dir: str | Path, policies: list[str], texts: dict[str, str | None], *,
-                   tokens: int = EVAL_TOKENS, resident: str = "full", progress=None) -> list[dict]:
+                   tokens: int = EVAL_TOKENS, greedy_tokens: int = GREEDY_TOKENS, resident: str = "full",
+                   progress=None) -> list[dict]:
     """``evaluate`` on each named held-out text (None: the pydoc prose), one QualityModel for all; every
     row carries its text's name."""
     qm = QualityModel(Store(store_dir))
@@ -320,7 +322,7 @@ def evaluate_texts(store_dir: str | Path, policies: list[str], texts: dict[str, 
         done = len(rows)
         step = (lambda i: progress(done + i, total)) if progress else None
         rows += [r | {"text": label} for r in evaluate(store_dir, policies, text, tokens=tokens, qm=qm,
-                                                       resident=resident, progress=step)]
+                                                       greedy_tokens=greedy_tokens, resident=resident, progress=step)]
     return rows
 
 
@@ -366,6 +368,6 @@ def format_table(rows: list[dict]) -> str:
             f"{r['ppl']:8.3f} {r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} {r['agreement']:6.3f} "
             f"{r['greedy_median']:5.0f} {rec:>6}"))
     lines.append("bytes: FFN bytes fetched per token / dense FP16; select: bytes the selection keeps resident / all "
-                 "FFN FP16 bytes; greedy: share of 64 greedy tokens equal to dense; first: median tokens before the "
+                 "FFN FP16 bytes; greedy: share of the greedy tokens equal to dense; first: median tokens before the "
                  "first difference")
     return "\n".join(lines)
