@@ -77,6 +77,8 @@ def _build() -> ctypes.CDLL:
     for name in ("m2c_ffn_int8", "m2c_ffn_int4"):  # these take the group size before the activation
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
         getattr(lib, name).restype = i32
+    lib.m2c_gate_int4.argtypes = [p, i64, p, i64, i64, i64, i32, p]
+    lib.m2c_gate_int4.restype = i32
     lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
     lib.m2c_copy_rows.restype = i32
     return lib
@@ -164,6 +166,32 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
     for extra in outs[1:]:
         outs[0] += extra
     return outs[0]
+
+
+def gate_rows_int4(bundles: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """The gate part of each INT4 bundle ([F, bundle_bytes] uint8): its nibbles and its (scale, min)
+    pairs, [F, D/2 + 4·D/group] uint8, contiguous: the resident copy ``gate_int4`` reads."""
+    half, meta = dim // 2, 4 * (dim // group)
+    return torch.cat([bundles[:, :half], bundles[:, 3 * half:3 * half + meta]], dim=1).contiguous()
+
+
+def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str) -> torch.Tensor:
+    """act(gate·h) [T, F] float32 for every row of ``gates`` (``gate_rows_int4``'s layout) and every
+    row of h [T, D], 64 tokens a call, the INT4 values widened in registers."""
+    lib = library()
+    assert lib is not None, "gate_int4 called without the kernels: check available() first"
+    assert gates.dtype == torch.uint8 and gates.is_contiguous() and gates.device.type == "cpu"
+    assert gates.shape[1] == dim // 2 + 4 * (dim // group), "gates must be gate_rows_int4's layout"
+    hf = h.float().contiguous()
+    assert hf.shape[1] == dim
+    out = torch.empty(hf.shape[0], gates.shape[0], dtype=torch.float32)
+    for start in range(0, hf.shape[0], MAX_TOKENS):
+        rows_h, rows_out = hf[start:start + MAX_TOKENS], out[start:start + MAX_TOKENS]
+        rc = lib.m2c_gate_int4(gates.data_ptr(), gates.shape[0], rows_h.data_ptr(), rows_h.shape[0], dim, group,
+                               ACTIVATIONS[act], rows_out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"m2c_gate_int4 failed with code {rc} (D={dim}, group {group})")
+    return out
 
 
 def copy_rows(pool: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:

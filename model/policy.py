@@ -162,23 +162,33 @@ class GatePolicy(Policy):
     resident low-bit copy of the gate rows (the CATS idea): the true gate activation, with the up product
     replaced by its row's norm.
 
-    ``gates[L]``: [F, D] in the compute dtype, dequantised from the store's INT4 bundles (what a
-    resident INT4 copy holds); ``resident_bytes`` is what that copy costs in the INT4 form. It runs a
-    full-width gate product per layer and token: a candidate, measured by ``m2cache eval``; like the
-    oracle its copy sits outside the tier budgets.
+    ``gates[L]``: the copy of layer L's gate rows, either packed INT4 ([F, D/2 + 4·D/group] uint8, the
+    layout of ``cpu_kernels.gate_rows_int4``; scored by the C kernel with ``kernel_act``) or [F, D] in the
+    compute dtype, dequantised from the store's INT4 bundles (CUDA, or no kernels). ``resident_bytes``:
+    what the packed copy costs, reported beside the tiers (like the predictors', it sits outside their
+    budgets). One full-width gate product per layer and token.
     """
 
     name = "gate"
     needs_scores = True
 
     def __init__(self, num_layers: int, num_neurons: int, shares: Shares | list[Shares], gates: list[torch.Tensor],
-                 norms: list[torch.Tensor], act, resident_bytes: int) -> None:
+                 norms: list[torch.Tensor], act, resident_bytes: int, kernel_act: str | None = None,
+                 group: int = 0) -> None:
         super().__init__(num_layers, num_neurons, shares)
         self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
         self.resident_bytes = resident_bytes
+        self.kernel_act, self.group = kernel_act, group
 
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.score_all(layer, h[-1:])[0]
 
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self.act(F.linear(h.to(self.gates[layer].dtype), self.gates[layer])).abs() * self.norms[layer]
+        gates = self.gates[layer]
+        if gates.dtype == torch.uint8:
+            from m2cache.model import cpu_kernels
+
+            assert self.kernel_act is not None, "a packed INT4 gate copy needs kernel_act"
+            a = cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act).to(self.norms[layer].dtype)
+            return a.abs() * self.norms[layer]
+        return self.act(F.linear(h.to(gates.dtype), gates)).abs() * self.norms[layer]

@@ -64,6 +64,19 @@ def test_kernel_handles_widths_off_the_vector_length(precision: str) -> None:
     assert rel_err(out, reference(precision, pool, slots, h, dim, group, "silu")) < RTOL
 
 
+@pytest.mark.parametrize(("dim", "group", "T"), [(128, 32, 1), (128, 32, 70), (40, 8, 3)])
+def test_gate_kernel_scores_every_row_of_the_packed_int4_copy(dim: int, group: int, T: int) -> None:
+    # the gate policy's resident copy: the gate part of each INT4 bundle, scored without dequantising;
+    # 70 tokens span two calls of 64
+    _, bundles = pool_of("int4", 90, dim, group, seed=5)
+    gates = cpu_kernels.gate_rows_int4(bundles, dim, group)
+    assert gates.shape == (90, dim // 2 + 4 * dim // group)
+    h = torch.randn(T, dim, generator=torch.Generator().manual_seed(6))
+    got = cpu_kernels.gate_int4(gates, h, dim, group, "silu")
+    gate_rows = quant.decode("int4", bundles, 3, dim, torch.float32, G(group))[:, 0]
+    assert rel_err(got, activation("silu")(h @ gate_rows.T)) < RTOL
+
+
 @pytest.mark.parametrize("dim", [128, 40])
 def test_int8_kernel_reads_one_scale_per_row_from_version_1_stores(dim: int) -> None:
     # a format version 1 store's INT8 bundle is the same layout with a group as wide as the row
@@ -167,3 +180,18 @@ async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_d
     assert not engine.hbm.direct_from_dram and engine.executor.uploader.row_copy
     assert engine.stats()["bytes"]["dram_to_hbm"] > 0
     assert same_as_torch(errors)
+
+
+def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_store) -> None:
+    from m2cache.engine.policies import gate_policy
+    from m2cache.model.policy import Shares
+    from m2cache.storage.reader import PlainBackend, Store
+
+    store = Store(tiny_store.store)
+    policy = gate_policy(store, Shares(0.5, 0, 0), torch.float32)
+    assert all(g.dtype == torch.uint8 for g in policy.gates)
+    assert sum(g.numel() for g in policy.gates) == policy.resident_bytes  # the bytes it reports are the bytes it holds
+    h = torch.randn(2, store.hidden, generator=torch.Generator().manual_seed(7))
+    gate = store.decode("int4", store.read_layer(1, "int4", PlainBackend()), torch.float32)[:, 0]
+    expected = activation("silu")(h @ gate.T).abs() * policy.norms[1]
+    assert rel_err(policy.score_all(1, h), expected) < RTOL

@@ -40,7 +40,17 @@ def test_training_registers_predictors_and_preset_policies(trained) -> None:
     store = Store(store_dir)
     assert (store_dir / store.manifest["predictors"]["path"]).is_file()
     assert store.manifest["default_policy"] == PRESET_DEFAULT
-    assert all(spec["kind"] == "predictor" for spec in store.manifest["policies"].values())
+    kinds = {name: spec["kind"] for name, spec in store.manifest["policies"].items()}
+    assert kinds.pop("gate-40") == "gate"
+    assert set(kinds.values()) == {"predictor"}
+
+
+def test_the_stored_gate_policy_loads_as_a_gate_policy(trained) -> None:
+    from m2cache.model.policy import GatePolicy
+
+    pol = load_policy(Store(trained[0]), "gate-40", torch.float32)
+    assert isinstance(pol, GatePolicy) and pol.needs_scores
+    assert pol.counts(0) == {"fp16": 13, "int8": 26, "int4": 89}  # 0.1 / 0.2 / 0.7 of 128 neurons, rounded
 
 
 def test_stored_policy_loads_and_scores_the_last_position(trained) -> None:

@@ -275,6 +275,35 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
     return 0;
 }
 
+/* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
+ * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
+ * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]. */
+int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
+                  int act, float *out) {
+    if (T > MAX_T || D % group || group % 2) return -1;
+    const int64_t half = D / 2, ng = D / group, gh = group / 2, width = half + 4 * ng;
+    float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
+    float *xsum = calloc(T * ng, sizeof(float));
+    if (!he || !ho || !xsum) {
+        free(he); free(ho); free(xsum);
+        return -2;
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < half; k++) {
+            he[t * half + k] = h[t * D + 2 * k];
+            ho[t * half + k] = h[t * D + 2 * k + 1];
+            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
+        }
+    for (int64_t j = 0; j < rows; j++) {
+        const uint8_t *row = gates + j * width;
+        const f16 *meta = (const f16 *)(row + half);
+        for (int64_t t = 0; t < T; t++)
+            out[t * rows + j] = activate(dot_int4(row, meta, he + t * half, ho + t * half, xsum + t * ng, half, gh), act);
+    }
+    free(he); free(ho); free(xsum);
+    return 0;
+}
+
 /* pool[dst[i]] = src[rows[i]] (rows NULL: src[i]) for i < n, rows of `width` bytes: the CPU's copy
  * of DRAM bundles into the device pool in one pass, with no staging buffer in between (torch needs
  * a gather and a scatter, each looping per element). -3 before any copy if an index is out of range. */

@@ -140,14 +140,16 @@ class Plan:
         return BYTES_PER_WEIGHT.get(system)
 
     def stored_policy(self, name: str):
-        """The shares of a policy the store names (every neuron at FP16 for any other name), as a Policy:
-        what sizing needs of it, without loading its predictors."""
+        """The shares of a policy the store names, or of a built-in ``KIND:A,B,C`` (every neuron at FP16 for
+        any other name), as a Policy: what sizing needs of it, without loading its predictors."""
+        from m2cache.engine.policies import parse_shares
         from m2cache.model.policy import Policy, Shares
         from m2cache.model.predictor import shares_from_spec
 
         spec = (self.store.manifest.get("policies") or {}).get(name, {})
         cfg = self.store.config
-        shares = shares_from_spec(spec, cfg.num_layers) if spec.get("shares") else Shares()
+        shares = (shares_from_spec(spec, cfg.num_layers) if spec.get("shares")
+                  else parse_shares(name) if ":" in name else Shares())
         return Policy(cfg.num_layers, self.store.num_neurons, shares)
 
     def needs(self, system: str) -> tuple[int, str]:

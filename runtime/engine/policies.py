@@ -58,6 +58,10 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
 
         spec = {"shares": parse_shares(name).to_dict(), "kind": "predictor"}
         return PredictorPolicy.from_store(store, name, spec, dtype, device)
+    if name in stored and stored[name].get("kind") == "gate":
+        from m2cache.model.predictor import shares_from_spec
+
+        return gate_policy(store, shares_from_spec(stored[name], cfg.num_layers), dtype, device)
     if name in stored:
         from m2cache.model.predictor import PredictorPolicy  # only stores with predictors need it
 
@@ -66,15 +70,36 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
 
 
-def gate_policy(store: Store, shares: Shares, dtype: torch.dtype, device: str | torch.device = "cpu") -> GatePolicy:
+def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu") -> GatePolicy:
     """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
-    up rows and down columns (from the FP16 bundles), read once."""
+    up rows and down columns (from the FP16 bundles), read once. On the CPU with the kernels the copy stays
+    packed INT4 (what ``resident_bytes`` counts); elsewhere it is dequantised to ``dtype``."""
+    from m2cache.model import cpu_kernels
+
     cfg, backend = store.config, PlainBackend()
+    packed = torch.device(device).type == "cpu" and cpu_kernels.available() and cfg.hidden_act in cpu_kernels.ACTIVATIONS
     gates, norms = [], []
     for layer in range(cfg.num_layers):
-        gates.append(store.decode("int4", store.read_layer(layer, "int4", backend), dtype)[:, 0].contiguous().to(device))
-        w = store.decode("fp16", store.read_layer(layer, "fp16", backend), torch.float32)
-        norms.append((w[:, 1].norm(dim=1) * w[:, 2].norm(dim=1)).to(device=device, dtype=dtype))
+        raw = store.read_layer(layer, "int4", backend)
+        if packed:
+            gates.append(cpu_kernels.gate_rows_int4(raw, cfg.hidden_size, store.groups.int4))
+        else:
+            gates.append(store.decode("int4", raw, dtype)[:, 0].contiguous().to(device))
+        norms.append(_up_down_norms(store, layer, backend).to(device=device, dtype=dtype))
     per_gate = store.bundle_bytes("int4") // store.parts  # one part's share of an INT4 bundle
     return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
-                      per_gate * cfg.intermediate_size * cfg.num_layers)
+                      per_gate * cfg.intermediate_size * cfg.num_layers,
+                      kernel_act=cfg.hidden_act if packed else None, group=store.groups.int4)
+
+
+NORM_CHUNK = 1024  # neurons dequantised at a time: on the 7B shape 50 MB, not a whole layer's 540 MB
+
+
+def _up_down_norms(store: Store, layer: int, backend: PlainBackend) -> torch.Tensor:
+    """||up_j||·||down_j|| [F] float32, from the FP16 bundles, a chunk of neurons at a time."""
+    raw = store.read_layer(layer, "fp16", backend)
+    out = []
+    for chunk in raw.split(NORM_CHUNK):
+        w = store.decode("fp16", chunk, torch.float32)
+        out.append(w[:, 1].norm(dim=1) * w[:, 2].norm(dim=1))
+    return torch.cat(out)

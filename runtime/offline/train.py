@@ -34,14 +34,22 @@ DEFAULT_TOKENS = 8192
 VAL_WINDOWS = 2  # the last calibration windows measure recall, never train
 # predictor policies every trained store gets (FP16, INT8, INT4 shares); tune adds its own.
 # The default keeps every neuron and lets the predictor choose only each neuron's precision: on the
-# demo model (SiLU, predictor recall ~0.66 at half the neurons) skipping neurons costs far more
-# perplexity than INT4 does (eval: 0.5 kept at FP16 +101% ppl; 0.1/0.2/0.7 +2.4% at 0.398 of the bytes,
-# the point `tune --bytes-per-token 0.4` chose). The sparse presets stay for models that allow them.
+# demo model skipping neurons by the predictor's ranking costs far more than INT4 does. Measured by
+# `m2cache eval --frontier` (demo, format 2 store, docs/results/eval_frontier_issue14.txt): mixed-40 fetches
+# 0.431 of dense FP16 FFN bytes for +1.4% perplexity on the pydoc tail and +1.0% on GPL-3 (top-1 0.958 /
+# 0.915); at 0.37 of the bytes (0.1/0.2/0.5) the predictor costs +14% / +89%. The sparse presets stay for
+# models that allow them.
 PRESET_POLICIES: dict[str, Shares] = {
     "sparse-50": Shares(0.5, 0.0, 0.0),
     "mixed-25": Shares(0.1, 0.2, 0.2),
     "mixed-40": Shares(0.1, 0.2, 0.7),
 }
+# gate policies (no predictor: a resident packed INT4 copy of every gate row ranks the neurons). gate-40 is
+# more exact than mixed-40 at the same fetched bytes (+0.9% / -0.0%, top-1 0.975 / 0.949), but its copy is
+# 1/3 of the INT4 FFN: 0.10 of the FP16 FFN bytes, where the 7B shape's predictors take 0.014. Under a
+# memory limit that copy comes out of the DRAM window (7B shape at 40%: 0.76x mixed-40's tokens/s), so it is
+# offered, not the default; fetching only up/down for the neurons it keeps would pay for it (not built).
+PRESET_GATE_POLICIES: dict[str, Shares] = {"gate-40": Shares(0.1, 0.2, 0.7)}
 PRESET_DEFAULT = "mixed-40"
 
 
@@ -240,6 +248,8 @@ def register_predictors(store: Store, **meta: Any) -> None:
     policies = dict(m.get("policies") or {})
     for name, shares in PRESET_POLICIES.items():
         policies[name] = {"shares": shares.to_dict(), "kind": "predictor"}
+    for name, shares in PRESET_GATE_POLICIES.items():
+        policies[name] = {"shares": shares.to_dict(), "kind": "gate"}
     m["policies"] = policies
     if m.get("default_policy") in (None, "dense-fp16") or m["default_policy"] not in policies:
         m["default_policy"] = PRESET_DEFAULT
