@@ -24,7 +24,8 @@ def store_dir(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(store_dir):
-    return evaluate(store_dir, ["dense-fp16", "oracle:0.1,0.2,0.2", "predictor:0.5,0,0", "mixed-40", "gate:0.5,0,0"],
+    return evaluate(store_dir, ["dense-fp16", "oracle:0.1,0.2,0.2", "predictor:0.5,0,0", "mixed-40", "gate:0.5,0,0",
+                                "gate-split:0.5,0,0", "gate-40"],
                     tokens=1024, greedy_tokens=12, prompts=["Hello there", "What is a list?"])
 
 
@@ -95,3 +96,29 @@ def test_frontier_names_each_method_at_each_share() -> None:
     assert names == ["predictor:0.1,0.2,0.7", "predictor:0,0.2,0.55", "oracle:0.1,0.2,0.7", "oracle:0,0.2,0.55"]
     with pytest.raises(ConfigError, match="unknown selection method"):
         frontier_policies(["magic"])
+
+
+def test_the_split_gate_layout_fetches_two_thirds_and_ranks_as_the_gate(rows) -> None:
+    by = {r["policy"]: r for r in rows}
+    split, gate = by["gate-split:0.5,0,0"], by["gate:0.5,0,0"]
+    assert split["ffn_bytes_ratio"] == pytest.approx(gate["ffn_bytes_ratio"] * 2 / 3)
+    assert split["selector_bytes_ratio"] == gate["selector_bytes_ratio"]
+    # the same ranking, on hidden states that differ from the gate policy's by its INT4 gate values
+    assert split["recall"] >= MIN_GATE_RECALL
+    assert by["gate-40"]["kept"] == 1.0 and by["gate-40"]["ffn_bytes_ratio"] == by["mixed-40"]["ffn_bytes_ratio"]
+
+
+def test_the_split_gate_layout_computes_with_the_int4_gate_rows(store_dir) -> None:
+    qm = QualityModel(Store(store_dir))
+    split = qm.weights_for(qm.policy("gate-split:0.1,0.2,0.7"))
+    for p in ("fp16", "int8"):
+        assert torch.equal(split[p][1][:, 0], qm.weights["int4"][1][:, 0])
+        assert torch.equal(split[p][1][:, 1:], qm.weights[p][1][:, 1:])
+    assert qm.weights_for(qm.policy("gate:0.1,0.2,0.7")) is qm.weights
+
+
+def test_the_engine_refuses_the_split_gate_layout_it_does_not_have(store_dir) -> None:
+    from m2cache.engine.policies import load_policy
+
+    with pytest.raises(ConfigError, match="m2cache eval. only"):
+        load_policy(Store(store_dir), "gate-split:0.1,0.2,0.7", torch.float32)

@@ -116,13 +116,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frontier", action="store_true",
                    help="every selection method of --methods across a range of shares, on the pydoc prose and "
                         "each --text")
-    p.add_argument("--methods", default="predictor,gate,oracle", help="the frontier's selection methods")
+    p.add_argument("--methods", default="predictor,gate,gate-split,oracle",
+                   help="the frontier's selection methods (gate-split: eval only, the split store layout it "
+                        "needs is not built)")
     p.add_argument("--shares", help="the frontier's FP16,INT8,INT4 shares, '/'-separated (default: 8 from every "
                                     "neuron kept down to half)")
     p.add_argument("--plot", help="write a PNG of perplexity against bytes fetched per token")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", action="append",
-                   help="dense-fp16, oracle:A,B,C, predictor:A,B,C, gate:A,B,C or a stored name (repeatable; "
+                   help="dense-fp16, oracle:A,B,C, predictor:A,B,C, gate:A,B,C, gate-split:A,B,C or a stored name "
+                        "(repeatable; "
                         "default: dense-fp16 and the store's default)")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens for perplexity")
     p.add_argument("--greedy-tokens", type=int, default=64,

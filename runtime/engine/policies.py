@@ -52,6 +52,9 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
                             activation(cfg.hidden_act))
     if name == "gate" or name.startswith("gate:"):
         return gate_policy(store, parse_shares(name), dtype, device)
+    if name.startswith("gate-split"):
+        raise ConfigError(f"{name!r} is measured by `m2cache eval` only: the store layout it needs (resident gate "
+                          "rows, fetched up/down parts) is not built; gate:A,B,C runs with whole bundles")
     stored = store.manifest.get("policies") or {}
     if name.startswith("predictor:"):  # ad-hoc shares over the store's trained predictors
         from m2cache.model.predictor import PredictorPolicy
@@ -70,7 +73,8 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
 
 
-def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu") -> GatePolicy:
+def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu",
+                cls: type[GatePolicy] = GatePolicy) -> GatePolicy:
     """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
     up rows and down columns (from the FP16 bundles), read once. On the CPU with the kernels the copy stays
     packed INT4 (what ``resident_bytes`` counts); elsewhere it is dequantised to ``dtype``."""
@@ -87,7 +91,7 @@ def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype,
             gates.append(store.decode("int4", raw, dtype)[:, 0].contiguous().to(device))
         norms.append(_up_down_norms(store, layer, backend).to(device=device, dtype=dtype))
     per_gate = store.bundle_bytes("int4") // store.parts  # one part's share of an INT4 bundle
-    return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
+    return cls(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
                       per_gate * cfg.intermediate_size * cfg.num_layers,
                       kernel_act=cfg.hidden_act if packed else None, group=store.groups.int4)
 

@@ -18,6 +18,10 @@ Per policy:
 - ``ffn_bytes_ratio``: FFN bytes fetched per token relative to dense FP16 (the store's bundle sizes).
 - ``recall``: for predictor and gate policies, the share of the true top-k kept set (by exact contribution, on
   the policy's own hidden states) that the predictor kept, averaged over layers and positions.
+
+Beside the policies the engine runs, ``gate-split:A,B,C`` measures a store layout not built yet: the gate
+policy where the resident INT4 gate rows also give the kept neurons' gate activations, and only their up
+and down parts are fetched (``SplitGatePolicy``).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
 from m2cache.model.int8 import linear
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
 from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, contributions
-from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path
+from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.engine.policies import gate_policy, parse_oracle, parse_shares
 from m2cache.storage.reader import PlainBackend, Store
@@ -58,6 +62,14 @@ PROMPTS = (
 Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, h [T, D]) -> scores [T, F]
 
 
+class SplitGatePolicy(GatePolicy):
+    """``gate-split:A,B,C``, measured here only: the gate policy over a split store layout (not built), where
+    the resident INT4 gate copy also gives every kept neuron's gate activation and only its up row and down
+    column are fetched, at the precision it was ranked into: two thirds of the bytes."""
+
+    name = "gate-split"
+
+
 class QualityModel:
     """The dense FP32 model plus every layer's weights dequantised at each precision (a measuring tool:
     everything in memory, outside the tier budgets)."""
@@ -73,6 +85,7 @@ class QualityModel:
                                for L in range(self.cfg.num_layers)]
         self.down_norms = [w[:, 2].norm(dim=1) for w in self.dense.ffn]
         self._predictors: LowRankPredictors | None = None
+        self._split_weights: dict[str, list[torch.Tensor]] | None = None
         self.bundle_bytes = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
 
     def predictors(self) -> LowRankPredictors:
@@ -95,11 +108,16 @@ class QualityModel:
             return PredictorPolicy(L, Fn, shares, self.predictors(), name)
         if name == "gate" or name.startswith("gate:"):
             return gate_policy(self.store, parse_shares(name), torch.float32)
+        if name.startswith("gate-split:"):
+            return gate_policy(self.store, parse_shares(name), torch.float32, cls=SplitGatePolicy)
         stored = self.store.manifest.get("policies") or {}
+        if name in stored and stored[name].get("kind") == "gate":
+            return gate_policy(self.store, shares_from_spec(stored[name], L), torch.float32)
         if name in stored:
             return PredictorPolicy.from_store(self.store, name, stored[name], torch.float32, "cpu",
                                               predictors=self.predictors())
-        known = ", ".join(["dense-fp16", "oracle:A,B,C", "predictor:A,B,C"] + sorted(stored))
+        known = ", ".join(["dense-fp16", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C", "gate-split:A,B,C"]
+                          + sorted(stored))
         raise ConfigError(f"unknown policy {name!r}; this store has: {known}")
 
     def scorer(self, policy: Policy) -> Scorer | None:
@@ -124,7 +142,25 @@ class QualityModel:
         return 0
 
     def bytes_ratio(self, policy: Policy) -> float:
-        return sum(s.bytes_ratio(self.bundle_bytes) for s in policy.shares) / len(policy.shares)
+        ratio = sum(s.bytes_ratio(self.bundle_bytes) for s in policy.shares) / len(policy.shares)
+        # a split layout fetches two parts of three (each precision's parts are the same size)
+        return ratio * 2 / 3 if isinstance(policy, SplitGatePolicy) else ratio
+
+    def weights_for(self, policy: Policy) -> dict[str, list[torch.Tensor]]:
+        """Each precision's dequantised bundles as the policy computes with them: for a split gate policy
+        the gate part of every precision is the resident INT4 copy's (built on first use)."""
+        if not isinstance(policy, SplitGatePolicy):
+            return self.weights
+        if self._split_weights is None:
+            split: dict[str, list[torch.Tensor]] = {}
+            for p, layers in self.weights.items():
+                split[p] = []
+                for L, W in enumerate(layers):
+                    W = W.clone()
+                    W[:, 0] = self.weights["int4"][L][:, 0]
+                    split[p].append(W)
+            self._split_weights = split
+        return self._split_weights
 
     # ---- teacher-forced pass ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -144,7 +180,8 @@ class QualityModel:
             masks = rank_masks(scores, policy.counts(layer))
             if recall is not None:
                 recall.append(kept_recall(masks, self.oracle_scores(layer, h)))
-            x = x + ffn_masked(h, {p: self.weights[p][layer] for p in masks}, masks, m.act)
+            weights = self.weights_for(policy)
+            x = x + ffn_masked(h, {p: weights[p][layer] for p in masks}, masks, m.act)
         hn = rms_norm(x, m.res.final_norm, cfg.rms_norm_eps)
         return linear(hn, m.res.lm_head).float()
 
@@ -175,7 +212,7 @@ class QualityModel:
             ids = policy.split(layer, order)
             y = None
             for p, idx in ids.items():
-                W = self.weights[p][layer]
+                W = self.weights_for(policy)[p][layer]
                 Wp = W if len(idx) == W.shape[0] else W[torch.from_numpy(idx)]
                 part = ffn_bundles(h, Wp, m.act)
                 y = part if y is None else y + part
@@ -294,7 +331,7 @@ def _kept(policy: Policy) -> float:
 
 
 # ---- the frontier ---------------------------------------------------------------------------------
-METHODS = ("predictor", "gate", "oracle")
+METHODS = ("predictor", "gate", "gate-split", "oracle")
 # (FP16, INT8, INT4) shares from every neuron kept down to half of them, most bytes first
 FRONTIER_SHARES: tuple[tuple[float, float, float], ...] = (
     (0.1, 0.2, 0.7), (0.0, 0.3, 0.7), (0.1, 0.2, 0.5), (0.05, 0.15, 0.6), (0.05, 0.15, 0.5),
