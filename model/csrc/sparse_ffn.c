@@ -234,6 +234,18 @@ static void axpy_int4(float a, const uint8_t *b, const f16 *m, float *ye, float 
     }
 }
 
+/* h [T][D] split into its even (he) and odd (ho) positions, [T][D/2] each, and each token's sum over
+ * every group of 2*gh values (xsum [T][D/(2*gh)], zeroed by the caller): the INT4 loops' inputs. */
+static void deinterleave(const float *h, int64_t T, int64_t D, int64_t gh, float *he, float *ho, float *xsum) {
+    const int64_t half = D / 2, ng = D / (2 * gh);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < half; k++) {
+            he[t * half + k] = h[t * D + 2 * k];
+            ho[t * half + k] = h[t * D + 2 * k + 1];
+            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
+        }
+}
+
 int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
                  int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
     if (T > MAX_T || D % group || group % 2) return -1;
@@ -246,12 +258,7 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
         free(he); free(ho); free(ye); free(yo); free(xsum);
         return -2;
     }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t k = 0; k < half; k++) {
-            he[t * half + k] = h[t * D + 2 * k];
-            ho[t * half + k] = h[t * D + 2 * k + 1];
-            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
-        }
+    deinterleave(h, T, D, gh, he, ho, xsum);
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = pool + slots[i] * bundle_bytes;
@@ -288,12 +295,7 @@ int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T,
         free(he); free(ho); free(xsum);
         return -2;
     }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t k = 0; k < half; k++) {
-            he[t * half + k] = h[t * D + 2 * k];
-            ho[t * half + k] = h[t * D + 2 * k + 1];
-            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
-        }
+    deinterleave(h, T, D, gh, he, ho, xsum);
     for (int64_t j = 0; j < rows; j++) {
         const uint8_t *row = gates + j * width;
         const f16 *meta = (const f16 *)(row + half);
