@@ -54,7 +54,8 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
 #define LOAD16_fp16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define LOAD16_int8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define ROW_KERNELS(name, type)                                                                      \
-    static void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {  \
+    static __attribute__((unused))                                                                   \
+    void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {         \
         int64_t d = 0;                                                                               \
         __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();                                   \
         for (; d + 16 <= D; d += 16) {                                                               \
@@ -79,7 +80,8 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
     }
 #else
 #define ROW_KERNELS(name, type)                                                                      \
-    static void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {  \
+    static __attribute__((unused))                                                                   \
+    void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {         \
         float g = 0.0f, u = 0.0f;                                                                    \
         for (int64_t d = 0; d < D; d++) {                                                            \
             g += (float)w[d] * x[d];                                                                 \
@@ -300,7 +302,8 @@ int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T,
         const uint8_t *row = gates + j * width;
         const f16 *meta = (const f16 *)(row + half);
         for (int64_t t = 0; t < T; t++)
-            out[t * rows + j] = activate(dot_int4(row, meta, he + t * half, ho + t * half, xsum + t * ng, half, gh), act);
+            out[t * rows + j] = activate(dot_int4(row, meta, he + t * half, ho + t * half, xsum + t * ng, half, gh),
+                                         act);
     }
     free(he); free(ho); free(xsum);
     return 0;
