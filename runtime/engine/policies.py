@@ -81,7 +81,8 @@ def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype,
     from m2cache.model import cpu_kernels
 
     cfg, backend = store.config, PlainBackend()
-    packed = torch.device(device).type == "cpu" and cpu_kernels.available() and cfg.hidden_act in cpu_kernels.ACTIVATIONS
+    packed = (torch.device(device).type == "cpu" and cpu_kernels.available()
+              and cfg.hidden_act in cpu_kernels.ACTIVATIONS)
     gates, norms = [], []
     for layer in range(cfg.num_layers):
         raw = store.read_layer(layer, "int4", backend)
