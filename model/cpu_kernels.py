@@ -181,7 +181,9 @@ def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: s
     lib = library()
     assert lib is not None, "gate_int4 called without the kernels: check available() first"
     assert gates.dtype == torch.uint8 and gates.is_contiguous() and gates.device.type == "cpu"
-    assert gates.shape[1] == dim // 2 + 4 * (dim // group), "gates must be gate_rows_int4's layout"
+    if group <= 0 or dim % group or gates.shape[1] != dim // 2 + 4 * (dim // group):
+        raise ValueError(f"gates [{gates.shape[0]}, {gates.shape[1]}] are not gate_rows_int4's layout for D={dim}, "
+                         f"group {group}")
     hf = h.float().contiguous()
     assert hf.shape[1] == dim
     out = torch.empty(hf.shape[0], gates.shape[0], dtype=torch.float32)

@@ -183,6 +183,11 @@ class GatePolicy(Policy):
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.score_all(layer, h[-1:])[0]
 
+    def score_batch(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        if len(hs) == 1:
+            return self.score(layer, hs[0])
+        return self.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one pass over the copy
+
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         gates = self.gates[layer]
         if gates.dtype == torch.uint8:

@@ -49,7 +49,7 @@ def test_the_stored_gate_policy_loads_as_a_gate_policy(trained) -> None:
     from m2cache.model.policy import GatePolicy
 
     pol = load_policy(Store(trained[0]), "gate-40", torch.float32)
-    assert isinstance(pol, GatePolicy) and pol.needs_scores
+    assert isinstance(pol, GatePolicy) and pol.needs_scores and pol.name == "gate-40"
     assert pol.counts(0) == {"fp16": 13, "int8": 26, "int4": 89}  # 0.1 / 0.2 / 0.7 of 128 neurons, rounded
 
 

@@ -250,7 +250,7 @@ static void deinterleave(const float *h, int64_t T, int64_t D, int64_t gh, float
 
 int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
                  int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
-    if (T > MAX_T || D % group || group % 2) return -1;
+    if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;
     const int64_t half = D / 2, ng = D / group, gh = group / 2;
     float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
@@ -289,7 +289,7 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
  * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]. */
 int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
                   int act, float *out) {
-    if (T > MAX_T || D % group || group % 2) return -1;
+    if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
     const int64_t half = D / 2, ng = D / group, gh = group / 2, width = half + 4 * ng;
     float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
     float *xsum = calloc(T * ng, sizeof(float));

@@ -84,7 +84,7 @@ class Engine:
             from m2cache.errors import ConfigError
 
             raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
-        self.policy = load_policy(store, cfg.policy, self.dtype, self.device)
+        self.policy = load_policy(store, cfg.policy, self.dtype, self.device, kernels=cfg.cpu_kernels)
         # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
         direct = (cfg.compute_from_dram and cfg.cpu_kernels
                   and kernels_apply(self.policy, store, store.config, self.device))

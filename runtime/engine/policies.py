@@ -39,7 +39,10 @@ def default_policy_name(store: Store) -> str:
     return store.manifest.get("default_policy") or "dense-fp16"
 
 
-def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str | torch.device = "cpu") -> Policy:
+def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str | torch.device = "cpu",
+                kernels: bool = True) -> Policy:
+    """The policy ``name`` (None: the store's default); ``kernels`` False keeps a gate policy off the C
+    kernels (the engine's ``cpu_kernels``)."""
     name = name or default_policy_name(store)
     cfg = store.config
     if name == "dense-fp16":
@@ -51,7 +54,7 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
         return OraclePolicy(cfg.num_layers, cfg.intermediate_size, parse_oracle(name), weights,
                             activation(cfg.hidden_act))
     if name == "gate" or name.startswith("gate:"):
-        return gate_policy(store, parse_shares(name), dtype, device)
+        return gate_policy(store, parse_shares(name), dtype, device, kernels=kernels)
     if name.startswith("gate-split"):
         raise ConfigError(f"{name!r} is measured by `m2cache eval` only: the store layout it needs (resident gate "
                           "rows, fetched up/down parts) is not built; gate:A,B,C runs with whole bundles")
@@ -64,7 +67,9 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     if name in stored and stored[name].get("kind") == "gate":
         from m2cache.model.predictor import shares_from_spec
 
-        return gate_policy(store, shares_from_spec(stored[name], cfg.num_layers), dtype, device)
+        policy = gate_policy(store, shares_from_spec(stored[name], cfg.num_layers), dtype, device, kernels=kernels)
+        policy.name = name
+        return policy
     if name in stored:
         from m2cache.model.predictor import PredictorPolicy  # only stores with predictors need it
 
@@ -74,14 +79,14 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
 
 
 def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu",
-                cls: type[GatePolicy] = GatePolicy) -> GatePolicy:
+                cls: type[GatePolicy] = GatePolicy, kernels: bool = True) -> GatePolicy:
     """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
     up rows and down columns (from the FP16 bundles), read once. On the CPU with the kernels the copy stays
     packed INT4 (what ``resident_bytes`` counts); elsewhere it is dequantised to ``dtype``."""
     from m2cache.model import cpu_kernels
 
     cfg, backend = store.config, PlainBackend()
-    packed = (torch.device(device).type == "cpu" and cpu_kernels.available()
+    packed = (kernels and torch.device(device).type == "cpu" and cpu_kernels.available()
               and cfg.hidden_act in cpu_kernels.ACTIVATIONS)
     gates, norms = [], []
     for layer in range(cfg.num_layers):

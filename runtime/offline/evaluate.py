@@ -153,11 +153,12 @@ class QualityModel:
             return self.weights
         if self._split_weights is None:
             split: dict[str, list[torch.Tensor]] = {}
+            int4 = self.weights["int4"]
             for p, layers in self.weights.items():
-                split[p] = []
-                for L, W in enumerate(layers):
+                split[p] = layers if p == "int4" else []  # INT4's own gate rows are the copy already
+                for L, W in enumerate(layers if p != "int4" else []):
                     W = W.clone()
-                    W[:, 0] = self.weights["int4"][L][:, 0]
+                    W[:, 0] = int4[L][:, 0]
                     split[p].append(W)
             self._split_weights = split
         return self._split_weights
