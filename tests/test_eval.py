@@ -122,3 +122,38 @@ def test_the_engine_refuses_the_split_gate_layout_it_does_not_have(store_dir) ->
 
     with pytest.raises(ConfigError, match="m2cache eval. only"):
         load_policy(Store(store_dir), "gate-split:0.1,0.2,0.7", torch.float32)
+
+
+def _linear_ppl(sensitivity: list[float], base):
+    """A calibration ppl that grows with each layer's INT4 share by that layer's sensitivity."""
+    return lambda layers: 10 + sum(s * (x.int4 - base.int4) for s, x in zip(sensitivity, layers))
+
+
+def test_per_layer_tune_pays_for_the_sensitive_layers_with_the_insensitive_ones() -> None:
+    from m2cache.model.policy import Shares
+    from m2cache.offline.tune import tune_layers
+
+    base = Shares(0.1, 0.2, 0.7)
+    layers, ppl = tune_layers(4, base, 10.0, _linear_ppl([0.1, 5.0, 0.2, 3.0], base), progress=False)
+    assert layers is not None and ppl < 10
+    assert [x.int4 for x in layers] == pytest.approx([0.8, 0.6, 0.8, 0.6])  # 0, 2 pay for 1, 3
+    assert sum(x.int8 for x in layers) == pytest.approx(4 * base.int8)  # the same bytes
+    # layers that all weigh the same: nothing to exchange, the global shares stay
+    assert tune_layers(3, base, 10.0, _linear_ppl([1.0, 1.0, 1.0], base), progress=False) == (None, 10.0)
+
+
+def test_tune_per_layer_with_the_gate_saves_a_gate_policy(store_dir) -> None:
+    from m2cache.engine.policies import load_policy
+    from m2cache.model.policy import GatePolicy
+
+    report = tune(store_dir, 0.4, tokens=512, progress=False, set_default=False, per_layer=True, kind="gate",
+                  name="tuned-gate")
+    spec = Store(store_dir).manifest["policies"]["tuned-gate"]
+    assert spec["kind"] == "gate"
+    assert report.calib_ppl <= report.global_ppl
+    if report.layers is not None:  # a list of per-layer shares, the same bytes on average as the global
+        assert len(spec["shares"]) == 3
+        assert sum(s["int8"] for s in spec["shares"]) == pytest.approx(3 * report.shares.int8)
+    assert isinstance(load_policy(Store(store_dir), "tuned-gate", torch.float32), GatePolicy)
+    with pytest.raises(ConfigError, match="predictor or gate"):
+        tune(store_dir, 0.4, kind="oracle", progress=False)

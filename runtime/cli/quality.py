@@ -38,7 +38,8 @@ def cmd_policies(args) -> int:
         kind = "builtin" if spec.get("builtin") else spec.get("kind", "?") + (" per-layer" if len(s) > 1 else "")
         mark = "  (default)" if name == default else ""
         print(f"{name:<16} {mean['fp16']:5.2f} {mean['int8']:5.2f} {mean['int4']:5.2f} {ratio:6.3f}  {kind}{mark}")
-    print("also: oracle:FP16,INT8,INT4 (exact magnitudes, for measuring) and predictor:FP16,INT8,INT4 (ad hoc)")
+    print("also: oracle:FP16,INT8,INT4 (exact contributions, for measuring), predictor:FP16,INT8,INT4 and "
+          "gate:FP16,INT8,INT4 (ad hoc)")
     return 0
 
 
@@ -46,7 +47,8 @@ def cmd_tune(args) -> int:
     from m2cache.offline.tune import tune
 
     report = tune(args.store, args.bytes_per_token, name=args.name, text=_read_text(args.text),
-                  tokens=args.tokens, progress=not args.quiet, set_default=not args.no_default)
+                  tokens=args.tokens, progress=not args.quiet, set_default=not args.no_default,
+                  per_layer=args.per_layer, kind=args.kind)
     print(report.summary())
     return 0
 
@@ -106,6 +108,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="calibration text file (default: CPython's pydoc_data prose)")
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens per candidate")
     p.add_argument("--no-default", action="store_true", help="do not make it the store's default policy")
+    p.add_argument("--per-layer", action="store_true",
+                   help="then each layer's own shares at the same bytes (INT8/INT4 exchanged between layers)")
+    p.add_argument("--kind", choices=("predictor", "gate"), default="predictor",
+                   help="what ranks the neurons: the trained predictors, or the resident INT4 gate rows")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)
 

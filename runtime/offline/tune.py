@@ -8,6 +8,13 @@ entropy score stands in for, and costs the same one batched pass per candidate.
 Search: keeping more neurons never costs quality, so the best shares spend the whole budget. For each
 (FP16, INT8) pair on a grid, INT4 takes what the budget leaves (down to the grid step); a coarse grid
 (step 0.1) finds the region, a fine one (step 0.05) around the best point settles it.
+
+Per layer (``per_layer``): layers differ, so from the best global shares each layer is tried one
+exchange step cheaper (0.1 of its neurons from INT8 to INT4) and one dearer (INT4 to INT8), the others
+left as they are. The layers that lose least by the cheaper step pay for the dearer step of those that
+gain most, pair by pair while a pair's gain exceeds its loss: the bytes stay exactly the same. The
+combination is measured; it is kept only when it beats the global shares (else half the pairs are tried).
+The ranking policy is the store's predictors or (``kind="gate"``) the resident INT4 gate rows.
 """
 from __future__ import annotations
 
@@ -16,9 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from m2cache.errors import ConfigError
 from m2cache.offline.evaluate import QualityModel, perplexity
-from m2cache.model.policy import Policy, Shares
+from m2cache.engine.policies import gate_policy
+from m2cache.model.policy import GatePolicy, Policy, Shares
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.reader import Store
@@ -38,10 +48,17 @@ class TuneReport:
     dense_calib_ppl: float
     tried: list[tuple[Shares, float, float]] = field(default_factory=list)  # (shares, bytes, ppl)
     seconds: float = 0.0
+    layers: list[Shares] | None = None  # per-layer shares, when they beat ``shares`` everywhere
+    global_ppl: float = 0.0  # calibration ppl of ``shares`` in every layer
 
     def summary(self) -> str:
         s = self.shares
-        return (f"{self.name}: fp16 {s.fp16:.2f}, int8 {s.int8:.2f}, int4 {s.int4:.2f} -> "
+        per_layer = ""
+        if self.layers is not None:
+            moved = sum(x != s for x in self.layers)
+            per_layer = (f"; per layer: {moved} of {len(self.layers)} layers moved, calibration ppl "
+                         f"{self.global_ppl:.3f} -> {self.calib_ppl:.3f}")
+        return (f"{self.name}: fp16 {s.fp16:.2f}, int8 {s.int8:.2f}, int4 {s.int4:.2f}{per_layer} -> "
                 f"{self.bytes_ratio:.3f} of dense FP16 FFN bytes, calibration ppl {self.calib_ppl:.3f} "
                 f"(dense {self.dense_calib_ppl:.3f}, {self.calib_ppl / self.dense_calib_ppl - 1:+.1%}); "
                 f"{len(self.tried)} candidates in {self.seconds:.0f}s")
@@ -77,18 +94,25 @@ def candidates(budget: float, ratio: dict[str, float], step: float, around: Shar
     return out
 
 
+KINDS = ("predictor", "gate")
+EXCHANGE = 0.1  # of a layer's neurons, INT8 <-> INT4, in a per-layer step
+
+
 def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = None, text: str | None = None,
-         tokens: int = TUNE_TOKENS, progress: bool = True, set_default: bool = True,
-         qm: QualityModel | None = None) -> TuneReport:
-    """Searches shares within ``bytes_per_token`` (ratio of dense FP16 FFN bytes); saves the best as a
-    named predictor policy and, with ``set_default``, as the store's default."""
+         tokens: int = TUNE_TOKENS, progress: bool = True, set_default: bool = True, per_layer: bool = False,
+         kind: str = "predictor", qm: QualityModel | None = None) -> TuneReport:
+    """Searches shares within ``bytes_per_token`` (ratio of dense FP16 FFN bytes), and with ``per_layer``
+    each layer's own; saves the best as a named ``kind`` policy and, with ``set_default``, as the store's
+    default."""
     if not 0 < bytes_per_token <= 1:
         raise ConfigError(f"--bytes-per-token {bytes_per_token} must be a ratio of dense FP16 bytes in (0, 1]")
+    if kind not in KINDS:
+        raise ConfigError(f"tune ranks by {' or '.join(KINDS)}, not {kind!r}")
     t0 = time.monotonic()
     store = Store(store_dir)
     qm = qm or QualityModel(store)
-    preds = qm.predictors()
     cfg = store.config
+    make = _policy_maker(qm, kind)
     calib, _ = split_text(text)
     windows = token_windows(store, calib, tokens)
     ratio = {p: b / qm.bundle_bytes["fp16"] for p, b in qm.bundle_bytes.items()}
@@ -100,8 +124,7 @@ def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = No
         bar = ProgressBar(f"tune {bytes_per_token:.2f}", len(cands)) if progress else None
         for i, s in enumerate(cands):
             if s not in tried:
-                pol = PredictorPolicy(cfg.num_layers, cfg.intermediate_size, s, preds)
-                tried[s] = perplexity(qm, windows, pol)[0]
+                tried[s] = perplexity(qm, windows, make(s))[0]
             if bar:
                 bar(i + 1)
 
@@ -112,16 +135,77 @@ def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = No
     best = min(tried, key=tried.__getitem__)
     name = name or f"tuned-{round(bytes_per_token * 100):d}"
     report = TuneReport(name, best, best.bytes_ratio(qm.bundle_bytes), tried[best], dense_ppl,
-                        [(s, s.bytes_ratio(qm.bundle_bytes), p) for s, p in tried.items()])
-    save_policy(store, name, best, set_default, calib_ppl=tried[best], budget=bytes_per_token)
+                        [(s, s.bytes_ratio(qm.bundle_bytes), p) for s, p in tried.items()], global_ppl=tried[best])
+    if per_layer:
+        layers, ppl = tune_layers(cfg.num_layers, best, tried[best], lambda ls: perplexity(qm, windows, make(ls))[0],
+                                  progress)
+        if layers is not None:
+            report.layers, report.calib_ppl = layers, ppl
+    save_policy(store, name, report.layers or best, set_default, kind=kind, calib_ppl=report.calib_ppl,
+                budget=bytes_per_token)
     report.seconds = time.monotonic() - t0
     return report
 
 
-def save_policy(store: Store, name: str, shares: Shares, set_default: bool, **meta: float) -> None:
+def _policy_maker(qm: QualityModel, kind: str):
+    """shares (one, or one per layer) -> the policy of ``kind`` with them; the ranking's weights loaded once."""
+    cfg = qm.cfg
+    if kind == "predictor":
+        preds = qm.predictors()
+        return lambda s: PredictorPolicy(cfg.num_layers, cfg.intermediate_size, s, preds)
+    gate = gate_policy(qm.store, Shares(), torch.float32)
+    return lambda s: GatePolicy(cfg.num_layers, cfg.intermediate_size, s, gate.gates, gate.norms, gate.act,
+                                gate.resident_bytes, gate.kernel_act, gate.group)
+
+
+def step(s: Shares, cheaper: bool) -> Shares | None:
+    """``s`` with EXCHANGE of the neurons moved INT8 -> INT4 (cheaper) or INT4 -> INT8; None if it cannot."""
+    d = -EXCHANGE if cheaper else EXCHANGE
+    int8, int4 = round(s.int8 + d, 4), round(s.int4 - d, 4)
+    return None if int8 < -1e-9 or int4 < -1e-9 else Shares(s.fp16, int8, int4)
+
+
+def tune_layers(num_layers: int, base: Shares, base_ppl: float, ppl_of, progress: bool = True
+                ) -> tuple[list[Shares] | None, float]:
+    """(per-layer shares, their ppl) that beat ``base`` everywhere at the same bytes, or (None, base_ppl)."""
+    bar = ProgressBar("tune per layer", 2 * num_layers) if progress else None
+    loss: dict[int, float] = {}
+    gain: dict[int, float] = {}
+    for i, (layer, cheaper) in enumerate((L, c) for L in range(num_layers) for c in (True, False)):
+        moved = step(base, cheaper)
+        if moved is not None:
+            ppl = ppl_of([moved if L == layer else base for L in range(num_layers)])
+            (loss if cheaper else gain)[layer] = ppl - base_ppl if cheaper else base_ppl - ppl
+        if bar:
+            bar(i + 1)
+    downs = sorted(loss, key=loss.__getitem__)
+    ups = sorted(gain, key=gain.__getitem__, reverse=True)
+    pairs: list[tuple[int, int]] = []
+    used: set[int] = set()
+    while True:  # the cheapest loss left pays for the largest gain left, each layer in one pair at most
+        down = next((d for d in downs if d not in used), None)
+        up = next((u for u in ups if u not in used and u != down), None)
+        if down is None or up is None or gain[up] <= loss[down]:
+            break
+        pairs.append((down, up))
+        used |= {down, up}
+    while pairs:
+        layers = [base] * num_layers
+        for down, up in pairs:
+            layers[down], layers[up] = step(base, True), step(base, False)  # type: ignore[assignment]
+        ppl = ppl_of(layers)
+        if ppl < base_ppl:
+            return layers, ppl
+        pairs = pairs[:len(pairs) // 2]
+    return None, base_ppl
+
+
+def save_policy(store: Store, name: str, shares: Shares | list[Shares], set_default: bool, kind: str = "predictor",
+                **meta: float) -> None:
     m = store.manifest
     policies = dict(m.get("policies") or {})
-    policies[name] = {"shares": shares.to_dict(), "kind": "predictor", **meta}
+    spec = shares.to_dict() if isinstance(shares, Shares) else [s.to_dict() for s in shares]
+    policies[name] = {"shares": spec, "kind": kind, **meta}
     m["policies"] = policies
     if set_default:
         m["default_policy"] = name
