@@ -38,7 +38,7 @@ from m2cache.errors import ConfigError, require_extra
 from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
 from m2cache.model.int8 import linear
 from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
-from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, contributions
+from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, Shares, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.engine.policies import gate_policy, parse_oracle, parse_shares
@@ -86,6 +86,7 @@ class QualityModel:
         self.down_norms = [w[:, 2].norm(dim=1) for w in self.dense.ffn]
         self._predictors: LowRankPredictors | None = None
         self._split_weights: dict[str, list[torch.Tensor]] | None = None
+        self._gate: GatePolicy | None = None
         self.bundle_bytes = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
 
     def predictors(self) -> LowRankPredictors:
@@ -107,18 +108,27 @@ class QualityModel:
             shares = parse_shares(name)
             return PredictorPolicy(L, Fn, shares, self.predictors(), name)
         if name == "gate" or name.startswith("gate:"):
-            return gate_policy(self.store, parse_shares(name), torch.float32)
+            return self.gate(parse_shares(name))
         if name.startswith("gate-split:"):
-            return gate_policy(self.store, parse_shares(name), torch.float32, cls=SplitGatePolicy)
+            return self.gate(parse_shares(name), SplitGatePolicy)
         stored = self.store.manifest.get("policies") or {}
         if name in stored and stored[name].get("kind") == "gate":
-            return gate_policy(self.store, shares_from_spec(stored[name], L), torch.float32)
+            return self.gate(shares_from_spec(stored[name], L))
         if name in stored:
             return PredictorPolicy.from_store(self.store, name, stored[name], torch.float32, "cpu",
                                               predictors=self.predictors())
         known = ", ".join(["dense-fp16", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C", "gate-split:A,B,C"]
                           + sorted(stored))
         raise ConfigError(f"unknown policy {name!r}; this store has: {known}")
+
+    def gate(self, shares: Shares | list[Shares], cls: type[GatePolicy] = GatePolicy) -> GatePolicy:
+        """A gate policy with ``shares``, over one copy of the gate rows read for them all (each read is
+        every INT4 and FP16 layer of the store)."""
+        if self._gate is None:
+            self._gate = gate_policy(self.store, Shares(), torch.float32)
+        g = self._gate
+        return cls(g.num_layers, g.num_neurons, shares, g.gates, g.norms, g.act, g.resident_bytes, g.kernel_act,
+                   g.group)
 
     def scorer(self, policy: Policy) -> Scorer | None:
         if isinstance(policy, OraclePolicy):

@@ -23,12 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from m2cache.errors import ConfigError
 from m2cache.offline.evaluate import QualityModel, perplexity
-from m2cache.engine.policies import gate_policy
-from m2cache.model.policy import GatePolicy, Policy, Shares
+from m2cache.model.policy import Policy, Shares
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.reader import Store
@@ -153,9 +150,7 @@ def _policy_maker(qm: QualityModel, kind: str):
     if kind == "predictor":
         preds = qm.predictors()
         return lambda s: PredictorPolicy(cfg.num_layers, cfg.intermediate_size, s, preds)
-    gate = gate_policy(qm.store, Shares(), torch.float32)
-    return lambda s: GatePolicy(cfg.num_layers, cfg.intermediate_size, s, gate.gates, gate.norms, gate.act,
-                                gate.resident_bytes, gate.kernel_act, gate.group)
+    return qm.gate
 
 
 def step(s: Shares, cheaper: bool) -> Shares | None:
