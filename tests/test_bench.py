@@ -114,3 +114,19 @@ def test_an_optional_part_without_its_extra_names_the_extra_to_install() -> None
     with pytest.raises(MissingExtraError, match=r"pip install 'm2cache\[bench\]'") as err:
         require_extra("bench", "json", "m2cache_no_such_module", what="the bench plot")
     assert "m2cache_no_such_module" in str(err.value) and "json," not in str(err.value)
+
+
+def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_synth: dict[str, Path]) -> None:
+    from m2cache.bench.harness import Model, Plan, build_args
+
+    def needs(policy: str) -> int:
+        args = build_args(["--store", str(tiny_synth["store"]), "--systems", "m2cache", "--policy", policy])
+        return Plan(args, Model(tiny_synth["store"], tiny_synth["hf"])).needs("m2cache")[0]
+
+    plan = Plan(build_args(["--store", str(tiny_synth["store"])]), Model(tiny_synth["store"], tiny_synth["hf"]))
+    copy = plan.gate_copy_bytes("gate:0.1,0.2,0.7")
+    store = plan.store
+    assert copy == (store.bundle_bytes("int4") // 3) * store.num_neurons * store.config.num_layers
+    assert plan.gate_copy_bytes("predictor:0.1,0.2,0.7") == 0
+    # the same shares: what differs is the copy (the margin grows a little with the limit)
+    assert needs("gate:0.1,0.2,0.7") - needs("predictor:0.1,0.2,0.7") >= copy

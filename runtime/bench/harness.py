@@ -152,6 +152,15 @@ class Plan:
                   else parse_shares(name) if ":" in name else Shares())
         return Policy(cfg.num_layers, self.store.num_neurons, shares)
 
+    def gate_copy_bytes(self, name: str) -> int:
+        """What a gate policy holds beside the tiers (its packed INT4 gate rows, in the child's RSS when its
+        engine plans); 0 for other policies."""
+        spec = (self.store.manifest.get("policies") or {}).get(name, {})
+        if not (name == "gate" or name.startswith("gate:") or spec.get("kind") == "gate"):
+            return 0
+        store = self.store
+        return store.bundle_bytes("int4") // store.parts * store.num_neurons * store.config.num_layers
+
     def needs(self, system: str) -> tuple[int, str]:
         """(bytes of memory the system must hold, what they are) for a run to work at all."""
         cfg, p = self.store.config, self.params
@@ -181,7 +190,8 @@ class Plan:
         cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
                            resident="full" if system == "m2cache-dense-fp16" else self.args.resident)
         direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"
-        need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct, runtime=M2CACHE_RUNTIME)
+        need, why = smallest_memory(self.store, cfg, policy, cpu_direct=direct,
+                                    runtime=M2CACHE_RUNTIME + self.gate_copy_bytes(name))
         return need, why.replace("the process already holds", "the process holds about")
 
     def budgets(self, system: str, limit: int | None) -> tuple[int | None, int | None]:
