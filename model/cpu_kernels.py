@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from m2cache.storage.quant import Groups
+from m2cache.storage.quant import Groups, select_parts
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ def _build() -> ctypes.CDLL:
             os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.m2c_ffn_fp16.argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, p]
+    lib.m2c_ffn_fp16.argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, i64, p, p]
     lib.m2c_ffn_fp16.restype = i32
     for name in ("m2c_ffn_int8", "m2c_ffn_int4"):  # these take the group size before the activation
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, p]
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i64, p, p]
         getattr(lib, name).restype = i32
     lib.m2c_gate_int4.argtypes = [p, i64, p, i64, i64, i64, i32, p]
     lib.m2c_gate_int4.restype = i32
@@ -107,11 +107,13 @@ def available() -> bool:
 
 
 def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
-              dim: int, groups: Groups, act: str) -> None:
+              dim: int, groups: Groups, act: str, gact: torch.Tensor | None = None) -> None:
     """out += the FFN of the neurons at ``slots`` of ``pool`` (one precision), for every row of h.
 
     pool: [S, bundle_bytes] uint8, contiguous; slots: int64 [n]; h, out: float32 [T, D], contiguous.
-    The caller keeps every tensor alive for the call (it is synchronous).
+    ``gact``: for a split store's (up, down) bundles, the gate activations [n, T] float32, contiguous;
+    None for whole (gate, up, down) bundles. The caller keeps every tensor alive for the call (it is
+    synchronous).
     """
     lib = library()
     assert lib is not None, "ffn_group called without the kernels: check available() first"
@@ -125,12 +127,15 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
         return
     code = ACTIVATIONS[act]
     args = (pool.data_ptr(), pool.shape[0], pool.shape[1], slots.data_ptr(), n, h.data_ptr(), T, dim)
+    if gact is not None:
+        assert gact.dtype == torch.float32 and gact.is_contiguous() and tuple(gact.shape) == (n, T)
+    split = (2, gact.data_ptr()) if gact is not None else (3, None)
     if precision == "fp16":
-        rc = lib.m2c_ffn_fp16(*args, code, out.data_ptr())
+        rc = lib.m2c_ffn_fp16(*args, code, *split, out.data_ptr())
     elif precision == "int8":
-        rc = lib.m2c_ffn_int8(*args, groups.int8, code, out.data_ptr())
+        rc = lib.m2c_ffn_int8(*args, groups.int8, code, *split, out.data_ptr())
     elif precision == "int4":
-        rc = lib.m2c_ffn_int4(*args, groups.int4, code, out.data_ptr())
+        rc = lib.m2c_ffn_int4(*args, groups.int4, code, *split, out.data_ptr())
     else:
         raise ValueError(f"unknown precision {precision!r}")
     if rc == -3:  # checked on the C side before any row is read
@@ -140,20 +145,24 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
 
 
 def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, groups: Groups,
-                act: str, pool: Executor | None = None, ways: int = 1) -> torch.Tensor:
+                act: str, pool: Executor | None = None, ways: int = 1,
+                gacts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The FFN over every precision's rows (``sources[p]``: the tensor holding them and their row ids, None
     for all), 64 rows of ``hf`` [T, D] float32 a call. With ``ways`` > 1 each of ``ways`` threads (this
     one and ``ways - 1`` of ``pool``) takes a share of every precision's neurons into its own output, summed
-    at the end: the FFN is a sum over neurons, and each call releases the GIL."""
+    at the end: the FFN is a sum over neurons, and each call releases the GIL. ``gacts[p]``: a split
+    store's gate activations [n_p, T] of those rows, in their order."""
     outs = [torch.zeros_like(hf) for _ in range(ways)]
     parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
              for p, (src, rows) in sources.items()}
+    split = {p: g.tensor_split(ways) for p, g in gacts.items()} if gacts is not None else None
 
     def share(j: int) -> None:
         for start in range(0, hf.shape[0], MAX_TOKENS):
             rows_h, rows_out = hf[start:start + MAX_TOKENS], outs[j][start:start + MAX_TOKENS]
             for p, (src, slots) in parts.items():
-                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, groups, act)
+                g = None if split is None else split[p][j][:, start:start + MAX_TOKENS].contiguous()
+                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, groups, act, g)
 
     assert ways == 1 or pool is not None, "a split over threads needs their pool"
     others = [pool.submit(share, j) for j in range(1, ways)] if pool is not None else []
@@ -171,8 +180,7 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
 def gate_rows_int4(bundles: torch.Tensor, dim: int, group: int) -> torch.Tensor:
     """The gate part of each INT4 bundle ([F, bundle_bytes] uint8): its nibbles and its (scale, min)
     pairs, [F, D/2 + 4·D/group] uint8, contiguous: the resident copy ``gate_int4`` reads."""
-    half, meta = dim // 2, 4 * (dim // group)
-    return torch.cat([bundles[:, :half], bundles[:, 3 * half:3 * half + meta]], dim=1).contiguous()
+    return select_parts("int4", bundles, 3, dim, Groups(int4=group), 0, 1)
 
 
 def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str) -> torch.Tensor:

@@ -52,6 +52,30 @@ def bundle_bytes(precision: str, parts: int, dim: int, groups: Groups = Groups()
     raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
 
 
+def part_bytes(precision: str, dim: int, groups: Groups = Groups()) -> tuple[int, int]:
+    """(values, scales) bytes of one part of a bundle: every precision lays a bundle out as its parts'
+    values one after another, then their scales in the same order."""
+    if precision == "fp16":
+        return dim * 2, 0
+    if precision == "int8":
+        return dim, (dim // groups.int8) * 4
+    if precision == "int4":
+        return dim // 2, (dim // groups.int4) * 4
+    raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+
+
+def select_parts(precision: str, raw: torch.Tensor, parts: int, dim: int, groups: Groups, first: int,
+                 stop: int) -> torch.Tensor:
+    """Bundles [n, B] of ``parts`` parts -> bundles [n, B'] of parts ``first``..``stop - 1`` alone, the
+    same layout (a part's bytes are moved, never re-quantised): e.g. (1, 3) drops the gate, (0, 1) keeps it."""
+    values, scales = part_bytes(precision, dim, groups)
+    body = raw[:, first * values:stop * values]
+    if not scales:
+        return body.contiguous()
+    meta = raw[:, parts * values + first * scales:parts * values + stop * scales]
+    return torch.cat((body, meta), dim=1)
+
+
 def check_int4_group(dim: int, group: int) -> None:
     if group <= 0 or dim % group or group % 2:
         raise ValueError(f"INT4 group size {group} must be even and divide the hidden size {dim}")

@@ -219,3 +219,22 @@ def test_the_gate_kernel_refuses_a_copy_of_another_layout() -> None:
         cpu_kernels.gate_int4(gates, torch.randn(1, 64), 64, 16, "silu")  # another group: another width
     with pytest.raises(ValueError, match="gate_rows_int4's layout"):
         cpu_kernels.gate_int4(gates, torch.randn(1, 64), 64, 0, "silu")
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+@pytest.mark.parametrize("T", [1, 3])
+def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole_bundles(precision: str,
+                                                                                      T: int) -> None:
+    # a split store's rows hold up and down only; given the gate activations the whole rows would give,
+    # the FFN is the same
+    dim, group = 128, 32
+    _, pool = pool_of(precision, 60, dim, group, seed=8)
+    split = quant.select_parts(precision, pool, 3, dim, G(group), 1, 3)
+    slots = torch.tensor([59, 3, 0, 17, 40])
+    h = torch.randn(T, dim, generator=torch.Generator().manual_seed(9))
+    gate = quant.decode(precision, pool[slots], 3, dim, torch.float32, G(group))[:, 0]
+    gact = activation("silu")(h @ gate.T).T.contiguous()  # [n, T]
+    whole, parted = torch.zeros(T, dim), torch.zeros(T, dim)
+    cpu_kernels.ffn_group(precision, pool, slots, h, whole, dim, G(group), "silu")
+    cpu_kernels.ffn_group(precision, split, slots, h, parted, dim, G(group), "silu", gact)
+    assert rel_err(parted, whole) < RTOL

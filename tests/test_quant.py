@@ -192,3 +192,12 @@ def test_unknown_precision_and_bad_group_are_refused() -> None:
         quant.encode("int4", torch.zeros(1, 3, 64), int4(48))
     with pytest.raises(ValueError, match="INT8 group size 48 must divide"):
         quant.encode("int8", torch.zeros(1, 3, 64), quant.Groups(int8=48))
+
+
+@pytest.mark.parametrize("precision", quant.PRECISIONS)
+def test_select_parts_moves_a_part_s_bytes_as_encoding_it_alone_would_write_them(precision: str) -> None:
+    w = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
+    g = quant.Groups(int8=32, int4=32)
+    raw = quant.encode(precision, w, g)
+    assert torch.equal(quant.select_parts(precision, raw, 3, 64, g, 1, 3), quant.encode(precision, w[:, 1:], g))
+    assert torch.equal(quant.select_parts(precision, raw, 3, 64, g, 0, 1), quant.encode(precision, w[:, :1], g))

@@ -9,6 +9,8 @@
  *   int8: [3][D] int8, then [3][D/group] float32 scales (group = D: one per part, format version 1)
  *   int4: [3][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
  *         [3][D/group] (scale, min) float16 pairs; a value is q * scale + min
+ * A split store's rows hold only up and down ([2][...] the same way); its gate activations come from
+ * outside (gact [n][T]).
  * Inputs and outputs are float32 [T][D]; the output is accumulated into (+=).
  * Built with -O3 -march=native -ffast-math so the loops below vectorise (loaded by ctypes from
  * m2cache.model.cpu_kernels).
@@ -71,6 +73,15 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
         *g_out = g;                                                                                  \
         *u_out = u;                                                                                  \
     }                                                                                                \
+    static __attribute__((unused)) float dot1_##name(const type *w, const float *x, int64_t D) {     \
+        int64_t d = 0;                                                                               \
+        __m512 v = _mm512_setzero_ps();                                                              \
+        for (; d + 16 <= D; d += 16)                                                                 \
+            v = _mm512_fmadd_ps(LOAD16_##name(w + d), _mm512_loadu_ps(x + d), v);                    \
+        float s = _mm512_reduce_add_ps(v);                                                           \
+        for (; d < D; d++) s += (float)w[d] * x[d];                                                  \
+        return s;                                                                                    \
+    }                                                                                                \
     static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
         int64_t d = 0;                                                                               \
         __m512 av = _mm512_set1_ps(a);                                                               \
@@ -89,6 +100,11 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
         }                                                                                            \
         *g_out = g;                                                                                  \
         *u_out = u;                                                                                  \
+    }                                                                                                \
+    static __attribute__((unused)) float dot1_##name(const type *w, const float *x, int64_t D) {     \
+        float s = 0.0f;                                                                              \
+        for (int64_t d = 0; d < D; d++) s += (float)w[d] * x[d];                                     \
+        return s;                                                                                    \
     }                                                                                                \
     static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
         for (int64_t d = 0; d < D; d++) y[d] += a * (float)w[d];                                     \
@@ -134,44 +150,77 @@ static void dot2_int8_groups(const int8_t *w, const float *s, const float *x, in
     *u_out = u;
 }
 
-/* One FP16 or INT8 group of neurons. FP16 rows are [3][D] halves; INT8 rows [3][D] int8 followed by
- * [3][D/group] float32 scales. */
-static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
-    if (T > MAX_T || group <= 0 || D % group) return -1;
-    if (!slots_ok(slots, n, pool_rows)) return -3;
+/* The INT8 up product alone (split rows: the gate activation comes from outside), in groups. */
+static float dot1_int8_groups(const int8_t *w, const float *s, const float *x, int64_t D, int64_t group) {
     const int64_t ng = D / group;
+    float total = 0.0f;
+#if defined(__AVX512F__)
+    if (group % 16 == 0) {
+        __m512 v = _mm512_setzero_ps();
+        for (int64_t k = 0; k < ng; k++) {
+            __m512 p = _mm512_setzero_ps();
+            for (int64_t d = k * group; d < (k + 1) * group; d += 16)
+                p = _mm512_fmadd_ps(LOAD16_int8(w + d), _mm512_loadu_ps(x + d), p);
+            v = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), p, v);
+        }
+        return _mm512_reduce_add_ps(v);
+    }
+#endif
+    for (int64_t k = 0; k < ng; k++) {
+        float p = 0.0f;
+        for (int64_t d = k * group; d < (k + 1) * group; d++) p += (float)w[d] * x[d];
+        total += p * s[k];
+    }
+    return total;
+}
+
+/* One FP16 or INT8 group of neurons. FP16 rows are [P][D] halves; INT8 rows [P][D] int8 followed by
+ * [P][D/group] float32 scales. P = 3 (gate, up, down) with gact NULL; P = 2 (up, down: a split store)
+ * with gact[i][t], the gate activation of row i for token t, given. */
+static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                    const float *gact, float *out) {
+    if (T > MAX_T || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3;
+    const int64_t ng = D / group, down = parts - 1;
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = pool + slots[i] * bundle_bytes;
         const int8_t *q = (const int8_t *)row;
-        const float *s = (const float *)(row + 3 * D);  /* INT8 only: [3][ng], aligned as the bundle is */
+        const float *s = (const float *)(row + parts * D);  /* INT8 only: [P][ng], aligned as the bundle is */
         for (int64_t t = 0; t < T; t++) {
             float g, u;
+            if (gact) {
+                u = int8 ? dot1_int8_groups(q, s, h + t * D, D, group) : dot1_fp16((const f16 *)row, h + t * D, D);
+                a[t] = gact[i * T + t] * u;
+                continue;
+            }
             if (int8) dot2_int8_groups(q, s, h + t * D, D, group, &g, &u);
             else dot2_fp16((const f16 *)row, h + t * D, D, &g, &u);
             a[t] = activate(g, act) * u;
         }
         for (int64_t t = 0; t < T; t++) {
             if (!int8) {
-                axpy_fp16(a[t], (const f16 *)row + 2 * D, out + t * D, D);
+                axpy_fp16(a[t], (const f16 *)row + down * D, out + t * D, D);
                 continue;
             }
             for (int64_t k = 0; k < ng; k++)
-                axpy_int8(a[t] * s[2 * ng + k], q + 2 * D + k * group, out + t * D + k * group, group);
+                axpy_int8(a[t] * s[down * ng + k], q + down * D + k * group, out + t * D + k * group, group);
         }
     }
     return 0;
 }
 
 int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, float *out) {
-    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, out);
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, int64_t parts, const float *gact,
+                 float *out) {
+    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, parts, gact, out);
 }
 
 int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
-    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, out);
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                 const float *gact, float *out) {
+    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
 }
 
 /* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
@@ -249,8 +298,9 @@ static void deinterleave(const float *h, int64_t T, int64_t D, int64_t gh, float
 }
 
 int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, float *out) {
-    if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                 const float *gact, float *out) {
+    if (T > MAX_T || group <= 0 || D % group || group % 2 || parts != (gact ? 2 : 3)) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;
     const int64_t half = D / 2, ng = D / group, gh = group / 2;
     float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
@@ -264,16 +314,16 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
     float a[MAX_T];
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = pool + slots[i] * bundle_bytes;
-        const f16 *meta = (const f16 *)(row + 3 * half);  /* [3][ng][2] (scale, min) */
+        const f16 *meta = (const f16 *)(row + parts * half);  /* [P][ng][2] (scale, min) */
+        const int64_t up = parts - 2, down = parts - 1;
         for (int64_t t = 0; t < T; t++) {
             const float *xe = he + t * half, *xo = ho + t * half;
             const float *xs = xsum + t * ng;
-            const float g = dot_int4(row, meta, xe, xo, xs, half, gh);
-            const float u = dot_int4(row + half, meta + 2 * ng, xe, xo, xs, half, gh);
-            a[t] = activate(g, act) * u;
+            const float u = dot_int4(row + up * half, meta + 2 * ng * up, xe, xo, xs, half, gh);
+            a[t] = (gact ? gact[i * T + t] : activate(dot_int4(row, meta, xe, xo, xs, half, gh), act)) * u;
         }
         for (int64_t t = 0; t < T; t++)
-            axpy_int4(a[t], row + 2 * half, meta + 4 * ng, ye + t * half, yo + t * half, half, gh);
+            axpy_int4(a[t], row + down * half, meta + 2 * ng * down, ye + t * half, yo + t * half, half, gh);
     }
     for (int64_t t = 0; t < T; t++)
         for (int64_t k = 0; k < half; k++) {
