@@ -75,6 +75,7 @@ class Executor(Actor):
         self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
         self.parts, self.dim, self.groups = store.parts, store.hidden, store.groups
+        self.split = store.split  # (up, down) bundles: the gate activations come from the policy's copy
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -352,11 +353,20 @@ class Executor(Actor):
         model's own code, bit for bit)."""
         sources = self._sources(ready)
         # a prefill split by the policy runs the kernels too: no layer dequantised
+        gacts = self._gate_acts(h, ready) if self.split else None
         if self.use_kernels and not (prefill and self.dense_prefill):
             out = cpu_kernels.ffn_sources(sources, h.float().contiguous(), self.dim, self.groups, self.cfg.hidden_act,
-                                          self.kernel_pool, self.kernel_ways)
+                                          self.kernel_pool, self.kernel_ways, gacts)
             return out.to(self.dtype)
-        return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype)
+        return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype,
+                          gacts=gacts)
+
+    def _gate_acts(self, h: torch.Tensor, ready: WeightsReady) -> dict[str, torch.Tensor]:
+        """A split store's gate activations of the layer's rows, per precision [n_p, T] float32 in the rows'
+        order: from the gate policy's resident INT4 copy, for every neuron, then taken by id."""
+        assert ready.ids is not None, "a split store's layer needs its neuron ids"
+        full = self.policy.gate_acts(ready.layer, h).float()  # type: ignore[attr-defined]
+        return {p: full[:, torch.from_numpy(ids).to(full.device)].T.contiguous() for p, ids in ready.ids.items()}
 
     def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""
@@ -402,7 +412,7 @@ def kernels_apply(policy, store, cfg, device: torch.device) -> bool:
     """Whether decode FFNs run through the C kernels: the CPU, a gated FFN with a supported activation,
     the kernels built, and a policy other than the exact every-neuron-FP16 one (whose tokens must equal
     the dense model's, so it keeps torch's code)."""
-    return (device.type == "cpu" and not policy.exact and store.parts == 3
+    return (device.type == "cpu" and not policy.exact and (store.parts == 3 or store.split)
             and cfg.hidden_act in cpu_kernels.ACTIVATIONS and cpu_kernels.available())
 
 

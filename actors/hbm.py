@@ -96,7 +96,8 @@ class HBMManager(Actor):
         await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut))
         reply = await fut
         self.recorder.add("hbm", "direct", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
-        return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources)
+        return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources,
+                            ids=dict(msg.ids))
 
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
         if self.direct_from_dram:
@@ -119,8 +120,8 @@ class HBMManager(Actor):
                 await self.dram.send(Fetch(msg.layer, msg.step, missing, fut))
                 reply = await fut
             except BaseException:
-                for p, ids in missing.items():  # the slots were promised but never filled
-                    self.cache.forget(msg.layer, p, ids)
+                for p, lost in missing.items():  # the slots were promised but never filled
+                    self.cache.forget(msg.layer, p, lost)
                 raise
             release, staged = reply.release, reply.staged_bytes
             for p, (src, rows) in reply.sources.items():
@@ -129,7 +130,7 @@ class HBMManager(Actor):
                 copy_bytes += len(dst) * self.bundle_bytes[p]
         self.bytes_copied += copy_bytes
         slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
-        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged)
+        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids))
 
     def stats(self) -> dict:
         total = self.hits + self.misses

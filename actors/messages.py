@@ -57,6 +57,8 @@ class WeightsReady:
     staged_bytes: int = 0  # the DRAM manager's staging held for these copies (from FetchReply)
     # CPU, whole layers preloaded: compute straight from DRAM, per precision (tensor, rows or None)
     direct: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # per precision, the neuron ids of the slots (or the direct rows), in their order
+    ids: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True, slots=True)

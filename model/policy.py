@@ -189,11 +189,15 @@ class GatePolicy(Policy):
         return self.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one pass over the copy
 
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self.gate_acts(layer, h).to(self.norms[layer].dtype).abs() * self.norms[layer]
+
+    def gate_acts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """act(gate·h) [T, F] of every neuron, from the copy: the score's first half, and a split store's
+        gate activations."""
         gates = self.gates[layer]
         if gates.dtype == torch.uint8:
             from m2cache.model import cpu_kernels
 
             assert self.kernel_act is not None, "a packed INT4 gate copy needs kernel_act"
-            a = cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act).to(self.norms[layer].dtype)
-            return a.abs() * self.norms[layer]
-        return self.act(F.linear(h.to(gates.dtype), gates)).abs() * self.norms[layer]
+            return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act)
+        return self.act(F.linear(h.to(gates.dtype), gates))

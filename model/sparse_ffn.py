@@ -29,12 +29,15 @@ GATED_PARTS = 3
 
 def ffn_groups(
     h: torch.Tensor, raw: dict[str, torch.Tensor], parts: int, dim: int, groups: quant.Groups, act, dtype: torch.dtype,
-    *, int8_kernel: bool | None = None, int4_kernel: bool = False,
+    *, int8_kernel: bool | None = None, int4_kernel: bool = False, gacts: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum over precision groups of the FFN restricted to that group's neurons. h: [T, D] -> [T, D].
 
     ``int8_kernel``: None picks the weight-only kernel where it helps (CPU, BF16); True/False force it.
+    ``gacts``: a split store's (up, down) bundles take their gate activations from here ([n_p, T] each).
     """
+    if gacts is not None:
+        return ffn_split(h, raw, dim, groups, dtype, gacts)
     if parts != GATED_PARTS:
         raise RuntimeError(f"ffn_groups computes gated FFNs (3 parts per bundle), got {parts}")
     out: torch.Tensor | None = None
@@ -55,6 +58,19 @@ def ffn_groups(
     if out is None:
         return torch.zeros_like(h)
     return out.to(dtype)
+
+
+def ffn_split(h: torch.Tensor, raw: dict[str, torch.Tensor], dim: int, groups: quant.Groups, dtype: torch.dtype,
+              gacts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The FFN over split (up, down) bundles, each neuron's gate activation given ([n_p, T] per precision)."""
+    out = torch.zeros(h.shape[0], dim, dtype=dtype, device=h.device)
+    for precision, rows in raw.items():
+        if rows.shape[0] == 0:
+            continue
+        w = quant.decode(precision, rows, 2, dim, dtype, groups)  # [n, 2, D]
+        a = gacts[precision].T.to(device=h.device, dtype=dtype) * F.linear(h.to(dtype), w[:, 0])
+        out += a @ w[:, 1]
+    return out
 
 
 # torch's CPU ``_weight_int8pack_mm`` walks the reduction dimension K in blocks of 16 and reads past

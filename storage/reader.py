@@ -23,6 +23,7 @@ from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, BlockGeometry, checksum_fn, coalesce, ffn_file_name,
+    file_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,35 @@ class Store:
                     f"{f} (FFN layer {layer}, {p}) is truncated: {size} bytes, the manifest says {entry['size']}; "
                     f"{FIX_HINT}"
                 )
+        gates = self.manifest["ffn"].get("gates")
+        if gates is not None:
+            g = self.path / gates["path"]
+            if not g.is_file():
+                raise StoreNotFoundError(f"{g} (the split store's gate rows) is missing; {FIX_HINT}")
+            if g.stat().st_size < gates["size"]:
+                raise TruncatedStoreError(f"{g} (the split store's gate rows) is truncated; {FIX_HINT}")
         res = self.path / self.manifest["resident"]["path"]
         if not res.is_file():
             raise StoreNotFoundError(f"{res} is missing; {FIX_HINT}")
         if res.stat().st_size < self.manifest["resident"]["size"]:
             raise TruncatedStoreError(f"{res} is truncated; {FIX_HINT}")
+
+    @property
+    def split(self) -> bool:
+        """A split store (``m2cache split-gate``): bundles of (up, down), the gate rows resident."""
+        return "gates" in self.manifest["ffn"]
+
+    def read_gates(self) -> list[torch.Tensor]:
+        """A split store's packed INT4 gate rows, one [F, D/2 + 4·D/group] uint8 tensor per layer, the file
+        checked against its checksum first."""
+        entry = self.manifest["ffn"]["gates"]
+        path = self.path / entry["path"]
+        if file_checksum(path, self.checksum_name) != entry["crc32"]:
+            raise ChecksumError(f"{path} (the split store's gate rows) does not match its checksum; {FIX_HINT}")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        return [tensors[f"gate.{layer}"] for layer in range(self.config.num_layers)]
 
     # ---- geometry -------------------------------------------------------------------------
     def file_path(self, layer: int, precision: str) -> Path:

@@ -110,6 +110,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_split_gate(args) -> int:
+    from m2cache.offline.split import split_gate
+
+    print(split_gate(args.src, args.dst, progress=not args.quiet))
+    return 0
+
+
 def cmd_generate(args) -> int:
     if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):
         from m2cache.bench.memlimit import rerun_under_limit
@@ -259,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-group", type=int, default=None,
                    help="values per INT8 scale (default 32; the hidden size gives one scale per row)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("split-gate", help="write a split store: up/down bundles fetched, INT4 gate rows resident "
+                                          "(gate policies only; 2/3 of the bytes a token)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_split_gate)
 
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     p.add_argument("store")

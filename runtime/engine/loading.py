@@ -88,6 +88,11 @@ def resident_bytes(res: ResidentWeights) -> int:
 def load_dense(store: Store, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                resident: str = "full") -> DenseModel:
     """Every weight resident; the FFN from the FP16 bundles, in the layout the tiered engine uses."""
+    if store.split:
+        from m2cache.errors import ConfigError
+
+        raise ConfigError(f"{store.path} is a split store: its FP16 bundles have no gate rows, so the dense "
+                          "model runs on the store it was split from")
     res = load_resident(store, dtype, device, resident)
     backend = PlainBackend()
     ffn = [

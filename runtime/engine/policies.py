@@ -6,6 +6,7 @@ import torch
 from m2cache.errors import ConfigError
 from m2cache.model.llama import activation
 from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, Shares
+from m2cache.storage import quant
 from m2cache.storage.reader import PlainBackend, Store
 
 BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C")
@@ -45,6 +46,11 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     kernels (the engine's ``cpu_kernels``)."""
     name = name or default_policy_name(store)
     cfg = store.config
+    stored = store.manifest.get("policies") or {}
+    if store.split and not (name == "gate" or name.startswith("gate:") or stored.get(name, {}).get("kind") == "gate"):
+        raise ConfigError(f"{store.path} is a split store (up/down fetched, INT4 gate rows resident): only gate "
+                          f"policies run on it (gate:A,B,C, {', '.join(sorted(stored)) or 'none stored'}); "
+                          f"{name!r} needs the FP16 gate rows of the store it was split from")
     if name == "dense-fp16":
         return Policy(cfg.num_layers, cfg.intermediate_size)
     if name.startswith("oracle"):
@@ -56,9 +62,8 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     if name == "gate" or name.startswith("gate:"):
         return gate_policy(store, parse_shares(name), dtype, device, kernels=kernels)
     if name.startswith("gate-split"):
-        raise ConfigError(f"{name!r} is measured by `m2cache eval` only: the store layout it needs (resident gate "
-                          "rows, fetched up/down parts) is not built; gate:A,B,C runs with whole bundles")
-    stored = store.manifest.get("policies") or {}
+        raise ConfigError(f"{name!r} is measured by `m2cache eval` only; to run it, write a split store "
+                          "(`m2cache split-gate STORE DST`) and run gate:A,B,C there")
     if name.startswith("predictor:"):  # ad-hoc shares over the store's trained predictors
         from m2cache.model.predictor import PredictorPolicy
 
@@ -80,21 +85,23 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
 
 def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu",
                 cls: type[GatePolicy] = GatePolicy, kernels: bool = True) -> GatePolicy:
-    """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
-    up rows and down columns (from the FP16 bundles), read once. On the CPU with the kernels the copy stays
-    packed INT4 (what ``resident_bytes`` counts); elsewhere it is dequantised to ``dtype``."""
+    """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them (a split store's gate
+    file), plus the norms of the up rows and down columns (from the FP16 bundles), read once. On the CPU
+    with the kernels the copy stays packed INT4 (what ``resident_bytes`` counts); elsewhere it is
+    dequantised to ``dtype``."""
     from m2cache.model import cpu_kernels
 
-    cfg, backend = store.config, PlainBackend()
+    cfg, backend, dim, groups = store.config, PlainBackend(), store.hidden, store.groups
     packed = (kernels and torch.device(device).type == "cpu" and cpu_kernels.available()
               and cfg.hidden_act in cpu_kernels.ACTIVATIONS)
+    split = store.read_gates() if store.split else None
     gates, norms = [], []
     for layer in range(cfg.num_layers):
-        raw = store.read_layer(layer, "int4", backend)
-        if packed:
-            gates.append(cpu_kernels.gate_rows_int4(raw, cfg.hidden_size, store.groups.int4))
-        else:
-            gates.append(store.decode("int4", raw, dtype)[:, 0].contiguous().to(device))
+        rows = split[layer] if split is not None else \
+            quant.select_parts("int4", store.read_layer(layer, "int4", backend), 3, dim, groups, 0, 1)
+        # the packed gate rows are one-part INT4 bundles
+        gates.append(rows if packed else
+                     quant.decode("int4", rows, 1, dim, dtype, groups)[:, 0].contiguous().to(device))
         norms.append(_up_down_norms(store, layer, backend).to(device=device, dtype=dtype))
     per_gate = store.bundle_bytes("int4") // store.parts  # one part's share of an INT4 bundle
     return cls(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
@@ -110,6 +117,6 @@ def _up_down_norms(store: Store, layer: int, backend: PlainBackend) -> torch.Ten
     raw = store.read_layer(layer, "fp16", backend)
     out = []
     for chunk in raw.split(NORM_CHUNK):
-        w = store.decode("fp16", chunk, torch.float32)
-        out.append(w[:, 1].norm(dim=1) * w[:, 2].norm(dim=1))
+        w = store.decode("fp16", chunk, torch.float32)  # [n, P, D]: up and down are the last two parts
+        out.append(w[:, -2].norm(dim=1) * w[:, -1].norm(dim=1))
     return torch.cat(out)

@@ -1,0 +1,103 @@
+"""Split stores (``m2cache split-gate``): up/down bundles fetched, INT4 gate rows resident."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2cache import Engine, EngineConfig
+from m2cache.engine.loading import load_dense
+from m2cache.engine.policies import load_policy
+from m2cache.errors import ChecksumError, ConfigError, StoreNotFoundError
+from m2cache.model.llama import activation
+from m2cache.offline.split import GATES, split_gate
+from m2cache.storage import quant
+from m2cache.storage.reader import PlainBackend, Store
+
+
+@pytest.fixture(scope="module")
+def split(tiny_models, tmp_path_factory) -> tuple[Store, Store]:
+    src = tiny_models["silu"].store
+    return Store(src), Store(split_gate(src, tmp_path_factory.mktemp("split") / "store", progress=False))
+
+
+def test_a_split_store_holds_the_source_s_up_and_down_parts_and_its_int4_gate_rows(split) -> None:
+    src, dst = split
+    assert dst.split and dst.parts == 2 and not src.split
+    gates = dst.read_gates()
+    for p in quant.PRECISIONS:
+        raw = src.read_layer(1, p, PlainBackend())
+        assert torch.equal(dst.read_layer(1, p, PlainBackend()), quant.select_parts(p, raw, 3, src.hidden, src.groups, 1, 3))
+        assert dst.bundle_bytes(p) * 3 == src.bundle_bytes(p) * 2  # two parts of three fetched
+    int4 = src.read_layer(1, "int4", PlainBackend())
+    assert torch.equal(gates[1], quant.select_parts("int4", int4, 3, src.hidden, src.groups, 0, 1))
+    assert dst.manifest["default_policy"] == "gate-40"
+
+
+def test_only_gate_policies_run_on_a_split_store(split) -> None:
+    _, dst = split
+    for name in ("dense-fp16", "oracle:0.1,0.2,0.2", "predictor:0.5,0,0"):
+        with pytest.raises(ConfigError, match="split store"):
+            load_policy(dst, name, torch.float32)
+    with pytest.raises(ConfigError, match="split store"):
+        load_dense(dst)
+    with pytest.raises(ConfigError, match="already split"):
+        split_gate(dst.path, dst.path.parent / "again", progress=False)
+
+
+def test_a_damaged_gate_file_is_named(split, tmp_path: Path) -> None:
+    import shutil
+
+    _, dst = split
+    copy = tmp_path / "store"
+    shutil.copytree(dst.path, copy)
+    data = bytearray((copy / GATES).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / GATES).write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="gate rows"):
+        load_policy(Store(copy), None, torch.float32)
+    (copy / GATES).unlink()
+    with pytest.raises(StoreNotFoundError, match="gate rows"):
+        Store(copy)
+
+
+def reference_ffn(src: Store, h: torch.Tensor, ids: dict) -> torch.Tensor:
+    """The FFN of the kept neurons computed from the source store: each precision's up and down rows, and
+    every neuron's gate from its INT4 bundle."""
+    out = torch.zeros_like(h, dtype=torch.float32)
+    act = activation("silu")
+    layer_int4 = src.decode("int4", src.read_layer(ids["layer"], "int4", PlainBackend()), torch.float32)
+    for p, rows in ids["rows"].items():
+        idx = torch.from_numpy(rows)
+        w = src.decode(p, src.read_layer(ids["layer"], p, PlainBackend()), torch.float32)[idx]
+        gate = layer_int4[idx, 0]
+        out += (act(h.float() @ gate.T) * (h.float() @ w[:, 1].T)) @ w[:, 2]
+    return out
+
+
+@pytest.mark.parametrize("config", [dict(cpu_kernels=True), dict(cpu_kernels=False),
+                                    dict(cpu_kernels=True, compute_from_dram=False)],
+                         ids=["kernels-from-dram", "torch", "kernels-pool"])
+async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store_would(
+        split, config, _no_task_left_behind) -> None:
+    src, dst = split
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="gate:0.2,0.3,0.3", preload="hybrid", **config)
+    errors: list[float] = []
+    async with asyncio.timeout(60):
+        async with Engine.open(dst.path, cfg) as engine:
+            ex, ffn = engine.executor, engine.executor._ffn
+
+            def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
+                out = ffn(h, ready, prefill)
+                ref = reference_ffn(src, h, {"layer": ready.layer, "rows": ready.ids})
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                return out
+
+            ex._ffn = checked
+            tokens = [t async for t in engine.generate_ids([1, 2, 3, 4], 8)]
+    assert len(tokens) == 8 and len(errors) >= 3 * 8
+    assert max(errors) < 1e-4
+    # what moved: two parts of three of each kept bundle
+    assert engine.policy.counts(0) == {"fp16": 26, "int8": 38, "int4": 38}
