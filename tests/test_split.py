@@ -101,3 +101,16 @@ async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store
     assert max(errors) < 1e-4
     # what moved: two parts of three of each kept bundle
     assert engine.policy.counts(0) == {"fp16": 26, "int8": 38, "int4": 38}
+
+
+def test_policies_lists_what_a_split_store_runs_and_the_bytes_it_fetches(split, capsys) -> None:
+    from m2cache.cli.main import main
+
+    _, dst = split
+    assert main(["policies", str(dst.path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense-fp16" not in out.split("bytes:")[0]
+    gate40 = next(line for line in out.splitlines() if line.startswith("gate-40"))
+    fetched = 0.1 * 1 + 0.2 * dst.bundle_bytes("int8") / dst.bundle_bytes("fp16") \
+        + 0.7 * dst.bundle_bytes("int4") / dst.bundle_bytes("fp16")
+    assert float(gate40.split()[4]) == pytest.approx(fetched * 2 / 3, abs=1e-3)
