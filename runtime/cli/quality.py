@@ -130,8 +130,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="every selection method of --methods across a range of shares, on the pydoc prose and "
                         "each --text")
     p.add_argument("--methods", default="predictor,gate,gate-split,oracle",
-                   help="the frontier's selection methods (gate-split: eval only, the split store layout it "
-                        "needs is not built)")
+                   help="the frontier's selection methods (gate-split: the gate as a split store computes it)")
     p.add_argument("--shares", help="the frontier's FP16,INT8,INT4 shares, '/'-separated (default: 8 from every "
                                     "neuron kept down to half)")
     p.add_argument("--plot", help="write a PNG of perplexity against bytes fetched per token")

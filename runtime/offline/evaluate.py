@@ -19,9 +19,9 @@ Per policy:
 - ``recall``: for predictor and gate policies, the share of the true top-k kept set (by exact contribution, on
   the policy's own hidden states) that the predictor kept, averaged over layers and positions.
 
-Beside the policies the engine runs, ``gate-split:A,B,C`` measures a store layout not built yet: the gate
-policy where the resident INT4 gate rows also give the kept neurons' gate activations, and only their up
-and down parts are fetched (``SplitGatePolicy``).
+``gate-split:A,B,C`` measures, on a whole store, what a split store (``m2cache split-gate``) computes with
+``gate:A,B,C``: the resident INT4 gate rows also give the kept neurons' gate activations, and only their
+up and down parts are fetched (``SplitGatePolicy``).
 """
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, h [T, D]) -> sco
 
 
 class SplitGatePolicy(GatePolicy):
-    """``gate-split:A,B,C``, measured here only: the gate policy over a split store layout (not built), where
-    the resident INT4 gate copy also gives every kept neuron's gate activation and only its up row and down
-    column are fetched, at the precision it was ranked into: two thirds of the bytes."""
+    """``gate-split:A,B,C``: the gate policy as a split store runs it (``m2cache split-gate``), measured on
+    the whole store: the resident INT4 gate copy also gives every kept neuron's gate activation and only
+    its up row and down column are fetched, at the precision it was ranked into: two thirds of the bytes."""
 
     name = "gate-split"
 
