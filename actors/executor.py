@@ -76,6 +76,7 @@ class Executor(Actor):
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
         self.parts, self.dim, self.groups = store.parts, store.hidden, store.groups
         self.split = store.split  # (up, down) bundles: the gate activations come from the policy's copy
+        self._acts: tuple[int, torch.Tensor] | None = None  # (layer, gate activations) scored for its FFN
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -287,7 +288,12 @@ class Executor(Actor):
         if self.policy.needs_scores and not (prefill and self.dense_prefill):
             # decode scores each sequence's last position; a sparse prefill every position of the prompts
             hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
-            scores = self.policy.score_batch(layer, hs)  # type: ignore[arg-type]
+            if self.split:  # the gate activations score the neurons, then feed the FFN (the same rows)
+                acts = self.policy.gate_acts(layer, torch.cat(hs))  # type: ignore[attr-defined, arg-type]
+                self._acts = (layer, acts)
+                scores = self.policy.scores_of(layer, acts).amax(0)  # type: ignore[attr-defined]
+            else:
+                scores = self.policy.score_batch(layer, hs)  # type: ignore[arg-type]
             order = self.policy.rank(layer, scores)
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
@@ -365,7 +371,11 @@ class Executor(Actor):
         """A split store's gate activations of the layer's rows, per precision [n_p, T] float32 in the rows'
         order: from the gate policy's resident INT4 copy, for every neuron, then taken by id."""
         assert ready.ids is not None, "a split store's layer needs its neuron ids"
-        full = self.policy.gate_acts(ready.layer, h).float()  # type: ignore[attr-defined]
+        cached, self._acts = self._acts, None
+        if cached is not None and cached[0] == ready.layer and cached[1].shape[0] == h.shape[0]:
+            full = cached[1].float()  # scored from these rows in _attend
+        else:  # a dense prefill: not scored
+            full = self.policy.gate_acts(ready.layer, h).float()  # type: ignore[attr-defined]
         return {p: full[:, torch.from_numpy(ids).to(full.device)].T.contiguous() for p, ids in ready.ids.items()}
 
     def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

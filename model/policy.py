@@ -189,7 +189,11 @@ class GatePolicy(Policy):
         return self.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one pass over the copy
 
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self.gate_acts(layer, h).to(self.norms[layer].dtype).abs() * self.norms[layer]
+        return self.scores_of(layer, self.gate_acts(layer, h))
+
+    def scores_of(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        """The scores [T, F] of gate activations [T, F] (``gate_acts``'s)."""
+        return acts.to(self.norms[layer].dtype).abs() * self.norms[layer]
 
     def gate_acts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """act(gate·h) [T, F] of every neuron, from the copy: the score's first half, and a split store's
