@@ -53,8 +53,8 @@ class TuneReport:
         per_layer = ""
         if self.layers is not None:
             moved = sum(x != s for x in self.layers)
-            per_layer = (f"; per layer: {moved} of {len(self.layers)} layers moved, calibration ppl "
-                         f"{self.global_ppl:.3f} -> {self.calib_ppl:.3f}")
+            per_layer = (f" per layer ({moved} of {len(self.layers)} layers moved from those shares: calibration ppl "
+                         f"{self.global_ppl:.3f} -> {self.calib_ppl:.3f})")
         return (f"{self.name}: fp16 {s.fp16:.2f}, int8 {s.int8:.2f}, int4 {s.int4:.2f}{per_layer} -> "
                 f"{self.bytes_ratio:.3f} of dense FP16 FFN bytes, calibration ppl {self.calib_ppl:.3f} "
                 f"(dense {self.dense_calib_ppl:.3f}, {self.calib_ppl / self.dense_calib_ppl - 1:+.1%}); "
