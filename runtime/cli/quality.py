@@ -74,7 +74,7 @@ def cmd_eval(args) -> int:
         policies = frontier_policies(args.methods.split(","), *([shares] if shares else [])) + (args.policy or [])
     else:
         policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
-    # the pydoc prose's held-out tail, plus every --text (its own last 20%)
+    # the pydoc prose's held-out tail (with --frontier, or without --text), and every --text (its last 20%)
     texts: dict[str, str | None] = {"pydoc": None} if args.frontier or not args.text else {}
     for path in args.text or []:
         texts[Path(path).name] = _read_text(path)
