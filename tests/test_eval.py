@@ -2,6 +2,7 @@
 teacher-forced pass computes what per-token sparse decoding computes."""
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -157,3 +158,22 @@ def test_tune_per_layer_with_the_gate_saves_a_gate_policy(store_dir) -> None:
     assert isinstance(load_policy(Store(store_dir), "tuned-gate", torch.float32), GatePolicy)
     with pytest.raises(ConfigError, match="predictor or gate"):
         tune(store_dir, 0.4, kind="oracle", progress=False)
+
+
+def test_tune_by_entropy_minimises_the_mean_entropy_and_reports_perplexity(store_dir) -> None:
+    from m2cache.offline.evaluate import QualityModel, mean_entropy
+    from m2cache.offline.train import split_text, token_windows
+
+    store = Store(store_dir)
+    qm = QualityModel(store)
+    report = tune(store_dir, 0.3, tokens=512, progress=False, set_default=False, objective="entropy",
+                  name="by-entropy", qm=qm)
+    assert report.objective == "entropy" and "searched by entropy" in report.summary()
+    entropies = {s: v for s, _, v in report.tried}
+    assert entropies[report.shares] == min(entropies.values())
+    windows = token_windows(store, split_text(None)[0], 512)
+    dense = mean_entropy(qm, windows, qm.policy("dense-fp16"))
+    assert 0 < dense < math.log(store.config.vocab_size)  # nats, below the uniform distribution's
+    assert report.calib_ppl > 1  # the chosen shares' perplexity, measured once
+    with pytest.raises(ConfigError, match="ppl or entropy"):
+        tune(store_dir, 0.3, objective="loss", progress=False, qm=qm)

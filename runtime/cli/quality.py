@@ -55,7 +55,7 @@ def cmd_tune(args) -> int:
 
     report = tune(args.store, args.bytes_per_token, name=args.name, text=_read_text(args.text),
                   tokens=args.tokens, progress=not args.quiet, set_default=not args.no_default,
-                  per_layer=args.per_layer, kind=args.kind)
+                  per_layer=args.per_layer, kind=args.kind, objective=args.objective)
     print(report.summary())
     return 0
 
@@ -119,6 +119,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="then each layer's own shares at the same bytes (INT8/INT4 exchanged between layers)")
     p.add_argument("--kind", choices=("predictor", "gate"), default="predictor",
                    help="what ranks the neurons: the trained predictors, or the resident INT4 gate rows")
+    p.add_argument("--objective", choices=("ppl", "entropy"), default="ppl",
+                   help="minimised on the calibration text: perplexity, or the mean entropy of the next-token "
+                        "distribution (the paper's uncertainty score)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)
 

@@ -269,6 +269,17 @@ def perplexity(qm: QualityModel, windows: list[list[int]], policy: Policy,
     return math.exp(nll / count), same / count
 
 
+def mean_entropy(qm: QualityModel, windows: list[list[int]], policy: Policy) -> float:
+    """The mean entropy (nats) of the policy's next-token distribution over the windows' positions: the
+    paper's uncertainty score, which needs no labels."""
+    total, count = 0.0, 0
+    for win in windows:
+        logp = torch.log_softmax(qm.logits(win, policy)[:-1], dim=-1)
+        total += float(-(logp.exp() * logp).sum())
+        count += logp.shape[0]
+    return total / count
+
+
 @dataclass
 class EvalData:
     windows: list[list[int]]

@@ -1,9 +1,10 @@
 """``m2cache tune``: the offline search for precision shares under a bytes-per-token budget.
 
 The paper searches FP16/INT8/INT4 shares under a memory budget, minimising an uncertainty (entropy)
-score on calibration text. Here the objective is the calibration *perplexity* of the predictor policy
+score on calibration text. By default the objective here is the calibration *perplexity* of the policy
 itself (teacher-forced, every position sparse as the engine runs it): it measures directly what the
-entropy score stands in for, and costs the same one batched pass per candidate.
+entropy score stands in for, and costs the same one batched pass per candidate. ``objective="entropy"``
+minimises the paper's score instead (the mean entropy of the next-token distribution).
 
 Search: keeping more neurons never costs quality, so the best shares spend the whole budget. For each
 (FP16, INT8) pair on a grid, INT4 takes what the budget leaves (down to the grid step); a coarse grid
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m2cache.errors import ConfigError
-from m2cache.offline.evaluate import QualityModel, perplexity
+from m2cache.offline.evaluate import QualityModel, mean_entropy, perplexity
 from m2cache.model.policy import Policy, Shares
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.offline.progress import ProgressBar
@@ -47,6 +48,7 @@ class TuneReport:
     seconds: float = 0.0
     layers: list[Shares] | None = None  # per-layer shares, when they beat ``shares`` everywhere
     global_ppl: float = 0.0  # calibration ppl of ``shares`` in every layer
+    objective: str = "ppl"  # what the search minimised (``tried`` holds its values)
 
     def summary(self) -> str:
         s = self.shares
@@ -57,7 +59,8 @@ class TuneReport:
                          f"{self.global_ppl:.3f} -> {self.calib_ppl:.3f})")
         return (f"{self.name}: fp16 {s.fp16:.2f}, int8 {s.int8:.2f}, int4 {s.int4:.2f}{per_layer} -> "
                 f"{self.bytes_ratio:.3f} of dense FP16 FFN bytes, calibration ppl {self.calib_ppl:.3f} "
-                f"(dense {self.dense_calib_ppl:.3f}, {self.calib_ppl / self.dense_calib_ppl - 1:+.1%}); "
+                f"(dense {self.dense_calib_ppl:.3f}, {self.calib_ppl / self.dense_calib_ppl - 1:+.1%}; "
+                f"searched by {self.objective}); "
                 f"{len(self.tried)} candidates in {self.seconds:.0f}s")
 
 
@@ -92,19 +95,23 @@ def candidates(budget: float, ratio: dict[str, float], step: float, around: Shar
 
 
 KINDS = ("predictor", "gate")
+OBJECTIVES = ("ppl", "entropy")
 EXCHANGE = 0.1  # of a layer's neurons, INT8 <-> INT4, in a per-layer step
 
 
 def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = None, text: str | None = None,
          tokens: int = TUNE_TOKENS, progress: bool = True, set_default: bool = True, per_layer: bool = False,
-         kind: str = "predictor", qm: QualityModel | None = None) -> TuneReport:
+         kind: str = "predictor", objective: str = "ppl", qm: QualityModel | None = None) -> TuneReport:
     """Searches shares within ``bytes_per_token`` (ratio of dense FP16 FFN bytes), and with ``per_layer``
-    each layer's own; saves the best as a named ``kind`` policy and, with ``set_default``, as the store's
-    default."""
+    each layer's own, minimising ``objective`` on calibration text ("ppl", or "entropy": the paper's
+    uncertainty score, the mean entropy of the next-token distribution, which needs no labels); saves the
+    best as a named ``kind`` policy and, with ``set_default``, as the store's default."""
     if not 0 < bytes_per_token <= 1:
         raise ConfigError(f"--bytes-per-token {bytes_per_token} must be a ratio of dense FP16 bytes in (0, 1]")
     if kind not in KINDS:
         raise ConfigError(f"tune ranks by {' or '.join(KINDS)}, not {kind!r}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"tune minimises {' or '.join(OBJECTIVES)}, not {objective!r}")
     t0 = time.monotonic()
     store = Store(store_dir)
     qm = qm or QualityModel(store)
@@ -115,13 +122,17 @@ def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = No
     ratio = {p: b / qm.bundle_bytes["fp16"] for p, b in qm.bundle_bytes.items()}
     dense_ppl, _ = perplexity(qm, windows, Policy(cfg.num_layers, cfg.intermediate_size))
 
-    tried: dict[Shares, float] = {}
+    def ppl_of(shares: Shares | list[Shares]) -> float:
+        return perplexity(qm, windows, make(shares))[0]
+
+    loss_of = ppl_of if objective == "ppl" else lambda s: mean_entropy(qm, windows, make(s))
+    tried: dict[Shares, float] = {}  # shares -> objective
 
     def run(cands: list[Shares]) -> None:
         bar = ProgressBar(f"tune {bytes_per_token:.2f}", len(cands)) if progress else None
         for i, s in enumerate(cands):
             if s not in tried:
-                tried[s] = perplexity(qm, windows, make(s))[0]
+                tried[s] = loss_of(s)
             if bar:
                 bar(i + 1)
 
@@ -131,13 +142,14 @@ def tune(store_dir: str | Path, bytes_per_token: float, *, name: str | None = No
     run(candidates(bytes_per_token, ratio, FINE, around=min(tried, key=tried.__getitem__)))
     best = min(tried, key=tried.__getitem__)
     name = name or f"tuned-{round(bytes_per_token * 100):d}"
-    report = TuneReport(name, best, best.bytes_ratio(qm.bundle_bytes), tried[best], dense_ppl,
-                        [(s, s.bytes_ratio(qm.bundle_bytes), p) for s, p in tried.items()], global_ppl=tried[best])
+    best_ppl = tried[best] if objective == "ppl" else ppl_of(best)
+    report = TuneReport(name, best, best.bytes_ratio(qm.bundle_bytes), best_ppl, dense_ppl,
+                        [(s, s.bytes_ratio(qm.bundle_bytes), v) for s, v in tried.items()], global_ppl=best_ppl,
+                        objective=objective)
     if per_layer:
-        layers, ppl = tune_layers(cfg.num_layers, best, tried[best], lambda ls: perplexity(qm, windows, make(ls))[0],
-                                  progress)
+        layers, _ = tune_layers(cfg.num_layers, best, tried[best], loss_of, progress)
         if layers is not None:
-            report.layers, report.calib_ppl = layers, ppl
+            report.layers, report.calib_ppl = layers, ppl_of(layers)
     save_policy(store, name, report.layers or best, set_default, kind=kind, calib_ppl=report.calib_ppl,
                 budget=bytes_per_token)
     report.seconds = time.monotonic() - t0
