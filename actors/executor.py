@@ -258,6 +258,7 @@ class Executor(Actor):
 
     # ---- compute thread ------------------------------------------------------------------------
     def _begin(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool):
+        self._acts = None  # a step that failed mid-layer leaves none behind for this one's rows
         with self._streams():
             t0 = time.perf_counter_ns()
             for seq in batch if prefill else ():  # zeroing the caches here, not on the event loop

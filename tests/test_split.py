@@ -114,3 +114,24 @@ def test_policies_lists_what_a_split_store_runs_and_the_bytes_it_fetches(split, 
     fetched = 0.1 * 1 + 0.2 * dst.bundle_bytes("int8") / dst.bundle_bytes("fp16") \
         + 0.7 * dst.bundle_bytes("int4") / dst.bundle_bytes("fp16")
     assert float(gate40.split()[4]) == pytest.approx(fetched * 2 / 3, abs=1e-3)
+
+
+def test_a_split_store_keeps_the_source_s_gate_policies_and_refuses_export(split, tmp_path: Path) -> None:
+    import shutil
+
+    from m2cache.errors import ConvertError
+    from m2cache.offline.export_gguf import export_gguf
+    from m2cache.storage.writer import write_manifest
+
+    src, dst = split
+    copy = tmp_path / "src"
+    shutil.copytree(src.path, copy)
+    m = Store(copy).manifest
+    m["policies"] = {"mine": {"shares": {"fp16": 0.2, "int8": 0.3, "int4": 0.5}, "kind": "gate"},
+                     "mixed-40": {"shares": {"fp16": 0.1, "int8": 0.2, "int4": 0.7}, "kind": "predictor"}}
+    m["default_policy"] = "mine"
+    write_manifest(copy, m)
+    out = Store(split_gate(copy, tmp_path / "split", progress=False))
+    assert set(out.manifest["policies"]) == {"gate-40", "mine"} and out.manifest["default_policy"] == "mine"
+    with pytest.raises(ConvertError, match="split store"):
+        export_gguf(dst.path, tmp_path / "x.gguf")

@@ -183,8 +183,11 @@ def export_gguf(store_dir: str | Path, out: str | Path, kind: str = "f16", *, wo
 
     if kind not in TYPES:
         raise ConvertError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
-    gguf = _gguf()
     store = Store(store_dir)
+    if store.split:
+        raise ConvertError(f"{store.path} is a split store (its FFN has no FP16 gate rows): export the store it "
+                           "was split from")
+    gguf = _gguf()
     cfg, get = store.config, _StoreTensors(store)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")

@@ -22,7 +22,7 @@ from m2cache.errors import ConfigError
 from m2cache.model.policy import Shares
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage import quant
-from m2cache.storage.layout import BlockGeometry, ffn_file_name, file_checksum
+from m2cache.storage.layout import CHECKSUM, BlockGeometry, ffn_file_name, file_checksum
 from m2cache.storage.reader import PlainBackend, Store
 from m2cache.storage.writer import write_bundle_file, write_manifest
 
@@ -66,9 +66,13 @@ def split_gate(src: str | Path, dst: str | Path, *, progress: bool = True) -> Pa
     m["ffn"].update(parts=SPLIT_PARTS, geometry={p: g.to_dict() for p, g in geoms.items()}, files=files,
                     gates={"path": GATES, "size": (tmp / GATES).stat().st_size, "crc32": file_checksum(tmp / GATES)})
     m["source"] = f"{m.get('source', '')} (split-gate of {store.path})"
+    m["checksum"] = CHECKSUM  # what the blocks and files were written with (older stores may use crc32)
+    m["resident"]["crc32"] = file_checksum(tmp / resident)
     m["predictors"] = None
-    m["policies"] = {name: {"shares": s.to_dict(), "kind": "gate"} for name, s in PRESETS.items()}
-    m["default_policy"] = DEFAULT
+    kept = {name: spec for name, spec in (store.manifest.get("policies") or {}).items() if spec.get("kind") == "gate"}
+    m["policies"] = {name: {"shares": s.to_dict(), "kind": "gate"} for name, s in PRESETS.items()} | kept
+    m["default_policy"] = store.manifest.get("default_policy") if store.manifest.get("default_policy") in kept \
+        else DEFAULT
     write_manifest(tmp, m)
     if dst.exists():
         shutil.rmtree(dst)
