@@ -124,6 +124,8 @@ class Executor(Actor):
         self.kernel_ways = torch.get_num_threads() if self.use_kernels else 1  # the engine set it for this run
         if self.kernel_ways > 1:
             self.kernel_pool = ThreadPoolExecutor(self.kernel_ways - 1, thread_name_prefix="m2cache-kernels")
+            if hasattr(self.policy, "use_threads"):  # the gate policy's product over every neuron, shared too
+                self.policy.use_threads(self.kernel_pool, self.kernel_ways)
 
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
@@ -131,6 +133,8 @@ class Executor(Actor):
             _finish(seq, exc)
         self.active.clear()
         self.pending.clear()
+        if hasattr(self.policy, "use_threads"):
+            self.policy.use_threads(None, 1)
         for pool in (self.worker, self.kernel_pool):  # a job in flight finishes in a helper thread, not on the loop
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)

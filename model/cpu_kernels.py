@@ -183,9 +183,19 @@ def gate_rows_int4(bundles: torch.Tensor, dim: int, group: int) -> torch.Tensor:
     return select_parts("int4", bundles, 3, dim, Groups(int4=group), 0, 1)
 
 
-def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str) -> torch.Tensor:
+def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str, pool: Executor | None = None,
+              ways: int = 1) -> torch.Tensor:
     """act(gate·h) [T, F] float32 for every row of ``gates`` (``gate_rows_int4``'s layout) and every
-    row of h [T, D], 64 tokens a call, the INT4 values widened in registers."""
+    row of h [T, D], 64 tokens a call, the INT4 values widened in registers. With ``ways`` > 1 the rows are
+    shared between this thread and ``ways - 1`` of ``pool`` (each call releases the GIL)."""
+    if ways > 1 and pool is not None and gates.shape[0] >= ways:
+        chunks = gates.tensor_split(ways)
+        others = [pool.submit(gate_int4, c, h, dim, group, act) for c in chunks[1:]]
+        try:
+            first = gate_int4(chunks[0], h, dim, group, act)
+        finally:  # never leave a share running past the return
+            wait(others)
+        return torch.cat([first] + [f.result() for f in others], dim=1)
     lib = library()
     assert lib is not None, "gate_int4 called without the kernels: check available() first"
     assert gates.dtype == torch.uint8 and gates.is_contiguous() and gates.device.type == "cpu"

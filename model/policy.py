@@ -7,6 +7,7 @@ the predictor actor lives.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +180,12 @@ class GatePolicy(Policy):
         self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
         self.resident_bytes = resident_bytes
         self.kernel_act, self.group = kernel_act, group
+        self.pool: Executor | None = None  # threads for the packed copy's product (the engine's kernel pool)
+        self.ways = 1
+
+    def use_threads(self, pool: Executor | None, ways: int) -> None:
+        """Share the gate product's rows among ``ways`` threads: this one and ``ways - 1`` of ``pool``."""
+        self.pool, self.ways = pool, ways
 
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.score_all(layer, h[-1:])[0]
@@ -203,5 +210,5 @@ class GatePolicy(Policy):
             from m2cache.model import cpu_kernels
 
             assert self.kernel_act is not None, "a packed INT4 gate copy needs kernel_act"
-            return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act)
+            return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act, self.pool, self.ways)
         return self.act(F.linear(h.to(gates.dtype), gates))

@@ -238,3 +238,14 @@ def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole
     cpu_kernels.ffn_group(precision, pool, slots, h, whole, dim, G(group), "silu")
     cpu_kernels.ffn_group(precision, split, slots, h, parted, dim, G(group), "silu", gact)
     assert rel_err(parted, whole) < RTOL
+
+
+def test_the_gate_product_shared_among_threads_equals_one_thread_s() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, bundles = pool_of("int4", 101, 64, 32, seed=10)
+    gates = cpu_kernels.gate_rows_int4(bundles, 64, 32)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
+    with ThreadPoolExecutor(2) as pool:
+        shared = cpu_kernels.gate_int4(gates, h, 64, 32, "silu", pool, 3)
+    assert torch.equal(shared, cpu_kernels.gate_int4(gates, h, 64, 32, "silu"))  # each row computed alike
