@@ -26,13 +26,12 @@ from typing import Any
 import torch
 
 from m2cache.actors.base import Actor
+from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
-from m2cache.actors.uploads import Uploader, wide
+from m2cache.actors.uploads import Uploader
 from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
-from m2cache.model import cpu_kernels
 from m2cache.model.llama import (KVCache, LayerWeights, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
-from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
 
@@ -72,11 +71,8 @@ class Executor(Actor):
                  max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
                  attention: AttentionStream | None = None) -> None:
         super().__init__(1)
-        self.cfg, self.res, self.rope, self.act = model.cfg, res, model.rope, model.act
+        self.cfg, self.res, self.rope = model.cfg, res, model.rope
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
-        self.parts, self.dim, self.groups = store.parts, store.hidden, store.groups
-        self.split = store.split  # (up, down) bundles: the gate activations come from the policy's copy
-        self._acts: tuple[int, torch.Tensor] | None = None  # (layer, gate activations) scored for its FFN
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -98,6 +94,8 @@ class Executor(Actor):
         # decode FFNs through the C kernels: CPU, a gated FFN, and a policy that is not the exact
         # every-neuron-FP16 one (whose tokens must equal the dense model's, so it keeps torch's code)
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
+        self.ffn = LayerFFN(store=store, policy=policy, pools=hbm.pools, act=model.act, dtype=dtype,
+                            use_kernels=self.use_kernels, dense_prefill=dense_prefill)
         self.uploader = Uploader(hbm.pools, device, recorder, self.compute_stream, kernels=kernels)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -124,8 +122,7 @@ class Executor(Actor):
         self.kernel_ways = torch.get_num_threads() if self.use_kernels else 1  # the engine set it for this run
         if self.kernel_ways > 1:
             self.kernel_pool = ThreadPoolExecutor(self.kernel_ways - 1, thread_name_prefix="m2cache-kernels")
-            if hasattr(self.policy, "use_threads"):  # the gate policy's product over every neuron, shared too
-                self.policy.use_threads(self.kernel_pool, self.kernel_ways)
+            self.ffn.use_threads(self.kernel_pool, self.kernel_ways)
 
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
@@ -133,8 +130,7 @@ class Executor(Actor):
             _finish(seq, exc)
         self.active.clear()
         self.pending.clear()
-        if hasattr(self.policy, "use_threads"):
-            self.policy.use_threads(None, 1)
+        self.ffn.use_threads(None, 1)
         for pool in (self.worker, self.kernel_pool):  # a job in flight finishes in a helper thread, not on the loop
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
@@ -262,7 +258,7 @@ class Executor(Actor):
 
     # ---- compute thread ------------------------------------------------------------------------
     def _begin(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool):
-        self._acts = None  # a step that failed mid-layer leaves none behind for this one's rows
+        self.ffn.forget()
         with self._streams():
             t0 = time.perf_counter_ns()
             for seq in batch if prefill else ():  # zeroing the caches here, not on the event loop
@@ -293,13 +289,7 @@ class Executor(Actor):
         if self.policy.needs_scores and not (prefill and self.dense_prefill):
             # decode scores each sequence's last position; a sparse prefill every position of the prompts
             hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
-            if self.split:  # the gate activations score the neurons, then feed the FFN (the same rows)
-                acts = self.policy.gate_acts(layer, torch.cat(hs))  # type: ignore[attr-defined, arg-type]
-                self._acts = (layer, acts)
-                scores = self.policy.scores_of(layer, acts).amax(0)  # type: ignore[attr-defined]
-            else:
-                scores = self.policy.score_batch(layer, hs)  # type: ignore[arg-type]
-            order = self.policy.rank(layer, scores)
+            order = self.policy.rank(layer, self.ffn.score(layer, hs))  # type: ignore[arg-type]
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
         return order
@@ -321,10 +311,10 @@ class Executor(Actor):
             hs = [s.h for s in batch]
             assert all(h is not None for h in hs), "attention ran before this layer's FFN"
             if len(batch) == 1 or not self.exact:  # one product for the batch's rows: [sum T, D]
-                out = self._ffn(torch.cat(hs) if len(hs) > 1 else hs[0], ready, prefill)  # type: ignore[arg-type]
+                out = self.ffn.compute(torch.cat(hs) if len(hs) > 1 else hs[0], ready, prefill)  # type: ignore[arg-type]
                 outs = out.split([h.shape[0] for h in hs])  # type: ignore[union-attr]
             else:  # exact: each sequence's product as it would run alone
-                outs = self._ffn_each(hs, ready)  # type: ignore[arg-type]
+                outs = self.ffn.each(hs, ready)  # type: ignore[arg-type]
             for seq, o in zip(batch, outs):
                 seq.x = seq.x + o  # type: ignore[operator]
             t1 = time.perf_counter_ns()
@@ -353,56 +343,6 @@ class Executor(Actor):
     def _sample(self, batch: list[Sequence], logits: list[torch.Tensor]) -> list[int]:
         return [sample(x, s.temperature, s.top_p, s.generator) for s, x in zip(batch, logits)]
 
-    def _ffn(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
-        """The layer's FFN. h: [T, D] -> [T, D]. Its rows sit in the device pool at ``ready.slots``, or,
-        on the CPU computing from DRAM (``HBMManager._direct``), in DRAM tensors at ``ready.direct``'s
-        rows (None: the tensor holds exactly the requested bundles).
-
-        Decode steps on the CPU run the C kernels straight over those rows (no gather, no dequantised
-        copy), and so does a prefill split by the policy (``dense_prefill`` off); a dense prefill, CUDA and
-        the exact ``dense-fp16`` policy gather the rows and use torch (the FP16 torch path is the dense
-        model's own code, bit for bit)."""
-        sources = self._sources(ready)
-        # a prefill split by the policy runs the kernels too: no layer dequantised
-        gacts = self._gate_acts(h, ready) if self.split else None
-        if self.use_kernels and not (prefill and self.dense_prefill):
-            out = cpu_kernels.ffn_sources(sources, h.float().contiguous(), self.dim, self.groups, self.cfg.hidden_act,
-                                          self.kernel_pool, self.kernel_ways, gacts)
-            return out.to(self.dtype)
-        return ffn_groups(h, self._raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype,
-                          gacts=gacts)
-
-    def _gate_acts(self, h: torch.Tensor, ready: WeightsReady) -> dict[str, torch.Tensor]:
-        """A split store's gate activations of the layer's rows, per precision [n_p, T] float32 in the rows'
-        order: from the gate policy's resident INT4 copy, for every neuron, then taken by id."""
-        assert ready.ids is not None, "a split store's layer needs its neuron ids"
-        cached, self._acts = self._acts, None
-        if cached is not None and cached[0] == ready.layer and cached[1].shape[0] == h.shape[0]:
-            full = cached[1].float()  # scored from these rows in _attend
-        else:  # a dense prefill: not scored
-            full = self.policy.gate_acts(ready.layer, h).float()  # type: ignore[attr-defined]
-        return {p: full[:, torch.from_numpy(ids).to(full.device)].T.contiguous() for p, ids in ready.ids.items()}
-
-    def _sources(self, ready: WeightsReady) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per precision: the tensor holding the layer's bundles (DRAM's, or the device pool) and their rows."""
-        if ready.direct is not None:
-            return ready.direct
-        return {p: (self.hbm.pools[p], slots) for p, slots in ready.slots.items()}
-
-    def _raw_rows(self, ready: WeightsReady) -> dict[str, torch.Tensor]:
-        """The layer's bundles per precision as one uint8 tensor each (gathered where they are spread)."""
-        sources = self._sources(ready)
-        # DRAM rows are ascending neuron ids: a whole layer asked for whole is used as it is
-        whole = ready.direct is not None
-        return {p: src if rows is None or whole and _all_rows(rows, src)
-                else wide(src).index_select(0, rows.to(src.device)).view(torch.uint8)
-                for p, (src, rows) in sources.items() if rows is None or len(rows)}
-
-    def _ffn_each(self, hs: list[torch.Tensor], ready: WeightsReady) -> list[torch.Tensor]:
-        """The exact policy's FFN for a batch: the rows gathered once, each sequence's product alone."""
-        raw = self._raw_rows(ready)
-        return [ffn_groups(h, raw, self.parts, self.dim, self.groups, self.act, self.dtype) for h in hs]
-
     def _streams(self):
         if self.compute_stream is None:
             return _NoStream()
@@ -415,20 +355,6 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
-
-
-def _all_rows(rows: torch.Tensor, src: torch.Tensor) -> bool:
-    """Ascending unique rows that cover all of src."""
-    n = src.shape[0]
-    return len(rows) == n and int(rows[0]) == 0 and int(rows[-1]) == n - 1
-
-
-def kernels_apply(policy, store, cfg, device: torch.device) -> bool:
-    """Whether decode FFNs run through the C kernels: the CPU, a gated FFN with a supported activation,
-    the kernels built, and a policy other than the exact every-neuron-FP16 one (whose tokens must equal
-    the dense model's, so it keeps torch's code)."""
-    return (device.type == "cpu" and not policy.exact and (store.parts == 3 or store.split)
-            and cfg.hidden_act in cpu_kernels.ACTIVATIONS and cpu_kernels.available())
 
 
 PREFILL_ROWS = 2048  # prompt tokens one prefill step takes (its activations grow with them), one prompt at least

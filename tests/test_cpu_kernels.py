@@ -142,15 +142,16 @@ async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[
     errors: list[float] = []
     async with asyncio.timeout(60):
         async with Engine.open(store, cfg) as engine:
-            ex, kernel_ffn = engine.executor, engine.executor._ffn
+            ex = engine.executor.ffn
+            kernel_ffn = ex.compute
 
             def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
                 out = kernel_ffn(h, ready, prefill)
-                ref = ffn_groups(h, ex._raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype)
+                ref = ffn_groups(h, ex.raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype)
                 errors.append(float((out - ref).abs().max() / ref.abs().max()))
                 return out
 
-            ex._ffn = checked
+            ex.compute = checked
             assert len([t async for t in engine.generate_ids([1, 2, 3, 4], 12)]) == 12
     return errors, engine
 

@@ -87,7 +87,8 @@ async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store
     errors: list[float] = []
     async with asyncio.timeout(60):
         async with Engine.open(dst.path, cfg) as engine:
-            ex, ffn = engine.executor, engine.executor._ffn
+            ex = engine.executor.ffn
+            ffn = ex.compute
 
             def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
                 out = ffn(h, ready, prefill)
@@ -95,7 +96,7 @@ async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store
                 errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
                 return out
 
-            ex._ffn = checked
+            ex.compute = checked
             tokens = [t async for t in engine.generate_ids([1, 2, 3, 4], 8)]
     assert len(tokens) == 8 and len(errors) >= 3 * 8
     assert max(errors) < 1e-4
