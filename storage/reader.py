@@ -142,9 +142,9 @@ class Store:
         """A split store (``m2cache split-gate``): bundles of (up, down), the gate rows resident."""
         return "gates" in self.manifest["ffn"]
 
-    def read_gates(self) -> list[torch.Tensor]:
-        """A split store's packed INT4 gate rows, one [F, D/2 + 4·D/group] uint8 tensor per layer, the file
-        checked against its checksum first."""
+    def read_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A split store's packed INT4 gate rows, one [F, D/2 + 4·D/group] uint8 tensor per layer, and its
+        ||up_j||·||down_j|| [F] float32 per layer, the file checked against its checksum first."""
         entry = self.manifest["ffn"]["gates"]
         path = self.path / entry["path"]
         if file_checksum(path, self.checksum_name) != entry["crc32"]:
@@ -152,7 +152,8 @@ class Store:
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
-        return [tensors[f"gate.{layer}"] for layer in range(self.config.num_layers)]
+        layers = range(self.config.num_layers)
+        return [tensors[f"gate.{L}"] for L in layers], [tensors[f"norms.{L}"] for L in layers]
 
     # ---- geometry -------------------------------------------------------------------------
     def file_path(self, layer: int, precision: str) -> Path:

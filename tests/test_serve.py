@@ -82,9 +82,11 @@ def server(deep: S.Model) -> Iterator[Live]:
 
 
 def wait_for(cond, timeout: float = 20.0) -> None:
-    t = time.monotonic()
+    """Polls ``cond`` until it holds; a deadline (not a speed check) so a broken server fails, not hangs."""
+    deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() - t < timeout, "condition not met in time"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout:.0f} s")
         time.sleep(0.05)
 
 

@@ -26,13 +26,16 @@ def split(tiny_models, tmp_path_factory) -> tuple[Store, Store]:
 def test_a_split_store_holds_the_source_s_up_and_down_parts_and_its_int4_gate_rows(split) -> None:
     src, dst = split
     assert dst.split and dst.parts == 2 and not src.split
-    gates = dst.read_gates()
+    gates, norms = dst.read_gates()
     for p in quant.PRECISIONS:
         raw = src.read_layer(1, p, PlainBackend())
         assert torch.equal(dst.read_layer(1, p, PlainBackend()), quant.select_parts(p, raw, 3, src.hidden, src.groups, 1, 3))
         assert dst.bundle_bytes(p) * 3 == src.bundle_bytes(p) * 2  # two parts of three fetched
     int4 = src.read_layer(1, "int4", PlainBackend())
     assert torch.equal(gates[1], quant.select_parts("int4", int4, 3, src.hidden, src.groups, 0, 1))
+    from m2cache.engine.policies import up_down_norms
+
+    assert torch.equal(norms[1], up_down_norms(src, src.read_layer(1, "fp16", PlainBackend())))
     assert dst.manifest["default_policy"] == "gate-40"
 
 

@@ -158,8 +158,9 @@ class Plan:
         spec = (self.store.manifest.get("policies") or {}).get(name, {})
         if not (name == "gate" or name.startswith("gate:") or spec.get("kind") == "gate"):
             return 0
-        store = self.store
-        return store.bundle_bytes("int4") // store.parts * store.num_neurons * store.config.num_layers
+        from m2cache.engine.policies import gate_copy_bytes
+
+        return gate_copy_bytes(self.store)
 
     def needs(self, system: str) -> tuple[int, str]:
         """(bytes of memory the system must hold, what they are) for a run to work at all."""

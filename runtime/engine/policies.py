@@ -83,38 +83,42 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
 
 
+def gate_copy_bytes(store: Store) -> int:
+    """What a gate policy's packed INT4 copy of every gate row holds: one part of each INT4 bundle."""
+    return store.bundle_bytes("int4") // store.parts * store.num_neurons * store.config.num_layers
+
+
 def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu",
-                cls: type[GatePolicy] = GatePolicy, kernels: bool = True) -> GatePolicy:
-    """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them (a split store's gate
-    file), plus the norms of the up rows and down columns (from the FP16 bundles), read once. On the CPU
-    with the kernels the copy stays packed INT4 (what ``resident_bytes`` counts); elsewhere it is
+                kernels: bool = True) -> GatePolicy:
+    """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
+    up rows and down columns (from the FP16 bundles), read once; a split store's gate file holds both. On
+    the CPU with the kernels the copy stays packed INT4 (what ``resident_bytes`` counts); elsewhere it is
     dequantised to ``dtype``."""
     from m2cache.model import cpu_kernels
 
     cfg, backend, dim, groups = store.config, PlainBackend(), store.hidden, store.groups
     packed = (kernels and torch.device(device).type == "cpu" and cpu_kernels.available()
               and cfg.hidden_act in cpu_kernels.ACTIVATIONS)
-    split = store.read_gates() if store.split else None
+    split_gates, split_norms = store.read_gates() if store.split else (None, None)
     gates, norms = [], []
     for layer in range(cfg.num_layers):
-        rows = split[layer] if split is not None else \
+        rows = split_gates[layer] if split_gates is not None else \
             quant.select_parts("int4", store.read_layer(layer, "int4", backend), 3, dim, groups, 0, 1)
         # the packed gate rows are one-part INT4 bundles
         gates.append(rows if packed else
                      quant.decode("int4", rows, 1, dim, dtype, groups)[:, 0].contiguous().to(device))
-        norms.append(_up_down_norms(store, layer, backend).to(device=device, dtype=dtype))
-    per_gate = store.bundle_bytes("int4") // store.parts  # one part's share of an INT4 bundle
-    return cls(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
-                      per_gate * cfg.intermediate_size * cfg.num_layers,
-                      kernel_act=cfg.hidden_act if packed else None, group=store.groups.int4)
+        norm = split_norms[layer] if split_norms is not None else \
+            up_down_norms(store, store.read_layer(layer, "fp16", backend))
+        norms.append(norm.to(device=device, dtype=dtype))
+    return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
+                      gate_copy_bytes(store), kernel_act=cfg.hidden_act if packed else None, group=groups.int4)
 
 
 NORM_CHUNK = 1024  # neurons dequantised at a time: on the 7B shape 50 MB, not a whole layer's 540 MB
 
 
-def _up_down_norms(store: Store, layer: int, backend: PlainBackend) -> torch.Tensor:
-    """||up_j||·||down_j|| [F] float32, from the FP16 bundles, a chunk of neurons at a time."""
-    raw = store.read_layer(layer, "fp16", backend)
+def up_down_norms(store: Store, raw: torch.Tensor) -> torch.Tensor:
+    """||up_j||·||down_j|| [F] float32 of a layer's FP16 bundles ``raw``, a chunk of neurons at a time."""
     out = []
     for chunk in raw.split(NORM_CHUNK):
         w = store.decode("fp16", chunk, torch.float32)  # [n, P, D]: up and down are the last two parts

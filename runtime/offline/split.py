@@ -3,7 +3,8 @@
 The gate policy ranks every neuron by act(gate·h), computed from a resident packed INT4 copy of all gate
 rows. With that copy at hand the kept neurons' gate activations need not be fetched again: a split
 store's bundles keep each precision's up and down parts (two thirds of a bundle's bytes, moved, never
-re-quantised) and one file holds every layer's INT4 gate rows, loaded whole when an engine opens. Every
+re-quantised) and one file holds every layer's INT4 gate rows and the up/down norms that weigh them,
+loaded whole when an engine opens. Every
 neuron's gate is then INT4 whatever its precision (measured by ``m2cache eval --policy gate-split:..``
 on the source store: within 0.1% of the gate policy's perplexity on the demo model).
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from m2cache.engine.policies import up_down_norms
 from m2cache.errors import ConfigError
 from m2cache.model.policy import Shares
 from m2cache.offline.progress import ProgressBar
@@ -54,6 +56,8 @@ def split_gate(src: str | Path, dst: str | Path, *, progress: bool = True) -> Pa
             raw = store.read_layer(layer, p, backend)
             if p == "int4":
                 gates[f"gate.{layer}"] = quant.select_parts(p, raw, 3, dim, groups, 0, 1)
+            if p == "fp16":  # what the gate policy weighs each neuron's gate by: no FP16 read when it opens
+                gates[f"norms.{layer}"] = up_down_norms(store, raw)
             name = ffn_file_name(layer, p)
             crcs, whole = write_bundle_file(tmp / name, quant.select_parts(p, raw, 3, dim, groups, 1, 3), geoms[p])
             files.append({"layer": layer, "precision": p, "path": name,
