@@ -155,12 +155,9 @@ class Plan:
     def gate_copy_bytes(self, name: str) -> int:
         """What a gate policy holds beside the tiers (its packed INT4 gate rows, in the child's RSS when its
         engine plans); 0 for other policies."""
-        spec = (self.store.manifest.get("policies") or {}).get(name, {})
-        if not (name == "gate" or name.startswith("gate:") or spec.get("kind") == "gate"):
-            return 0
-        from m2cache.engine.policies import gate_copy_bytes
+        from m2cache.engine.policies import gate_copy_bytes, is_gate_policy
 
-        return gate_copy_bytes(self.store)
+        return gate_copy_bytes(self.store) if is_gate_policy(self.store, name) else 0
 
     def needs(self, system: str) -> tuple[int, str]:
         """(bytes of memory the system must hold, what they are) for a run to work at all."""

@@ -47,7 +47,7 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
     name = name or default_policy_name(store)
     cfg = store.config
     stored = store.manifest.get("policies") or {}
-    if store.split and not (name == "gate" or name.startswith("gate:") or stored.get(name, {}).get("kind") == "gate"):
+    if store.split and not is_gate_policy(store, name):
         raise ConfigError(f"{store.path} is a split store (up/down fetched, INT4 gate rows resident): only gate "
                           f"policies run on it (gate:A,B,C, {', '.join(sorted(stored)) or 'none stored'}); "
                           f"{name!r} needs the FP16 gate rows of the store it was split from")
@@ -81,6 +81,12 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
         return PredictorPolicy.from_store(store, name, stored[name], dtype, device)
     known = ", ".join(list(BUILTIN) + sorted(stored))
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
+
+
+def is_gate_policy(store: Store, name: str) -> bool:
+    """``gate``, ``gate:A,B,C`` or a stored policy of kind gate."""
+    spec = (store.manifest.get("policies") or {}).get(name, {})
+    return name == "gate" or name.startswith("gate:") or spec.get("kind") == "gate"
 
 
 def gate_copy_bytes(store: Store) -> int:
