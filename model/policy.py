@@ -63,6 +63,7 @@ class Policy:
 
     name = "dense-fp16"
     needs_scores = False
+    lookahead = False  # ranked from the previous layer's residual (EngineConfig.lookahead)
 
     def __init__(self, num_layers: int, num_neurons: int, shares: Shares | list[Shares] | None = None) -> None:
         self.num_layers, self.num_neurons = num_layers, num_neurons
@@ -164,10 +165,10 @@ class GatePolicy(Policy):
     replaced by its row's norm.
 
     ``gates[L]``: the copy of layer L's gate rows, either packed INT4 ([F, D/2 + 4·D/group] uint8, the
-    layout of ``cpu_kernels.gate_rows_int4``; scored by the C kernel with ``kernel_act``) or [F, D] in the
-    compute dtype, dequantised from the store's INT4 bundles (CUDA, or no kernels). ``resident_bytes``:
-    what the packed copy costs, reported beside the tiers (like the predictors', it sits outside their
-    budgets). One full-width gate product per layer and token.
+    layout of ``cpu_kernels.gate_rows_int4``; scored by the C kernel with ``kernel_act``, or without one
+    (CUDA) dequantised to ``dtype`` a layer at a time where it lies) or [F, D] in the compute dtype (the
+    CPU without the kernels). ``resident_bytes``: what the packed copy costs, reported beside the tiers
+    (like the predictors', it sits outside their budgets). One full-width gate product per layer and token.
     """
 
     name = "gate"
@@ -175,11 +176,11 @@ class GatePolicy(Policy):
 
     def __init__(self, num_layers: int, num_neurons: int, shares: Shares | list[Shares], gates: list[torch.Tensor],
                  norms: list[torch.Tensor], act, resident_bytes: int, kernel_act: str | None = None,
-                 group: int = 0) -> None:
+                 group: int = 0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_layers, num_neurons, shares)
         self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
         self.resident_bytes = resident_bytes
-        self.kernel_act, self.group = kernel_act, group
+        self.kernel_act, self.group, self.dtype = kernel_act, group, dtype
         self.pool: Executor | None = None  # threads for the packed copy's product (the engine's kernel pool)
         self.ways = 1
 
@@ -206,9 +207,13 @@ class GatePolicy(Policy):
         """act(gate·h) [T, F] of every neuron, from the copy: the score's first half, and a split store's
         gate activations."""
         gates = self.gates[layer]
-        if gates.dtype == torch.uint8:
+        if gates.dtype == torch.uint8 and self.kernel_act is not None:
             from m2cache.model import cpu_kernels
 
-            assert self.kernel_act is not None, "a packed INT4 gate copy needs kernel_act"
             return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act, self.pool, self.ways)
+        if gates.dtype == torch.uint8:  # packed, no kernel (CUDA): this layer's rows dequantised where they lie
+            from m2cache.storage import quant
+
+            dim = h.shape[-1]
+            gates = quant.decode("int4", gates, 1, dim, self.dtype, quant.Groups(int8=dim, int4=self.group))[:, 0]
         return self.act(F.linear(h.to(gates.dtype), gates))

@@ -178,7 +178,7 @@ async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store,
 async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store,
                                                                                     _no_task_left_behind) -> None:
     errors, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
-    assert not engine.hbm.direct_from_dram and engine.executor.uploader.row_copy
+    assert not engine.hbm.direct_from_dram and engine.hbm.uploader.row_copy
     assert engine.stats()["bytes"]["dram_to_hbm"] > 0
     assert same_as_torch(errors)
 
@@ -198,9 +198,9 @@ def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_stor
     assert rel_err(policy.score_all(1, h), expected) < RTOL
 
 
-def test_the_gate_policy_scores_a_batch_in_one_pass_and_stays_off_the_kernels_when_told(tiny_store) -> None:
+def test_the_gate_policy_scores_a_batch_in_one_pass_off_the_kernels_or_from_the_packed_copy(tiny_store) -> None:
     from m2cache.engine.policies import gate_policy
-    from m2cache.model.policy import Shares
+    from m2cache.model.policy import GatePolicy, Shares
     from m2cache.storage.reader import Store
 
     store = Store(tiny_store.store)
@@ -211,6 +211,10 @@ def test_the_gate_policy_scores_a_batch_in_one_pass_and_stays_off_the_kernels_wh
     batch = packed.score_batch(0, hs)
     assert torch.equal(batch, torch.stack([packed.score(0, h) for h in hs]).amax(0))
     assert rel_err(batch, plain.score_batch(0, hs)) < RTOL
+    # CUDA's form: the packed copy without a kernel, each layer dequantised when scored
+    on_device = GatePolicy(packed.num_layers, packed.num_neurons, Shares(0.5, 0, 0), packed.gates, packed.norms,
+                           packed.act, packed.resident_bytes, None, packed.group, torch.float32)
+    assert rel_err(on_device.score_batch(0, hs), plain.score_batch(0, hs)) < RTOL
 
 
 def test_the_gate_kernel_refuses_a_copy_of_another_layout() -> None:

@@ -11,8 +11,10 @@
 # (b) `m2cache bench --device cuda` on the synth store at an HBM budget of 25% of its FP16 FFN bytes: m2cache
 #     vs accelerate offload at the same GPU budget vs all-resident transformers; then the bytes each moves
 #     per decode token and the floor they imply at the measured copy bandwidth;
-# (c) a trace of the default policy on cuda at the same budgets: tools/trace_table.py's ms per
-#     layer per span, and each step's wall time.
+# (b2) the same bench of the store's split copy (`m2cache split-gate`: up/down bundles fetched, INT4 gate rows
+#     resident on the GPU) under its default gate policy, at the same budgets in bytes;
+# (c) a trace of the default policy on cuda at the same budgets, on the store and on its split copy:
+#     tools/trace_table.py's ms per layer per span, and each step's wall time.
 #
 # Environment (all optional): OUT (default ./gpu_out), WORK (/tmp/m2cache-gpu), SYNTH_LAYERS (16: half
 #   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
@@ -105,7 +107,22 @@ if [ ! -f "$SYN/store/manifest.msgpack" ] || [ ! -f "$SYN/hf/config.json" ]; the
   stamp "synth llama2-7b shape, $SYNTH_LAYERS layers -> $SYN"
   m2c -v synth --shape llama2-7b "$SYN" --layers "$SYNTH_LAYERS" --device cuda || { echo "FATAL: synth failed"; exit 3; }
 fi
-du -sh "$SYN"/store "$SYN"/hf
+if [ ! -f "$SYN/store-split/manifest.msgpack" ]; then
+  stamp "split-gate -> $SYN/store-split"
+  m2c split-gate "$SYN/store" "$SYN/store-split" || echo "split-gate failed: (b2) and the split trace will fail"
+fi
+du -sh "$SYN"/store "$SYN"/store-split "$SYN"/hf
+# the budgets in bytes, from the whole store's FP16 FFN bytes: the split store's rows and the bench's share
+# would resolve against its own (two thirds as large)
+read -r HBM_B DRAM_B < <(python3 - "$SYN/store" "$HBM" "$DRAM" <<'EOF'
+import sys
+from m2cache.cli.main import resolve_budget
+from m2cache.storage.reader import Store
+store = Store(sys.argv[1])
+print(resolve_budget(sys.argv[2], store), resolve_budget(sys.argv[3], store))
+EOF
+)
+echo "budgets in bytes: hbm $HBM_B, dram $DRAM_B"
 
 # ---- the demo model, from the .gguf carried in two halves (.gpu/a, .gpu/b: the carry limit is 64 MiB) ----
 if [ -z "$DEMO" ] && [ -f "$REPO/.gpu/a/ggufpart.00" ] && [ -f "$REPO/.gpu/b/ggufpart.01" ]; then
@@ -183,12 +200,21 @@ python3 -m m2cache.bench.harness --store "$SYN/store" --hf "$SYN/hf" --device cu
   --resident "$RESIDENT" \
   --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
 
+stamp "(b2) bench --device cuda on the split store (hbm $HBM_B B, dram $DRAM_B B): m2cache"
+python3 -m m2cache.bench.harness --store "$SYN/store-split" --hf "$SYN/hf" --device cuda --memory none \
+  --hbm-budget "$HBM_B" --dram-budget "$DRAM_B" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" \
+  --systems m2cache --resident "$RESIDENT" --child-timeout 240 --json "$OUT/bench_gpu_split.json" \
+  | tee "$OUT/bench_gpu_split.txt"
+
 stamp "bytes moved per decode token, and the floor they imply"
-python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" <<'EOF' | tee "$OUT/summary.txt"
-import json, sys
+python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" "$OUT/bench_gpu_split.json" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, sys
 rep, bw = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 print(f"H2D copy: pinned {bw['pinned'] / 1e9:.1f} GB/s, pageable {bw['pageable'] / 1e9:.1f} GB/s")
-for name, r in rep["limits"][0]["systems"].items():
+systems = dict(rep["limits"][0]["systems"])
+if os.path.exists(sys.argv[3]):  # the split store's row, from its own bench run
+    systems.update({f"{k}-split": v for k, v in json.load(open(sys.argv[3]))["limits"][0]["systems"].items()})
+for name, r in systems.items():
     moved, rate = r.get("moved_bytes_per_token"), r.get("decode_tokens_per_s")
     line = f"{name:<20} decode {rate or 0:8.2f} tok/s"
     if r.get("peak_device_bytes"):
@@ -203,18 +229,19 @@ for name, r in rep["limits"][0]["systems"].items():
     print(line)
     for e in r.get("errors", []):
         print(f"{'':<20} failed: {e}")
-rat = rep["limits"][0]["ratios"]
-for s in ("m2cache", "m2cache-dense-fp16"):
-    if s in rep["limits"][0]["systems"]:
-        print(f"{s}: x{rat.get('vs_hf-offload', {}).get(s) or 0:.2f} hf-offload, "
-              f"x{rat.get('vs_hf-bf16', {}).get(s) or 0:.2f} hf-bf16")
+rate = {k: v.get("decode_tokens_per_s") or 0 for k, v in systems.items()}
+for s in ("m2cache", "m2cache-split", "m2cache-dense-fp16"):
+    if rate.get(s):
+        print(f"{s}: " + ", ".join(f"x{rate[s] / rate[b]:.2f} {b}" for b in ("m2cache-dense-fp16", "hf-offload", "hf-bf16")
+                                   if rate.get(b)))
 EOF
 # ---- (c) where the default policy's time goes on the GPU -----------------------------------------
 # The trace is recorded in memory (no file: zstandard may be a stub here) and summarised in-process with
 # tools/trace_table.py's table: ms per layer per (actor, span), over the decode steps; then each step's
 # wall time (the first decode steps may pay for layers not yet in DRAM).
-stamp "(c) trace of the default policy on cuda ($TRACE_TOKENS tokens, hbm $HBM, dram $DRAM)"
-timeout 300 python3 - "$SYN/store" "$TRACE_TOKENS" "$HBM" "$DRAM" "$REPO/tools" <<'EOF' | tee "$OUT/trace_table.txt"
+for KIND in store store-split; do
+stamp "(c) trace of the default policy on cuda, $KIND ($TRACE_TOKENS tokens, hbm $HBM_B B, dram $DRAM_B B)"
+timeout 300 python3 - "$SYN/$KIND" "$TRACE_TOKENS" "$HBM_B" "$DRAM_B" "$REPO/tools" <<'EOF' | tee "$OUT/trace_table_$KIND.txt"
 import asyncio, collections, sys
 from m2cache.cli.main import resolve_budget
 from m2cache.engine.config import EngineConfig
@@ -248,6 +275,7 @@ async def main():
 
 asyncio.run(main())
 EOF
-echo "(c) exit code $?"
+echo "(c) $KIND exit code $?"
+done
 
 stamp "done; results in $OUT"

@@ -97,27 +97,32 @@ def gate_copy_bytes(store: Store) -> int:
 def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype, device: str | torch.device = "cpu",
                 kernels: bool = True) -> GatePolicy:
     """``gate:A,B,C``: each layer's gate rows as the store's INT4 bundles hold them, plus the norms of the
-    up rows and down columns (from the FP16 bundles), read once; a split store's gate file holds both. On
-    the CPU with the kernels the copy stays packed INT4 (what ``resident_bytes`` counts); elsewhere it is
-    dequantised to ``dtype``."""
+    up rows and down columns (from the FP16 bundles), read once; a split store's gate file holds both. The copy
+    stays packed INT4 (what ``resident_bytes`` counts): on the CPU the C kernel scores it as it is; on CUDA
+    each layer's rows are dequantised on the device when scored (device memory is the scarce tier there:
+    on the 7B shape 28 MB a layer instead of 90). Only the CPU without the kernels holds it dequantised
+    to ``dtype``."""
     from m2cache.model import cpu_kernels
 
     cfg, backend, dim, groups = store.config, PlainBackend(), store.hidden, store.groups
-    packed = (kernels and torch.device(device).type == "cpu" and cpu_kernels.available()
+    dev = torch.device(device)
+    kernel = (kernels and dev.type == "cpu" and cpu_kernels.available()
               and cfg.hidden_act in cpu_kernels.ACTIVATIONS)
+    packed = kernel or dev.type == "cuda"
     split_gates, split_norms = store.read_gates() if store.split else (None, None)
     gates, norms = [], []
     for layer in range(cfg.num_layers):
         rows = split_gates[layer] if split_gates is not None else \
             quant.select_parts("int4", store.read_layer(layer, "int4", backend), 3, dim, groups, 0, 1)
         # the packed gate rows are one-part INT4 bundles
-        gates.append(rows if packed else
+        gates.append(rows.to(device) if packed else
                      quant.decode("int4", rows, 1, dim, dtype, groups)[:, 0].contiguous().to(device))
         norm = split_norms[layer] if split_norms is not None else \
             up_down_norms(store, store.read_layer(layer, "fp16", backend))
         norms.append(norm.to(device=device, dtype=dtype))
     return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
-                      gate_copy_bytes(store), kernel_act=cfg.hidden_act if packed else None, group=groups.int4)
+                      gate_copy_bytes(store), kernel_act=cfg.hidden_act if kernel else None, group=groups.int4,
+                      dtype=dtype)
 
 
 NORM_CHUNK = 1024  # neurons dequantised at a time: on the 7B shape 50 MB, not a whole layer's 540 MB

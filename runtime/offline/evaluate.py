@@ -60,6 +60,7 @@ PROMPTS = (
 )
 
 Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, h [T, D]) -> scores [T, F]
+AHEAD = "@ahead"  # a policy name's suffix: ranked one layer ahead, as EngineConfig(lookahead=True) runs it
 
 
 class SplitGatePolicy(GatePolicy):
@@ -100,6 +101,12 @@ class QualityModel:
     # ---- policies ------------------------------------------------------------------------------
     def policy(self, name: str) -> Policy:
         L, Fn = self.cfg.num_layers, self.cfg.intermediate_size
+        if name.endswith(AHEAD):  # the engine's lookahead=True: layer L ranked from layer L-1's residual
+            pol = self.policy(name[: -len(AHEAD)])
+            if not pol.needs_scores:
+                raise ConfigError(f"{name!r}: only a policy that scores neurons can look ahead")
+            pol.lookahead = True
+            return pol
         if name == "dense-fp16":
             return Policy(L, Fn)
         if name.startswith("oracle"):
@@ -128,7 +135,7 @@ class QualityModel:
             self._gate = gate_policy(self.store, Shares(), torch.float32)
         g = self._gate
         return cls(g.num_layers, g.num_neurons, shares, g.gates, g.norms, g.act, g.resident_bytes, g.kernel_act,
-                   g.group)
+                   g.group, g.dtype)
 
     def scorer(self, policy: Policy) -> Scorer | None:
         if isinstance(policy, OraclePolicy):
@@ -181,13 +188,15 @@ class QualityModel:
         scorer = self.scorer(policy)
         kv = m.new_cache()
         x = m.res.embed[torch.tensor(window)]
+        before: torch.Tensor | None = None  # the previous layer's residual after its attention
         for layer, w in enumerate(m.res.layers):
             x = attention_block(cfg, w, x, layer, kv, 0, m.rope)
             h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
             if scorer is None:  # every neuron at FP16: the dense model's own code
                 x = x + ffn_bundles(h, m.ffn[layer], m.act)
                 continue
-            scores = scorer(layer, h)
+            scores = scorer(layer, ranked_input(policy, h, before, w.ffn_norm, cfg.rms_norm_eps))
+            before = x
             masks = rank_masks(scores, policy.counts(layer))
             if recall is not None:
                 recall.append(kept_recall(masks, self.oracle_scores(layer, h)))
@@ -214,12 +223,15 @@ class QualityModel:
         scorer = self.scorer(policy)
         pos = kv.length
         x = m.res.embed[torch.tensor([token])]
+        before: torch.Tensor | None = None
         for layer, w in enumerate(m.res.layers):
             x = attention_block(cfg, w, x, layer, kv, pos, m.rope)
             h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
             order = None
             if scorer is not None:
-                order = torch.argsort(scorer(layer, h)[-1], descending=True).numpy()
+                scores = scorer(layer, ranked_input(policy, h, before, w.ffn_norm, cfg.rms_norm_eps))
+                order = torch.argsort(scores[-1], descending=True).numpy()
+            before = x
             ids = policy.split(layer, order)
             y = None
             for p, idx in ids.items():
@@ -231,6 +243,16 @@ class QualityModel:
             x = x + y
         kv.length = pos + 1
         return linear(rms_norm(x, m.res.final_norm, cfg.rms_norm_eps), m.res.lm_head)[-1].float()
+
+
+def ranked_input(policy: Policy, h: torch.Tensor, before: torch.Tensor | None, norm: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """What a layer's neurons are ranked from: its FFN input h, or, looking ahead, the residual the
+    previous layer had after its attention (``before``) under this layer's FFN norm: the engine scores
+    layer L+1 while layer L's FFN still runs. The first layer has nothing before it and is ranked from h."""
+    if not policy.lookahead or before is None:
+        return h
+    return rms_norm(before, norm, eps)
 
 
 def rank_masks(scores: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.Tensor]:
