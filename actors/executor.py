@@ -28,7 +28,6 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
-from m2cache.actors.uploads import Uploader
 from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
 from m2cache.model.llama import (KVCache, LayerWeights, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
@@ -69,7 +68,7 @@ class Executor(Actor):
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
                  recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
                  max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
-                 attention: AttentionStream | None = None) -> None:
+                 attention: AttentionStream | None = None, lookahead: bool = False, compute_stream=None) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope = model.cfg, res, model.rope
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -81,6 +80,7 @@ class Executor(Actor):
         self.dense_prefill = dense_prefill  # False: prefill is scored and split by the policy, as decode
         self.attention = attention  # resident="stream": each layer's projections, read ahead of their use
         self.exact = policy.exact  # products per sequence: tokens independent of the batch
+        self.lookahead = lookahead and policy.needs_scores  # decode asks for layer L+1 before layer L computes
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
         self.stopping = False
@@ -89,14 +89,12 @@ class Executor(Actor):
         self.kernel_ways = 1
         self.step_no = 0
         self.eos = set(self.cfg.eos_token_ids)
-        cuda = device.type == "cuda"
-        self.compute_stream = torch.cuda.Stream(device) if cuda else None
+        self.compute_stream = compute_stream  # CUDA: the stream every kernel of the step runs on
         # decode FFNs through the C kernels: CPU, a gated FFN, and a policy that is not the exact
         # every-neuron-FP16 one (whose tokens must equal the dense model's, so it keeps torch's code)
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
         self.ffn = LayerFFN(store=store, policy=policy, pools=hbm.pools, act=model.act, dtype=dtype,
                             use_kernels=self.use_kernels, dense_prefill=dense_prefill)
-        self.uploader = Uploader(hbm.pools, device, recorder, self.compute_stream, kernels=kernels)
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -223,34 +221,62 @@ class Executor(Actor):
                 _finish(seq, None)
 
     async def _step(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool) -> list[torch.Tensor]:
+        """One step through every layer. Without lookahead layer L's weights are asked for once its
+        ranking exists, after layer L-1 computed; with it (decode) layer L+1's are asked for before
+        layer L computes, from a ranking one layer ahead, so one request is always in flight."""
         self.step_no += 1
         step, t_step = self.step_no, time.perf_counter()
-        loop = asyncio.get_running_loop()
-        order = await self._compute(self._begin, batch, tokens, prefill)
+        ahead = self.lookahead and not prefill
+        first = await self._compute(self._begin, batch, tokens, prefill)
         n = self.cfg.num_layers
         out: Any = None
-        for layer in range(n):
-            if not self.dram.inbox.full():
-                self.dram.inbox.put_nowait(Progress(layer, step))
-            fut = loop.create_future()
-            t0 = time.perf_counter_ns()
-            await self.predictor.send(LayerInput(layer, step, order, prefill, fut))
-            ready: WeightsReady = await fut
-            t1 = time.perf_counter_ns()
-            self.recorder.add("executor", "stall", t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
-            self.run_stats.stall_s += (t1 - t0) / 1e9
-            try:
-                out = await self._compute(self._layer, batch, layer, ready, prefill, step)
-            finally:
-                if ready.release or ready.staged_bytes:
-                    await self.dram.send(Release(ready.release, ready.staged_bytes))
-            order = out
+        asked: dict[int, asyncio.Future] = {}
+        try:
+            for layer, order in enumerate(first if ahead else (first,)):
+                if layer < n:
+                    asked[layer] = await self._ask(layer, step, order, prefill, ahead and layer > 0)
+            for layer in range(n):
+                t0 = time.perf_counter_ns()
+                ready: WeightsReady = await asked.pop(layer)
+                t1 = time.perf_counter_ns()
+                self.recorder.add("executor", "stall", t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
+                self.run_stats.stall_s += (t1 - t0) / 1e9
+                try:
+                    out = await self._compute(self._layer, batch, layer, ready, prefill, step)
+                finally:
+                    if ready.release or ready.staged_bytes:
+                        await self.dram.send(Release(ready.release, ready.staged_bytes))
+                nxt = layer + 2 if ahead else layer + 1
+                if nxt < n:
+                    asked[nxt] = await self._ask(nxt, step, out, prefill, ahead)
+        finally:
+            for fut in asked.values():  # a step that failed: what was asked ahead goes back
+                await self._drop(fut)
         dt = time.perf_counter() - t_step
         if prefill:
             self.run_stats.prefill_s += dt
         else:
             self.run_stats.decode_s += dt
         return out
+
+    async def _ask(self, layer: int, step: int, order, prefill: bool, ahead: bool = False) -> asyncio.Future:
+        """Layer ``layer``'s weights, ranked by ``order``: the future of its WeightsReady (``ahead``: asked
+        while the layer before may still compute)."""
+        if not self.dram.inbox.full():
+            self.dram.inbox.put_nowait(Progress(layer, step))
+        fut = asyncio.get_running_loop().create_future()
+        await self.predictor.send(LayerInput(layer, step, order, prefill, fut, ahead))
+        return fut
+
+    async def _drop(self, fut: asyncio.Future) -> None:
+        """Weights asked for but never used: the DRAM pins of an answer go back; an unanswered request is
+        cancelled (the HBM manager gives back what it prepared for a future already done)."""
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled() and fut.exception() is None:
+            ready = fut.result()
+            if ready.release or ready.staged_bytes:
+                await self.dram.send(Release(ready.release, ready.staged_bytes))
 
     async def _compute(self, fn, *args):
         assert self.worker is not None, "executor used before setup"
@@ -285,14 +311,27 @@ class Executor(Actor):
                 seq.x = x
         for seq in batch:
             seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
-        order = None
-        if self.policy.needs_scores and not (prefill and self.dense_prefill):
+        order: Any = None
+        if self.lookahead and not prefill:
+            # the ranking of layer + 1, from this layer's residual; the first layer's own ranking too
+            ahead = self._rank_ahead(batch, layer + 1)
+            order = (self.policy.rank(0, self.ffn.score(0, [s.h for s in batch])), ahead) if layer == 0 else ahead  # type: ignore[misc]
+        elif self.policy.needs_scores and not (prefill and self.dense_prefill):
             # decode scores each sequence's last position; a sparse prefill every position of the prompts
             hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
             order = self.policy.rank(layer, self.ffn.score(layer, hs))  # type: ignore[arg-type]
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
         return order
+
+    def _rank_ahead(self, batch: list[Sequence], layer: int):
+        """Layer ``layer``'s ranking from the residual the previous layer has after its attention, under
+        this layer's FFN norm (None past the last layer)."""
+        if layer >= self.cfg.num_layers:
+            return None
+        norm = self.res.layers[layer].ffn_norm
+        hs = [rms_norm(s.x, norm, self.cfg.rms_norm_eps) for s in batch]  # type: ignore[arg-type]
+        return self.policy.rank(layer, self.ffn.score_ahead(layer, hs))
 
     def _weights(self, layer: int) -> LayerWeights:
         """The layer's resident weights; streamed projections are waited for here (a stall, recorded)."""
@@ -306,8 +345,10 @@ class Executor(Actor):
 
     def _layer(self, batch: list[Sequence], layer: int, ready: WeightsReady, prefill: bool, step: int):
         with self._streams():
-            self.uploader.apply(ready, layer, step)
-            t0 = time.perf_counter_ns()  # the FFN's span starts where the copy's ends: one thread, back to back
+            if ready.copied is not None:  # the HBM manager's copies up, on its copy stream
+                assert self.compute_stream is not None
+                self.compute_stream.wait_event(ready.copied)
+            t0 = time.perf_counter_ns()
             hs = [s.h for s in batch]
             assert all(h is not None for h in hs), "attention ran before this layer's FFN"
             if len(batch) == 1 or not self.exact:  # one product for the batch's rows: [sum T, D]

@@ -8,7 +8,9 @@ batched copy to apply first. The pool tensors themselves are preallocated once, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
+from m2cache.actors.uploads import Uploader
 from m2cache.errors import M2CacheError
 from m2cache.model.policy import PRECISION_ORDER
 from m2cache.storage.device_cache import DeviceCache
@@ -26,7 +29,8 @@ class HBMManager(Actor):
 
     def __init__(self, *, num_layers: int, num_neurons: int, slots: dict[str, int], bundle_bytes: dict[str, int],
                  device: torch.device, dram, recorder, inbox_size: int = 8, upgrade: bool = True,
-                 direct_from_dram: bool = False) -> None:
+                 direct_from_dram: bool = False, compute_stream: Any = None,
+                 kernels: bool = True) -> None:
         super().__init__(inbox_size)
         self.cache = DeviceCache(num_layers, num_neurons, {p: n for p, n in slots.items() if n > 0})
         self.bundle_bytes, self.dram, self.recorder, self.device = bundle_bytes, dram, recorder, device
@@ -39,7 +43,17 @@ class HBMManager(Actor):
         self.bytes_copied = 0
         self.upgrade = upgrade  # serve lower-precision requests from higher-precision copies held
         self.direct_from_dram = direct_from_dram  # see _direct
+        # the copies up run on a thread of their own, so with lookahead they overlap the layer computing
+        self.uploader = Uploader(self.pools, device, recorder, compute_stream, kernels=kernels)
+        self.copier: ThreadPoolExecutor | None = None
         self.upgraded = 0
+
+    async def setup(self) -> None:
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="m2cache-copy")
+
+    async def teardown(self, error: BaseException | None) -> None:
+        if self.copier is not None:  # a copy in flight finishes in a helper thread, not on the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.copier.shutdown, True)
 
     @property
     def pool_bytes(self) -> int:
@@ -104,7 +118,8 @@ class HBMManager(Actor):
             return await self._direct(msg)
         t0 = time.perf_counter_ns()
         ids = self._upgrade(msg.layer, msg.ids) if self.upgrade and len(msg.ids) > 1 else msg.ids
-        plan = self.cache.plan(msg.layer, msg.step, ids, protected=frozenset({msg.layer}))
+        busy = {msg.layer, msg.layer - 1} if msg.ahead and msg.layer else {msg.layer}
+        plan = self.cache.plan(msg.layer, msg.step, ids, protected=frozenset(busy))
         missing = {p: pp.miss_ids for p, pp in plan.precisions.items() if pp.miss_ids.size}
         n_miss = sum(len(v) for v in missing.values())
         n_req = sum(len(v) for v in ids.values())
@@ -130,7 +145,19 @@ class HBMManager(Actor):
                 copy_bytes += len(dst) * self.bundle_bytes[p]
         self.bytes_copied += copy_bytes
         slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
-        return WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids))
+        ready = WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids))
+        if not copies:
+            return ready
+        assert self.copier is not None, "HBM manager used before setup"
+        try:
+            copied = await asyncio.get_running_loop().run_in_executor(self.copier, self.uploader.apply, ready,
+                                                                      msg.layer, msg.step)
+        except BaseException:
+            for p, lost in missing.items():  # the slots may hold part of a copy: never served as filled
+                self.cache.forget(msg.layer, p, lost)
+            await self._give_back(ready)
+            raise
+        return dataclasses.replace(ready, copied=copied)
 
     def stats(self) -> dict:
         total = self.hits + self.misses

@@ -52,6 +52,13 @@ class LayerFFN:
         self._acts = (layer, acts)
         return self.policy.scores_of(layer, acts).amax(0)
 
+    def score_ahead(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        """``score`` from a lookahead's inputs (not the layer's own FFN input): nothing is kept for the FFN,
+        whose gate activations must be its own rows'."""
+        if not self.split:
+            return self.policy.score_batch(layer, hs)
+        return self.policy.scores_of(layer, self.policy.gate_acts(layer, torch.cat(hs))).amax(0)
+
     def compute(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
         """The layer's FFN. h: [T, D] -> [T, D]."""
         gacts = self._gate_acts(h, ready) if self.split else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ class LayerInput:
     order: np.ndarray | None  # neuron ids, best first (scored on the compute thread)
     prefill: bool
     reply: asyncio.Future  # -> WeightsReady
+    ahead: bool = False  # asked for while the layer before still computes (lookahead decode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,7 @@ class NeuronRequest:
     step: int
     ids: dict[str, np.ndarray]
     reply: asyncio.Future  # -> WeightsReady
+    ahead: bool = False  # the layer before still computes from its slots: they stay
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,8 @@ class Copy:
 
 @dataclass(frozen=True, slots=True)
 class WeightsReady:
-    """HBM manager -> executor: where this layer's neurons sit, and the copies to apply first."""
+    """HBM manager -> executor: where this layer's neurons sit. The HBM manager made the copies up before
+    answering (``copies`` lists them; ``copied``: on CUDA the event the compute stream waits on first)."""
 
     layer: int
     step: int
@@ -59,6 +63,7 @@ class WeightsReady:
     direct: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
     # per precision, the neuron ids of the slots (or the direct rows), in their order
     ids: dict[str, np.ndarray] | None = None
+    copied: Any = None  # torch.cuda.Event of the copies, or None
 
 
 @dataclass(frozen=True, slots=True)

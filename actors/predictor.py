@@ -36,7 +36,7 @@ class PredictorActor(Actor):
         self.requests += 1
         self.kept += sum(len(v) for v in ids.values())
         self.recorder.add("predictor", "predict", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
-        await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply))
+        await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply, msg.ahead))
 
     def stats(self) -> dict:
         return {**super().stats(), "policy": self.policy.name,

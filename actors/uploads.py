@@ -1,9 +1,10 @@
-"""The executor's copies up the tiers: each layer's DRAM bundles into the device pool, once per
-precision, before its FFN.
+"""The HBM manager's copies up the tiers: each layer's DRAM bundles into the device pool, once per
+precision, before its FFN, on the manager's copy thread.
 
 On the CPU a copy is a gather from DRAM into the pool (the C row copy, or torch); on CUDA it runs on its
-own copy stream, which the compute stream then waits on, through pinned staging buffers reused from
-copy to copy (an event per buffer says when its last copy has left it).
+own copy stream, after what the compute stream was given so far (slots may still be read by earlier
+layers), through pinned staging buffers reused from copy to copy (an event per buffer says when its last
+copy has left it); the event of the layer's copies is what the compute stream waits on before its FFN.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from m2cache.model import cpu_kernels
 
 
 class Uploader:
-    """Owned by the executor and used only on its compute thread."""
+    """Owned by the HBM manager and used only on its copy thread."""
 
     def __init__(self, pools: dict[str, torch.Tensor], device: torch.device, recorder,
                  compute_stream: Any, *, kernels: bool) -> None:
@@ -29,12 +30,13 @@ class Uploader:
         self._staging_bufs: dict[str, torch.Tensor] = {}  # host buffers of gathered rows, reused (pinned on CUDA)
         self._staging_done: dict[str, Any] = {}  # per buffer: the event of its last copy
 
-    def apply(self, ready: WeightsReady, layer: int, step: int) -> None:
-        """The one batched copy up per precision: pool[slots] = DRAM bundles (CPU: a gather; CUDA: see
-        ``_upload``, on the copy stream, which the compute stream then waits on)."""
+    def apply(self, ready: WeightsReady, layer: int, step: int) -> Any:
+        """The one batched copy up per precision: pool[slots] = DRAM bundles (CPU: a gather, done on return;
+        CUDA: see ``_upload``, on the copy stream; returns the event the compute stream must wait on)."""
         if not ready.copies:
-            return
+            return None
         t0 = time.perf_counter_ns()
+        done = None
         for c in ready.copies:
             pool = self.pools[c.precision]
             if self.copy_stream is None and self.row_copy:  # one pass, DRAM rows straight into the pool
@@ -50,9 +52,11 @@ class Uploader:
             with torch.cuda.stream(self.copy_stream):
                 dev = self._upload(c)
                 wide(pool).index_copy_(0, c.dst_slots.to(self.device, non_blocking=True), wide(dev))
-            self.compute_stream.wait_stream(self.copy_stream)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
         self.recorder.add("hbm", "copy", t0, time.perf_counter_ns(), layer=layer, step=step, nbytes=ready.copy_bytes,
                           flow=step * 1000 + layer)
+        return done
 
     def _upload(self, c) -> torch.Tensor:
         """Bundles to the device, on the copy stream. A small share of a DRAM layer is gathered on the

@@ -205,3 +205,44 @@ async def test_a_store_file_gone_bad_fails_the_request_with_a_typed_error_and_cl
             await engine.close()
         with pytest.raises(EngineClosedError):
             await tokens_of(engine, deep.prompts[0], 2)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernels"])
+async def test_lookahead_computes_each_ffn_exactly_over_the_rows_it_was_given(tiny_store, kernels) -> None:
+    # layer L+1's rows are asked for, planned and copied into the pool (on the HBM manager's copy thread)
+    # while layer L computes from its own: each FFN must still be its rows' exact product, and layer L's
+    # slots must survive layer L+1's plan
+    import torch
+
+    from m2cache.engine.config import EngineConfig
+    from m2cache.model.llama import activation, ffn_bundles
+    from m2cache.storage.reader import PlainBackend, Store
+
+    store = Store(tiny_store.store)
+    act = activation(store.config.hidden_act)
+    cfg = EngineConfig(hbm_budget="80KB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", lookahead=True,
+                       compute_from_dram=False, cpu_kernels=kernels)
+    errors: list[float] = []
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            assert engine.executor.lookahead and not engine.hbm.direct_from_dram
+            ffn = engine.executor.ffn.compute
+
+            def checked(h, ready, prefill):
+                out = ffn(h, ready, prefill)
+                ref = sum(ffn_bundles(h.float(), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
+                                                               torch.float32)[torch.from_numpy(ids)], act)
+                          for p, ids in ready.ids.items() if len(ids))
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                return out
+
+            engine.executor.ffn.compute = checked
+
+            async def one(prompt: list[int]) -> list[int]:
+                return [t async for t in engine.generate_ids(prompt, 6)]
+
+            outs = await asyncio.gather(one([1, 2, 3]), one([4, 5]))  # batched decode steps too
+            st = engine.stats()
+    assert all(len(o) == 6 for o in outs)
+    assert len(errors) >= 2 * 5 * store.config.num_layers // 2 and max(errors) < 1e-4
+    assert st["bytes_per_token"]["dram_to_hbm"] > 0  # the copies up ran

@@ -45,8 +45,9 @@ async def test_a_permanent_error_fails_every_request_that_needs_it_with_a_typed_
     assert all("L001.fp16" in e and "layer 1" in e and "neurons" in e for e in out.errors)
 
 
-async def test_a_permanent_error_spares_requests_that_do_not_need_that_file(deep, record_property) -> None:
-    out = await run(S.permanent_isolated, record_property, model=deep, n=4, max_tokens=4)
+@pytest.mark.parametrize("lookahead", [False, True], ids=["in-turn", "lookahead"])
+async def test_a_permanent_error_spares_requests_that_do_not_need_that_file(deep, record_property, lookahead) -> None:
+    out = await run(S.permanent_isolated, record_property, model=deep, n=4, max_tokens=4, lookahead=lookahead)
     assert out.failed_typed == 2  # the decode requests (they read INT4)
     assert out.equal == 3  # the prompt-only requests, and one more after the failures
     assert all("L001.int4" in e for e in out.errors)

@@ -162,3 +162,28 @@ def test_off_the_disk_a_small_dram_keeps_the_precision_most_neurons_take_in_ever
     # from the page cache (no O_DIRECT) whole layers are still preloaded ahead, as measured there
     cached = plan_tiers(store, cfg.replace(direct_io=False), policy)
     assert all(p != "int4" or layer_ < cached.fixed_layers for layer_, p in cached.fixed_keys)
+
+
+def scored(store: Store) -> Policy:
+    """The mixed shares under a policy that ranks neurons (only those look ahead)."""
+    policy = mixed(store)
+    policy.needs_scores = True
+    return policy
+
+
+def test_lookahead_holds_two_layers_of_decode_in_the_pool_and_in_staging(store: Store) -> None:
+    # layer L+1's rows are copied in while layer L computes from its own: both must fit at once
+    cfg = EngineConfig(hbm_budget=1, dram_budget="1GB", dense_prefill=False, preload="hybrid")
+    with pytest.raises(BudgetError) as one:
+        plan_tiers(store, cfg, scored(store))
+    with pytest.raises(BudgetError, match="for each of 2 layers: lookahead") as two:
+        plan_tiers(store, cfg.replace(lookahead=True), scored(store))
+    assert smallest(two.value) == 2 * smallest(one.value)
+    ok = plan_tiers(store, cfg.replace(hbm_budget=smallest(two.value), lookahead=True), scored(store))
+    assert ok.staging_reserve == 2 * plan_tiers(store, cfg.replace(hbm_budget=smallest(one.value)), scored(store)).staging_reserve
+    # a policy that scores nothing never looks ahead: its needs do not change
+    with pytest.raises(BudgetError) as exact:
+        plan_tiers(store, cfg.replace(lookahead=True), dense(store))
+    with pytest.raises(BudgetError) as exact_plain:
+        plan_tiers(store, cfg, dense(store))
+    assert smallest(exact.value) == smallest(exact_plain.value)

@@ -81,8 +81,10 @@ def reference_ffn(src: Store, h: torch.Tensor, ids: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("config", [dict(cpu_kernels=True), dict(cpu_kernels=False),
-                                    dict(cpu_kernels=True, compute_from_dram=False)],
-                         ids=["kernels-from-dram", "torch", "kernels-pool"])
+                                    dict(cpu_kernels=True, compute_from_dram=False),
+                                    dict(cpu_kernels=True, lookahead=True),
+                                    dict(cpu_kernels=False, compute_from_dram=False, lookahead=True)],
+                         ids=["kernels-from-dram", "torch", "kernels-pool", "kernels-lookahead", "torch-pool-lookahead"])
 async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store_would(
         split, config, _no_task_left_behind) -> None:
     src, dst = split

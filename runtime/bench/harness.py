@@ -241,7 +241,7 @@ class Plan:
                             device=self.args.device, m2cache_dtype=self.dtype,
                             policy="dense-fp16" if s == "m2cache-dense-fp16" else self.args.policy,
                             direct_io=self.args.direct_io, preload=self.args.preload, io_threads=self.args.io_threads,
-                            compute_from_dram=self.args.compute_from_dram,
+                            compute_from_dram=self.args.compute_from_dram, lookahead=self.args.lookahead,
                             gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")), threads=self.args.threads,
                             llama_repack=self.args.llama_repack,
                             trace=f"{self.args.m2cache_trace}.{s}" if self.args.m2cache_trace and s.startswith("m2cache")
@@ -356,7 +356,7 @@ def cmd_bench(args) -> int:
         "config": {"model": model.label, "store": str(model.store), "hf": str(model.hf), "device": args.device,
                    "tokens": args.tokens, "runs": args.runs, "prompt_tokens": [len(p) for p in plan.prompts],
                    "m2cache_dtype": plan.dtype, "policy": plan.policy, "direct_io": args.direct_io,
-                   "preload": args.preload, "compute_from_dram": args.compute_from_dram,
+                   "preload": args.preload, "compute_from_dram": args.compute_from_dram, "lookahead": args.lookahead,
                    "io_threads": args.io_threads, "llama_threads": args.threads, "systems": plan.systems,
                    "memory": values, "fp16_bytes": plan.fp16_bytes, "code": code_state(),
                    "title": f"{model.label}: FP16 weights {plan.fp16_bytes / GB:.2f} GB, {args.tokens} tokens, "

@@ -36,6 +36,7 @@ class Job:
     preload: str = "auto"
     io_threads: int = 4  # m2cache rows: threads serving SSD reads
     compute_from_dram: bool = True  # m2cache rows, CPU: False keeps the device pool's copy path (CUDA's)
+    lookahead: bool = False  # m2cache rows: EngineConfig.lookahead
     trace: str | None = None  # m2cache rows: write the run's trace here
     gguf: str | None = None  # llama.cpp rows: the GGUF file
     threads: int = 2  # llama.cpp rows: n_threads
@@ -86,7 +87,8 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, memory=job.memory,
                        resident=job.resident, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
-                       io_threads=job.io_threads, trace=job.trace, compute_from_dram=job.compute_from_dram)
+                       io_threads=job.io_threads, trace=job.trace, compute_from_dram=job.compute_from_dram,
+                       lookahead=job.lookahead)
 
     async def go() -> dict[str, Any]:
         t0 = time.perf_counter()

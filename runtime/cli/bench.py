@@ -33,6 +33,8 @@ def add_commands(sub) -> None:
                    help="m2cache rows, CPU: compute from DRAM's whole layers (default); --no-compute-from-dram "
                         "keeps the device pool and its copies up, the path CUDA takes")
     p.add_argument("--io-threads", type=int, default=2, help="m2cache rows: I/O threads")
+    p.add_argument("--lookahead", action="store_true",
+                   help="m2cache rows that score neurons: rank layer L+1 from layer L's residual (EngineConfig.lookahead)")
     p.add_argument("--resident", default="auto", choices=("auto", "full", "int8", "stream"),
                    help="m2cache rows (not m2cache-dense-fp16, which stays exact): attention, embeddings and LM "
                         "head full, INT8 or streamed per layer; auto = full, or under a limit the form that fits and reads least")

@@ -92,6 +92,11 @@ class EngineConfig:
     max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
     max_batch: decode steps take up to this many ready sequences together (one fetch per layer for all);
         1 serves them one at a time. The tier budgets do not grow with the batch.
+    lookahead: decode ranks layer L+1's neurons from the residual layer L has after its attention (under
+        layer L+1's FFN norm), so the plan, reads and copies of layer L+1 run while layer L computes; each
+        FFN still computes exactly over the rows it was given. Costs some quality (``m2cache eval`` with a
+        policy name ending in ``@ahead`` measures it). Policies that score nothing (``dense-fp16``) and
+        prefills are unchanged. False ranks every layer from its own FFN input.
     """
 
     hbm_budget: int | str | None = None
@@ -115,6 +120,7 @@ class EngineConfig:
     trace: str | bool | None = None
     max_queued_tokens: int = 64
     max_batch: int = 16
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         if self.memory is not None:

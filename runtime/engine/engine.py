@@ -120,16 +120,19 @@ class Engine:
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
+        # CUDA: the executor computes on one stream, the HBM manager copies up on another and tells it when
+        compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
                               bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
                               device=self.device, dram=self.dram, recorder=self.recorder,
-                              direct_from_dram=self.plan.direct)
+                              direct_from_dram=self.plan.direct, compute_stream=compute_stream,
+                              kernels=cfg.cpu_kernels)
         self.predictor = PredictorActor(self.policy, self.hbm, self.recorder, dense_prefill=cfg.dense_prefill is not False)
         self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
                                  dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
-                                 attention=self.attention,
+                                 attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
                                  dense_prefill=cfg.dense_prefill is not False)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")

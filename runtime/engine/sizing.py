@@ -2,8 +2,9 @@
 
 HBM: one slot pool per precision. Prefill is dense (every neuron at FP16; ``dense_prefill=False`` takes
 the policy's split instead), decode keeps the policy's counts, so one layer's working set is
-max(F, n_fp16) FP16 slots + n_int8 + n_int4; the rest of the
-budget is shared in proportion to the bytes each precision moves per token.
+max(F, n_fp16) FP16 slots + n_int8 + n_int4 (with ``lookahead`` decode holds two layers' counts: layer L
+computes while layer L+1's rows are copied in); the rest of the budget is shared in proportion to the
+bytes each precision moves per token.
 DRAM: whole layers of the precisions decode uses (``layer``/``hybrid``) in a FIFO, plus a staging
 reserve for neuron-level reads (``neuron``/``hybrid``); the ring holds the current layer and
 ``prefetch`` more, and what is left becomes the fixed area of first layers.
@@ -57,8 +58,9 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
     hbm_budget = int(cfg.hbm_budget)
     if hbm_budget < min_hbm:
         raise BudgetError(
-            f"hbm_budget {format_size(hbm_budget)} is below one layer's working set under policy "
-            f"{policy.name!r} (prefill: {_prefill_counts(store, cfg, policy)}; decode: {counts}); the smallest hbm_budget "
+            f"hbm_budget {format_size(hbm_budget)} is below the working set under policy "
+            f"{policy.name!r} (prefill: {_prefill_counts(store, cfg, policy)}; decode: {counts}"
+            f"{' for each of 2 layers: lookahead' if _decode_layers(cfg, policy) == 2 else ''}); the smallest hbm_budget "
             f"that works is {format_size(min_hbm)} ({min_hbm} bytes)")
     decode_bytes = {p: counts[p] * bb[p] for p in PRECISION_ORDER}
     total_decode = sum(decode_bytes.values()) or 1
@@ -94,10 +96,15 @@ def _prefill_counts(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str
     return {"fp16": store.num_neurons, "int8": 0, "int4": 0}
 
 
+def _decode_layers(cfg: EngineConfig, policy: Policy) -> int:
+    """Layers a decode step holds in the pool (and in staging) at once: two when it looks ahead."""
+    return 2 if cfg.lookahead and policy.needs_scores else 1
+
+
 def _working_set(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str, int]:
-    """One layer's neurons per precision that prefill or decode may hold at once."""
+    """The neurons per precision that prefill or decode may hold at once."""
     decode, prefill = policy.max_counts(), _prefill_counts(store, cfg, policy)
-    return {p: max(decode[p], prefill[p]) for p in PRECISION_ORDER}
+    return {p: max(decode[p] * _decode_layers(cfg, policy), prefill[p]) for p in PRECISION_ORDER}
 
 
 def _min_hbm(store: Store, cfg: EngineConfig, policy: Policy) -> int:
@@ -130,7 +137,7 @@ def _dram_needs(store: Store, cfg: EngineConfig, policy: Policy) -> _DramNeeds:
     per_layer = sum(layer_bytes[p] for p in used)
     prefill = _prefill_counts(store, cfg, policy)
     prefill_bytes = sum(prefill[p] * bb[p] for p in PRECISION_ORDER)
-    staging = 0 if preload == "layer" else max(prefill_bytes, sum(decode_bytes.values()))
+    staging = 0 if preload == "layer" else max(prefill_bytes, sum(decode_bytes.values()) * _decode_layers(cfg, policy))
     prefill_layers = sum(layer_bytes[p] for p in PRECISION_ORDER if prefill[p])
     min_dram = max(prefill_layers, per_layer) if preload == "layer" else staging
     return _DramNeeds(preload, used, per_layer, staging, min_dram)

@@ -390,15 +390,17 @@ def _names_fault(error: BaseException | None, precision: str) -> bool:
 
 
 async def permanent_isolated(model: Model, *, n: int = 6, max_tokens: int = 6, seed: int = 5,
-                             timeout: float = 60) -> Outcome:
+                             timeout: float = 60, lookahead: bool = False) -> Outcome:
     """A fault on one layer's INT4 file, under a mixed-precision policy: prefill (dense FP16) never
     reads it, so prompt-only requests (1 token) succeed with the dense token while decode requests fail
-    with a typed SSDError naming it — on the same engine, at the same time."""
+    with a typed SSDError naming it — on the same engine, at the same time. With ``lookahead`` the
+    failing layer's request is made while the layer before it computes, and the next one's is in flight
+    when it fails."""
     spec = f"fail=1,fail_permanent=1,fail_path=*L{PERMANENT_LAYER:03d}.int4*"
     async with harness("permanent (int4, isolated)", model) as (out, dog):
         rng = random.Random(seed)
         reqs = [model.request(rng.randrange(len(model.prompts)), 1 if i % 2 else max_tokens) for i in range(n)]
-        cfg = model.config(f"{SLOW_SSD},{spec}", policy="oracle:0.1,0.2,0.2")
+        cfg = model.config(f"{SLOW_SSD},{spec}", policy="oracle:0.1,0.2,0.2", lookahead=lookahead)
         async with opened(model, cfg, dog, out) as engine:
             await run_all(engine, reqs, timeout)
             after = model.request(0, 1)  # the engine is still usable for what does not need the bad file
