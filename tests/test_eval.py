@@ -177,3 +177,19 @@ def test_tune_by_entropy_minimises_the_mean_entropy_and_reports_perplexity(store
     assert report.calib_ppl > 1  # the chosen shares' perplexity, measured once
     with pytest.raises(ConfigError, match="ppl or entropy"):
         tune(store_dir, 0.3, objective="loss", progress=False, qm=qm)
+
+
+def test_lookahead_is_measured_as_the_engine_ranks_it(store_dir) -> None:
+    # NAME@ahead ranks layer L from layer L-1's residual after its attention (EngineConfig.lookahead); the
+    # teacher-forced pass and token-by-token decoding agree on it, and it changes what is kept
+    qm = QualityModel(Store(store_dir))
+    ahead, in_turn = qm.policy("oracle:0.2,0.3,0.2@ahead"), qm.policy("oracle:0.2,0.3,0.2")
+    assert ahead.lookahead and not in_turn.lookahead
+    window = list(range(5, 29))
+    batched = qm.logits(window, ahead)
+    kv = qm.dense.new_cache()
+    stepped = torch.stack([qm.sparse_step(t, kv, ahead) for t in window])
+    assert torch.allclose(batched, stepped, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched, qm.logits(window, in_turn), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="only a policy that scores neurons can look ahead"):
+        qm.policy("dense-fp16@ahead")

@@ -12,7 +12,8 @@
 #     vs accelerate offload at the same GPU budget vs all-resident transformers; then the bytes each moves
 #     per decode token and the floor they imply at the measured copy bandwidth;
 # (b2) the same bench of the store's split copy (`m2cache split-gate`: up/down bundles fetched, INT4 gate rows
-#     resident on the GPU) under its default gate policy, at the same budgets in bytes;
+#     resident on the GPU) under its default gate policy, at the same budgets in bytes, in turn and with
+#     lookahead (layer L+1's rows moved while layer L computes);
 # (c) a trace of the default policy on cuda at the same budgets, on the store and on its split copy:
 #     tools/trace_table.py's ms per layer per span, and each step's wall time.
 #
@@ -20,6 +21,7 @@
 #   the depth keeps the whole run near 10 minutes; 32 for the full model if the lease has room),
 #   TOKENS (8 new tokens per run), RUNS (3), HBM (25%), DRAM (30%),
 #   SYSTEMS (m2cache,m2cache-dense-fp16,hf-bf16,hf-offload), CHECK_TOKENS (8), TRACE_TOKENS (24),
+#   LOOKAHEAD ("off on": the split store's bench rows), TRACES ("store:off store-split:off store-split:on"),
 #   RESIDENT (auto: the 'm2cache' row's attention and LM head form, the bench's --resident; int8 halves them).
 # Needs python3 with torch+CUDA, transformers, accelerate, safetensors, tokenizers, msgpack, numpy, tqdm,
 # jinja2 (the machines' image has them). zstandard (only trace files use it) is installed from a carried
@@ -39,6 +41,8 @@ SYSTEMS=${SYSTEMS:-m2cache,m2cache-dense-fp16,hf-bf16,hf-offload}
 RESIDENT=${RESIDENT:-auto}
 CHECK_TOKENS=${CHECK_TOKENS:-8}
 TRACE_TOKENS=${TRACE_TOKENS:-24}
+LOOKAHEAD=${LOOKAHEAD:-off on}
+TRACES=${TRACES:-store:off store-split:off store-split:on}
 DEMO=${1:-${M2CACHE_HOME:+$M2CACHE_HOME/smollm2-135m-instruct/store}}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
@@ -198,22 +202,26 @@ stamp "(b) bench --device cuda on $SYN (hbm $HBM, dram $DRAM, $TOKENS tokens, $R
 python3 -m m2cache.bench.harness --store "$SYN/store" --hf "$SYN/hf" --device cuda --memory none --hbm-budget "$HBM" \
   --dram-budget "$DRAM" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" --systems "$SYSTEMS" \
   --resident "$RESIDENT" \
-  --child-timeout 240 --json "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.txt"
+  --child-timeout 240 --json "$OUT/bench_gpu.json"
 
-stamp "(b2) bench --device cuda on the split store (hbm $HBM_B B, dram $DRAM_B B): m2cache"
-python3 -m m2cache.bench.harness --store "$SYN/store-split" --hf "$SYN/hf" --device cuda --memory none \
-  --hbm-budget "$HBM_B" --dram-budget "$DRAM_B" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" \
-  --systems m2cache --resident "$RESIDENT" --child-timeout 240 --json "$OUT/bench_gpu_split.json" \
-  | tee "$OUT/bench_gpu_split.txt"
+for MODE in $LOOKAHEAD; do
+  FLAG=""; SUFFIX=""
+  if [ "$MODE" = on ]; then FLAG="--lookahead"; SUFFIX="_ahead"; fi
+  stamp "(b2) bench --device cuda on the split store (hbm $HBM_B B, dram $DRAM_B B): m2cache, lookahead $MODE"
+  python3 -m m2cache.bench.harness --store "$SYN/store-split" --hf "$SYN/hf" --device cuda --memory none \
+    --hbm-budget "$HBM_B" --dram-budget "$DRAM_B" --tokens "$TOKENS" --runs "$RUNS" --prompts "Why is the sky blue?" \
+    --systems m2cache --resident "$RESIDENT" --child-timeout 240 $FLAG --json "$OUT/bench_gpu_split$SUFFIX.json"
+done
 
 stamp "bytes moved per decode token, and the floor they imply"
-python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" "$OUT/bench_gpu_split.json" <<'EOF' | tee "$OUT/summary.txt"
+python3 - "$OUT/bench_gpu.json" "$OUT/h2d.json" "$OUT/bench_gpu_split.json" "$OUT/bench_gpu_split_ahead.json" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
 rep, bw = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 print(f"H2D copy: pinned {bw['pinned'] / 1e9:.1f} GB/s, pageable {bw['pageable'] / 1e9:.1f} GB/s")
 systems = dict(rep["limits"][0]["systems"])
-if os.path.exists(sys.argv[3]):  # the split store's row, from its own bench run
-    systems.update({f"{k}-split": v for k, v in json.load(open(sys.argv[3]))["limits"][0]["systems"].items()})
+for path, tag in ((sys.argv[3], "-split"), (sys.argv[4], "-split-ahead")):  # the split store's rows, own runs
+    if os.path.exists(path):
+        systems.update({f"{k}{tag}": v for k, v in json.load(open(path))["limits"][0]["systems"].items()})
 for name, r in systems.items():
     moved, rate = r.get("moved_bytes_per_token"), r.get("decode_tokens_per_s")
     line = f"{name:<20} decode {rate or 0:8.2f} tok/s"
@@ -230,7 +238,7 @@ for name, r in systems.items():
     for e in r.get("errors", []):
         print(f"{'':<20} failed: {e}")
 rate = {k: v.get("decode_tokens_per_s") or 0 for k, v in systems.items()}
-for s in ("m2cache", "m2cache-split", "m2cache-dense-fp16"):
+for s in ("m2cache", "m2cache-split", "m2cache-split-ahead", "m2cache-dense-fp16"):
     if rate.get(s):
         print(f"{s}: " + ", ".join(f"x{rate[s] / rate[b]:.2f} {b}" for b in ("m2cache-dense-fp16", "hf-offload", "hf-bf16")
                                    if rate.get(b)))
@@ -239,22 +247,23 @@ EOF
 # The trace is recorded in memory (no file: zstandard may be a stub here) and summarised in-process with
 # tools/trace_table.py's table: ms per layer per (actor, span), over the decode steps; then each step's
 # wall time (the first decode steps may pay for layers not yet in DRAM).
-for KIND in store store-split; do
-stamp "(c) trace of the default policy on cuda, $KIND ($TRACE_TOKENS tokens, hbm $HBM_B B, dram $DRAM_B B)"
-timeout 300 python3 - "$SYN/$KIND" "$TRACE_TOKENS" "$HBM_B" "$DRAM_B" "$REPO/tools" <<'EOF' | tee "$OUT/trace_table_$KIND.txt"
+for T in $TRACES; do
+KIND=${T%%:*}; MODE=${T##*:}
+stamp "(c) trace of the default policy on cuda, $KIND, lookahead $MODE ($TRACE_TOKENS tokens, hbm $HBM_B B, dram $DRAM_B B)"
+timeout 300 python3 - "$SYN/$KIND" "$TRACE_TOKENS" "$HBM_B" "$DRAM_B" "$REPO/tools" "$MODE" <<'EOF'  # (in log.txt)
 import asyncio, collections, sys
 from m2cache.cli.main import resolve_budget
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.engine import Engine
 from m2cache.storage.reader import Store
 
-store_dir, n, hbm, dram, tools = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+store_dir, n, hbm, dram, tools, ahead = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "on"
 sys.path.insert(0, tools)
 from trace_table import table
 
 store = Store(store_dir)
 cfg = EngineConfig(hbm_budget=resolve_budget(hbm, store), dram_budget=resolve_budget(dram, store), device="cuda",
-                   dtype="float16", direct_io=True, io_threads=2, trace=True)
+                   dtype="float16", direct_io=True, io_threads=2, trace=True, lookahead=ahead)
 
 async def main():
     async with Engine.open(store_dir, cfg) as eng:
@@ -275,7 +284,7 @@ async def main():
 
 asyncio.run(main())
 EOF
-echo "(c) $KIND exit code $?"
+echo "(c) $KIND lookahead $MODE exit code $?"
 done
 
 stamp "done; results in $OUT"
