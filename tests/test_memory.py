@@ -169,8 +169,11 @@ async def test_a_prefill_split_by_the_policy_needs_only_the_policys_staging(tiny
             assert engine.dram.peak_staged <= decode + 4096
 
 
-async def test_auto_threads_take_every_core_only_when_decode_reads_nothing_off_the_store(tiny_store) -> None:
+async def test_auto_threads_take_every_core_only_when_decode_reads_little_off_the_store(tiny_store) -> None:
+    import dataclasses
     import os
+
+    from m2cache.engine.engine import THREADS_READ_SHARE, compute_threads, fetched_bytes
 
     before = torch.get_num_threads()
     cfg = EngineConfig(hbm_budget=0, dram_budget="8MB", policy="oracle:0.1,0.2,0.7", direct_io=True)
@@ -182,8 +185,13 @@ async def test_auto_threads_take_every_core_only_when_decode_reads_nothing_off_t
         store = Store(tiny_store.store)
         tight = cfg.replace(dram_budget=store.layer_bytes("fp16") + store.layer_bytes("int4"))
         async with Engine.open(tiny_store.store, tight) as engine:
-            assert engine.plan.decode_read_bytes > 0
+            fetched = fetched_bytes(store, engine.policy)
+            assert engine.plan.decode_read_bytes > THREADS_READ_SHARE * fetched
             assert torch.get_num_threads() == 1
+            # a little read a token (a few entries DRAM cannot keep) still takes every core
+            little = dataclasses.replace(engine.plan, decode_read_bytes=int(THREADS_READ_SHARE * fetched) - 1)
+            assert compute_threads(cfg, little, fetched) == (os.cpu_count() or 1)
+            assert compute_threads(cfg, dataclasses.replace(engine.plan, decode_read_bytes=-1), fetched) == 1
 
 
 async def test_the_kernels_split_over_threads_give_the_tokens_of_one_thread(tiny_store) -> None:

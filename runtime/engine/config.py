@@ -75,10 +75,11 @@ class EngineConfig:
         when that reads less per token than preloading whole layers ahead.
     io_threads: threads serving SSD reads.
     compute_threads: torch's intra-op threads while the engine runs on the CPU (process-wide, restored at
-        close). "auto": every core when the tier plan reads nothing per decode token (all decode needs
-        is kept in DRAM: the I/O threads are idle; measured on 2 cores, 7B shape 4.26 vs 3.51 tokens/s,
-        demo 8.78 vs 7.08), else 1, since the I/O threads and the event loop need the other cores (on
-        the 2-core machine one thread decoded ~30% faster reading every token: dense-fp16 7.0 vs 5.3).
+        close). "auto": every core when the tier plan reads at most a quarter of the FFN bytes a decode
+        token computes from (measured on 2 cores: nothing read, 7B shape 4.26 vs 3.51 tokens/s, demo
+        8.78 vs 7.08; split 7B store at 3.6 GiB reading 5%, 1.15 vs 0.66), else 1, since the I/O threads
+        and the event loop need the other cores (on the 2-core machine one thread decoded ~30% faster
+        reading every token: dense-fp16 7.0 vs 5.3).
         None leaves torch's setting alone.
     cpu_kernels: decode FFNs on the CPU through m2cache's C kernels, straight over the pool rows (built
         on first use with the system C compiler; without one, or with False, torch gathers and
