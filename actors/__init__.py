@@ -22,7 +22,7 @@ With ``EngineConfig.lookahead`` (decode) a job ranks the layer after next from i
 L+1's LayerInput leaves before layer L's job starts, and its plan, reads and copies run while layer L
 computes (the HBM manager keeps layer L's slots out of layer L+1's evictions).
 
-Hops per layer: 4 messages (Progress, LayerInput, NeuronRequest, Release), 2 futures (FetchReply,
+Hops per layer: 5 messages (Progress, LayerInput, NeuronRequest, Fetch, Release), 2 futures (FetchReply,
 WeightsReady), 1 round trip to the compute thread, and with copies to make 1 round trip to the copy
 thread (on the CPU computing from DRAM there are none). Before the copies moved to the HBM manager they
 ran inside the compute thread's job: one round trip fewer, but never beside the compute.

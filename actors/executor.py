@@ -1,9 +1,9 @@
 """Layer executor: runs sequences step by step, layer by layer, on one compute thread.
 
 The event loop never computes: every tensor operation runs in ``compute`` (one worker thread; on
-CUDA that thread launches kernels on the compute stream and copies on the copy stream). One job per
-layer does the copies the HBM manager asked for, the FFN of layer L, then attention of layer L+1 and
-its predictor scores, so a layer costs one thread hop.
+CUDA that thread launches kernels on the compute stream, after the event of the copies the HBM manager
+made on its copy stream). One job per layer computes the FFN of layer L, then attention of layer L+1 and
+its predictor scores, so a layer costs one thread hop (the message flow: ``m2cache.actors``).
 
 Batched decode: the sequences past their prefill step together, up to ``max_batch`` of them (rotating
 when more are ready), layer by layer, with one plan and one fetch per layer for all of them — the
@@ -262,8 +262,9 @@ class Executor(Actor):
     async def _ask(self, layer: int, step: int, order, prefill: bool, ahead: bool = False) -> asyncio.Future:
         """Layer ``layer``'s weights, ranked by ``order``: the future of its WeightsReady (``ahead``: asked
         while the layer before may still compute)."""
+        # the DRAM manager preloads ahead of the layer computing: asked ahead, that is the one before
         if not self.dram.inbox.full():
-            self.dram.inbox.put_nowait(Progress(layer, step))
+            self.dram.inbox.put_nowait(Progress(layer - 1 if ahead else layer, step))
         fut = asyncio.get_running_loop().create_future()
         await self.predictor.send(LayerInput(layer, step, order, prefill, fut, ahead))
         return fut

@@ -2,8 +2,9 @@
 
 For each layer and step it looks the requested (neuron, precision) pairs up, keeps the hits, picks
 slots for the misses (``m2cache.storage.lru.DeviceCache`` decides what to evict), asks the DRAM
-manager for the missing bundles and answers the executor with where everything sits plus the one
-batched copy to apply first. The pool tensors themselves are preallocated once, one per precision.
+manager for the missing bundles, copies them up into the pool on its copy thread and answers the
+executor with where everything sits (on CUDA with the event of the copies). The pool tensors themselves
+are preallocated once, one per precision.
 """
 from __future__ import annotations
 
@@ -53,7 +54,12 @@ class HBMManager(Actor):
 
     async def teardown(self, error: BaseException | None) -> None:
         if self.copier is not None:  # a copy in flight finishes in a helper thread, not on the loop
-            await asyncio.get_running_loop().run_in_executor(None, self.copier.shutdown, True)
+            await asyncio.get_running_loop().run_in_executor(None, self._finish_copies)
+
+    def _finish_copies(self) -> None:
+        assert self.copier is not None
+        self.copier.shutdown(True)
+        self.uploader.finish()
 
     @property
     def pool_bytes(self) -> int:
@@ -147,11 +153,11 @@ class HBMManager(Actor):
         slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
         ready = WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids))
         if not copies:
-            return ready
+            return dataclasses.replace(ready, copied=self.uploader.last)
         assert self.copier is not None, "HBM manager used before setup"
         try:
             copied = await asyncio.get_running_loop().run_in_executor(self.copier, self.uploader.apply, ready,
-                                                                      msg.layer, msg.step)
+                                                                      msg.layer, msg.step, not msg.ahead)
         except BaseException:
             for p, lost in missing.items():  # the slots may hold part of a copy: never served as filled
                 self.cache.forget(msg.layer, p, lost)

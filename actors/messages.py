@@ -56,7 +56,7 @@ class WeightsReady:
     step: int
     slots: dict[str, torch.Tensor]  # per precision, int64 slots in ascending neuron-id order
     copies: tuple[Copy, ...]
-    release: tuple = ()  # DRAM keys pinned for the copies; released once they are applied
+    release: tuple = ()  # DRAM keys pinned for the copies (and direct rows); released after the layer computed
     copy_bytes: int = 0
     staged_bytes: int = 0  # the DRAM manager's staging held for these copies (from FetchReply)
     # CPU, whole layers preloaded: compute straight from DRAM, per precision (tensor, rows or None)
@@ -93,7 +93,8 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Executor -> DRAM manager: copies that used these pinned entries are applied."""
+    """Executor (or HBM manager, for an answer never used) -> DRAM manager: these pinned entries and
+    staged bytes are no longer read."""
 
     keys: tuple
     staged_bytes: int = 0

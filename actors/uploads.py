@@ -29,10 +29,18 @@ class Uploader:
         self.row_copy = kernels and device.type == "cpu" and cpu_kernels.available()
         self._staging_bufs: dict[str, torch.Tensor] = {}  # host buffers of gathered rows, reused (pinned on CUDA)
         self._staging_done: dict[str, Any] = {}  # per buffer: the event of its last copy
+        # CUDA: the event of the last copies made. An answer without copies carries it too: its hits may
+        # be slots an abandoned request's copy is still filling
+        self.last: Any = None
 
-    def apply(self, ready: WeightsReady, layer: int, step: int) -> Any:
+    def apply(self, ready: WeightsReady, layer: int, step: int, after_compute: bool = True) -> Any:
         """The one batched copy up per precision: pool[slots] = DRAM bundles (CPU: a gather, done on return;
-        CUDA: see ``_upload``, on the copy stream; returns the event the compute stream must wait on)."""
+        CUDA: see ``_upload``, on the copy stream; returns the event the compute stream must wait on).
+
+        ``after_compute``: on CUDA the copies wait for what the compute stream was given so far (the
+        slots may belong to layers whose kernels still run). A lookahead request needs no wait: its
+        slots are never the layer computing's, and every layer before it ended with the host reading
+        its ranking back from the device (``Policy.rank``), so their kernels are done."""
         if not ready.copies:
             return None
         t0 = time.perf_counter_ns()
@@ -48,15 +56,22 @@ class Uploader:
                 wide(pool).index_copy_(0, c.dst_slots, wide(src))
                 continue
             assert self.compute_stream is not None
-            self.copy_stream.wait_stream(self.compute_stream)  # slots may still be read by earlier layers
+            if after_compute:
+                self.copy_stream.wait_stream(self.compute_stream)  # slots may still be read by earlier layers
             with torch.cuda.stream(self.copy_stream):
                 dev = self._upload(c)
                 wide(pool).index_copy_(0, c.dst_slots.to(self.device, non_blocking=True), wide(dev))
             done = torch.cuda.Event()
             done.record(self.copy_stream)
+            self.last = done
         self.recorder.add("hbm", "copy", t0, time.perf_counter_ns(), layer=layer, step=step, nbytes=ready.copy_bytes,
                           flow=step * 1000 + layer)
         return done
+
+    def finish(self) -> None:
+        """Waits for every copy made (before the pools may be freed)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
 
     def _upload(self, c) -> torch.Tensor:
         """Bundles to the device, on the copy stream. A small share of a DRAM layer is gathered on the

@@ -168,7 +168,9 @@ class GatePolicy(Policy):
     layout of ``cpu_kernels.gate_rows_int4``; scored by the C kernel with ``kernel_act``, or without one
     (CUDA) dequantised to ``dtype`` a layer at a time where it lies) or [F, D] in the compute dtype (the
     CPU without the kernels). ``resident_bytes``: what the packed copy costs, reported beside the tiers
-    (like the predictors', it sits outside their budgets). One full-width gate product per layer and token.
+    (like the predictors', it sits outside their budgets). One full-width gate product per layer and token
+    (two on a split store with lookahead: the ranking's, from the layer before, and the FFN's own; on CUDA
+    each dequantises the layer's copy into a [F, D] transient).
     """
 
     name = "gate"
@@ -215,5 +217,5 @@ class GatePolicy(Policy):
             from m2cache.storage import quant
 
             dim = h.shape[-1]
-            gates = quant.decode("int4", gates, 1, dim, self.dtype, quant.Groups(int8=dim, int4=self.group))[:, 0]
+            gates = quant.decode("int4", gates, 1, dim, self.dtype, quant.Groups(int4=self.group))[:, 0]
         return self.act(F.linear(h.to(gates.dtype), gates))

@@ -187,3 +187,13 @@ def test_lookahead_holds_two_layers_of_decode_in_the_pool_and_in_staging(store: 
     with pytest.raises(BudgetError) as exact_plain:
         plan_tiers(store, cfg, dense(store))
     assert smallest(exact.value) == smallest(exact_plain.value)
+
+
+def test_lookahead_over_whole_layers_needs_two_of_them_in_dram(store: Store) -> None:
+    # the layer computing stays pinned while the next is fetched whole
+    cfg = EngineConfig(hbm_budget="1GB", dram_budget=1, preload="layer", dense_prefill=False)
+    with pytest.raises(BudgetError) as one:
+        plan_tiers(store, cfg, scored(store))
+    with pytest.raises(BudgetError) as two:
+        plan_tiers(store, cfg.replace(lookahead=True), scored(store))
+    assert smallest(two.value) == 2 * smallest(one.value)

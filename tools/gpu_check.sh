@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared run for a lent H100/H200 machine (about 10 minutes with the defaults).
+# The GPU checks, as one prepared run for a lent H100/H200 machine (about 8 minutes with the defaults and
+# SYNTH_LAYERS=16, RUNS=2, DRAM=200% on an H100; fewer layers and TRACES="store-split:on" for a short one).
 #
 #   bash tools/gpu_check.sh [DEMO_STORE]        (from the repo root; results under $OUT)
 #
@@ -126,6 +127,7 @@ store = Store(sys.argv[1])
 print(resolve_budget(sys.argv[2], store), resolve_budget(sys.argv[3], store))
 EOF
 )
+[ -n "$HBM_B" ] && [ -n "$DRAM_B" ] || { echo "FATAL: the budgets $HBM / $DRAM could not be resolved on $SYN/store"; exit 4; }
 echo "budgets in bytes: hbm $HBM_B, dram $DRAM_B"
 
 # ---- the demo model, from the .gguf carried in two halves (.gpu/a, .gpu/b: the carry limit is 64 MiB) ----

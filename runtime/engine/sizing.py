@@ -108,7 +108,7 @@ def _working_set(store: Store, cfg: EngineConfig, policy: Policy) -> dict[str, i
 
 
 def _min_hbm(store: Store, cfg: EngineConfig, policy: Policy) -> int:
-    """One layer's working set in the pool."""
+    """The working set in the pool (one layer's; two layers' of decode with lookahead)."""
     need = _working_set(store, cfg, policy)
     return sum(need[p] * store.bundle_bytes(p) for p in PRECISION_ORDER)
 
@@ -139,7 +139,8 @@ def _dram_needs(store: Store, cfg: EngineConfig, policy: Policy) -> _DramNeeds:
     prefill_bytes = sum(prefill[p] * bb[p] for p in PRECISION_ORDER)
     staging = 0 if preload == "layer" else max(prefill_bytes, sum(decode_bytes.values()) * _decode_layers(cfg, policy))
     prefill_layers = sum(layer_bytes[p] for p in PRECISION_ORDER if prefill[p])
-    min_dram = max(prefill_layers, per_layer) if preload == "layer" else staging
+    # whole layers: the one computing stays pinned while lookahead fetches the next
+    min_dram = max(prefill_layers, per_layer * _decode_layers(cfg, policy)) if preload == "layer" else staging
     return _DramNeeds(preload, used, per_layer, staging, min_dram)
 
 
