@@ -244,8 +244,7 @@ class Executor(Actor):
                 try:
                     out = await self._compute(self._layer, batch, layer, ready, prefill, step)
                 finally:
-                    if ready.release or ready.staged_bytes:
-                        await self.dram.send(Release(ready.release, ready.staged_bytes))
+                    await self._release(ready)
                 nxt = layer + 2 if ahead else layer + 1
                 if nxt < n:
                     asked[nxt] = await self._ask(nxt, step, out, prefill, ahead)
@@ -275,9 +274,12 @@ class Executor(Actor):
         if not fut.done():
             fut.cancel()
         elif not fut.cancelled() and fut.exception() is None:
-            ready = fut.result()
-            if ready.release or ready.staged_bytes:
-                await self.dram.send(Release(ready.release, ready.staged_bytes))
+            await self._release(fut.result())
+
+    async def _release(self, ready: WeightsReady) -> None:
+        """The DRAM pins and staging an answer held go back."""
+        if ready.release or ready.staged_bytes:
+            await self.dram.send(Release(ready.release, ready.staged_bytes))
 
     async def _compute(self, fn, *args):
         assert self.worker is not None, "executor used before setup"
