@@ -44,7 +44,7 @@ class DRAMManager(Actor):
         self.staged = 0  # bytes of neuron-level reads held until their copies are applied
         self.peak_staged = 0
         self.peak_total = 0
-        self.counts = {"served": 0, "waited": 0, "neuron_reads": 0, "layer_reads": 0, "preloads": 0,
+        self.counts = {"served": 0, "waited": 0, "neuron_reads": 0, "layer_reads": 0, "preloads": 0, "upgraded": 0,
                        "preload_skipped": 0}
         self.wait_s = 0.0
 
@@ -149,8 +149,9 @@ class DRAMManager(Actor):
         reads: dict[str, asyncio.Future] = {}
         staged = 0
         t0 = time.perf_counter_ns()
+        asked = self._upgraded(msg) if msg.upgrade else msg.ids
         try:
-            for p, ids in msg.ids.items():
+            for p, ids in asked.items():
                 key = (msg.layer, p)
                 if key not in self.fifo and (self.preload == "layer" or key in self.fixed_keys):
                     self._start_layer_read(key, preload=False, step=msg.step)
@@ -187,7 +188,23 @@ class DRAMManager(Actor):
         self._note_peak()
         self.recorder.add("dram", "serve", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step,
                           nbytes=staged)
-        return FetchReply(sources, tuple(pinned), staged)
+        return FetchReply(sources, tuple(pinned), staged, ids=asked if asked is not msg.ids else None)
+
+    def _upgraded(self, msg: Fetch) -> dict[str, np.ndarray]:
+        """The ids per precision to serve: a layer's INT8 ids go to its FP16 entry when DRAM keeps that one
+        (or holds it) and neither holds nor keeps the INT8 one: no read, and more exact."""
+        low, high = (msg.layer, "int8"), (msg.layer, "fp16")
+        int8 = msg.ids.get("int8")
+        if int8 is None or not len(int8) or low in self.data or low in self.loading or low in self.fixed_keys:
+            return msg.ids
+        if not (high in self.fixed_keys or high in self.data or high in self.loading):
+            return msg.ids
+        out = {p: v for p, v in msg.ids.items() if p != "int8"}
+        fp16 = out.get("fp16")
+        # the policy's precision groups are disjoint: the union stays unique, sorted as every group is
+        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.sort(np.concatenate((fp16, int8)))
+        self.counts["upgraded"] += len(int8)
+        return out
 
     def _release(self, keys: tuple, staged: int) -> None:
         for key in keys:

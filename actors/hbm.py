@@ -113,11 +113,11 @@ class HBMManager(Actor):
         needs) until the executor releases it."""
         t0 = time.perf_counter_ns()
         fut = asyncio.get_running_loop().create_future()
-        await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut))
+        await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut, upgrade=True))
         reply = await fut
         self.recorder.add("hbm", "direct", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
         return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources,
-                            ids=dict(msg.ids))
+                            ids=dict(reply.ids if reply.ids is not None else msg.ids))
 
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
         if self.direct_from_dram:

@@ -74,6 +74,9 @@ class Fetch:
     step: int
     ids: dict[str, np.ndarray]
     reply: asyncio.Future  # -> FetchReply
+    # INT8 ids of a layer whose INT8 entry DRAM does not hold but whose FP16 entry it keeps are served
+    # from the FP16 rows (no read, more exact); only the CPU computing from DRAM asks for it
+    upgrade: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,7 @@ class FetchReply:
     sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # precision -> (DRAM tensor, rows or None)
     release: tuple = ()  # keys pinned until the executor applied the copies
     staged_bytes: int = 0  # transient bytes of neuron-level reads held until then
+    ids: dict[str, np.ndarray] | None = None  # the ids per precision as served, where they moved (``Fetch.upgrade``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: b
                 f"({format_size(hbm)}) is lent to DRAM, and together they must hold {format_size(together)} "
                 f"for preload={cfg.preload!r}; the smallest dram_budget that works is {format_size(least)} "
                 f"({least} bytes)")
-        lent = _plan_dram(store, cfg.replace(hbm_budget=0, dram_budget=hbm + dram), policy)
+        lent = _plan_dram(store, cfg.replace(hbm_budget=0, dram_budget=hbm + dram), policy, upgrade=True)
         return replace(lent, hbm_slots={p: 0 for p in PRECISION_ORDER}, direct=True)
     n_layers, F = store.config.num_layers, store.num_neurons
     bb = {p: store.bundle_bytes(p) for p in PRECISION_ORDER}
@@ -144,8 +144,10 @@ def _dram_needs(store: Store, cfg: EngineConfig, policy: Policy) -> _DramNeeds:
     return _DramNeeds(preload, used, per_layer, staging, min_dram)
 
 
-def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
-    """The DRAM half of the plan (its HBM fields empty)."""
+def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy, upgrade: bool = False) -> TierPlan:
+    """The DRAM half of the plan (its HBM fields empty). ``upgrade``: the CPU computes from DRAM, where a
+    layer's INT8 neurons are served from its FP16 entry when DRAM keeps that and not the INT8 one
+    (``DRAMManager._upgraded``)."""
     n_layers = store.config.num_layers
     needs = _dram_needs(store, cfg, policy)
     preload, used, per_layer, staging, min_dram = (needs.preload, needs.used, needs.per_layer, needs.staging,
@@ -169,19 +171,27 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy) -> TierPlan:
     # whole layers ahead. From the page cache, whole-layer reads checked in one pass measured faster
     if cfg.direct_io and cfg.fixed_layers is None and preload != "layer":
         by_share = _fixed_by_share(store, policy, used, dram_budget - staging)
-        if _read_bytes(store, policy, used, by_share, 0) < _read_bytes(store, policy, used, keys, prefetch):
+        if upgrade:  # every layer's FP16 entry serving its INT8 neurons too, when that reads less
+            by_share = min(by_share, _fixed_by_share(store, policy, used, dram_budget - staging, upgrade=True),
+                           key=lambda k: _read_bytes(store, policy, used, k, 0, upgrade))
+        if _read_bytes(store, policy, used, by_share, 0, upgrade) < _read_bytes(store, policy, used, keys, prefetch,
+                                                                                  upgrade):
             keys, prefetch, fixed = by_share, 0, 0
     whole = {"layer": 1, "hybrid": prefetch}.get(preload, 0)  # entries not kept: read whole, or their neurons
     return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload, fixed_keys=keys,
-                    decode_read_bytes=_read_bytes(store, policy, used, keys, whole))
+                    decode_read_bytes=_read_bytes(store, policy, used, keys, whole, upgrade))
 
 
-def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: int) -> tuple[tuple[int, str], ...]:
+def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: int,
+                    upgrade: bool = False) -> tuple[tuple[int, str], ...]:
     """Whole (layer, precision) entries to keep for good in ``room`` bytes, the precision that most neurons
-    take first (holding it saves the most neuron reads per byte held), every layer of it before the next."""
+    take first (holding it saves the most neuron reads per byte held), every layer of it before the next.
+    ``upgrade``: INT8 is never kept, its neurons served from the FP16 entries instead (measured at 3.6 GiB
+    on the 7B shape's split store: every FP16 and INT4 entry fits where the three precisions did not)."""
     counts, F = policy.max_counts(), store.num_neurons
     keys: list[tuple[int, str]] = []
-    for p in sorted(used, key=lambda p: -counts[p] / F):
+    kept = [p for p in used if not (upgrade and p == "int8" and "fp16" in used)]
+    for p in sorted(kept, key=lambda p: -counts[p] / F):
         for layer in range(store.config.num_layers):
             if store.layer_bytes(p) <= room:
                 keys.append((layer, p))
@@ -190,9 +200,12 @@ def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: i
 
 
 def _read_bytes(store: Store, policy: Policy, used: tuple[str, ...], fixed: tuple[tuple[int, str], ...],
-                prefetch: int) -> int:
+                prefetch: int, upgrade: bool = False) -> int:
     """Bytes a decode token reads off the store: entries not held are read whole when preloaded ahead,
-    else just the neurons the policy takes at that precision."""
+    else just the neurons the policy takes at that precision (``upgrade``: a layer's INT8 neurons cost
+    nothing when its FP16 entry is kept and its INT8 one is not)."""
     counts, held = policy.max_counts(), set(fixed)
+    if upgrade:
+        held |= {(layer, "int8") for layer, p in fixed if p == "fp16"}
     per_key = {p: store.layer_bytes(p) if prefetch else counts[p] * store.bundle_bytes(p) for p in used}
     return sum(per_key[p] for layer in range(store.config.num_layers) for p in used if (layer, p) not in held)
