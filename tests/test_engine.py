@@ -16,7 +16,7 @@ import pytest
 from m2cache.engine.engine import Engine
 from m2cache.errors import BudgetError, EngineClosedError, SSDError
 from stress.scenarios import (
-    SLOW_SSD, Model, Watchdog, build_tiny, consume, load_model, one_torch_thread, tokens_of,
+    SLOW_SSD, Model, Watchdog, build_tiny, check_each_ffn, consume, load_model, one_torch_thread, tokens_of,
 )
 
 TOKENS = 8
@@ -212,31 +212,17 @@ async def test_lookahead_computes_each_ffn_exactly_over_the_rows_it_was_given(ti
     # layer L+1's rows are asked for, planned and copied into the pool (on the HBM manager's copy thread)
     # while layer L computes from its own: each FFN must still be its rows' exact product, and layer L's
     # slots must survive layer L+1's plan
-    import torch
-
     from m2cache.engine.config import EngineConfig
-    from m2cache.model.llama import activation, ffn_bundles
-    from m2cache.storage.reader import PlainBackend, Store
+    from m2cache.storage.reader import Store
 
     store = Store(tiny_store.store)
-    act = activation(store.config.hidden_act)
     cfg = EngineConfig(hbm_budget="80KB", dram_budget="1MB", policy="oracle:0.2,0.3,0.3", lookahead=True,
                        compute_from_dram=False, cpu_kernels=kernels)
     errors: list[float] = []
     async with asyncio.timeout(60):
         async with Engine.open(tiny_store.store, cfg) as engine:
             assert engine.executor.lookahead and not engine.hbm.direct_from_dram
-            ffn = engine.executor.ffn.compute
-
-            def checked(h, ready, prefill):
-                out = ffn(h, ready, prefill)
-                ref = sum(ffn_bundles(h.float(), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
-                                                               torch.float32)[torch.from_numpy(ids)], act)
-                          for p, ids in ready.ids.items() if len(ids))
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
-                return out
-
-            engine.executor.ffn.compute = checked
+            check_each_ffn(engine, store, errors)
 
             async def one(prompt: list[int]) -> list[int]:
                 return [t async for t in engine.generate_ids(prompt, 6)]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from m2cache.errors import ConfigError
-from m2cache.offline.evaluate import QualityModel, evaluate, frontier_policies
+from m2cache.offline.evaluate import QualityModel, evaluate
+from m2cache.offline.frontier import frontier_policies
 from m2cache.storage.reader import Store
 from m2cache.offline.train import train_predictors
 from m2cache.offline.tune import tune

@@ -17,6 +17,7 @@ from m2cache.errors import BudgetError, ConfigError, TruncatedStoreError
 from m2cache.model.int8 import Int8Weight
 from m2cache.storage.reader import Store
 from m2cache.storage.rows import EmbeddingRows
+from stress.scenarios import check_each_ffn
 
 MB = 1 << 20
 
@@ -260,8 +261,6 @@ def test_a_memory_limit_is_refused_at_construction_where_it_cannot_size_the_engi
 async def test_dram_serves_int8_neurons_from_the_fp16_entry_it_keeps_when_that_reads_nothing(tiny_store) -> None:
     # room for every layer's FP16 and INT4 entries but not the INT8 ones too: DRAM keeps FP16 + INT4 and the
     # INT8 neurons compute from the FP16 rows (no read, more exact); each FFN is still its rows' exact product
-    from m2cache.model.llama import activation, ffn_bundles
-    from m2cache.storage.reader import PlainBackend
 
     store = Store(tiny_store.store)
     n = store.config.num_layers
@@ -269,27 +268,19 @@ async def test_dram_serves_int8_neurons_from_the_fp16_entry_it_keeps_when_that_r
     room = n * (store.layer_bytes("fp16") + store.layer_bytes("int4")) + staging
     assert room < n * sum(store.layer_bytes(p) for p in ("fp16", "int8", "int4")) + staging
     cfg = EngineConfig(hbm_budget=0, dram_budget=room, policy="oracle:0.1,0.2,0.7", direct_io=True)
-    act = activation(store.config.hidden_act)
     errors: list[float] = []
     async with asyncio.timeout(60):
         async with Engine.open(tiny_store.store, cfg) as engine:
             assert engine.plan.direct and engine.plan.decode_read_bytes == 0
             assert {p for _, p in engine.plan.fixed_keys} == {"fp16", "int4"}
-            ffn = engine.executor.ffn.compute
 
-            def checked(h, ready, prefill):
-                out = ffn(h, ready, prefill)
+            def one_group_at_fp16(ready, prefill: bool) -> None:
                 if not prefill:
                     assert "int8" not in ready.ids or not len(ready.ids["int8"])
                     assert len(ready.ids["fp16"]) == engine.policy.counts(ready.layer)["fp16"] + \
                         engine.policy.counts(ready.layer)["int8"]
-                ref = sum(ffn_bundles(h.float(), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
-                                                               torch.float32)[torch.from_numpy(ids)], act)
-                          for p, ids in ready.ids.items() if len(ids))
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
-                return out
 
-            engine.executor.ffn.compute = checked
+            check_each_ffn(engine, store, errors, one_group_at_fp16)
             assert len(await generate(engine, [5, 6, 7, 8], 6)) == 6
             assert engine.dram.counts["upgraded"] > 0 and engine.dram.counts["neuron_reads"] == 0
     assert max(errors) < 1e-4

@@ -61,11 +61,12 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from m2cache.offline.evaluate import format_table
+    from m2cache.offline.frontier import format_table
     from m2cache.engine.policies import default_policy_name
     from m2cache.storage.reader import Store
 
-    from m2cache.offline.evaluate import evaluate_texts, frontier_policies, plot_frontier
+    from m2cache.offline.evaluate import evaluate_texts
+    from m2cache.offline.frontier import frontier_policies, plot_frontier
     from m2cache.offline.progress import ProgressBar
     from m2cache.engine.policies import parse_shares
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from m2cache.engine.config import EngineConfig, format_size
 from m2cache.engine.sizing import min_tier_budgets, staging_bytes
-from m2cache.errors import BudgetError, ConfigError
+from m2cache.errors import BudgetError
 from m2cache.model.policy import Policy
 from m2cache.storage.reader import Store
 

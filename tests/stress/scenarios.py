@@ -540,3 +540,28 @@ def table(outcomes: list[Outcome]) -> str:
              for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def check_each_ffn(engine: Engine, store: Store, errors: list[float], also: Callable | None = None) -> None:
+    """From now on every layer FFN the engine computes is compared with the exact product of the rows it
+    was given (``ready.ids``: the store's bundles at their precision, dequantised to FP32); the relative
+    errors go to ``errors``. ``also(ready, prefill)`` may check more of each layer's answer."""
+    import torch
+
+    from m2cache.model.llama import activation, ffn_bundles
+    from m2cache.storage.reader import PlainBackend
+
+    act = activation(store.config.hidden_act)
+    ffn = engine.executor.ffn.compute
+
+    def checked(h, ready, prefill: bool):
+        out = ffn(h, ready, prefill)
+        if also is not None:
+            also(ready, prefill)
+        ref = sum(ffn_bundles(h.float(), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
+                                                       torch.float32)[torch.from_numpy(ids)], act)
+                  for p, ids in ready.ids.items() if len(ids))
+        errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+        return out
+
+    engine.executor.ffn.compute = checked
