@@ -232,7 +232,7 @@ class Executor(Actor):
         out: Any = None
         asked: dict[int, asyncio.Future] = {}
         try:
-            for layer, order in enumerate(first if ahead else (first,)):
+            for layer, order in enumerate(first):  # layer 0's ranking, and layer 1's when looking ahead
                 if layer < n:
                     asked[layer] = await self._ask(layer, step, order, prefill, ahead and layer > 0)
             for layer in range(n):
@@ -297,7 +297,11 @@ class Executor(Actor):
                 seq.x = self.res.embed[ids]  # [T, D]
                 assert seq.kv is not None
                 seq.cos_sin = rope_slice(self.rope, seq.kv.length, len(toks), self.dtype)
-            return self._attend(batch, 0, prefill, t0)
+            order = self._attend(batch, 0, prefill, t0)
+            if not (self.lookahead and not prefill):
+                return [order]
+            # looking ahead, attention 0 ranked layer 1; layer 0 is ranked from its own input
+            return [self.policy.rank(0, self.ffn.score(0, [s.h for s in batch])), order]  # type: ignore[misc]
 
     def _attend(self, batch: list[Sequence], layer: int, prefill: bool, t0: int):
         """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
@@ -314,11 +318,9 @@ class Executor(Actor):
                 seq.x = x
         for seq in batch:
             seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
-        order: Any = None
-        if self.lookahead and not prefill:
-            # the ranking of layer + 1, from this layer's residual; the first layer's own ranking too
-            ahead = self._rank_ahead(batch, layer + 1)
-            order = (self.policy.rank(0, self.ffn.score(0, [s.h for s in batch])), ahead) if layer == 0 else ahead  # type: ignore[misc]
+        order = None
+        if self.lookahead and not prefill:  # the ranking of layer + 1, from this layer's residual
+            order = self._rank_ahead(batch, layer + 1)
         elif self.policy.needs_scores and not (prefill and self.dense_prefill):
             # decode scores each sequence's last position; a sparse prefill every position of the prompts
             hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
@@ -334,7 +336,7 @@ class Executor(Actor):
             return None
         norm = self.res.layers[layer].ffn_norm
         hs = [rms_norm(s.x, norm, self.cfg.rms_norm_eps) for s in batch]  # type: ignore[arg-type]
-        return self.policy.rank(layer, self.ffn.score_ahead(layer, hs))
+        return self.policy.rank(layer, self.ffn.score(layer, hs, keep=False))
 
     def _weights(self, layer: int) -> LayerWeights:
         """The layer's resident weights; streamed projections are waited for here (a stall, recorded)."""

@@ -43,21 +43,16 @@ class LayerFFN:
         """A new step: a step that failed mid-layer leaves no gate activations behind for this one's rows."""
         self._acts = None
 
-    def score(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor:
+    def score(self, layer: int, hs: list[torch.Tensor], keep: bool = True) -> torch.Tensor:
         """One score per neuron for the rows ``hs`` (each [1, D] or a sequence's last position); on a split
-        store the gate activations that give it are kept for the layer's FFN (the same rows)."""
+        store the gate activations that give it are kept for the layer's FFN (the same rows), unless
+        ``keep`` is False: a lookahead's rows are not the layer's own FFN input."""
         if not self.split:
             return self.policy.score_batch(layer, hs)
         acts = self.policy.gate_acts(layer, torch.cat(hs))
-        self._acts = (layer, acts)
+        if keep:
+            self._acts = (layer, acts)
         return self.policy.scores_of(layer, acts).amax(0)
-
-    def score_ahead(self, layer: int, hs: list[torch.Tensor]) -> torch.Tensor:
-        """``score`` from a lookahead's inputs (not the layer's own FFN input): nothing is kept for the FFN,
-        whose gate activations must be its own rows'."""
-        if not self.split:
-            return self.policy.score_batch(layer, hs)
-        return self.policy.scores_of(layer, self.policy.gate_acts(layer, torch.cat(hs))).amax(0)
 
     def compute(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
         """The layer's FFN. h: [T, D] -> [T, D]."""
