@@ -131,6 +131,13 @@ class Store:
                 raise StoreNotFoundError(f"{g} (the split store's gate rows) is missing; {FIX_HINT}")
             if g.stat().st_size < gates["size"]:
                 raise TruncatedStoreError(f"{g} (the split store's gate rows) is truncated; {FIX_HINT}")
+        attention = self.manifest.get("attention_int8")
+        if attention:  # optional: stores written before it stream BF16/FP16 attention instead
+            a = self.path / attention["path"]
+            if not a.is_file():
+                raise StoreNotFoundError(f"{a} (the INT8 attention weights) is missing; {FIX_HINT}")
+            if a.stat().st_size < attention["size"]:
+                raise TruncatedStoreError(f"{a} (the INT8 attention weights) is truncated; {FIX_HINT}")
         res = self.path / self.manifest["resident"]["path"]
         if not res.is_file():
             raise StoreNotFoundError(f"{res} is missing; {FIX_HINT}")

@@ -80,6 +80,7 @@ def write_store(
     total = cfg.num_layers + 1
     resident = {n: get(n).to(resident_dtype).contiguous() for n in resident_names(cfg)}
     save_file(resident, str(tmp / RESIDENT))
+    attention_int8 = write_attention_int8(tmp, resident.__getitem__, cfg)
     del resident
     if progress:
         progress(1, total)
@@ -106,6 +107,7 @@ def write_store(
         "tokenizer": tokenizer,
         "resident": {"path": RESIDENT, "dtype": str(resident_dtype).removeprefix("torch."),
                      "size": os.path.getsize(tmp / RESIDENT), "crc32": file_checksum(tmp / RESIDENT)},
+        "attention_int8": attention_int8,
         "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim,
                 "int8_group": groups.int8, "int4_group": groups.int4,
                 "geometry": {p: g.to_dict() for p, g in geoms.items()}, "files": files},
@@ -118,6 +120,25 @@ def write_store(
         shutil.rmtree(dst)
     tmp.rename(dst)
     return dst
+
+
+def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig) -> dict[str, Any]:
+    """Writes ``attention-int8.bin`` (every layer's attention projections in INT8, quantised from the
+    resident file's values: ``get`` reads them) and returns its manifest entry, one checksum a layer."""
+    from m2cache.model.int8 import Int8Weight
+    from m2cache.storage.attention_stream import ATTENTION_INT8, Int8AttentionLayout
+
+    layout, fn, crcs = Int8AttentionLayout.of(cfg), checksum_fn(CHECKSUM), []
+    with open(store / ATTENTION_INT8, "wb") as f:
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}.self_attn."
+            wqkv = Int8Weight.quantize(torch.cat([get(p + f"{x}_proj.weight") for x in "qkv"]), torch.float32)
+            wo = Int8Weight.quantize(get(p + "o_proj.weight"), torch.float32)
+            data = layout.pack(wqkv, wo)
+            crcs.append(fn(data))
+            f.write(data)
+    return {"path": ATTENTION_INT8, "layer_bytes": layout.stride, "size": layout.stride * cfg.num_layers,
+            "crc32": np.array(crcs, dtype=np.uint32).tobytes()}
 
 
 def write_manifest(store: Path, manifest: dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ from m2cache.engine.engine import Engine
 from m2cache.engine.loading import load_dense, load_resident, resident_bytes
 from m2cache.engine.memory import plan_memory, process_rss, resident_bytes_of
 from m2cache.engine.policies import load_policy
-from m2cache.errors import BudgetError, ConfigError, TruncatedStoreError
+from m2cache.errors import BudgetError, ChecksumError, ConfigError, StoreNotFoundError, TruncatedStoreError
 from m2cache.model.int8 import Int8Weight
+from m2cache.model.llama import DenseModel
 from m2cache.storage.reader import Store
 from m2cache.storage.rows import EmbeddingRows
 from stress.scenarios import check_each_ffn
@@ -213,7 +214,8 @@ def test_streamed_attention_is_the_files_own_and_holds_a_window_of_layers(tiny_s
     store = Store(tiny_store.store)
     full = load_resident(store, torch.float32)
     n = store.config.num_layers
-    stream = AttentionStream(store.path / store.manifest["resident"]["path"], n, torch.float32, FileBackend(), depth=1)
+    stream = AttentionStream(store.path / store.manifest["resident"]["path"], store.config, torch.float32,
+                             FileBackend(), depth=1)  # no INT8 file named: the resident file's matrices
     try:
         for step in range(2):  # the layers in a cycle, twice
             for layer in range(n):
@@ -224,10 +226,30 @@ def test_streamed_attention_is_the_files_own_and_holds_a_window_of_layers(tiny_s
         stream.close()
 
 
-async def test_an_engine_streaming_attention_gives_the_tokens_of_its_weights_resident(tiny_store) -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_streamed_int8_attention_is_what_the_int8_form_quantises_at_open(tiny_store, direct: bool) -> None:
+    from m2cache.storage.attention_stream import AttentionStream
+    from m2cache.storage.ssd import FileBackend
+
     store = Store(tiny_store.store)
-    model = load_dense(store, torch.float32)
-    model.res.lm_head = load_resident(store, torch.float32, form="int8").lm_head  # what "stream" keeps
+    small = load_resident(store, torch.bfloat16, form="int8")
+    stream = AttentionStream(store.path / store.manifest["resident"]["path"], store.config, torch.bfloat16,
+                             FileBackend(direct=direct), depth=1, int8=store.manifest["attention_int8"],
+                             checksum=store.checksum)
+    try:
+        for layer in list(range(store.config.num_layers)) * 2:
+            for got, want in zip(stream.weights(layer), (small.layers[layer].wqkv, small.layers[layer].wo)):
+                assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+        # each layer read once per cycle, and the next cycle's layer 0 read ahead at the end
+        assert stream.bytes_read == (2 * store.config.num_layers + 1) * store.manifest["attention_int8"]["layer_bytes"]
+    finally:
+        stream.close()
+
+
+async def test_an_engine_streaming_attention_gives_the_tokens_of_the_int8_form(tiny_store) -> None:
+    store = Store(tiny_store.store)
+    dense = load_dense(store, torch.float32)
+    model = DenseModel(store.config, load_resident(store, torch.float32, form="int8"), dense.ffn, dense.device)
     prompt, n = [3, 4, 5, 6], 10
     kv, want = model.new_cache(), []
     logits = model.forward(prompt, kv)
@@ -238,8 +260,37 @@ async def test_an_engine_streaming_attention_gives_the_tokens_of_its_weights_res
     async with asyncio.timeout(60):
         async with Engine.open(tiny_store.store, cfg) as engine:
             got = await generate(engine, prompt, n)
-            assert engine.attention is not None and engine.attention.bytes_read > 0
+            assert engine.attention is not None and engine.attention.int8 is not None
+            assert engine.attention.bytes_read > 0
     assert got == want
+
+
+async def test_a_corrupt_int8_attention_layer_fails_the_step_that_reads_it_by_name(tiny_store, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store.store, copy)
+    entry = Store(copy).manifest["attention_int8"]
+    with open(copy / entry["path"], "r+b") as f:  # a byte of layer 1's region flipped
+        f.seek(entry["layer_bytes"] + 10)
+        b = f.read(1)
+        f.seek(entry["layer_bytes"] + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
+    async with asyncio.timeout(60):
+        async with Engine.open(copy, cfg) as engine:
+            with pytest.raises(ChecksumError, match="layer 1's INT8 attention"):
+                await generate(engine, [3, 4, 5], 2)
+
+
+def test_a_store_missing_its_int8_attention_file_is_refused_by_name(tiny_store, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store.store, copy)
+    (copy / Store(copy).manifest["attention_int8"]["path"]).unlink()
+    with pytest.raises(StoreNotFoundError, match="INT8 attention"):
+        Store(copy)
 
 
 async def test_a_memory_limit_works_with_neuron_level_preloads(tiny_store) -> None:

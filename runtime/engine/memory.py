@@ -110,7 +110,7 @@ def return_freed_memory(*, large_allocations_mapped: bool = False) -> None:
     libc.malloc_trim(0)
 
 
-STREAM_DEPTH = 2  # resident="stream": layers of attention read ahead of the one computing
+STREAM_DEPTH = 1  # resident="stream": layers of attention read ahead of the one computing
 
 
 def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
@@ -128,14 +128,21 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     head = table + cfg.vocab_size * dtype_bytes
     if form == "int8":
         return cfg.num_layers * (attn + attn_rows * dtype_bytes) + head + norms
-    # stream: the layers held (the one computing and those read ahead), and the largest matrix as read
-    # from the file (2 bytes a weight) before it is converted
+    # stream: the layers held (the one computing and those read ahead). From the store's INT8 file each
+    # is its aligned region as read plus its scales in the compute dtype; from the resident file, the
+    # matrices in the compute dtype and the largest one as read (2 bytes a weight) before it is converted
+    int8 = store.manifest.get("attention_int8")
+    if int8:
+        return (STREAM_DEPTH + 1) * (int8["layer_bytes"] + attn_rows * dtype_bytes) + head + norms
     largest = max(cfg.num_heads * hd, cfg.num_kv_heads * hd) * D * 2
     return (STREAM_DEPTH + 1) * attn * dtype_bytes + largest + head + norms
 
 
 def stream_read_bytes(store: Store) -> int:
     """What ``resident="stream"`` reads off the store per decode token: every layer's projections."""
+    int8 = store.manifest.get("attention_int8")
+    if int8:
+        return store.config.num_layers * int8["layer_bytes"]
     return store.config.num_layers * _attention_weights(store) * 2  # the resident file's FP16/BF16
 
 

@@ -48,6 +48,9 @@ def split_gate(src: str | Path, dst: str | Path, *, progress: bool = True) -> Pa
     (tmp / "ffn").mkdir(parents=True)
     resident = store.manifest["resident"]["path"]
     shutil.copyfile(store.path / resident, tmp / resident)
+    if store.manifest.get("attention_int8"):
+        name = store.manifest["attention_int8"]["path"]
+        shutil.copyfile(store.path / name, tmp / name)
     geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, SPLIT_PARTS, dim, groups)) for p in quant.PRECISIONS}
     files, gates, backend = [], {}, PlainBackend()
     bar = ProgressBar("split-gate: layers", cfg.num_layers) if progress else None
