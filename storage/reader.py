@@ -158,9 +158,13 @@ class Store:
             raise ChecksumError(f"{path} (the split store's gate rows) does not match its checksum; {FIX_HINT}")
         from safetensors.torch import load_file
 
+        # load_file maps the file: its pages would come in when first scored, as page cache the process's
+        # resident set at open does not show and a memory limit then evicts and faults back in 4 KiB at a
+        # time (on the 7B shape 193 MB a token). Copied, they are the process's own memory, counted at open.
         tensors = load_file(str(path))
         layers = range(self.config.num_layers)
-        return [tensors[f"gate.{L}"] for L in layers], [tensors[f"norms.{L}"] for L in layers]
+        return ([tensors.pop(f"gate.{L}").clone() for L in layers],
+                [tensors.pop(f"norms.{L}").clone() for L in layers])
 
     # ---- geometry -------------------------------------------------------------------------
     def file_path(self, layer: int, precision: str) -> Path:

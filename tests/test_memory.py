@@ -240,8 +240,9 @@ def test_streamed_int8_attention_is_what_the_int8_form_quantises_at_open(tiny_st
         for layer in list(range(store.config.num_layers)) * 2:
             for got, want in zip(stream.weights(layer), (small.layers[layer].wqkv, small.layers[layer].wo)):
                 assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
-        # each layer read once per cycle, and the next cycle's layer 0 read ahead at the end
-        assert stream.bytes_read == (2 * store.config.num_layers + 1) * store.manifest["attention_int8"]["layer_bytes"]
+        # each layer read once per cycle (and the next cycle's layer 0 ahead, maybe still in flight)
+        reads = stream.bytes_read // store.manifest["attention_int8"]["layer_bytes"]
+        assert 2 * store.config.num_layers <= reads <= 2 * store.config.num_layers + 1
     finally:
         stream.close()
 

@@ -39,6 +39,18 @@ def test_a_split_store_holds_the_source_s_up_and_down_parts_and_its_int4_gate_ro
     assert dst.manifest["default_policy"] == "gate-40"
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_the_gate_rows_are_the_process_s_own_memory_not_a_map_of_the_file(split) -> None:
+    # a mapped file's pages are page cache, which the resident set at open (the memory plan's runtime)
+    # does not show and a memory limit evicts
+    _, dst = split
+    gates, norms = dst.read_gates()
+    with open("/proc/self/maps") as f:
+        assert GATES not in f.read()
+    assert dst.manifest["attention_int8"] and (dst.path / dst.manifest["attention_int8"]["path"]).is_file()
+    del gates, norms
+
+
 def test_only_gate_policies_run_on_a_split_store(split) -> None:
     _, dst = split
     for name in ("dense-fp16", "oracle:0.1,0.2,0.2", "predictor:0.5,0,0"):
