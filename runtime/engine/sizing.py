@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from m2cache.engine.config import EngineConfig, format_size
 from m2cache.errors import BudgetError
 from m2cache.model.policy import PRECISION_ORDER, Policy
@@ -207,5 +209,18 @@ def _read_bytes(store: Store, policy: Policy, used: tuple[str, ...], fixed: tupl
     counts, held = policy.max_counts(), set(fixed)
     if upgrade:
         held |= {(layer, "int8") for layer, p in fixed if p == "fp16"}
-    per_key = {p: store.layer_bytes(p) if prefetch else counts[p] * store.bundle_bytes(p) for p in used}
+    per_key = {p: store.layer_bytes(p) if prefetch else _neuron_read_bytes(store, p, counts[p]) for p in used}
     return sum(per_key[p] for layer in range(store.config.num_layers) for p in used if (layer, p) not in held)
+
+
+def _neuron_read_bytes(store: Store, precision: str, count: int) -> int:
+    """What a neuron-level read of ``count`` neurons at ``precision`` brings off the store: their blocks with
+    the padding, the gaps merged into runs, or the whole file where they fill half its blocks
+    (:meth:`Store.run_bytes`), for ids spread at random as a policy without locality takes them. Counting
+    only their bundles' bytes under-estimated the 7B shape's gate-40 reads 2.3x (501 MB a token planned,
+    1169 MB read: 12 KiB blocks for 8.2 KB INT8 bundles, runs of 20% of the neurons, INT4's whole file)."""
+    if count <= 0:
+        return 0
+    count = min(count, store.num_neurons)
+    ids = np.random.default_rng(0).choice(store.num_neurons, size=count, replace=False)
+    return store.run_bytes(precision, ids)
