@@ -30,8 +30,10 @@ import torch
 from m2cache.errors import ChecksumError
 from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import ModelConfig
-from m2cache.storage.layout import ALIGN, round_up
+from m2cache.storage.layout import ALIGN, CHECKSUM, checksum_fn, round_up
+from m2cache.storage.reader import FIX_HINT, read_with_retries
 from m2cache.storage.rows import tensor_extent
+from m2cache.storage.ssd import SSDBackend
 
 ATTENTION_INT8 = "attention-int8.bin"
 
@@ -85,12 +87,13 @@ class AttentionStream:
     """``weights(layer)`` -> (wqkv [(H+2KV)*hd, D], wo [D, H*hd]): INT8 from the store's ``attention_int8``
     file where it has one (``int8``), else the resident file's matrices in the compute dtype."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, backend, depth: int = 2,
-                 int8: dict[str, Any] | None = None, checksum=None) -> None:
+    def __init__(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, backend: SSDBackend, depth: int = 1,
+                 int8: dict[str, Any] | None = None) -> None:
         self.path, self.num_layers, self.dtype, self.backend = Path(path), cfg.num_layers, dtype, backend
         self.depth = min(depth, self.num_layers - 1)
         self.int8 = None if int8 is None else (self.path.parent / int8["path"], Int8AttentionLayout.of(cfg),
-                                               np.frombuffer(int8["crc32"], dtype=np.uint32), checksum)
+                                               np.frombuffer(int8["crc32"], dtype=np.uint32),
+                                               checksum_fn(int8.get("checksum", CHECKSUM)))
         self._extents = [{x: tensor_extent(self.path, f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkvo"}
                          for i in range(self.num_layers)] if int8 is None else []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="m2cache-attn")
@@ -115,15 +118,24 @@ class AttentionStream:
         for k in window:
             if k not in self._held:
                 self._held[k] = self._pool.submit(self._read_int8 if self.int8 is not None else self._read, k)
-        return self._held[layer].result()
+        try:
+            return self._held[layer].result()
+        except BaseException:
+            del self._held[layer]  # a failed read is not kept: the next step that needs the layer reads again
+            raise
 
     def _read_int8(self, layer: int) -> tuple[Int8Weight, Int8Weight]:
+        """One layer's region, transient SSD errors retried and a checksum mismatch read again once."""
         assert self.int8 is not None
         path, layout, crcs, checksum = self.int8
-        data = self.backend.read(path, layer * layout.stride, layout.stride)
-        if checksum(data) != int(crcs[layer]):
-            raise ChecksumError(f"{path}: layer {layer}'s INT8 attention does not match its checksum: the file "
-                                "is corrupt; convert the model again")
+        what = f"{path} (layer {layer}'s INT8 attention)"
+        for attempt in range(2):
+            data = read_with_retries(self.backend, path, layer * layout.stride, layout.stride, what)
+            if checksum(data) == int(crcs[layer]):
+                break
+        else:
+            raise ChecksumError(f"{what} does not match its checksum twice: the file is corrupt; {FIX_HINT} "
+                                "(and `m2cache split-gate` for a split store)")
         if isinstance(data, bytes):  # a buffered read: torch wants a writable buffer
             data = bytearray(data)
         self.bytes_read += layout.stride

@@ -138,6 +138,13 @@ class Store:
                 raise StoreNotFoundError(f"{a} (the INT8 attention weights) is missing; {FIX_HINT}")
             if a.stat().st_size < attention["size"]:
                 raise TruncatedStoreError(f"{a} (the INT8 attention weights) is truncated; {FIX_HINT}")
+            from m2cache.storage.attention_stream import Int8AttentionLayout
+
+            n = self.config.num_layers
+            if (attention["layer_bytes"] != Int8AttentionLayout.of(self.config).stride
+                    or len(attention["crc32"]) != 4 * n or attention["size"] != n * attention["layer_bytes"]):
+                raise StoreVersionError(f"{self.path / MANIFEST}: the INT8 attention file's layout is not the one this "
+                                        f"m2cache reads; {FIX_HINT}")
         res = self.path / self.manifest["resident"]["path"]
         if not res.is_file():
             raise StoreNotFoundError(f"{res} is missing; {FIX_HINT}")

@@ -138,7 +138,7 @@ def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig) -> di
             crcs.append(fn(data))
             f.write(data)
     return {"path": ATTENTION_INT8, "layer_bytes": layout.stride, "size": layout.stride * cfg.num_layers,
-            "crc32": np.array(crcs, dtype=np.uint32).tobytes()}
+            "checksum": CHECKSUM, "crc32": np.array(crcs, dtype=np.uint32).tobytes()}
 
 
 def write_manifest(store: Path, manifest: dict[str, Any]) -> None:

@@ -234,8 +234,7 @@ def test_streamed_int8_attention_is_what_the_int8_form_quantises_at_open(tiny_st
     store = Store(tiny_store.store)
     small = load_resident(store, torch.bfloat16, form="int8")
     stream = AttentionStream(store.path / store.manifest["resident"]["path"], store.config, torch.bfloat16,
-                             FileBackend(direct=direct), depth=1, int8=store.manifest["attention_int8"],
-                             checksum=store.checksum)
+                             FileBackend(direct=direct), depth=1, int8=store.manifest["attention_int8"])
     try:
         for layer in list(range(store.config.num_layers)) * 2:
             for got, want in zip(stream.weights(layer), (small.layers[layer].wqkv, small.layers[layer].wo)):
@@ -266,22 +265,44 @@ async def test_an_engine_streaming_attention_gives_the_tokens_of_the_int8_form(t
     assert got == want
 
 
-async def test_a_corrupt_int8_attention_layer_fails_the_step_that_reads_it_by_name(tiny_store, tmp_path) -> None:
+async def test_a_corrupt_int8_attention_layer_fails_the_step_that_reads_it_and_a_mended_one_is_read_again(
+        tiny_store, tmp_path) -> None:
     import shutil
 
     copy = tmp_path / "store"
     shutil.copytree(tiny_store.store, copy)
     entry = Store(copy).manifest["attention_int8"]
-    with open(copy / entry["path"], "r+b") as f:  # a byte of layer 1's region flipped
-        f.seek(entry["layer_bytes"] + 10)
-        b = f.read(1)
-        f.seek(entry["layer_bytes"] + 10)
-        f.write(bytes([b[0] ^ 0xFF]))
+
+    def flip() -> None:  # a byte of layer 1's region
+        with open(copy / entry["path"], "r+b") as f:
+            f.seek(entry["layer_bytes"] + 10)
+            b = f.read(1)
+            f.seek(entry["layer_bytes"] + 10)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    flip()
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
     async with asyncio.timeout(60):
         async with Engine.open(copy, cfg) as engine:
             with pytest.raises(ChecksumError, match="layer 1's INT8 attention"):
                 await generate(engine, [3, 4, 5], 2)
+            flip()  # mended: the failed read is not kept, the next request reads the layer again
+            assert len(await generate(engine, [3, 4, 5], 2)) == 2
+
+
+def test_a_store_whose_int8_attention_layout_is_not_this_version_s_is_refused(tiny_store, tmp_path) -> None:
+    import shutil
+
+    from m2cache.errors import StoreVersionError
+    from m2cache.storage.writer import write_manifest
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store.store, copy)
+    m = Store(copy).manifest
+    m["attention_int8"]["layer_bytes"] += 4096
+    write_manifest(copy, m)
+    with pytest.raises(StoreVersionError, match="INT8 attention file's layout"):
+        Store(copy)
 
 
 def test_a_store_missing_its_int8_attention_file_is_refused_by_name(tiny_store, tmp_path) -> None:

@@ -197,3 +197,16 @@ def test_lookahead_over_whole_layers_needs_two_of_them_in_dram(store: Store) -> 
     with pytest.raises(BudgetError) as two:
         plan_tiers(store, cfg.replace(lookahead=True), scored(store))
     assert smallest(two.value) == 2 * smallest(one.value)
+
+
+def test_the_plan_counts_a_neuron_read_as_the_blocks_and_runs_it_reads_not_its_bundles(store) -> None:
+    from m2cache.engine.sizing import _neuron_read_bytes
+
+    F = store.num_neurons
+    for p in PRECISION_ORDER:
+        geom = store.geometry[p]
+        assert _neuron_read_bytes(store, p, 0) == 0
+        few = max(1, F // 10)
+        # at least its bundles, padded to whole blocks; never more than the file
+        assert few * store.bundle_bytes(p) <= _neuron_read_bytes(store, p, few) <= geom.file_bytes(F)
+        assert _neuron_read_bytes(store, p, F) == geom.file_bytes(F)  # every neuron: the whole file, once

@@ -47,8 +47,23 @@ def test_the_gate_rows_are_the_process_s_own_memory_not_a_map_of_the_file(split)
     gates, norms = dst.read_gates()
     with open("/proc/self/maps") as f:
         assert GATES not in f.read()
-    assert dst.manifest["attention_int8"] and (dst.path / dst.manifest["attention_int8"]["path"]).is_file()
     del gates, norms
+
+
+def test_a_split_store_streams_the_source_s_int8_attention(split) -> None:
+    from m2cache.engine.loading import load_resident
+    from m2cache.storage.attention_stream import AttentionStream
+    from m2cache.storage.ssd import FileBackend
+
+    src, dst = split
+    want = load_resident(src, torch.float32, form="int8")
+    stream = AttentionStream(dst.path / dst.manifest["resident"]["path"], dst.config, torch.float32, FileBackend(),
+                             int8=dst.manifest["attention_int8"])
+    try:
+        wqkv, wo = stream.weights(1)
+        assert torch.equal(wqkv.q, want.layers[1].wqkv.q) and torch.equal(wo.scale, want.layers[1].wo.scale)
+    finally:
+        stream.close()
 
 
 def test_only_gate_policies_run_on_a_split_store(split) -> None:

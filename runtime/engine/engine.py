@@ -111,14 +111,13 @@ class Engine:
         self.backend = FileBackend(direct=cfg.direct_io)
         if cfg.ssd_sim:
             self.backend = SimulatedSSD(self.backend, cfg.ssd_sim)
-        if form == "stream":  # the attention projections read per layer, a few layers ahead
+        if form == "stream":  # the attention projections read per layer, one layer ahead
             int8 = store.manifest.get("attention_int8")
             if not int8:
-                log.info("%s has no INT8 attention file (stores converted before it have none): streaming the "
+                log.warning("%s has no INT8 attention file (stores converted before it have none): streaming the "
                          "resident file's 16-bit projections, twice the bytes; convert the model again", store.path)
             self.attention = AttentionStream(store.path / store.manifest["resident"]["path"], store.config,
-                                             self.dtype, self.backend, depth=STREAM_DEPTH, int8=int8 or None,
-                                             checksum=store.checksum)
+                                             self.dtype, self.backend, depth=STREAM_DEPTH, int8=int8 or None)
         n, F = store.config.num_layers, store.num_neurons
         self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
         self.dram = DRAMManager(
