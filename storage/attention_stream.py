@@ -103,8 +103,9 @@ class AttentionStream:
     @property
     def layer_bytes(self) -> int:
         """Bytes one held layer takes."""
-        if self.int8 is not None:
-            return self.int8[1].stride
+        if self.int8 is not None:  # the region as read, and its scales in the compute dtype
+            layout = self.int8[1]
+            return layout.stride + (layout.qkv_rows + layout.dim) * self.dtype.itemsize
         ext = self._extents[0]
         return sum(math.prod(ext[x][1]) for x in "qkvo") * self.dtype.itemsize
 

@@ -357,3 +357,14 @@ async def test_dram_serves_int8_neurons_from_the_fp16_entry_it_keeps_when_that_r
             assert len(await generate(engine, [5, 6, 7, 8], 6)) == 6
             assert engine.dram.counts["upgraded"] > 0 and engine.dram.counts["neuron_reads"] == 0
     assert max(errors) < 1e-4
+
+
+async def test_streamed_attention_holds_what_the_memory_plan_counts_for_it(tiny_store) -> None:
+    from m2cache.engine.metrics import _resident_held
+
+    cfg = EngineConfig(memory=process_rss() + 256 * MB, resident="stream", policy="oracle:0.1,0.2,0.7")
+    async with asyncio.timeout(60):
+        async with Engine.open(tiny_store.store, cfg) as engine:
+            assert engine.memory is not None and engine.memory.resident_form == "stream"
+            await generate(engine, [1, 2, 3], 4)
+            assert _resident_held(engine) == engine.memory.resident
