@@ -368,3 +368,29 @@ async def test_streamed_attention_holds_what_the_memory_plan_counts_for_it(tiny_
             assert engine.memory is not None and engine.memory.resident_form == "stream"
             await generate(engine, [1, 2, 3], 4)
             assert _resident_held(engine) == engine.memory.resident
+
+
+async def test_a_store_without_the_int8_attention_file_streams_its_16_bit_matrices(tiny_store, tmp_path) -> None:
+    import shutil
+
+    from m2cache.storage.writer import write_manifest
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store.store, copy)
+    m = Store(copy).manifest
+    (copy / m.pop("attention_int8")["path"]).unlink()  # as a store converted before the file existed
+    write_manifest(copy, m)
+    store = Store(copy)
+    model = load_dense(store, torch.float32)
+    model.res.lm_head = load_resident(store, torch.float32, form="int8").lm_head  # what "stream" keeps
+    prompt, n = [3, 4, 5, 6], 8
+    kv, want = model.new_cache(), []
+    logits = model.forward(prompt, kv)
+    for _ in range(n):
+        want.append(int(logits.argmax()))
+        logits = model.forward([want[-1]], kv)
+    cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
+    async with asyncio.timeout(60):
+        async with Engine.open(copy, cfg) as engine:
+            assert engine.attention is not None and engine.attention.int8 is None
+            assert await generate(engine, prompt, n) == want
