@@ -112,11 +112,14 @@ def return_freed_memory(*, large_allocations_mapped: bool = False) -> None:
 
 STREAM_DEPTH = 1  # resident="stream": layers of attention read ahead of the one computing
 # What a streamed attention byte costs against an FFN byte when the plan picks the resident form: a layer's
-# attention is one aligned read, on its own thread, a layer ahead of its use, so it overlaps the compute,
-# where the FFN's reads are what a step waits for. Measured on the 7B shape at 40% (1.5 GB), policy
-# gate:0,0,1: int8 resident 418 MB of FFN reads a token, 0.57 tokens/s; stream 546 MB of attention
-# reads and none of FFN, 1.51 tokens/s (stall 2.4%)
-STREAM_READ_WEIGHT = 0.5
+# attention is one aligned sequential read, on its own thread, a layer ahead of its use, so it overlaps the
+# compute and uses bandwidth the FFN's scattered reads (bound by reads a second) leave, where the FFN's
+# reads are what a step waits for. Measured on the 7B split store (O_DIRECT, 2 cores), in turn:
+# - 40% (1.5 GB), policy gate:0,0,1: int8 resident 418 MB of FFN reads a token, 0.57 tokens/s; stream
+#   546 MB of attention and none of FFN, 1.51 tokens/s (stall 2.4%);
+# - 40%, gate-40: int8 1169 MB of FFN, 0.27-0.33; stream 699 + 546, 0.36-0.42;
+# - 60% (2.26 GB), gate-40: int8 506 MB of FFN, 0.53-0.56; stream 262 + 546, 0.58-0.66.
+STREAM_READ_WEIGHT = 0.25
 
 
 def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
