@@ -63,6 +63,10 @@ class Int8AttentionLayout:
     def stride(self) -> int:
         return round_up(self._offsets[3], ALIGN)
 
+    def held_bytes(self, dtype_bytes: int) -> int:
+        """What one layer streamed from the file holds: its region as read, and its scales in the compute dtype."""
+        return self.stride + (self.qkv_rows + self.dim) * dtype_bytes
+
     def pack(self, wqkv: Int8Weight, wo: Int8Weight) -> bytes:
         """A layer's region: the weights quantised with float32 scales."""
         o_q, qkv_s, o_s, _ = self._offsets
@@ -103,9 +107,8 @@ class AttentionStream:
     @property
     def layer_bytes(self) -> int:
         """Bytes one held layer takes."""
-        if self.int8 is not None:  # the region as read, and its scales in the compute dtype
-            layout = self.int8[1]
-            return layout.stride + (layout.qkv_rows + layout.dim) * self.dtype.itemsize
+        if self.int8 is not None:
+            return self.int8[1].held_bytes(self.dtype.itemsize)
         ext = self._extents[0]
         return sum(math.prod(ext[x][1]) for x in "qkvo") * self.dtype.itemsize
 

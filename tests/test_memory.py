@@ -29,6 +29,16 @@ def smallest_in(message: str) -> int:
     return int(m.group(1))
 
 
+def dense_greedy(model: DenseModel, prompt: list[int], n: int) -> list[int]:
+    """The reference's ``n`` greedy tokens after ``prompt``."""
+    kv, out = model.new_cache(), []
+    logits = model.forward(prompt, kv)
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model.forward([out[-1]], kv)
+    return out
+
+
 async def generate(engine: Engine, prompt: list[int], n: int, seen: list[dict] | None = None) -> list[int]:
     out = []
     async for t in engine.generate_ids(prompt, n):
@@ -251,11 +261,7 @@ async def test_an_engine_streaming_attention_gives_the_tokens_of_the_int8_form(t
     dense = load_dense(store, torch.float32)
     model = DenseModel(store.config, load_resident(store, torch.float32, form="int8"), dense.ffn, dense.device)
     prompt, n = [3, 4, 5, 6], 10
-    kv, want = model.new_cache(), []
-    logits = model.forward(prompt, kv)
-    for _ in range(n):
-        want.append(int(logits.argmax()))
-        logits = model.forward([want[-1]], kv)
+    want = dense_greedy(model, prompt, n)
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
     async with asyncio.timeout(60):
         async with Engine.open(tiny_store.store, cfg) as engine:
@@ -384,11 +390,7 @@ async def test_a_store_without_the_int8_attention_file_streams_its_16_bit_matric
     model = load_dense(store, torch.float32)
     model.res.lm_head = load_resident(store, torch.float32, form="int8").lm_head  # what "stream" keeps
     prompt, n = [3, 4, 5, 6], 8
-    kv, want = model.new_cache(), []
-    logits = model.forward(prompt, kv)
-    for _ in range(n):
-        want.append(int(logits.argmax()))
-        logits = model.forward([want[-1]], kv)
+    want = dense_greedy(model, prompt, n)
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="dense-fp16", resident="stream")
     async with asyncio.timeout(60):
         async with Engine.open(copy, cfg) as engine:

@@ -115,7 +115,7 @@ class Engine:
             int8 = store.manifest.get("attention_int8")
             if not int8:
                 log.warning("%s has no INT8 attention file (stores converted before it have none): streaming the "
-                         "resident file's 16-bit projections, twice the bytes; convert the model again", store.path)
+                            "resident file's 16-bit projections, twice the bytes; convert the model again", store.path)
             self.attention = AttentionStream(store.path / store.manifest["resident"]["path"], store.config,
                                              self.dtype, self.backend, depth=STREAM_DEPTH, int8=int8 or None)
         n, F = store.config.num_layers, store.num_neurons

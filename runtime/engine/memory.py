@@ -137,12 +137,13 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     head = table + cfg.vocab_size * dtype_bytes
     if form == "int8":
         return cfg.num_layers * (attn + attn_rows * dtype_bytes) + head + norms
-    # stream: the layers held (the one computing and those read ahead). From the store's INT8 file each
-    # is its aligned region as read plus its scales in the compute dtype; from the resident file, the
-    # matrices in the compute dtype and the largest one as read (2 bytes a weight) before it is converted
-    int8 = store.manifest.get("attention_int8")
-    if int8:
-        return (STREAM_DEPTH + 1) * (int8["layer_bytes"] + attn_rows * dtype_bytes) + head + norms
+    # stream: the layers held (the one computing and those read ahead), from the store's INT8 file; or from
+    # the resident file, the matrices in the compute dtype and the largest one as read (2 bytes a weight)
+    # before it is converted
+    if store.manifest.get("attention_int8"):
+        from m2cache.storage.attention_stream import Int8AttentionLayout
+
+        return (STREAM_DEPTH + 1) * Int8AttentionLayout.of(cfg).held_bytes(dtype_bytes) + head + norms
     largest = max(cfg.num_heads * hd, cfg.num_kv_heads * hd) * D * 2
     return (STREAM_DEPTH + 1) * attn * dtype_bytes + largest + head + norms
 
