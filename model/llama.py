@@ -292,7 +292,9 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer: int, kv: KVCache, pos: i
     cache[0, :, pos : pos + T] = k
     cache[1, :, pos : pos + T] = v
     keys, values = cache[0, :, : pos + T], cache[1, :, : pos + T]
-    if T == 1:
+    if T == 1 and q.device.type == "cpu":
+        out = _decode_attention(q, keys, values)
+    elif T == 1:
         out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
     elif pos == 0:
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
@@ -300,6 +302,22 @@ def _attend(cfg: ModelConfig, qkv: torch.Tensor, layer: int, kv: KVCache, pos: i
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=qkv.device).tril(diagonal=pos)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     return out.transpose(0, 1).reshape(T, H * hd)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One position's attention on the CPU, q: [H, 1, hd], keys/values: [KV, L, hd] -> [H, 1, hd] in q's dtype.
+
+    Each KV head's G = H/KV query heads as one [G, hd] x [hd, L] product, in float32. torch's
+    ``scaled_dot_product_attention(enable_gqa=True)`` takes its math path here and widens keys and values to
+    H heads first: on the demo shape (9/3 heads) 51 us at 16 cached positions and 435 us at 500, against 33
+    and 58 for this. The same values to float32 rounding, not to the bit, so the dense reference and the
+    tiered engine both call it."""
+    H, _, hd = q.shape
+    KV = keys.shape[0]
+    qg = q.reshape(KV, H // KV, hd).float()
+    scores = torch.matmul(qg, keys.float().transpose(1, 2)).mul_(hd ** -0.5)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.float())
+    return out.reshape(H, 1, hd).to(q.dtype)
 
 
 def ffn_bundles(h: torch.Tensor, W: torch.Tensor, act) -> torch.Tensor:
