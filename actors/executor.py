@@ -29,7 +29,7 @@ from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
 from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
-from m2cache.model.llama import (KVCache, LayerWeights, attention_block, attention_rows, lm_head, lm_head_rows, rms_norm,
+from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
 from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
@@ -307,17 +307,15 @@ class Executor(Actor):
         """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
         neuron ranking."""
         w = self._weights(layer)
-        if len(batch) == 1 or self.exact:
+        if len(batch) == 1 or self.exact:  # as the dense reference computes it
             for seq in batch:
                 assert seq.kv is not None and seq.x is not None
-                seq.x = attention_block(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
+                seq.x, seq.h = attention_and_norm(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
         else:  # the projections as one product for the batch: the attention weights read once
             xs = attention_rows(self.cfg, w, [s.x for s in batch], layer, [s.kv for s in batch],  # type: ignore[misc]
                                 [s.kv.length for s in batch], [s.cos_sin for s in batch])  # type: ignore[union-attr, misc]
             for seq, x in zip(batch, xs):
-                seq.x = x
-        for seq in batch:
-            seq.h = rms_norm(seq.x, w.ffn_norm, self.cfg.rms_norm_eps)
+                seq.x, seq.h = x, rms_norm(x, w.ffn_norm, self.cfg.rms_norm_eps)
         order = None
         if self.lookahead and not prefill:  # the ranking of layer + 1, from this layer's residual
             order = self._rank_ahead(batch, layer + 1)

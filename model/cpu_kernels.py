@@ -1,11 +1,14 @@
-"""The CPU kernels of the sparse mixed-precision FFN (``csrc/sparse_ffn.c``), built on first use.
+"""The CPU kernels of the sparse mixed-precision FFN (``csrc/sparse_ffn.c``) and of a decode position's
+attention block (``csrc/attention.c``), built on first use.
 
 On the CPU the device pool and DRAM are the same memory, so the fastest FFN reads each kept neuron's
 bundle where it sits in the pool, by slot, and widens INT8/INT4 values in registers: no gather into a
 contiguous buffer and no dequantised copy per token (DESIGN.md §6, §8). torch has no such operator
 (its weight-only kernels want contiguous, specially packed weights), so m2cache ships ~150 lines of C.
+A decode position's attention block is ~35 small torch operators, each dearer than its arithmetic
+once the layer's weights have streamed through the caches; ``attention_decode`` is one call.
 
-The source is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into
+The sources are compiled once per machine with the system C compiler (``cc``, or ``$CC``) into
 ``~/.cache/m2cache/kernels`` (``M2CACHE_HOME``) and loaded with ctypes. Where no compiler is found,
 or ``M2CACHE_KERNELS=0``, ``available()`` is False and callers use the torch path; the first
 failure is logged once with its reason.
@@ -30,7 +33,7 @@ from m2cache.storage.quant import Groups, select_parts
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_ffn.c"
+SOURCES = (Path(__file__).with_name("csrc") / "sparse_ffn.c", Path(__file__).with_name("csrc") / "attention.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
 MAX_TOKENS = 64  # rows of h one call takes (the C side's MAX_T)
@@ -59,14 +62,14 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"sparse_ffn-{key}.so"
+    out = _cache_dir() / f"m2cache-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             so = Path(tmp) / out.name
-            done = subprocess.run([cc, *FLAGS, "-o", str(so), str(SOURCE), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([cc, *FLAGS, "-o", str(so), *map(str, SOURCES), "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
@@ -81,6 +84,8 @@ def _build() -> ctypes.CDLL:
     lib.m2c_gate_int4.restype = i32
     lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
     lib.m2c_copy_rows.restype = i32
+    lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p]
+    lib.m2c_attn_decode.restype = i32
     return lib
 
 
@@ -234,3 +239,52 @@ def copy_rows(pool: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, rows: to
                          f"[0, {src.shape[0]})")
     if rc != 0:
         raise RuntimeError(f"m2c_copy_rows failed with code {rc}")
+
+
+def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv, wo, cos: torch.Tensor,
+                     ssin: torch.Tensor, cache: torch.Tensor, pos: int, heads: int, kv_heads: int,
+                     ffn_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One position's attention block in float32 (``csrc/attention.c``): x + attention(x) [1, D], its keys
+    and values written at ``pos`` of ``cache`` (one layer's [2, KV, cap, hd], contiguous), and with
+    ``ffn_norm`` the FFN's input rms_norm(x_out) * ffn_norm. ``wqkv``/``wo``: float32 matrices or
+    :class:`~m2cache.model.int8.Int8Weight` with float32 scales; ``decode_attention_applies`` says when."""
+    lib = library()
+    assert lib is not None, "attention_decode called without the kernels: check available() first"
+    D = x.shape[1]
+    hd = cache.shape[3]
+    assert x.shape[0] == 1 and x.dtype == cache.dtype == torch.float32 and cache.is_contiguous() and 0 <= pos < cache.shape[2]
+    x = x.contiguous()
+    x_out = torch.empty_like(x)
+    h = torch.empty_like(x) if ffn_norm is not None else None
+    (qkv_w, qkv_s), (o_w, o_s) = _matrix(wqkv), _matrix(wo)
+    rc = lib.m2c_attn_decode(x.data_ptr(), attn_norm.data_ptr(), eps, qkv_w.data_ptr(), qkv_s, o_w.data_ptr(), o_s,
+                             D, heads, kv_heads, hd, cos.data_ptr(), ssin.data_ptr(), cache.data_ptr(), cache.shape[2],
+                             pos, None if ffn_norm is None else ffn_norm.data_ptr(), x_out.data_ptr(),
+                             None if h is None else h.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"m2c_attn_decode failed with code {rc} (D={D}, heads {heads}/{kv_heads}, hd={hd})")
+    return x_out, h
+
+
+def _matrix(w) -> tuple[torch.Tensor, int | None]:
+    """A resident projection as the kernel reads it: (float32 or int8 rows, the scales' address or None)."""
+    if isinstance(w, torch.Tensor):
+        return w, None
+    return w.q, w.scale.data_ptr()
+
+
+def decode_attention_applies(x: torch.Tensor, *weights) -> bool:
+    """Whether ``attention_decode`` takes this position: one float32 row on the CPU, contiguous float32
+    weights (or INT8 rows with float32 scales), and the kernels built."""
+    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    for w in weights:
+        t = w if isinstance(w, torch.Tensor) else getattr(w, "q", None)
+        if t is None or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+        if isinstance(w, torch.Tensor) and w.dtype != torch.float32:
+            return False
+        if not isinstance(w, torch.Tensor) and (t.dtype != torch.int8 or w.scale.dtype != torch.float32
+                                                 or not w.scale.is_contiguous()):
+            return False
+    return available()

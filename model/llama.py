@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import UnsupportedArchitectureError
+from m2cache.model import cpu_kernels
 from m2cache.model.int8 import Int8Weight, linear
 from m2cache.storage.rows import EmbeddingRows
 
@@ -255,9 +256,35 @@ def attention_block(
 ) -> torch.Tensor:
     """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D].
 
-    ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step)."""
+    ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step).
+    One float32 position on the CPU runs as one call of the attention kernel (``cpu_kernels.attention_decode``)."""
+    if cpu_kernels.decode_attention_applies(x, w.wqkv, w.wo, w.attn_norm):
+        return _attention_kernel(cfg, w, x, layer, kv, pos, rope, None)[0]
     out = _attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype)
     return x + linear(out, w.wo)
+
+
+def attention_and_norm(
+    cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
+    rope: Rotary | tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_block`` and the FFN's input (its output under the layer's FFN norm): the decode path of
+    the dense reference and of the tiered engine, so both take the same kernel and agree to the bit."""
+    if cpu_kernels.decode_attention_applies(x, w.wqkv, w.wo, w.attn_norm, w.ffn_norm):
+        x, h = _attention_kernel(cfg, w, x, layer, kv, pos, rope, w.ffn_norm)
+        assert h is not None
+        return x, h
+    x = attention_block(cfg, w, x, layer, kv, pos, rope)
+    return x, rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
+
+
+def _attention_kernel(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
+                      rope: Rotary | tuple[torch.Tensor, torch.Tensor], ffn_norm: torch.Tensor | None):
+    cos, sin = rope_slice(rope, pos, 1, x.dtype) if isinstance(rope, Rotary) else rope
+    kv.reserve(pos + 1)
+    return cpu_kernels.attention_decode(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.wo, cos.contiguous(),
+                                        sin.contiguous(), kv.data[layer], pos, cfg.num_heads, cfg.num_kv_heads,
+                                        ffn_norm)
 
 
 def attention_rows(
@@ -360,8 +387,7 @@ class DenseModel:
         pos = kv.length
         cos_sin = rope_slice(self.rope, pos, ids.shape[0], x.dtype)
         for layer, w in enumerate(self.res.layers):
-            x = attention_block(self.cfg, w, x, layer, kv, pos, cos_sin)
-            h = rms_norm(x, w.ffn_norm, self.cfg.rms_norm_eps)
+            x, h = attention_and_norm(self.cfg, w, x, layer, kv, pos, cos_sin)
             x = x + ffn_bundles(h, self.ffn[layer], self.act)
         kv.length = pos + ids.shape[0]
         if all_logits:

@@ -254,3 +254,50 @@ def test_the_gate_product_shared_among_threads_equals_one_thread_s() -> None:
     with ThreadPoolExecutor(2) as pool:
         shared = cpu_kernels.gate_int4(gates, h, 64, 32, "silu", pool, 3)
     assert torch.equal(shared, cpu_kernels.gate_int4(gates, h, 64, 32, "silu"))  # each row computed alike
+
+
+def attention_layer(weights: str, seed: int = 0):
+    """A LLaMA config with grouped heads (6 query heads over 2 KV heads, head dim 16) and one layer's
+    resident weights in float32 or INT8 rows."""
+    from m2cache.model.int8 import Int8Weight
+    from m2cache.model.llama import LayerWeights, ModelConfig
+    cfg = ModelConfig.from_hf(dict(model_type="llama", hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, vocab_size=32, rms_norm_eps=1e-5,
+                                   hidden_act="silu", max_position_embeddings=512, rope_theta=10000.0))
+    g = torch.Generator().manual_seed(seed)
+    wqkv, wo = torch.randn(10 * 16, 96, generator=g) * 0.1, torch.randn(96, 96, generator=g) * 0.1
+    if weights == "int8":
+        wqkv, wo = Int8Weight.quantize(wqkv, torch.float32), Int8Weight.quantize(wo, torch.float32)  # type: ignore
+    norms = torch.rand(2, 96, generator=g) + 0.5
+    return cfg, LayerWeights(norms[0], wqkv, wo, norms[1])
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_attention_kernel_agrees_with_the_torch_operators(weights: str) -> None:
+    """Forty decode positions (the cache growing past its first capacity): the kernel's residual, FFN input and
+    cache equal torch's ~35 operators to float32 rounding."""
+    from m2cache.model.int8 import linear
+    from m2cache.model.llama import KVCache, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
+    cfg, w = attention_layer(weights)
+    assert cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv, w.wo, w.attn_norm, w.ffn_norm)
+    rope = Rotary(cfg)
+    mine, theirs = KVCache(cfg, torch.float32, "cpu", capacity=8), KVCache(cfg, torch.float32, "cpu", capacity=8)
+    g = torch.Generator().manual_seed(1)
+    for pos in range(40):
+        x = torch.randn(1, 96, generator=g)
+        cos_sin = rope_slice(rope, pos, 1, torch.float32)
+        got, h = attention_and_norm(cfg, w, x, 1, mine, pos, cos_sin)
+        want = x + linear(_attend(cfg, _qkv(cfg, w, x), 1, theirs, pos, cos_sin, x.dtype), w.wo)
+        assert rel_err(got, want) < RTOL
+        assert rel_err(h, rms_norm(want, w.ffn_norm, cfg.rms_norm_eps)) < RTOL
+    assert mine.data.shape == theirs.data.shape and rel_err(mine.data, theirs.data) < RTOL
+    assert not mine.data[0].any()  # layer 0 untouched
+
+
+def test_attention_kernel_leaves_what_it_does_not_take_to_torch() -> None:
+    """Several positions, another dtype or 16-bit weights: the torch operators (the kernel is float32, one row)."""
+    cfg, w = attention_layer("float32")
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 96), w.wqkv, w.wo)
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w.wqkv, w.wo)
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.bfloat16(), w.wo)  # type: ignore
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.t(), w.wo)  # type: ignore
