@@ -157,6 +157,12 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
     one and ``ways - 1`` of ``pool``) takes a share of every precision's neurons into its own output, summed
     at the end: the FFN is a sum over neurons, and each call releases the GIL. ``gacts[p]``: a split
     store's gate activations [n_p, T] of those rows, in their order."""
+    if ways == 1 and hf.shape[0] <= MAX_TOKENS:  # one call a precision, nothing split (a decode step on one thread)
+        out = torch.zeros_like(hf)
+        for p, (src, rows) in sources.items():
+            slots = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
+            ffn_group(p, src, slots, hf, out, dim, groups, act, None if gacts is None else gacts[p])
+        return out
     outs = [torch.zeros_like(hf) for _ in range(ways)]
     parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
              for p, (src, rows) in sources.items()}
