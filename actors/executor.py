@@ -85,8 +85,6 @@ class Executor(Actor):
         self.wake = asyncio.Event()
         self.stopping = False
         self.worker: ThreadPoolExecutor | None = None
-        self.kernel_pool: ThreadPoolExecutor | None = None  # more threads for the C kernels' neuron shares
-        self.kernel_ways = 1
         self.step_no = 0
         self.eos = set(self.cfg.eos_token_ids)
         self.compute_stream = compute_stream  # CUDA: the stream every kernel of the step runs on
@@ -117,10 +115,6 @@ class Executor(Actor):
     # ---- the loop ------------------------------------------------------------------------------
     async def setup(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="m2cache-compute")
-        self.kernel_ways = torch.get_num_threads() if self.use_kernels else 1  # the engine set it for this run
-        if self.kernel_ways > 1:
-            self.kernel_pool = ThreadPoolExecutor(self.kernel_ways - 1, thread_name_prefix="m2cache-kernels")
-            self.ffn.use_threads(self.kernel_pool, self.kernel_ways)
 
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
@@ -128,10 +122,8 @@ class Executor(Actor):
             _finish(seq, exc)
         self.active.clear()
         self.pending.clear()
-        self.ffn.use_threads(None, 1)
-        for pool in (self.worker, self.kernel_pool):  # a job in flight finishes in a helper thread, not on the loop
-            if pool is not None:
-                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.shutdown, True)
 
     async def run(self) -> None:
         error: BaseException | None = None

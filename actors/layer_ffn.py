@@ -13,7 +13,6 @@ ones that ranked its neurons (``score``), are kept until its FFN takes the kept 
 """
 from __future__ import annotations
 
-from concurrent.futures import Executor
 
 import torch
 
@@ -30,14 +29,7 @@ class LayerFFN:
         self.act_name = store.config.hidden_act
         self.policy, self.pools, self.act, self.dtype = policy, pools, act, dtype
         self.use_kernels, self.dense_prefill = use_kernels, dense_prefill
-        self.pool: Executor | None = None  # more threads for the C kernels' neuron shares
-        self.ways = 1
         self._acts: tuple[int, torch.Tensor] | None = None  # (layer, gate activations) scored for its FFN
-
-    def use_threads(self, pool: Executor | None, ways: int) -> None:
-        self.pool, self.ways = pool, ways
-        if hasattr(self.policy, "use_threads"):  # the gate policy's product over every neuron, shared too
-            self.policy.use_threads(pool, ways)
 
     def forget(self) -> None:
         """A new step: a step that failed mid-layer leaves no gate activations behind for this one's rows."""
@@ -60,7 +52,7 @@ class LayerFFN:
         # a prefill split by the policy runs the kernels too: no layer dequantised
         if self.use_kernels and not (prefill and self.dense_prefill):
             out = cpu_kernels.ffn_sources(self._sources(ready), h.float().contiguous(), self.dim, self.groups,
-                                          self.act_name, self.pool, self.ways, gacts)
+                                          self.act_name, gacts)
             return out.to(self.dtype)
         return ffn_groups(h, self.raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype,
                           gacts=gacts)

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import Executor, wait
 from pathlib import Path
 
 import torch
@@ -33,7 +32,9 @@ from m2cache.storage.quant import Groups, select_parts
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "sparse_ffn.c", Path(__file__).with_name("csrc") / "attention.c")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "sparse_ffn.c", CSRC / "attention.c", CSRC / "threads.c")
+HEADERS = (CSRC / "threads.h",)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
 MAX_TOKENS = 64  # rows of h one call takes (the C side's MAX_T)
@@ -62,14 +63,14 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = b"".join(path.read_bytes() for path in SOURCES)
+    src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
     out = _cache_dir() / f"m2cache-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             so = Path(tmp) / out.name
-            done = subprocess.run([cc, *FLAGS, "-o", str(so), *map(str, SOURCES), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([cc, *FLAGS, "-o", str(so), *map(str, SOURCES), "-lm", "-lpthread"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
@@ -86,6 +87,10 @@ def _build() -> ctypes.CDLL:
     lib.m2c_copy_rows.restype = i32
     lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p]
     lib.m2c_attn_decode.restype = i32
+    lib.m2c_set_threads.argtypes = [i32]
+    lib.m2c_set_threads.restype = i32
+    lib.m2c_threads.argtypes = []
+    lib.m2c_threads.restype = i32
     return lib
 
 
@@ -109,6 +114,23 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def set_threads(n: int) -> int:
+    """The kernels' threads (process-wide, as torch's are): each product is shared among ``n`` threads, this
+    one and ``n - 1`` of the kernels' own pool, handed work in microseconds; returns the number before."""
+    lib = library()
+    if lib is None:
+        return 1
+    before = int(lib.m2c_threads())
+    lib.m2c_set_threads(max(1, int(n)))
+    return before
+
+
+def threads() -> int:
+    """The kernels' threads now (1 without the kernels)."""
+    lib = library()
+    return 1 if lib is None else int(lib.m2c_threads())
 
 
 def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
@@ -150,42 +172,17 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
 
 
 def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, groups: Groups,
-                act: str, pool: Executor | None = None, ways: int = 1,
-                gacts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                act: str, gacts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The FFN over every precision's rows (``sources[p]``: the tensor holding them and their row ids, None
-    for all), 64 rows of ``hf`` [T, D] float32 a call. With ``ways`` > 1 each of ``ways`` threads (this
-    one and ``ways - 1`` of ``pool``) takes a share of every precision's neurons into its own output, summed
-    at the end: the FFN is a sum over neurons, and each call releases the GIL. ``gacts[p]``: a split
-    store's gate activations [n_p, T] of those rows, in their order."""
-    if ways == 1 and hf.shape[0] <= MAX_TOKENS:  # one call a precision, nothing split (a decode step on one thread)
-        out = torch.zeros_like(hf)
-        for p, (src, rows) in sources.items():
-            slots = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
-            ffn_group(p, src, slots, hf, out, dim, groups, act, None if gacts is None else gacts[p])
-        return out
-    outs = [torch.zeros_like(hf) for _ in range(ways)]
-    parts = {p: (src, (torch.arange(src.shape[0]) if rows is None else rows).tensor_split(ways))
-             for p, (src, rows) in sources.items()}
-    split = {p: g.tensor_split(ways) for p, g in gacts.items()} if gacts is not None else None
-
-    def share(j: int) -> None:
+    for all), 64 rows of ``hf`` [T, D] float32 a call; each call shares its neurons among the kernels' threads
+    (``set_threads``). ``gacts[p]``: a split store's gate activations [n_p, T] of those rows, in their order."""
+    out = torch.zeros_like(hf)
+    for p, (src, rows) in sources.items():
+        slots = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
         for start in range(0, hf.shape[0], MAX_TOKENS):
-            rows_h, rows_out = hf[start:start + MAX_TOKENS], outs[j][start:start + MAX_TOKENS]
-            for p, (src, slots) in parts.items():
-                g = None if split is None else split[p][j][:, start:start + MAX_TOKENS].contiguous()
-                ffn_group(p, src, slots[j].contiguous(), rows_h, rows_out, dim, groups, act, g)
-
-    assert ways == 1 or pool is not None, "a split over threads needs their pool"
-    others = [pool.submit(share, j) for j in range(1, ways)] if pool is not None else []
-    try:
-        share(0)
-    finally:  # the other shares write into outs: never return (or raise) while one still runs
-        wait(others)
-    for f in others:
-        f.result()
-    for extra in outs[1:]:
-        outs[0] += extra
-    return outs[0]
+            g = None if gacts is None else gacts[p][:, start:start + MAX_TOKENS].contiguous()
+            ffn_group(p, src, slots, hf[start:start + MAX_TOKENS], out[start:start + MAX_TOKENS], dim, groups, act, g)
+    return out
 
 
 def gate_rows_int4(bundles: torch.Tensor, dim: int, group: int) -> torch.Tensor:
@@ -194,19 +191,10 @@ def gate_rows_int4(bundles: torch.Tensor, dim: int, group: int) -> torch.Tensor:
     return select_parts("int4", bundles, 3, dim, Groups(int4=group), 0, 1)
 
 
-def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str, pool: Executor | None = None,
-              ways: int = 1) -> torch.Tensor:
+def gate_int4(gates: torch.Tensor, h: torch.Tensor, dim: int, group: int, act: str) -> torch.Tensor:
     """act(gate·h) [T, F] float32 for every row of ``gates`` (``gate_rows_int4``'s layout) and every
-    row of h [T, D], 64 tokens a call, the INT4 values widened in registers. With ``ways`` > 1 the rows are
-    shared between this thread and ``ways - 1`` of ``pool`` (each call releases the GIL)."""
-    if ways > 1 and pool is not None and gates.shape[0] >= ways:
-        chunks = gates.tensor_split(ways)
-        others = [pool.submit(gate_int4, c, h, dim, group, act) for c in chunks[1:]]
-        try:
-            first = gate_int4(chunks[0], h, dim, group, act)
-        finally:  # never leave a share running past the return
-            wait(others)
-        return torch.cat([first] + [f.result() for f in others], dim=1)
+    row of h [T, D], 64 tokens a call, the INT4 values widened in registers, the rows shared among the
+    kernels' threads."""
     lib = library()
     assert lib is not None, "gate_int4 called without the kernels: check available() first"
     assert gates.dtype == torch.uint8 and gates.is_contiguous() and gates.device.type == "cpu"

@@ -7,7 +7,6 @@ the predictor actor lives.
 """
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,12 +182,6 @@ class GatePolicy(Policy):
         self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
         self.resident_bytes = resident_bytes
         self.kernel_act, self.group, self.dtype = kernel_act, group, dtype
-        self.pool: Executor | None = None  # threads for the packed copy's product (the engine's kernel pool)
-        self.ways = 1
-
-    def use_threads(self, pool: Executor | None, ways: int) -> None:
-        """Share the gate product's rows among ``ways`` threads: this one and ``ways - 1`` of ``pool``."""
-        self.pool, self.ways = pool, ways
 
     def score(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.score_all(layer, h[-1:])[0]
@@ -212,7 +205,7 @@ class GatePolicy(Policy):
         if gates.dtype == torch.uint8 and self.kernel_act is not None:
             from m2cache.model import cpu_kernels
 
-            return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act, self.pool, self.ways)
+            return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act)
         if gates.dtype == torch.uint8:  # packed, no kernel (CUDA): this layer's rows dequantised where they lie
             from m2cache.storage import quant
 

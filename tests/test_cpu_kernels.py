@@ -245,17 +245,6 @@ def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole
     assert rel_err(parted, whole) < RTOL
 
 
-def test_the_gate_product_shared_among_threads_equals_one_thread_s() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    _, bundles = pool_of("int4", 101, 64, 32, seed=10)
-    gates = cpu_kernels.gate_rows_int4(bundles, 64, 32)
-    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
-    with ThreadPoolExecutor(2) as pool:
-        shared = cpu_kernels.gate_int4(gates, h, 64, 32, "silu", pool, 3)
-    assert torch.equal(shared, cpu_kernels.gate_int4(gates, h, 64, 32, "silu"))  # each row computed alike
-
-
 def attention_layer(weights: str, seed: int = 0):
     """A LLaMA config with grouped heads (6 query heads over 2 KV heads, head dim 16) and one layer's
     resident weights in float32 or INT8 rows."""
@@ -301,3 +290,56 @@ def test_attention_kernel_leaves_what_it_does_not_take_to_torch() -> None:
     assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w.wqkv, w.wo)
     assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.bfloat16(), w.wo)  # type: ignore
     assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.t(), w.wo)  # type: ignore
+
+
+@pytest.fixture
+def kernel_threads():
+    """The kernels' pool at 3 threads for the test, one again after it (the pool is process-wide)."""
+    before = cpu_kernels.set_threads(3)
+    assert cpu_kernels.threads() == 3
+    yield
+    cpu_kernels.set_threads(before)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("split", [False, True])
+def test_kernels_shared_among_threads_agree_with_one_thread(kernel_threads, precision: str, split: bool) -> None:
+    """Large enough to be shared (every part reads its 96 KiB), in both bundle layouts: the sum of the parts
+    equals one thread's product to float32 rounding, rows read by slot in any order."""
+    dim, group, n = 256, 32, 1200
+    w, pool = pool_of(precision, n, dim, group, seed=3)
+    if split:
+        pool = quant.encode(precision, w[:, 1:], G(group))
+    slots = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:900]
+    h = torch.randn(3, dim, generator=torch.Generator().manual_seed(5))
+    gact = torch.randn(900, 3) if split else None
+    shared, alone = torch.zeros(3, dim), torch.zeros(3, dim)
+    cpu_kernels.ffn_group(precision, pool, slots, h, shared, dim, G(group), "silu", gact)
+    cpu_kernels.set_threads(1)
+    cpu_kernels.ffn_group(precision, pool, slots, h, alone, dim, G(group), "silu", gact)
+    assert rel_err(shared, alone) < RTOL
+
+
+def test_gate_scores_and_attention_shared_among_threads_equal_one_thread(kernel_threads) -> None:
+    """Row-wise products: each row is computed whole by one thread, so the values are one thread's to the bit
+    (the gate copy 4000 rows, 1.1 MB; the attention's projections 384 x 256 and 256 x 256 float32: shared)."""
+    from m2cache.model.llama import KVCache, LayerWeights, ModelConfig, Rotary, attention_and_norm, rope_slice
+    _, bundles = pool_of("int4", 4000, 128, 32, seed=6)
+    gates = cpu_kernels.gate_rows_int4(bundles, 128, 32)
+    h = torch.randn(2, 128)
+    cfg = ModelConfig.from_hf(dict(model_type="llama", hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=32, rms_norm_eps=1e-5,
+                                   hidden_act="silu", max_position_embeddings=64, rope_theta=10000.0))
+    g = torch.Generator().manual_seed(7)
+    w = LayerWeights(torch.rand(256, generator=g) + 0.5, torch.randn(384, 256, generator=g) * 0.1,
+                     torch.randn(256, 256, generator=g) * 0.1, torch.rand(256, generator=g) + 0.5)
+    x, cs = torch.randn(1, 256, generator=g), rope_slice(Rotary(cfg), 0, 1, torch.float32)
+
+    def both():
+        return (cpu_kernels.gate_int4(gates, h, 128, 32, "silu"),
+                *attention_and_norm(cfg, w, x, 0, KVCache(cfg, torch.float32, "cpu", capacity=4), 0, cs))
+
+    shared = both()
+    cpu_kernels.set_threads(1)
+    alone = both()
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone))

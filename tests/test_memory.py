@@ -8,12 +8,14 @@ import re
 import pytest
 import torch
 
+
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.engine import Engine
 from m2cache.engine.loading import load_dense, load_resident, resident_bytes
 from m2cache.engine.memory import plan_memory, process_rss, resident_bytes_of
 from m2cache.engine.policies import load_policy
 from m2cache.errors import BudgetError, ChecksumError, ConfigError, StoreNotFoundError, TruncatedStoreError
+from m2cache.model import cpu_kernels
 from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import DenseModel
 from m2cache.storage.reader import Store
@@ -212,9 +214,10 @@ async def test_the_kernels_split_over_threads_give_the_tokens_of_one_thread(tiny
     async with asyncio.timeout(60):
         for threads in (1, 3):
             async with Engine.open(tiny_store.store, cfg.replace(compute_threads=threads)) as engine:
-                assert engine.executor.kernel_ways == (threads if engine.executor.use_kernels else 1)
+                assert cpu_kernels.threads() == (threads if cpu_kernels.available() else 1)
                 got[threads] = await generate(engine, [5, 6, 7, 8], 12)
     assert got[1] == got[3]
+    assert cpu_kernels.threads() == 1  # given back at close
 
 
 def test_streamed_attention_is_the_files_own_and_holds_a_window_of_layers(tiny_store) -> None:

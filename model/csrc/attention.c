@@ -16,6 +16,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "threads.h"
+
+/* A part of a shared projection reads at least this many bytes of weights. */
+#define MIN_PART_BYTES (96 << 10)
+
 static float dot_f32(const float *w, const float *x, int64_t n) {
     float s = 0.0f;
     for (int64_t i = 0; i < n; i++) s += w[i] * x[i];
@@ -28,15 +33,32 @@ static float dot_i8(const int8_t *w, const float *x, int64_t n) {
     return s;
 }
 
-/* y[r] = W[r] · x for rows [0, rows); W float32, or INT8 with scale[r] (scale not NULL). */
-static void matvec(const void *w, const float *scale, const float *x, int64_t rows, int64_t cols, float *y) {
-    if (scale) {
-        const int8_t *q = (const int8_t *)w;
-        for (int64_t r = 0; r < rows; r++) y[r] = dot_i8(q + r * cols, x, cols) * scale[r];
+typedef struct {
+    const void *w;
+    const float *scale, *x;
+    int64_t rows, cols;
+    float *y;
+} matvec_task;
+
+static void matvec_part(void *ctx, int part, int parts) {
+    const matvec_task *k = ctx;
+    int64_t r0, r1;
+    m2c_share(k->rows, part, parts, &r0, &r1);
+    if (k->scale) {
+        const int8_t *q = (const int8_t *)k->w;
+        for (int64_t r = r0; r < r1; r++) k->y[r] = dot_i8(q + r * k->cols, k->x, k->cols) * k->scale[r];
     } else {
-        const float *f = (const float *)w;
-        for (int64_t r = 0; r < rows; r++) y[r] = dot_f32(f + r * cols, x, cols);
+        const float *f = (const float *)k->w;
+        for (int64_t r = r0; r < r1; r++) k->y[r] = dot_f32(f + r * k->cols, k->x, k->cols);
     }
+}
+
+/* y[r] = W[r] · x for rows [0, rows), shared among the kernels' threads; W float32, or INT8 with scale[r]
+ * (scale not NULL). */
+static void matvec(const void *w, const float *scale, const float *x, int64_t rows, int64_t cols, float *y) {
+    matvec_task k = {w, scale, x, rows, cols, y};
+    const int64_t bytes = rows * cols * (scale ? 1 : 4);
+    m2c_run(matvec_part, &k, (int)(bytes / MIN_PART_BYTES));
 }
 
 static void rms_norm(const float *x, const float *weight, float eps, int64_t D, float *out) {

@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "threads.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -40,6 +42,8 @@ static inline float activate(float x, int act) {
 }
 
 #define MAX_T 64
+/* A part of a shared product reads at least this many bytes of weights (a hand-off costs microseconds). */
+#define MIN_PART_BYTES (96 << 10)
 
 /* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
 static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
@@ -211,17 +215,6 @@ static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bu
     return 0;
 }
 
-int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, int64_t parts, const float *gact,
-                 float *out) {
-    return ffn_rows(0, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, parts, gact, out);
-}
-
-int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                 const float *gact, float *out) {
-    return ffn_rows(1, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
-}
 
 /* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
  * output the same way, so every inner loop runs over whole bytes: low nibble with the even values,
@@ -297,9 +290,9 @@ static void deinterleave(const float *h, int64_t T, int64_t D, int64_t gh, float
         }
 }
 
-int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                 const float *gact, float *out) {
+static int ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                    const float *gact, float *out) {
     if (T > MAX_T || group <= 0 || D % group || group % 2 || parts != (gact ? 2 : 3)) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;
     const int64_t half = D / 2, ng = D / group, gh = group / 2;
@@ -337,6 +330,28 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
 /* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
  * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
  * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]. */
+typedef struct {
+    const uint8_t *gates;
+    const float *he, *ho, *xsum;
+    int64_t rows, T, half, ng, gh;
+    int act;
+    float *out;
+} gate_task;
+
+static void gate_part(void *ctx, int part, int parts) {
+    const gate_task *k = ctx;
+    const int64_t width = k->half + 4 * k->ng;
+    int64_t j0, j1;
+    m2c_share(k->rows, part, parts, &j0, &j1);
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *row = k->gates + j * width;
+        const f16 *meta = (const f16 *)(row + k->half);
+        for (int64_t t = 0; t < k->T; t++)
+            k->out[t * k->rows + j] = activate(dot_int4(row, meta, k->he + t * k->half, k->ho + t * k->half,
+                                                        k->xsum + t * k->ng, k->half, k->gh), k->act);
+    }
+}
+
 int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
                   int act, float *out) {
     if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
@@ -348,15 +363,77 @@ int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T,
         return -2;
     }
     deinterleave(h, T, D, gh, he, ho, xsum);
-    for (int64_t j = 0; j < rows; j++) {
-        const uint8_t *row = gates + j * width;
-        const f16 *meta = (const f16 *)(row + half);
-        for (int64_t t = 0; t < T; t++)
-            out[t * rows + j] = activate(dot_int4(row, meta, he + t * half, ho + t * half, xsum + t * ng, half, gh),
-                                         act);
-    }
+    gate_task k = {gates, he, ho, xsum, rows, T, half, ng, gh, act, out};
+    m2c_run(gate_part, &k, (int)(rows * width * T / MIN_PART_BYTES));
     free(he); free(ho); free(xsum);
     return 0;
+}
+
+/* The FFN of a precision group, its neurons shared among the pool's threads: part 0 adds into out, every
+ * other part into a zeroed buffer of its own, added into out at the end (the FFN is a sum over neurons). */
+enum { KIND_FP16 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
+
+typedef struct {
+    int kind, act;
+    const uint8_t *pool;
+    int64_t pool_rows, bundle_bytes, n, T, D, group, parts;
+    const int64_t *slots;
+    const float *h, *gact;
+    float *out, *spare;  /* spare: [parts - 1][T][D] */
+    int rc[M2C_MAX_THREADS];
+} ffn_task;
+
+static void ffn_part(void *ctx, int part, int parts) {
+    ffn_task *k = ctx;
+    int64_t b, e;
+    m2c_share(k->n, part, parts, &b, &e);
+    float *out = part == 0 ? k->out : k->spare + (part - 1) * k->T * k->D;
+    const int64_t *slots = k->slots + b;
+    const float *gact = k->gact ? k->gact + b * k->T : NULL;
+    if (k->kind == KIND_INT4)
+        k->rc[part] = ffn_int4(k->pool, k->pool_rows, k->bundle_bytes, slots, e - b, k->h, k->T, k->D, k->group,
+                               k->act, k->parts, gact, out);
+    else
+        k->rc[part] = ffn_rows(k->kind == KIND_INT8, k->pool, k->pool_rows, k->bundle_bytes, slots, e - b, k->h,
+                               k->T, k->D, k->group, k->act, k->parts, gact, out);
+}
+
+static int ffn_shared(int kind, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                      int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                      const float *gact, float *out) {
+    if (T > MAX_T || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3;  /* before any row is read, in any part */
+    int ways = (int)(n * bundle_bytes * T / MIN_PART_BYTES), pool_threads = m2c_threads();
+    ways = ways < pool_threads ? ways : pool_threads;
+    ways = ways > 1 ? ways : 1;
+    ffn_task k = {kind, act, pool, pool_rows, bundle_bytes, n, T, D, group, parts, slots, h, gact, out, NULL, {0}};
+    if (ways > 1 && !(k.spare = calloc((size_t)(ways - 1) * T * D, sizeof(float)))) ways = 1;
+    m2c_run(ffn_part, &k, ways);
+    int rc = 0;
+    for (int i = 0; i < ways; i++) rc = rc ? rc : k.rc[i];
+    for (int i = 1; i < ways && rc == 0; i++)
+        for (int64_t j = 0; j < T * D; j++) out[j] += k.spare[(i - 1) * T * D + j];
+    free(k.spare);
+    return rc;
+}
+
+int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int act, int64_t parts, const float *gact,
+                 float *out) {
+    return ffn_shared(KIND_FP16, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, parts, gact, out);
+}
+
+int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                 const float *gact, float *out) {
+    return ffn_shared(KIND_INT8, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
+}
+
+int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                 const float *gact, float *out) {
+    if (group % 2) return -1;
+    return ffn_shared(KIND_INT4, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
 }
 
 /* pool[dst[i]] = src[rows[i]] (rows NULL: src[i]) for i < n, rows of `width` bytes: the CPU's copy

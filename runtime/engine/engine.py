@@ -28,6 +28,7 @@ from m2cache.actors.ssd_reader import SSDReader
 from m2cache.engine.config import EngineConfig
 from m2cache.errors import EngineClosedError
 from m2cache.engine.loading import load_resident, load_tokenizer
+from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel
 from m2cache.model.policy import PRECISION_ORDER
 from m2cache.model.tokenizer import StreamDecoder
@@ -69,6 +70,7 @@ class Engine:
         self.run_stats = RunStats()
         self._supervisor: asyncio.Task | None = None
         self._torch_threads: int | None = None  # torch's setting before open, restored at close
+        self._kernel_threads: int | None = None  # the kernels' threads before this engine set them
         self._closed = False
         self._error: BaseException | None = None
         self.attention: AttentionStream | None = None  # resident="stream": the projections read per layer
@@ -101,7 +103,9 @@ class Engine:
         self.plan: TierPlan = plan_tiers(store, cfg, self.policy, cpu_direct=direct)  # BudgetError before any work
         if self.device.type == "cpu" and cfg.compute_threads is not None:
             self._torch_threads = torch.get_num_threads()
-            torch.set_num_threads(compute_threads(cfg, self.plan, fetched_bytes(store, self.policy)))
+            threads = compute_threads(cfg, self.plan, fetched_bytes(store, self.policy))
+            torch.set_num_threads(threads)
+            self._kernel_threads = cpu_kernels.set_threads(threads)  # the C kernels share each product too
         loop = asyncio.get_running_loop()
         form = "full" if cfg.resident == "auto" else cfg.resident
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
@@ -166,6 +170,9 @@ class Engine:
         if self._torch_threads is not None:
             torch.set_num_threads(self._torch_threads)
             self._torch_threads = None
+        if self._kernel_threads is not None:
+            cpu_kernels.set_threads(self._kernel_threads)
+            self._kernel_threads = None
         if self._supervisor is None:  # start-up failed half way: release what it opened
             self._release()
             return

@@ -1,0 +1,91 @@
+/* A fixed pool of worker threads for the kernels (threads.h). The pool's size is set from Python
+ * (m2cache.model.cpu_kernels.set_threads: the engine's compute threads); each run posts one task, the
+ * caller computes part 0 and waits for the others. Runs do not nest or overlap: a second caller while
+ * one runs computes its task alone (a trylock), so no thread ever waits on another's task. */
+#include <pthread.h>
+
+#include "threads.h"
+
+static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER;  /* held for a whole run, and while resizing */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;      /* guards the fields below */
+static pthread_cond_t go = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
+static pthread_t workers[M2C_MAX_THREADS];
+static int threads = 1, quit = 0, pending = 0, task_parts = 1;
+static unsigned long generation = 0;
+static m2c_task task_fn;
+static void *task_ctx;
+
+static void *work(void *arg) {
+    const int part = (int)(intptr_t)arg;
+    pthread_mutex_lock(&mu);
+    unsigned long seen = generation;
+    for (;;) {
+        while (generation == seen && !quit) pthread_cond_wait(&go, &mu);
+        if (quit) break;
+        seen = generation;
+        m2c_task fn = task_fn;
+        void *ctx = task_ctx;
+        const int parts = task_parts;
+        pthread_mutex_unlock(&mu);
+        if (part < parts) fn(ctx, part, parts);
+        pthread_mutex_lock(&mu);
+        if (--pending == 0) pthread_cond_signal(&done);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+static void stop_workers(void) {
+    pthread_mutex_lock(&mu);
+    quit = 1;
+    pthread_cond_broadcast(&go);
+    pthread_mutex_unlock(&mu);
+    for (int i = 1; i < threads; i++) pthread_join(workers[i], NULL);
+    quit = 0;
+    threads = 1;
+}
+
+/* The pool's size (1: every kernel on its caller's thread); returns the size in use. */
+int m2c_set_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > M2C_MAX_THREADS) n = M2C_MAX_THREADS;
+    pthread_mutex_lock(&run_mu);
+    if (n != threads) {
+        stop_workers();
+        int started = 1;
+        for (; started < n; started++)
+            if (pthread_create(&workers[started], NULL, work, (void *)(intptr_t)started) != 0) break;
+        threads = started;
+    }
+    const int now = threads;
+    pthread_mutex_unlock(&run_mu);
+    return now;
+}
+
+int m2c_threads(void) { return threads; }
+
+void m2c_run(m2c_task fn, void *ctx, int max_parts) {
+    if (threads == 1 || max_parts <= 1 || pthread_mutex_trylock(&run_mu) != 0) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    const int parts = threads < max_parts ? threads : max_parts;
+    if (parts == 1) {  /* resized to one between the check and the lock */
+        pthread_mutex_unlock(&run_mu);
+        fn(ctx, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&mu);
+    task_fn = fn;
+    task_ctx = ctx;
+    task_parts = parts;
+    pending = threads - 1;  /* every worker wakes and answers; those past `parts` compute nothing */
+    generation++;
+    pthread_cond_broadcast(&go);
+    pthread_mutex_unlock(&mu);
+    fn(ctx, 0, parts);
+    pthread_mutex_lock(&mu);
+    while (pending) pthread_cond_wait(&done, &mu);
+    pthread_mutex_unlock(&mu);
+    pthread_mutex_unlock(&run_mu);
+}

@@ -1,0 +1,24 @@
+/* The kernels' own threads: a decode layer's products split over the compute cores with a hand-off of
+ * microseconds (a Python thread pool's costs ~0.1 ms, as much as a small layer's whole product). */
+#ifndef M2C_THREADS_H
+#define M2C_THREADS_H
+#include <stdint.h>
+
+#define M2C_MAX_THREADS 64
+
+/* fn(ctx, part, parts) for every part in [0, parts): part 0 on the caller's thread, the rest on the pool's. */
+typedef void (*m2c_task)(void *ctx, int part, int parts);
+
+/* Runs the task in min(pool size, max_parts) parts (one where the pool has one thread or is busy with
+ * another caller's task); returns nothing until every part has returned. */
+void m2c_run(m2c_task fn, void *ctx, int max_parts);
+
+/* The pool's size now: what a task may be split into. */
+int m2c_threads(void);
+
+/* [begin, end) of part `part` of `parts` over n items. */
+static inline void m2c_share(int64_t n, int part, int parts, int64_t *begin, int64_t *end) {
+    *begin = n * part / parts;
+    *end = n * (part + 1) / parts;
+}
+#endif
