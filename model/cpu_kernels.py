@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL:
     lib.m2c_gate_int4.restype = i32
     lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
     lib.m2c_copy_rows.restype = i32
-    lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p]
+    lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p, i32]
     lib.m2c_attn_decode.restype = i32
     lib.m2c_set_threads.argtypes = [i32]
     lib.m2c_set_threads.restype = i32
@@ -238,47 +238,52 @@ def copy_rows(pool: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, rows: to
 def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv, wo, cos: torch.Tensor,
                      ssin: torch.Tensor, cache: torch.Tensor, pos: int, heads: int, kv_heads: int,
                      ffn_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One position's attention block in float32 (``csrc/attention.c``): x + attention(x) [1, D], its keys
-    and values written at ``pos`` of ``cache`` (one layer's [2, KV, cap, hd], contiguous), and with
-    ``ffn_norm`` the FFN's input rms_norm(x_out) * ffn_norm. ``wqkv``/``wo``: float32 matrices or
-    :class:`~m2cache.model.int8.Int8Weight` with float32 scales; ``decode_attention_applies`` says when."""
+    """One position's attention block (``csrc/attention.c``), in x's dtype (float32 or bfloat16): x +
+    attention(x) [1, D], its keys and values written at ``pos`` of ``cache`` (one layer's [2, KV, cap, hd],
+    contiguous), and with ``ffn_norm`` the FFN's input rms_norm(x_out) * ffn_norm. ``wqkv``/``wo``: matrices
+    in x's dtype or :class:`~m2cache.model.int8.Int8Weight`; ``decode_attention_applies`` says when."""
     lib = library()
     assert lib is not None, "attention_decode called without the kernels: check available() first"
     D = x.shape[1]
     hd = cache.shape[3]
-    assert x.shape[0] == 1 and x.dtype == cache.dtype == torch.float32 and cache.is_contiguous() and 0 <= pos < cache.shape[2]
+    assert x.shape[0] == 1 and x.dtype == cache.dtype in _ATTENTION_DTYPES and cache.is_contiguous()
+    assert 0 <= pos < cache.shape[2]
     x = x.contiguous()
     x_out = torch.empty_like(x)
     h = torch.empty_like(x) if ffn_norm is not None else None
-    (qkv_w, qkv_s), (o_w, o_s) = _matrix(wqkv), _matrix(wo)
-    rc = lib.m2c_attn_decode(x.data_ptr(), attn_norm.data_ptr(), eps, qkv_w.data_ptr(), qkv_s, o_w.data_ptr(), o_s,
-                             D, heads, kv_heads, hd, cos.data_ptr(), ssin.data_ptr(), cache.data_ptr(), cache.shape[2],
-                             pos, None if ffn_norm is None else ffn_norm.data_ptr(), x_out.data_ptr(),
-                             None if h is None else h.data_ptr())
+    (qkv_w, qkv_s), (o_w, o_s) = _matrix(wqkv), _matrix(wo)  # the scales stay referenced through the call
+    rc = lib.m2c_attn_decode(x.data_ptr(), attn_norm.data_ptr(), eps, qkv_w.data_ptr(), _ptr(qkv_s), o_w.data_ptr(),
+                             _ptr(o_s), D, heads, kv_heads, hd, cos.data_ptr(), ssin.data_ptr(), cache.data_ptr(),
+                             cache.shape[2], pos, _ptr(ffn_norm), x_out.data_ptr(), _ptr(h),
+                             int(x.dtype == torch.bfloat16))
     if rc != 0:
         raise RuntimeError(f"m2c_attn_decode failed with code {rc} (D={D}, heads {heads}/{kv_heads}, hd={hd})")
     return x_out, h
 
 
-def _matrix(w) -> tuple[torch.Tensor, int | None]:
-    """A resident projection as the kernel reads it: (float32 or int8 rows, the scales' address or None)."""
+_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _matrix(w) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A resident projection as the kernel reads it: (its rows, float32 scales for INT8 rows, else None)."""
     if isinstance(w, torch.Tensor):
         return w, None
-    return w.q, w.scale.data_ptr()
+    return w.q, w.scale.float().contiguous()
 
 
 def decode_attention_applies(x: torch.Tensor, *weights) -> bool:
-    """Whether ``attention_decode`` takes this position: one float32 row on the CPU, contiguous float32
-    weights (or INT8 rows with float32 scales), and the kernels built."""
-    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+    """Whether ``attention_decode`` takes this position: one float32 or bfloat16 row on the CPU, contiguous
+    weights in its dtype (or INT8 rows), and the kernels built."""
+    if x.shape[0] != 1 or x.dtype not in _ATTENTION_DTYPES or x.device.type != "cpu":
         return False
     for w in weights:
         t = w if isinstance(w, torch.Tensor) else getattr(w, "q", None)
         if t is None or not t.is_contiguous() or t.device.type != "cpu":
             return False
-        if isinstance(w, torch.Tensor) and w.dtype != torch.float32:
-            return False
-        if not isinstance(w, torch.Tensor) and (t.dtype != torch.int8 or w.scale.dtype != torch.float32
-                                                 or not w.scale.is_contiguous()):
+        if t.dtype != (x.dtype if isinstance(w, torch.Tensor) else torch.int8):
             return False
     return available()

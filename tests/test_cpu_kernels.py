@@ -283,11 +283,38 @@ def test_attention_kernel_agrees_with_the_torch_operators(weights: str) -> None:
     assert not mine.data[0].any()  # layer 0 untouched
 
 
+def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_are() -> None:
+    """A bfloat16 engine's positions: the kernel sums in float32 and rounds once where it stores, torch's operators
+    round after each; measured against the float32 product of the same bfloat16 weights and inputs, the kernel
+    is within bfloat16 rounding and no farther than torch's path."""
+    from m2cache.model.int8 import linear
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rope_slice
+    cfg, w32 = attention_layer("float32")
+    w16 = LayerWeights(*(t.bfloat16() for t in (w32.attn_norm, w32.wqkv, w32.wo, w32.ffn_norm)))  # type: ignore
+    exact = LayerWeights(*(t.float() for t in (w16.attn_norm, w16.wqkv, w16.wo, w16.ffn_norm)))  # type: ignore
+    assert cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w16.wqkv, w16.wo)
+    rope = Rotary(cfg)
+    caches = {k: KVCache(cfg, torch.float32 if k == "exact" else torch.bfloat16, "cpu") for k in ("mine", "torch", "exact")}
+    g = torch.Generator().manual_seed(2)
+    for pos in range(24):
+        x = torch.randn(1, 96, generator=g).bfloat16()
+        mine, _ = attention_and_norm(cfg, w16, x, 0, caches["mine"], pos, rope_slice(rope, pos, 1, torch.bfloat16))
+        cs = rope_slice(rope, pos, 1, torch.bfloat16)
+        theirs = x + linear(_attend(cfg, _qkv(cfg, w16, x), 0, caches["torch"], pos, cs, x.dtype), w16.wo)
+        cs32 = tuple(t.float() for t in cs)
+        truth = x.float() + linear(_attend(cfg, _qkv(cfg, exact, x.float()), 0, caches["exact"], pos, cs32,
+                                           torch.float32), exact.wo)
+        assert mine.dtype == torch.bfloat16
+        assert rel_err(mine.float(), truth) < 1e-2
+        assert rel_err(mine.float(), truth) <= rel_err(theirs.float(), truth) + 1e-3
+
+
 def test_attention_kernel_leaves_what_it_does_not_take_to_torch() -> None:
-    """Several positions, another dtype or 16-bit weights: the torch operators (the kernel is float32, one row)."""
+    """Several positions, float16, or weights in another dtype than the row's: the torch operators."""
     cfg, w = attention_layer("float32")
     assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 96), w.wqkv, w.wo)
-    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w.wqkv, w.wo)
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w.wqkv, w.wo)  # mixed
+    assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.float16), w.wqkv.half(), w.wo.half())  # type: ignore
     assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.bfloat16(), w.wo)  # type: ignore
     assert not cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv.t(), w.wo)  # type: ignore
 

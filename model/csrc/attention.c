@@ -1,29 +1,64 @@
-/* One decode position's attention block of one sequence, in float32, in one call.
+/* One decode position's attention block of one sequence, in one call.
  *
  * x_out = x + Wo · attention(rope(Wqkv · rms_norm(x) * attn_norm)), the position's keys and values
  * written into the layer's cache, and (ffn_norm not NULL) h = rms_norm(x_out) * ffn_norm, the FFN's input.
  * torch runs this as ~35 small operators, each a dispatch through the interpreter and torch whose code
  * and data the layer's weight stream has pushed out of the caches; here it is one call that releases
- * the GIL. The values are the torch path's to float32 rounding (sums taken in another order).
+ * the GIL, its projections shared among the kernels' threads (threads.h).
  *
- * Weights: float32 rows, or INT8 rows with one float32 scale each (W ≈ q * scale[row]): the resident
- * forms "full" and "int8" of a float32 engine (m2cache.model.int8). The cache of one layer is
- * float32 [2][KV][cap][hd] (keys, then values); head h attends with key/value head h / (H / KV).
- * RoPE: out[i] = v[i] * cos[i] + v[(i + hd/2) % hd] * ssin[i], ssin's first half negated
- * (m2cache.model.llama.apply_rope). Built with the FFN kernels (m2cache.model.cpu_kernels).
+ * The activations, norms, RoPE tables and cache are float32 or bfloat16 (`is_bf16`), the engine's compute
+ * dtype; the weights float32 or bfloat16 rows as the activations are, or INT8 rows with one float32
+ * scale each (W ≈ q * scale[row]): the resident forms "full" and "int8" (m2cache.model.int8). Every sum
+ * is taken in float32 and a bfloat16 result is rounded once, where it is stored (the cache, x_out, h),
+ * so a bfloat16 engine's values differ from torch's operators (which round after each) by bfloat16
+ * rounding; float32 ones by float32 rounding. The dense reference computes decode positions here too.
+ *
+ * The cache of one layer is [2][KV][cap][hd] (keys, then values); head h attends with key/value head
+ * h / (H / KV). RoPE: out[i] = v[i] * cos[i] + v[(i + hd/2) % hd] * ssin[i], ssin's first half negated
+ * (m2cache.model.llama.apply_rope).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "threads.h"
 
 /* A part of a shared projection reads at least this many bytes of weights. */
 #define MIN_PART_BYTES (96 << 10)
 
+typedef uint16_t bf16;
+
+static inline float from_bf16(bf16 v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (bf16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* n values of a float32 (bf16_src = 0) or bfloat16 array, as float32 */
+static void widen(const void *src, int bf16_src, int64_t n, float *dst) {
+    if (bf16_src)
+        for (int64_t i = 0; i < n; i++) dst[i] = from_bf16(((const bf16 *)src)[i]);
+    else
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+}
+
 static float dot_f32(const float *w, const float *x, int64_t n) {
     float s = 0.0f;
     for (int64_t i = 0; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+static float dot_bf16(const bf16 *w, const float *x, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += from_bf16(w[i]) * x[i];
     return s;
 }
 
@@ -33,10 +68,13 @@ static float dot_i8(const int8_t *w, const float *x, int64_t n) {
     return s;
 }
 
+enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
+
 typedef struct {
     const void *w;
     const float *scale, *x;
     int64_t rows, cols;
+    int kind;
     float *y;
 } matvec_task;
 
@@ -44,20 +82,17 @@ static void matvec_part(void *ctx, int part, int parts) {
     const matvec_task *k = ctx;
     int64_t r0, r1;
     m2c_share(k->rows, part, parts, &r0, &r1);
-    if (k->scale) {
-        const int8_t *q = (const int8_t *)k->w;
-        for (int64_t r = r0; r < r1; r++) k->y[r] = dot_i8(q + r * k->cols, k->x, k->cols) * k->scale[r];
-    } else {
-        const float *f = (const float *)k->w;
-        for (int64_t r = r0; r < r1; r++) k->y[r] = dot_f32(f + r * k->cols, k->x, k->cols);
+    for (int64_t r = r0; r < r1; r++) {
+        if (k->kind == W_INT8) k->y[r] = dot_i8((const int8_t *)k->w + r * k->cols, k->x, k->cols) * k->scale[r];
+        else if (k->kind == W_BF16) k->y[r] = dot_bf16((const bf16 *)k->w + r * k->cols, k->x, k->cols);
+        else k->y[r] = dot_f32((const float *)k->w + r * k->cols, k->x, k->cols);
     }
 }
 
-/* y[r] = W[r] · x for rows [0, rows), shared among the kernels' threads; W float32, or INT8 with scale[r]
- * (scale not NULL). */
-static void matvec(const void *w, const float *scale, const float *x, int64_t rows, int64_t cols, float *y) {
-    matvec_task k = {w, scale, x, rows, cols, y};
-    const int64_t bytes = rows * cols * (scale ? 1 : 4);
+/* y[r] = W[r] · x for rows [0, rows), shared among the kernels' threads. */
+static void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y) {
+    matvec_task k = {w, scale, x, rows, cols, kind, y};
+    const int64_t bytes = rows * cols * (kind == W_INT8 ? 1 : kind == W_BF16 ? 2 : 4);
     m2c_run(matvec_part, &k, (int)(bytes / MIN_PART_BYTES));
 }
 
@@ -74,36 +109,50 @@ static void rope(float *v, const float *cos, const float *ssin, int64_t hd, floa
     for (int64_t i = 0; i < hd; i++) v[i] = tmp[i];
 }
 
-/* Returns 0, -1 for shapes it does not take, -2 when out of memory. */
-int m2c_attn_decode(const float *x, const float *attn_norm, float eps, const void *wqkv, const float *sqkv,
+/* Returns 0, -1 for shapes it does not take, -2 when out of memory. `is_bf16`: activations, norms, tables,
+ * cache and outputs are bfloat16 (else float32); wqkv/wo are INT8 rows where sqkv/so are not NULL, else
+ * rows of the activations' type. */
+int m2c_attn_decode(const void *x, const void *attn_norm, float eps, const void *wqkv, const float *sqkv,
                     const void *wo, const float *so, int64_t D, int64_t H, int64_t KV, int64_t hd,
-                    const float *cos, const float *ssin, float *cache, int64_t cap, int64_t pos,
-                    const float *ffn_norm, float *x_out, float *h_out) {
+                    const void *cos, const void *ssin, void *cache, int64_t cap, int64_t pos,
+                    const void *ffn_norm, void *x_out, void *h_out, int is_bf16) {
     if (D <= 0 || H <= 0 || KV <= 0 || H % KV || hd <= 0 || hd % 2 || pos < 0 || pos >= cap) return -1;
     const int64_t rows = (H + 2 * KV) * hd, G = H / KV, L = pos + 1;
-    float *buf = malloc(sizeof(float) * (size_t)(D + rows + H * hd + L + hd));
+    float *buf = malloc(sizeof(float) * (size_t)(5 * D + rows + H * hd + L + 3 * hd));
     if (!buf) return -2;
-    float *xn = buf, *qkv = xn + D, *att = qkv + rows, *p = att + H * hd, *tmp = p + L;
+    float *xf = buf, *xn = xf + D, *norm = xn + D, *y = norm + D, *hn = y + D, *qkv = hn + D, *att = qkv + rows;
+    float *p = att + H * hd, *tmp = p + L, *cs = tmp + hd, *sn = cs + hd;
+    const int wkind = is_bf16 ? W_BF16 : W_F32;
 
-    rms_norm(x, attn_norm, eps, D, xn);
-    matvec(wqkv, sqkv, xn, rows, D, qkv);
+    widen(x, is_bf16, D, xf);
+    widen(attn_norm, is_bf16, D, norm);
+    widen(cos, is_bf16, hd, cs);
+    widen(ssin, is_bf16, hd, sn);
+    rms_norm(xf, norm, eps, D, xn);
+    matvec(wqkv, sqkv, sqkv ? W_INT8 : wkind, xn, rows, D, qkv);
     float *q = qkv, *k = qkv + H * hd, *v = k + KV * hd;
-    for (int64_t h = 0; h < H; h++) rope(q + h * hd, cos, ssin, hd, tmp);
-    float *keys = cache, *values = cache + KV * cap * hd;
-    for (int64_t j = 0; j < KV; j++) {
-        rope(k + j * hd, cos, ssin, hd, tmp);
+    for (int64_t h = 0; h < H; h++) rope(q + h * hd, cs, sn, hd, tmp);
+    for (int64_t j = 0; j < KV; j++) rope(k + j * hd, cs, sn, hd, tmp);
+    const int64_t half_cache = KV * cap * hd;  /* values start this many elements after the keys */
+    for (int64_t j = 0; j < KV; j++)
         for (int64_t i = 0; i < hd; i++) {
-            keys[(j * cap + pos) * hd + i] = k[j * hd + i];
-            values[(j * cap + pos) * hd + i] = v[j * hd + i];
+            const int64_t at = (j * cap + pos) * hd + i;
+            if (is_bf16) {
+                ((bf16 *)cache)[at] = to_bf16(k[j * hd + i]);
+                ((bf16 *)cache)[half_cache + at] = to_bf16(v[j * hd + i]);
+            } else {
+                ((float *)cache)[at] = k[j * hd + i];
+                ((float *)cache)[half_cache + at] = v[j * hd + i];
+            }
         }
-    }
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t h = 0; h < H; h++) {
-        const int64_t j = h / G;
-        const float *qh = q + h * hd, *kj = keys + j * cap * hd, *vj = values + j * cap * hd;
+        const int64_t base = (h / G) * cap * hd;  /* this head's key/value head, position 0 */
+        const float *qh = q + h * hd;
         float m = -INFINITY, sum = 0.0f;
         for (int64_t t = 0; t < L; t++) {
-            p[t] = dot_f32(kj + t * hd, qh, hd) * scale;
+            const int64_t at = base + t * hd;
+            p[t] = (is_bf16 ? dot_bf16((const bf16 *)cache + at, qh, hd) : dot_f32((const float *)cache + at, qh, hd)) * scale;
             m = p[t] > m ? p[t] : m;
         }
         for (int64_t t = 0; t < L; t++) {
@@ -114,12 +163,30 @@ int m2c_attn_decode(const float *x, const float *attn_norm, float eps, const voi
         for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
         for (int64_t t = 0; t < L; t++) {
             const float a = p[t] / sum;
-            for (int64_t i = 0; i < hd; i++) out[i] += a * vj[t * hd + i];
+            const int64_t at = half_cache + base + t * hd;
+            if (is_bf16)
+                for (int64_t i = 0; i < hd; i++) out[i] += a * from_bf16(((const bf16 *)cache)[at + i]);
+            else
+                for (int64_t i = 0; i < hd; i++) out[i] += a * ((const float *)cache)[at + i];
         }
     }
-    matvec(wo, so, att, D, H * hd, x_out);
-    for (int64_t i = 0; i < D; i++) x_out[i] += x[i];
-    if (ffn_norm) rms_norm(x_out, ffn_norm, eps, D, h_out);
+    matvec(wo, so, so ? W_INT8 : wkind, att, D, H * hd, y);
+    for (int64_t i = 0; i < D; i++) y[i] += xf[i];
+    if (ffn_norm) {
+        widen(ffn_norm, is_bf16, D, norm);
+        if (is_bf16)  /* the FFN's input is the norm of the residual as stored */
+            for (int64_t i = 0; i < D; i++) y[i] = from_bf16(to_bf16(y[i]));
+        rms_norm(y, norm, eps, D, hn);
+    }
+    for (int64_t i = 0; i < D; i++) {
+        if (is_bf16) {
+            ((bf16 *)x_out)[i] = to_bf16(y[i]);
+            if (ffn_norm) ((bf16 *)h_out)[i] = to_bf16(hn[i]);
+        } else {
+            ((float *)x_out)[i] = y[i];
+            if (ffn_norm) ((float *)h_out)[i] = hn[i];
+        }
+    }
     free(buf);
     return 0;
 }
