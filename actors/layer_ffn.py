@@ -13,7 +13,6 @@ ones that ranked its neurons (``score``), are kept until its FFN takes the kept 
 """
 from __future__ import annotations
 
-
 import torch
 
 from m2cache.actors.messages import WeightsReady

@@ -244,10 +244,19 @@ def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv,
     in x's dtype or :class:`~m2cache.model.int8.Int8Weight`; ``decode_attention_applies`` says when."""
     lib = library()
     assert lib is not None, "attention_decode called without the kernels: check available() first"
-    D = x.shape[1]
-    hd = cache.shape[3]
-    assert x.shape[0] == 1 and x.dtype == cache.dtype in _ATTENTION_DTYPES and cache.is_contiguous()
-    assert 0 <= pos < cache.shape[2]
+    D, hd = x.shape[1], cache.shape[3]
+    rows = (heads + 2 * kv_heads) * hd
+    shapes = [(tuple(x.shape), (1, D)), (tuple(cache.shape[:2]), (2, kv_heads)), (tuple(wqkv.shape), (rows, D)),
+              (tuple(wo.shape), (D, heads * hd)), (attn_norm.numel(), D), (cos.numel(), hd), (ssin.numel(), hd)]
+    if ffn_norm is not None:
+        shapes.append((ffn_norm.numel(), D))
+    if any(got != want for got, want in shapes) or not 0 <= pos < cache.shape[2]:  # the C side trusts them
+        raise ValueError(f"attention_decode: shapes {[got for got, _ in shapes]} are not {[w for _, w in shapes]}, "
+                         f"or position {pos} is past the cache's {cache.shape[2]}")
+    if not (x.dtype == cache.dtype == cos.dtype == ssin.dtype == attn_norm.dtype in _ATTENTION_DTYPES
+            and cache.is_contiguous() and cos.is_contiguous() and ssin.is_contiguous()):
+        raise ValueError(f"attention_decode: x, cache, tables and norms must share a dtype of {_ATTENTION_DTYPES} "
+                         "and be contiguous")
     x = x.contiguous()
     x_out = torch.empty_like(x)
     h = torch.empty_like(x) if ffn_norm is not None else None

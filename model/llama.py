@@ -257,7 +257,8 @@ def attention_block(
     """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D].
 
     ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step).
-    One float32 position on the CPU runs as one call of the attention kernel (``cpu_kernels.attention_decode``)."""
+    One float32 or bfloat16 position on the CPU, its weights in that dtype or INT8, runs as one call of the
+    attention kernel (``cpu_kernels.attention_decode``)."""
     if cpu_kernels.decode_attention_applies(x, w.wqkv, w.wo, w.attn_norm):
         return _attention_kernel(cfg, w, x, layer, kv, pos, rope, None)[0]
     out = _attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype)

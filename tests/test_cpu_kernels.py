@@ -1,6 +1,7 @@
-"""The C kernels of the sparse FFN: each precision, activation and token count agrees with the
-dequantised FP32 reference; rows are read by slot, in any order; bad slots are refused; and the
-engine decodes the same tokens with and without them."""
+"""The C kernels: the sparse FFN's (each precision, activation and token count agrees with the dequantised FP32
+reference; rows are read by slot, in any order; bad slots are refused; the engine decodes the same tokens with and
+without them), the decode attention block's (against torch's operators, float32, bfloat16 and INT8 weights), and
+their thread pool (shared products equal one thread's; a product right after a resize)."""
 from __future__ import annotations
 
 import asyncio
@@ -283,30 +284,40 @@ def test_attention_kernel_agrees_with_the_torch_operators(weights: str) -> None:
     assert not mine.data[0].any()  # layer 0 untouched
 
 
-def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_are() -> None:
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_are(weights: str) -> None:
     """A bfloat16 engine's positions: the kernel sums in float32 and rounds once where it stores, torch's operators
-    round after each; measured against the float32 product of the same bfloat16 weights and inputs, the kernel
-    is within bfloat16 rounding and no farther than torch's path."""
-    from m2cache.model.int8 import linear
-    from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rope_slice
+    round after each; measured against the float32 product of the same weights and inputs, the kernel's residual,
+    FFN input and cache are within bfloat16 rounding and no farther than torch's path."""
+    from m2cache.model.int8 import Int8Weight, linear
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
     cfg, w32 = attention_layer("float32")
-    w16 = LayerWeights(*(t.bfloat16() for t in (w32.attn_norm, w32.wqkv, w32.wo, w32.ffn_norm)))  # type: ignore
-    exact = LayerWeights(*(t.float() for t in (w16.attn_norm, w16.wqkv, w16.wo, w16.ffn_norm)))  # type: ignore
+    if weights == "int8":  # INT8 rows with bfloat16 scales, as a bfloat16 engine's int8 resident form holds them
+        q = [Int8Weight.quantize(t, torch.bfloat16) for t in (w32.wqkv, w32.wo)]  # type: ignore[arg-type]
+        w16 = LayerWeights(w32.attn_norm.bfloat16(), q[0], q[1], w32.ffn_norm.bfloat16())
+        deq = [m.q.float() * m.scale.float()[:, None] for m in q]
+        exact = LayerWeights(w16.attn_norm.float(), deq[0], deq[1], w16.ffn_norm.float())
+    else:
+        w16 = LayerWeights(*(t.bfloat16() for t in (w32.attn_norm, w32.wqkv, w32.wo, w32.ffn_norm)))  # type: ignore
+        exact = LayerWeights(*(t.float() for t in (w16.attn_norm, w16.wqkv, w16.wo, w16.ffn_norm)))  # type: ignore
     assert cpu_kernels.decode_attention_applies(torch.zeros(1, 96, dtype=torch.bfloat16), w16.wqkv, w16.wo)
     rope = Rotary(cfg)
     caches = {k: KVCache(cfg, torch.float32 if k == "exact" else torch.bfloat16, "cpu") for k in ("mine", "torch", "exact")}
     g = torch.Generator().manual_seed(2)
     for pos in range(24):
         x = torch.randn(1, 96, generator=g).bfloat16()
-        mine, _ = attention_and_norm(cfg, w16, x, 0, caches["mine"], pos, rope_slice(rope, pos, 1, torch.bfloat16))
+        mine, h = attention_and_norm(cfg, w16, x, 0, caches["mine"], pos, rope_slice(rope, pos, 1, torch.bfloat16))
         cs = rope_slice(rope, pos, 1, torch.bfloat16)
         theirs = x + linear(_attend(cfg, _qkv(cfg, w16, x), 0, caches["torch"], pos, cs, x.dtype), w16.wo)
         cs32 = tuple(t.float() for t in cs)
         truth = x.float() + linear(_attend(cfg, _qkv(cfg, exact, x.float()), 0, caches["exact"], pos, cs32,
                                            torch.float32), exact.wo)
-        assert mine.dtype == torch.bfloat16
+        assert mine.dtype == h.dtype == torch.bfloat16
         assert rel_err(mine.float(), truth) < 1e-2
         assert rel_err(mine.float(), truth) <= rel_err(theirs.float(), truth) + 1e-3
+        assert rel_err(h.float(), rms_norm(truth, exact.ffn_norm, cfg.rms_norm_eps)) < 1e-2
+    mine_kv, exact_kv = caches["mine"].data[0, :, :, :24].float(), caches["exact"].data[0, :, :, :24]
+    assert rel_err(mine_kv, exact_kv) < 1e-2
 
 
 def test_attention_kernel_leaves_what_it_does_not_take_to_torch() -> None:
@@ -370,3 +381,38 @@ def test_gate_scores_and_attention_shared_among_threads_equal_one_thread(kernel_
     cpu_kernels.set_threads(1)
     alone = both()
     assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+
+
+def test_a_product_right_after_the_pool_is_resized_is_answered() -> None:
+    """Sizing the pool and calling a kernel at once, many times: a worker that has not run yet when the task is
+    posted still answers it. On a daemon thread, so that a hang fails the test instead of hanging the suite."""
+    import threading
+    _, bundles = pool_of("int4", 4000, 128, 32, seed=8)
+    gates = cpu_kernels.gate_rows_int4(bundles, 128, 32)
+    h = torch.randn(1, 128)
+    want = cpu_kernels.gate_int4(gates, h, 128, 32, "silu")
+    before = cpu_kernels.threads()
+    results: list[bool] = []
+
+    def resize_and_run() -> None:
+        for i in range(300):
+            cpu_kernels.set_threads(2 + i % 3)
+            results.append(torch.equal(cpu_kernels.gate_int4(gates, h, 128, 32, "silu"), want))
+
+    t = threading.Thread(target=resize_and_run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"a kernel call never returned after a resize ({len(results)} of 300 did)"
+    cpu_kernels.set_threads(before)
+    assert len(results) == 300 and all(results)
+
+
+def test_attention_kernel_refuses_weights_of_another_shape() -> None:
+    """The C side trusts its shapes: a projection of the wrong size is a ValueError, not a read out of bounds."""
+    from m2cache.model.llama import KVCache, Rotary, rope_slice
+    cfg, w = attention_layer("float32")
+    cos, sin = rope_slice(Rotary(cfg), 0, 1, torch.float32)
+    cache = KVCache(cfg, torch.float32, "cpu", capacity=4).data[0]
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernels.attention_decode(torch.randn(1, 96), w.attn_norm, 1e-5, torch.empty(0, 96), w.wo, cos, sin,
+                                     cache, 0, cfg.num_heads, cfg.num_kv_heads)

@@ -149,11 +149,11 @@ int m2c_attn_decode(const void *x, const void *attn_norm, float eps, const void 
     for (int64_t h = 0; h < H; h++) {
         const int64_t base = (h / G) * cap * hd;  /* this head's key/value head, position 0 */
         const float *qh = q + h * hd;
-        float m = -INFINITY, sum = 0.0f;
+        float m = 0.0f, sum = 0.0f;
         for (int64_t t = 0; t < L; t++) {
             const int64_t at = base + t * hd;
             p[t] = (is_bf16 ? dot_bf16((const bf16 *)cache + at, qh, hd) : dot_f32((const float *)cache + at, qh, hd)) * scale;
-            m = p[t] > m ? p[t] : m;
+            m = t == 0 || p[t] > m ? p[t] : m;
         }
         for (int64_t t = 0; t < L; t++) {
             p[t] = expf(p[t] - m);

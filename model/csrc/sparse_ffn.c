@@ -369,8 +369,9 @@ int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T,
     return 0;
 }
 
-/* The FFN of a precision group, its neurons shared among the pool's threads: part 0 adds into out, every
- * other part into a zeroed buffer of its own, added into out at the end (the FFN is a sum over neurons). */
+/* The FFN of a precision group, its neurons shared among the pool's threads: each part adds into a zeroed
+ * buffer of its own, added into out once every part has succeeded (the FFN is a sum over neurons; a part
+ * that fails leaves out as it was). One part alone adds into out directly. */
 enum { KIND_FP16 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
 
 typedef struct {
@@ -379,7 +380,7 @@ typedef struct {
     int64_t pool_rows, bundle_bytes, n, T, D, group, parts;
     const int64_t *slots;
     const float *h, *gact;
-    float *out, *spare;  /* spare: [parts - 1][T][D] */
+    float *out, *spare;  /* spare: [parts][T][D], or NULL for one part (into out) */
     int rc[M2C_MAX_THREADS];
 } ffn_task;
 
@@ -387,7 +388,7 @@ static void ffn_part(void *ctx, int part, int parts) {
     ffn_task *k = ctx;
     int64_t b, e;
     m2c_share(k->n, part, parts, &b, &e);
-    float *out = part == 0 ? k->out : k->spare + (part - 1) * k->T * k->D;
+    float *out = k->spare ? k->spare + part * k->T * k->D : k->out;
     const int64_t *slots = k->slots + b;
     const float *gact = k->gact ? k->gact + b * k->T : NULL;
     if (k->kind == KIND_INT4)
@@ -407,12 +408,12 @@ static int ffn_shared(int kind, const uint8_t *pool, int64_t pool_rows, int64_t 
     ways = ways < pool_threads ? ways : pool_threads;
     ways = ways > 1 ? ways : 1;
     ffn_task k = {kind, act, pool, pool_rows, bundle_bytes, n, T, D, group, parts, slots, h, gact, out, NULL, {0}};
-    if (ways > 1 && !(k.spare = calloc((size_t)(ways - 1) * T * D, sizeof(float)))) ways = 1;
+    if (ways > 1 && !(k.spare = calloc((size_t)ways * T * D, sizeof(float)))) ways = 1;
     m2c_run(ffn_part, &k, ways);
     int rc = 0;
     for (int i = 0; i < ways; i++) rc = rc ? rc : k.rc[i];
-    for (int i = 1; i < ways && rc == 0; i++)
-        for (int64_t j = 0; j < T * D; j++) out[j] += k.spare[(i - 1) * T * D + j];
+    for (int i = 0; i < ways && rc == 0 && k.spare; i++)
+        for (int64_t j = 0; j < T * D; j++) out[j] += k.spare[i * T * D + j];
     free(k.spare);
     return rc;
 }

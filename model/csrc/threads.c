@@ -11,14 +11,17 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;      /* guards the fields
 static pthread_cond_t go = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
 static pthread_t workers[M2C_MAX_THREADS];
 static int threads = 1, quit = 0, pending = 0, task_parts = 1;
-static unsigned long generation = 0;
+static unsigned long generation = 0, start_generation = 0;
+static pthread_once_t fork_guard = PTHREAD_ONCE_INIT;
 static m2c_task task_fn;
 static void *task_ctx;
 
 static void *work(void *arg) {
     const int part = (int)(intptr_t)arg;
     pthread_mutex_lock(&mu);
-    unsigned long seen = generation;
+    /* the generation when the pool was sized, not when this thread first runs: a task posted in between
+     * is this thread's to answer (else the caller would wait for it for ever) */
+    unsigned long seen = start_generation;
     for (;;) {
         while (generation == seen && !quit) pthread_cond_wait(&go, &mu);
         if (quit) break;
@@ -42,30 +45,50 @@ static void stop_workers(void) {
     pthread_mutex_unlock(&mu);
     for (int i = 1; i < threads; i++) pthread_join(workers[i], NULL);
     quit = 0;
-    threads = 1;
+    __atomic_store_n(&threads, 1, __ATOMIC_RELAXED);
 }
+
+/* fork(): the child has none of the workers, so it starts with a pool of one and fresh locks; no run or
+ * resize is in flight across the fork (prepare holds run_mu). */
+static void before_fork(void) { pthread_mutex_lock(&run_mu); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&run_mu); }
+static void after_fork_child(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    run_mu = fresh;
+    mu = fresh;
+    go = fresh_cond;
+    done = fresh_cond;
+    __atomic_store_n(&threads, 1, __ATOMIC_RELAXED);
+    quit = pending = 0;
+}
+static void guard_forks(void) { pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
 
 /* The pool's size (1: every kernel on its caller's thread); returns the size in use. */
 int m2c_set_threads(int n) {
     if (n < 1) n = 1;
     if (n > M2C_MAX_THREADS) n = M2C_MAX_THREADS;
+    pthread_once(&fork_guard, guard_forks);
     pthread_mutex_lock(&run_mu);
     if (n != threads) {
         stop_workers();
+        pthread_mutex_lock(&mu);
+        start_generation = generation;  /* only m2c_run moves it, under run_mu, which this holds */
+        pthread_mutex_unlock(&mu);
         int started = 1;
         for (; started < n; started++)
             if (pthread_create(&workers[started], NULL, work, (void *)(intptr_t)started) != 0) break;
-        threads = started;
+        __atomic_store_n(&threads, started, __ATOMIC_RELAXED);
     }
     const int now = threads;
     pthread_mutex_unlock(&run_mu);
     return now;
 }
 
-int m2c_threads(void) { return threads; }
+int m2c_threads(void) { return __atomic_load_n(&threads, __ATOMIC_RELAXED); }
 
 void m2c_run(m2c_task fn, void *ctx, int max_parts) {
-    if (threads == 1 || max_parts <= 1 || pthread_mutex_trylock(&run_mu) != 0) {
+    if (m2c_threads() == 1 || max_parts <= 1 || pthread_mutex_trylock(&run_mu) != 0) {
         fn(ctx, 0, 1);
         return;
     }

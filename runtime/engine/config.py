@@ -80,12 +80,14 @@ class EngineConfig:
         8.78 vs 7.08; split 7B store at 3.6 GiB reading 5%, 1.15 vs 0.66), else 1, since the I/O threads
         and the event loop need the other cores (on the 2-core machine one thread decoded ~30% faster
         reading every token: dense-fp16 7.0 vs 5.3).
-        None leaves torch's setting alone.
+        The C kernels' own threads (``cpu_kernels.set_threads``: the attention block's projections, the
+        gate scores, the FFN's neurons) follow the same number. None leaves both settings alone.
     cpu_kernels: decode FFNs on the CPU through m2cache's C kernels, straight over the pool rows (built
         on first use with the system C compiler; without one, or with False, torch gathers and
         dequantises the rows). The exact ``dense-fp16`` policy always keeps torch's dense code. The
         copies into the pool on the CPU go through the kernels' row copy too (torch's gather and scatter
-        with False).
+        with False). The decode attention kernel is not this flag's: the dense reference takes it too, so
+        both agree; ``M2CACHE_KERNELS=0`` turns every kernel off.
     compute_from_dram: on the CPU with whole layers preloaded, decode computes straight from DRAM's layer
         tensors and the device pool is not used (its budget is lent to DRAM). False keeps the device pool
         and its copies up even on the CPU: the path CUDA always takes, there to profile it without a GPU.

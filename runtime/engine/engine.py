@@ -167,13 +167,8 @@ class Engine:
 
     async def close(self) -> None:
         """Stops the actors in pipeline order (each after its earlier work) and releases the tiers."""
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)
-            self._torch_threads = None
-        if self._kernel_threads is not None:
-            cpu_kernels.set_threads(self._kernel_threads)
-            self._kernel_threads = None
         if self._supervisor is None:  # start-up failed half way: release what it opened
+            self._restore_threads()
             self._release()
             return
         self._closed = True
@@ -187,9 +182,19 @@ class Engine:
                 if actor is self.executor:
                     actor.wake.set()
         await asyncio.gather(sup, return_exceptions=True)
+        self._restore_threads()  # once no kernel runs: resizing the kernels' pool waits for a run in flight
         self._release()
         if isinstance(self.config.trace, (str, Path)) and self.config.trace is not True:
             self.save_trace(self.config.trace)
+
+    def _restore_threads(self) -> None:
+        """torch's threads and the kernels' as they were before this engine set them (both process-wide)."""
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
+        if self._kernel_threads is not None:
+            cpu_kernels.set_threads(self._kernel_threads)
+            self._kernel_threads = None
 
     def _release(self) -> None:
         """Closes what start-up opened, readers of the store first (a read ahead still in flight reopens

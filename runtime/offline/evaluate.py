@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from m2cache.errors import ConfigError
 from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
 from m2cache.model.int8 import linear
-from m2cache.model.llama import DenseModel, attention_block, ffn_bundles, rms_norm
+from m2cache.model.llama import DenseModel, attention_and_norm, attention_block, ffn_bundles, rms_norm
 from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, Shares, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
@@ -225,8 +225,7 @@ class QualityModel:
         x = m.res.embed[torch.tensor([token])]
         before: torch.Tensor | None = None
         for layer, w in enumerate(m.res.layers):
-            x = attention_block(cfg, w, x, layer, kv, pos, m.rope)
-            h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
+            x, h = attention_and_norm(cfg, w, x, layer, kv, pos, m.rope)  # as the dense reference and the engine
             order = None
             if scorer is not None:
                 scores = scorer(layer, ranked_input(policy, h, before, w.ffn_norm, cfg.rms_norm_eps))
