@@ -85,11 +85,8 @@ class LayerFFN:
             full = cached[1].float()
         else:
             full = self.policy.gate_acts(ready.layer, h).float()
-        if full.shape[0] == 1:  # a decode row: [n_p, 1] straight from the row, no transpose to copy
-            row = full[0]
-            return {p: row.index_select(0, torch.from_numpy(ids).to(row.device)).unsqueeze(1)
-                    for p, ids in ready.ids.items()}
-        return {p: full[:, torch.from_numpy(ids).to(full.device)].T.contiguous() for p, ids in ready.ids.items()}
+        # one gather a precision, straight into the [n_p, T] layout the kernels read (index_select copies)
+        return {p: full.T.index_select(0, torch.from_numpy(ids).to(full.device)) for p, ids in ready.ids.items()}
 
 
 def _all_rows(rows: torch.Tensor, src: torch.Tensor) -> bool:

@@ -24,8 +24,6 @@
 
 #include "threads.h"
 
-/* A part of a shared projection reads at least this many bytes of weights. */
-#define MIN_PART_BYTES (96 << 10)
 
 typedef uint16_t bf16;
 
@@ -93,7 +91,7 @@ static void matvec_part(void *ctx, int part, int parts) {
 static void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y) {
     matvec_task k = {w, scale, x, rows, cols, kind, y};
     const int64_t bytes = rows * cols * (kind == W_INT8 ? 1 : kind == W_BF16 ? 2 : 4);
-    m2c_run(matvec_part, &k, (int)(bytes / MIN_PART_BYTES));
+    m2c_run(matvec_part, &k, (int)(bytes / M2C_MIN_PART_BYTES));
 }
 
 static void rms_norm(const float *x, const float *weight, float eps, int64_t D, float *out) {

@@ -42,8 +42,6 @@ static inline float activate(float x, int act) {
 }
 
 #define MAX_T 64
-/* A part of a shared product reads at least this many bytes of weights (a hand-off costs microseconds). */
-#define MIN_PART_BYTES (96 << 10)
 
 /* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
 static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
@@ -215,7 +213,6 @@ static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bu
     return 0;
 }
 
-
 /* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
  * output the same way, so every inner loop runs over whole bytes: low nibble with the even values,
  * high nibble with the odd ones. Values are dequantised in registers (q * scale + min), one group at
@@ -327,9 +324,6 @@ static int ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes
     return 0;
 }
 
-/* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
- * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
- * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]. */
 typedef struct {
     const uint8_t *gates;
     const float *he, *ho, *xsum;
@@ -352,6 +346,10 @@ static void gate_part(void *ctx, int part, int parts) {
     }
 }
 
+/* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
+ * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
+ * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]; the
+ * rows shared among the kernels' threads. */
 int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
                   int act, float *out) {
     if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
@@ -364,7 +362,7 @@ int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T,
     }
     deinterleave(h, T, D, gh, he, ho, xsum);
     gate_task k = {gates, he, ho, xsum, rows, T, half, ng, gh, act, out};
-    m2c_run(gate_part, &k, (int)(rows * width * T / MIN_PART_BYTES));
+    m2c_run(gate_part, &k, (int)(rows * width * T / M2C_MIN_PART_BYTES));
     free(he); free(ho); free(xsum);
     return 0;
 }
@@ -404,7 +402,7 @@ static int ffn_shared(int kind, const uint8_t *pool, int64_t pool_rows, int64_t 
                       const float *gact, float *out) {
     if (T > MAX_T || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
     if (!slots_ok(slots, n, pool_rows)) return -3;  /* before any row is read, in any part */
-    int ways = (int)(n * bundle_bytes * T / MIN_PART_BYTES), pool_threads = m2c_threads();
+    int ways = (int)(n * bundle_bytes * T / M2C_MIN_PART_BYTES), pool_threads = m2c_threads();
     ways = ways < pool_threads ? ways : pool_threads;
     ways = ways > 1 ? ways : 1;
     ffn_task k = {kind, act, pool, pool_rows, bundle_bytes, n, T, D, group, parts, slots, h, gact, out, NULL, {0}};
@@ -433,7 +431,6 @@ int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
 int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
                  int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
                  const float *gact, float *out) {
-    if (group % 2) return -1;
     return ffn_shared(KIND_INT4, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
 }
 

@@ -5,6 +5,8 @@
 #include <stdint.h>
 
 #define M2C_MAX_THREADS 64
+/* A part of a shared product reads at least this many bytes of weights (a hand-off costs microseconds). */
+#define M2C_MIN_PART_BYTES (96 << 10)
 
 /* fn(ctx, part, parts) for every part in [0, parts): part 0 on the caller's thread, the rest on the pool's. */
 typedef void (*m2c_task)(void *ctx, int part, int parts);
