@@ -56,6 +56,8 @@ class Sequence:
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
+    repetition_penalty: float = 1.0
+    history: list[int] = field(default_factory=list)  # prompt and generated tokens, for the penalty (else empty)
 
     @property
     def prefilled(self) -> bool:
@@ -206,6 +208,8 @@ class Executor(Actor):
                 self.run_stats.decode_tokens += 1
             seq.generated += 1
             seq.last = token
+            if seq.repetition_penalty != 1.0:
+                seq.history.append(token)
             seq.out.put_nowait(token)
             if token in self.eos or seq.generated >= seq.max_new_tokens:
                 self.active.remove(seq)
@@ -377,7 +381,8 @@ class Executor(Actor):
         return [x.cpu() for x in logits]
 
     def _sample(self, batch: list[Sequence], logits: list[torch.Tensor]) -> list[int]:
-        return [sample(x, s.temperature, s.top_p, s.generator) for s, x in zip(batch, logits)]
+        return [sample(x, s.temperature, s.top_p, s.generator, repetition_penalty=s.repetition_penalty,
+                       history=s.history) for s, x in zip(batch, logits)]
 
     def _streams(self):
         if self.compute_stream is None:

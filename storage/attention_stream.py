@@ -138,8 +138,7 @@ class AttentionStream:
             if checksum(data) == int(crcs[layer]):
                 break
         else:
-            raise ChecksumError(f"{what} does not match its checksum twice: the file is corrupt; {FIX_HINT} "
-                                "(and `m2cache split-gate` for a split store)")
+            raise ChecksumError(f"{what} does not match its checksum twice: the file is corrupt; {FIX_HINT}")
         if isinstance(data, bytes):  # a buffered read: torch wants a writable buffer
             data = bytearray(data)
         self.bytes_read += layout.stride
@@ -168,3 +167,12 @@ class AttentionStream:
         self._held.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+
+def verify_int8_file(store: Path, entry: dict[str, Any], num_layers: int) -> None:
+    """Checks every layer's region of a store's INT8 attention file (ChecksumError naming the first bad one)."""
+    path, fn = store / entry["path"], checksum_fn(entry.get("checksum", CHECKSUM))
+    crcs = np.frombuffer(entry["crc32"], dtype=np.uint32)
+    with open(path, "rb") as f:
+        for layer in range(num_layers):
+            if fn(f.read(entry["layer_bytes"])) != int(crcs[layer]):
+                raise ChecksumError(f"{path} (layer {layer}'s INT8 attention) does not match its checksum; {FIX_HINT}")

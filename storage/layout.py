@@ -1,11 +1,18 @@
 """The store's on-disk layout: names, format version, block geometry and checksums.
 
-A store is a folder::
+A store is a folder (format version 3)::
 
-    manifest.msgpack        format version, model config, tokenizer, file layouts, checksums, policies
-    resident.safetensors    embeddings, attention, norms, LM head (what every token needs)
-    ffn/L007.fp16.bin       one file per FFN layer and precision, holding neuron bundles
-    predictors.safetensors  one low-rank predictor per layer (after train-predictor)
+    manifest.msgpack         format version, model config, tokenizer, file layouts, checksums, policies
+    resident.safetensors     embeddings, attention, norms, LM head (what every token needs)
+    attention-int8.bin       every layer's attention projections in INT8 (what ``--resident stream`` reads)
+    ffn/L007.fp16.updown.bin one file per FFN layer and precision: each neuron's up row and down column
+    ffn/L007.fp16.gate.bin   one file per FFN layer and precision: each neuron's gate row
+    gate-norms.safetensors   ||up_j||·||down_j|| per layer (what a gate policy weighs its gate by)
+    predictors.safetensors   one low-rank predictor per layer (after train-predictor)
+
+A gate policy keeps every layer's INT4 gate rows resident and fetches the up/down files only; every other
+policy fetches a neuron's gate row beside its up and down ones (two reads where stores of version 2 and
+before, one bundle of gate, up and down per neuron in ``ffn/L007.fp16.bin``, needed one).
 
 A bundle file is a sequence of *blocks*. A block holds ``neurons_per_block`` consecutive bundles
 and is zero-padded to a multiple of 4 KiB, so every block starts 4 KiB-aligned (O_DIRECT reads
@@ -21,17 +28,23 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "m2cache-store"
-FORMAT_VERSION = 2  # 2: INT8 in groups along D (manifest ``ffn.int8_group``); 1: one INT8 scale per row
-READABLE_VERSIONS = (1, 2)
+# 3: the gate rows in files of their own beside [up|down] bundles, so one store runs every policy;
+# 2: INT8 in groups along D (manifest ``ffn.int8_group``); 1: one INT8 scale per row
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.msgpack"
 RESIDENT = "resident.safetensors"
 PREDICTORS = "predictors.safetensors"
+GATE_NORMS = "gate-norms.safetensors"
+UPDOWN, GATE = "updown", "gate"  # the two kinds of bundle file of a version 3 store
 ALIGN = 4096
 AMPLIFICATION_COST = 0.1  # per extra 4 KiB page a neuron-level read must bring along
 
 
-def ffn_file_name(layer: int, precision: str) -> str:
-    return f"ffn/L{layer:03d}.{precision}.bin"
+def ffn_file_name(layer: int, precision: str, kind: str = "") -> str:
+    """A bundle file's path in the store: ``kind`` UPDOWN or GATE (version 3), or "" for the bundles of gate,
+    up and down together (versions 1 and 2)."""
+    return f"ffn/L{layer:03d}.{precision}{'.' + kind if kind else ''}.bin"
 
 
 def round_up(n: int, to: int = ALIGN) -> int:

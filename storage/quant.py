@@ -76,6 +76,31 @@ def select_parts(precision: str, raw: torch.Tensor, parts: int, dim: int, groups
     return torch.cat((body, meta), dim=1)
 
 
+def join_parts(precision: str, first: torch.Tensor, first_parts: int, second: torch.Tensor, second_parts: int,
+               dim: int, groups: Groups) -> torch.Tensor:
+    """Bundles [n, B1] of ``first_parts`` parts and [n, B2] of ``second_parts`` -> [n, B1 + B2] bundles of
+    both, in the one layout (values of every part, then their scales): ``select_parts``' inverse, e.g. a
+    neuron's gate row and its [up|down] bundle into its [gate|up|down] bundle."""
+    values, scales = part_bytes(precision, dim, groups)
+    if not scales:
+        return torch.cat((first, second), dim=1)
+    a, b = first_parts * values, second_parts * values
+    return torch.cat((first[:, :a], second[:, :b], first[:, a:], second[:, b:]), dim=1)
+
+
+NORM_CHUNK = 1024  # neurons dequantised at a time: on the 7B shape 50 MB, not a whole layer's 540 MB
+
+
+def up_down_norms(raw_fp16: torch.Tensor, parts: int, dim: int) -> torch.Tensor:
+    """||up_j||·||down_j|| [F] float32 of a layer's FP16 bundles (up and down their last two parts), a chunk
+    of neurons at a time: what a gate policy weighs each neuron's gate activation by."""
+    out = []
+    for chunk in raw_fp16.split(NORM_CHUNK):
+        w = decode("fp16", chunk, parts, dim, torch.float32)
+        out.append(w[:, -2].norm(dim=1) * w[:, -1].norm(dim=1))
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def check_int4_group(dim: int, group: int) -> None:
     if group <= 0 or dim % group or group % 2:
         raise ValueError(f"INT4 group size {group} must be even and divide the hidden size {dim}")

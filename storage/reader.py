@@ -1,66 +1,60 @@
 """Opens a store, validates it, and reads any set of neurons at any precision, verifying checksums.
 
+A store of format version 3 keeps each layer's [up|down] bundles and its gate rows in files of their own,
+and a :class:`Store` reads it in one of two *views*:
+
+- ``whole`` (what ``Store(path)`` opens): bundles of gate, up and down together, what every policy but
+  the gate ones computes from (the dense model, ``dense-fp16``, the predictors, the oracle, ``eval``,
+  ``export-gguf``): a neuron's gate row and its [up|down] bundle are read at once and joined;
+- ``split``: bundles of up and down only, what a gate policy fetches: it ranks the neurons by a resident
+  INT4 copy of every gate row (:meth:`Store.read_gates`) and takes the kept ones' gate activations from it.
+
+Stores of versions 1 and 2 hold [gate|up|down] bundles in one file per layer and precision: read as the
+``whole`` view (a gate policy there fetches all three parts). One written by version 2's ``split-gate``
+holds the ``split`` view only. ``m2cache upgrade`` lays either kind of older whole store out as version 3.
+
 Reads are synchronous (the runtime calls them from its I/O threads) and go through an SSD backend
 (``m2cache.storage.ssd``), so a simulated slow or faulty SSD sits under the same code as a real one.
 """
 from __future__ import annotations
 
-import logging
-import time
+import copy
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 import numpy as np
 import torch
 
 from m2cache.errors import (
-    ChecksumError, StoreError, StoreNotFoundError, StoreVersionError, TransientSSDError, TruncatedStoreError,
+    ChecksumError, ConfigError, StoreError, StoreNotFoundError, StoreVersionError, TruncatedStoreError,
     UnsupportedArchitectureError,
 )
 from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
 from m2cache.storage import quant
-from m2cache.storage.layout import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, BlockGeometry, checksum_fn, coalesce, ffn_file_name,
-    file_checksum,
+from m2cache.storage.bundle_files import (  # noqa: F401  (the read helpers' home; imported from here too)
+    FIX_HINT, MERGE_GAP_BYTES, TRANSIENT_RETRIES, Backend, BundleFiles, PlainBackend, first_bad_block, merge_gap,
+    read_planned, read_with_retries,
 )
+from m2cache.storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, file_checksum
 
-log = logging.getLogger(__name__)
-
-FIX_HINT = "re-create the store with `m2cache convert` (or `m2cache fetch` for the demo model)"
-TRANSIENT_RETRIES = 4
-# Runs of needed blocks closer than this many bytes are read as one. A read call costs ~13 us of
-# Python and syscall (an NVMe random read ~80 us); 64 KiB costs ~6 us of copying from the page
-# cache. On the demo (4 KiB blocks, neuron preload, store in the page cache) merging gaps up to 16
-# blocks decoded 4.2-4.6 tokens/s where gaps up to 4 gave 3.2-3.3. In bytes, not blocks, so a 7B
-# store's 24 KiB FP16 blocks are not merged over 16 x 24 KiB.
-MERGE_GAP_BYTES = 64 * 1024
-BACKOFF_S = 0.002
-
-
-class Backend(Protocol):
-    def read(self, path: str | Path, offset: int, length: int) -> bytes: ...
-
-
-class PlainBackend:
-    """Buffered reads with no extras; used where no SSD backend is configured."""
-
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-        if len(data) != length:
-            raise TruncatedStoreError(f"{path}: wanted {length} bytes at offset {offset}, file ends first; {FIX_HINT}")
-        return data
+WHOLE, SPLIT = "whole", "split"
+UPGRADE_HINT = "`m2cache upgrade {store}` lays it out so that one store runs every policy"
 
 
 def _unpack_manifest(path: Path) -> dict[str, Any]:
-    if not path.parent.is_dir():
-        raise StoreNotFoundError(f"no store at {path.parent}: the folder does not exist; "
+    folder = path.parent
+    if folder.is_file():
+        hint = ("convert it first: `m2cache convert SRC DST`" if folder.suffix in (".gguf", ".safetensors")
+                else f"give the folder it is in ({folder.parent})" if folder.name == MANIFEST
+                else "give the store's folder, as `m2cache fetch` or `m2cache convert` printed it")
+        raise StoreNotFoundError(f"{folder} is a file, not a store folder; {hint}")
+    if not folder.is_dir():
+        raise StoreNotFoundError(f"no store at {folder}: the folder does not exist; "
                                  "create one with `m2cache convert SRC DST` or `m2cache fetch smollm2`")
     if not path.is_file():
-        raise StoreNotFoundError(f"{path} is missing, so {path.parent} is not a store; {FIX_HINT}")
+        raise StoreNotFoundError(f"{path} is missing, so {folder} is not a store; {FIX_HINT}")
     try:
         manifest = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types for garbage
@@ -71,73 +65,76 @@ def _unpack_manifest(path: Path) -> dict[str, Any]:
         raise StoreVersionError(
             f"{path} has store format version {manifest.get('version')!r}; this m2cache reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} and writes {FORMAT_VERSION}: {FIX_HINT} with this "
-            "version of m2cache"
-        )
+            "version of m2cache")
     return manifest
 
 
 class Store:
-    """A validated store folder. Cheap to open: reads the manifest and stats the files."""
+    """A validated store folder, in one view (``whole`` unless given). Cheap to open: reads the manifest
+    and stats the files; :meth:`with_view` gives the other view of the same store."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, view: str | None = None) -> None:
         self.path = Path(path)
         self.manifest = _unpack_manifest(self.path / MANIFEST)
         cfg = self.manifest["config"]
         if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; m2cache runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family) models only"
-            )
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family) models only")
         self.config = ModelConfig.from_dict(cfg)
+        self.version: int = self.manifest["version"]
         self.checksum_name: str = self.manifest.get("checksum", "crc32")
-        try:
-            self.checksum = checksum_fn(self.checksum_name)
-        except ValueError as e:
-            raise StoreVersionError(f"{self.path / MANIFEST}: {e}; {FIX_HINT}") from e
         ffn = self.manifest["ffn"]
-        self.parts: int = ffn["parts"]
         self.num_neurons: int = ffn["num_neurons"]
         self.hidden: int = ffn["hidden"]
         # version 1 stores have one INT8 scale per row: a group as wide as the row
         self.groups = quant.Groups(int8=ffn.get("int8_group", self.hidden), int4=ffn["int4_group"])
-        self.geometry = {p: BlockGeometry(**g) for p, g in ffn["geometry"].items()}
-        self._files: dict[tuple[int, str], dict[str, Any]] = {}
-        self._crcs: dict[tuple[int, str], np.ndarray] = {}
-        self._file_crc: dict[tuple[int, str], int] = {}
-        self._paths: dict[tuple[int, str], str] = {}
-        for entry in ffn["files"]:
-            key = (entry["layer"], entry["precision"])
-            self._files[key] = entry
-            self._crcs[key] = np.frombuffer(entry["crc32"], dtype=np.uint32)
-            if "file_crc32" in entry:
-                self._file_crc[key] = entry["file_crc32"]
+        try:
+            # [up|down] bundles (version 3, or a version 2 split store) or [gate|up|down] ones
+            self.bundles = BundleFiles(self.path, ffn["files"], ffn["geometry"], self.num_neurons,
+                                       self.checksum_name, " (up/down)" if "gate_files" in ffn else "")
+            self.gate_rows = None if "gate_files" not in ffn else BundleFiles(
+                self.path, ffn["gate_files"], ffn["gate_geometry"], self.num_neurons, self.checksum_name,
+                " (gate rows)")
+        except ValueError as e:  # an unknown checksum algorithm
+            raise StoreVersionError(f"{self.path / MANIFEST}: {e}; {FIX_HINT}") from e
+        self.checksum = self.bundles.checksum
+        self._file_parts: int = ffn["parts"]
+        self.views: tuple[str, ...] = ((WHOLE, SPLIT) if self.gate_rows is not None
+                                       else (SPLIT,) if "gates" in ffn else (WHOLE,))
+        self.view = self.views[0]
         self._check_files()
+        if view is not None and view != self.view:
+            self.view = self.with_view(view).view
+
+    def with_view(self, view: str, what: str = "") -> "Store":
+        """This store in ``view`` (``whole`` or ``split``); ``what`` names what needs it, for the refusal."""
+        if view == self.view:
+            return self
+        if view not in self.views:
+            if view == WHOLE:
+                source = self.manifest.get("source", "")
+                raise ConfigError(
+                    f"{self.path} is a split store (`m2cache split-gate` of format version 2: up/down fetched, "
+                    f"INT4 gate rows resident): only gate policies run on it, and {what or 'this'} needs the FP16 "
+                    f"gate rows of the store it was split from ({source}); "
+                    + UPGRADE_HINT.format(store="SOURCE_STORE"))
+            raise ConfigError(f"unknown store view {view!r}; {self.path} has {', '.join(self.views)}")
+        other = copy.copy(self)
+        other.view = view
+        return other
 
     def _check_files(self) -> None:
-        for (layer, p), entry in self._files.items():
-            f = self.path / entry["path"]
-            if not f.is_file():
-                raise StoreNotFoundError(f"{f} (FFN layer {layer}, {p}) is missing; {FIX_HINT}")
-            size = f.stat().st_size
-            if size < entry["size"]:
-                raise TruncatedStoreError(
-                    f"{f} (FFN layer {layer}, {p}) is truncated: {size} bytes, the manifest says {entry['size']}; "
-                    f"{FIX_HINT}"
-                )
-        gates = self.manifest["ffn"].get("gates")
-        if gates is not None:
-            g = self.path / gates["path"]
-            if not g.is_file():
-                raise StoreNotFoundError(f"{g} (the split store's gate rows) is missing; {FIX_HINT}")
-            if g.stat().st_size < gates["size"]:
-                raise TruncatedStoreError(f"{g} (the split store's gate rows) is truncated; {FIX_HINT}")
+        self.bundles.check()
+        if self.gate_rows is not None:
+            self.gate_rows.check()
+        for key, what in (("gates", "the split store's gate rows"), ("gate_norms", "the gate policies' norms")):
+            entry = self.manifest["ffn"].get(key)
+            if entry is not None:
+                self._check_file(self.path / entry["path"], entry["size"], what)
         attention = self.manifest.get("attention_int8")
         if attention:  # optional: stores written before it stream BF16/FP16 attention instead
-            a = self.path / attention["path"]
-            if not a.is_file():
-                raise StoreNotFoundError(f"{a} (the INT8 attention weights) is missing; {FIX_HINT}")
-            if a.stat().st_size < attention["size"]:
-                raise TruncatedStoreError(f"{a} (the INT8 attention weights) is truncated; {FIX_HINT}")
+            self._check_file(self.path / attention["path"], attention["size"], "the INT8 attention weights")
             from m2cache.storage.attention_stream import Int8AttentionLayout
 
             n = self.config.num_layers
@@ -146,186 +143,138 @@ class Store:
                 raise StoreVersionError(f"{self.path / MANIFEST}: the INT8 attention file's layout is not the one this "
                                         f"m2cache reads; {FIX_HINT}")
         res = self.path / self.manifest["resident"]["path"]
-        if not res.is_file():
-            raise StoreNotFoundError(f"{res} is missing; {FIX_HINT}")
-        if res.stat().st_size < self.manifest["resident"]["size"]:
-            raise TruncatedStoreError(f"{res} is truncated; {FIX_HINT}")
+        self._check_file(res, self.manifest["resident"]["size"], "")
 
+    @staticmethod
+    def _check_file(path: Path, size: int, what: str) -> None:
+        named = f"{path} ({what})" if what else str(path)
+        if not path.is_file():
+            raise StoreNotFoundError(f"{named} is missing; {FIX_HINT}")
+        if path.stat().st_size < size:
+            raise TruncatedStoreError(f"{named} is truncated; {FIX_HINT}")
+
+    # ---- the view ------------------------------------------------------------------------------
     @property
     def split(self) -> bool:
-        """A split store (``m2cache split-gate``): bundles of (up, down), the gate rows resident."""
-        return "gates" in self.manifest["ffn"]
+        """The view a gate policy fetches: bundles of (up, down), the gate rows resident."""
+        return self.view == SPLIT
 
-    def read_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """A split store's packed INT4 gate rows, one [F, D/2 + 4·D/group] uint8 tensor per layer, and its
-        ||up_j||·||down_j|| [F] float32 per layer, the file checked against its checksum first."""
-        entry = self.manifest["ffn"]["gates"]
-        path = self.path / entry["path"]
-        if file_checksum(path, self.checksum_name) != entry["crc32"]:
-            raise ChecksumError(f"{path} (the split store's gate rows) does not match its checksum; {FIX_HINT}")
-        from safetensors.torch import load_file
+    @property
+    def parts(self) -> int:
+        """Parts of a bundle as this view reads it: 3 (gate, up, down) or 2 (up, down)."""
+        return 2 if self.split else 3
 
-        # load_file maps the file: its pages would come in when first scored, as page cache the process's
-        # resident set at open does not show and a memory limit then evicts and faults back in 4 KiB at a
-        # time (on the 7B shape 193 MB a token). Copied, they are the process's own memory, counted at open.
-        tensors = load_file(str(path))
-        layers = range(self.config.num_layers)
-        return ([tensors.pop(f"gate.{L}").clone() for L in layers],
-                [tensors.pop(f"norms.{L}").clone() for L in layers])
+    @property
+    def _joined(self) -> bool:
+        """Whole bundles joined from a version 3 store's gate rows and [up|down] bundles."""
+        return self.gate_rows is not None and not self.split
 
-    # ---- geometry -------------------------------------------------------------------------
-    def file_path(self, layer: int, precision: str) -> Path:
-        return self.path / ffn_file_name(layer, precision)
-
-    def all_files(self) -> list[Path]:
-        files = [self.path / e["path"] for e in self._files.values()]
-        return files + [self.path / self.manifest["resident"]["path"], self.path / MANIFEST]
+    @property
+    def geometry(self):
+        """Block geometry per precision of the store's bundle files ([up|down] ones in version 3)."""
+        return self.bundles.geometry
 
     def bundle_bytes(self, precision: str) -> int:
-        return self.geometry[precision].bundle_bytes
+        """Bytes of one neuron's bundle as this view reads it (what a tier holds for it)."""
+        gate = self.gate_rows.bundle_bytes(precision) if self._joined else 0  # type: ignore[union-attr]
+        return self.bundles.bundle_bytes(precision) + gate
 
     def layer_bytes(self, precision: str) -> int:
         """Bytes of one layer's bundles at a precision (no padding): what a tier holds for it."""
         return self.num_neurons * self.bundle_bytes(precision)
 
+    def file_bytes(self, precision: str) -> int:
+        """Bytes of the files this view reads a layer at ``precision`` from (padding included)."""
+        gate = self.gate_rows.file_bytes(precision) if self._joined else 0  # type: ignore[union-attr]
+        return self.bundles.file_bytes(precision) + gate
+
+    def file_path(self, layer: int, precision: str) -> Path:
+        return self.bundles.file_path(layer, precision)
+
+    def all_files(self) -> list[Path]:
+        """Every file of the store (its manifest last)."""
+        files = self.bundles.files() + (self.gate_rows.files() if self.gate_rows is not None else [])
+        ffn = self.manifest["ffn"]
+        extra = [ffn[k]["path"] for k in ("gates", "gate_norms") if ffn.get(k)]
+        extra += [m["path"] for m in (self.manifest.get("attention_int8"), self.manifest["resident"]) if m]
+        if self.manifest.get("predictors"):
+            extra.append(self.manifest["predictors"]["path"])
+        return files + [self.path / e for e in extra] + [self.path / MANIFEST]
+
     # ---- reads -------------------------------------------------------------------------------
     def read_layer(self, layer: int, precision: str, backend: Backend) -> torch.Tensor:
-        """Every neuron of a layer at a precision: [F, bundle_bytes] uint8, verified.
-
-        One read of the whole file, checked against the file's own checksum in one pass (a per-block
-        loop costs ~1 µs a block in Python); on a mismatch the blocks locate the damage.
-        """
-        geom = self.geometry[precision]
-        nblocks = geom.num_blocks(self.num_neurons)
-        data = self._read_verified(layer, precision, 0, nblocks, None, backend, self._file_crc.get((layer, precision)))
-        body = data.reshape(nblocks, geom.block_bytes)[:, : geom.neurons_per_block * geom.bundle_bytes]
-        rows = np.ascontiguousarray(body)
-        if not rows.flags.writeable:  # unpadded blocks: still the read's immutable bytes; torch wants its own
-            rows = rows.copy()
-        return torch.from_numpy(rows.reshape(-1, geom.bundle_bytes)[: self.num_neurons])
+        """Every neuron of a layer at a precision: [F, bundle_bytes] uint8, verified (one read of each file
+        the view needs, checked against the file's checksum in one pass)."""
+        ud = self.bundles.read_layer(layer, precision, backend)
+        if not self._joined:
+            return ud
+        gate = self.gate_rows.read_layer(layer, precision, backend)  # type: ignore[union-attr]
+        return quant.join_parts(precision, gate, 1, ud, 2, self.hidden, self.groups)
 
     def read_neurons(self, layer: int, precision: str, ids: np.ndarray, backend: Backend,
                      pool: Executor | None = None) -> torch.Tensor:
         """Bundles of ``ids`` (any order, unique) at a precision: [n, bundle_bytes] uint8, aligned with ids.
 
-        Reads the blocks that hold them — one read per run of blocks, runs closer than MERGE_GAP_BYTES
-        merged into one larger read — and verifies each block it uses. With a ``pool`` the runs are read
-        by its threads at once: on a disk whose small reads are latency-bound (measured here: one thread
-        0.40 GB/s, eight 0.69 GB/s for 20% of an INT8 layer's neurons), the queue depth is the speed.
-        """
-        geom = self.geometry[precision]
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_neurons):
-            raise IndexError(f"neuron ids must lie in [0, {self.num_neurons})")
-        blocks = np.unique(ids // geom.neurons_per_block)
-        if self._whole_file_is_cheaper(precision, blocks):
-            return self.read_layer(layer, precision, backend)[torch.from_numpy(ids)]
-        data = np.empty((len(blocks), geom.block_bytes), np.uint8)  # the blocks kept, filled run by run
-        runs = [(first, count, blocks[(blocks >= first) & (blocks < first + count)] - first)
-                for first, count in coalesce(blocks, merge_gap(geom))]
-
-        def read_run(run: tuple[int, int, np.ndarray]) -> np.ndarray:
-            first, count, need = run
-            return self._read_verified(layer, precision, first, count, need, backend, None)
-
-        done = 0
-        for (_, count, need), got in zip(runs, pool.map(read_run, runs) if pool and len(runs) > 1 else map(read_run, runs)):
-            data[done:done + len(need)] = got.reshape(count, geom.block_bytes)[need]
-            done += len(need)
-        assert done == len(blocks), "every block kept was read once"
-        # the row of each id's block among the blocks kept, then the bundle inside the block
-        row = np.searchsorted(blocks, ids // geom.neurons_per_block)
-        bundles = data[:, : geom.neurons_per_block * geom.bundle_bytes].reshape(
-            len(blocks), geom.neurons_per_block, geom.bundle_bytes
-        )
-        return torch.from_numpy(np.ascontiguousarray(bundles[row, ids % geom.neurons_per_block]))
+        Reads the blocks that hold them, one read per run of blocks (runs closer than MERGE_GAP_BYTES
+        merged), or the whole file where they fill half its blocks; every block used is verified. With a
+        ``pool`` the runs, of the gate file and the [up|down] one alike, are read by its threads at once."""
+        if not self._joined:
+            return self.bundles.read_neurons(layer, precision, ids, backend, pool)
+        gate, ud = read_planned([self.gate_rows.plan(layer, precision, ids),  # type: ignore[union-attr]
+                                 self.bundles.plan(layer, precision, ids)], backend, pool)
+        return quant.join_parts(precision, gate, 1, ud, 2, self.hidden, self.groups)
 
     def run_bytes(self, precision: str, ids: np.ndarray) -> int:
         """Bytes read_neurons reads for ids (read amplification and merged gaps included)."""
-        geom = self.geometry[precision]
-        blocks = np.unique(np.asarray(ids, dtype=np.int64) // geom.neurons_per_block)
-        if self._whole_file_is_cheaper(precision, blocks):
-            return geom.file_bytes(self.num_neurons)
-        return sum(count for _, count in coalesce(blocks, merge_gap(geom))) * geom.block_bytes
+        gate = self.gate_rows.run_bytes(precision, ids) if self._joined else 0  # type: ignore[union-attr]
+        return self.bundles.run_bytes(precision, ids) + gate
 
-    def _whole_file_is_cheaper(self, precision: str, blocks: np.ndarray) -> bool:
-        """Needing half of a file's blocks or more, one read and one file checksum beat a checksum call
-        (and a read call per run) for every block."""
-        return 2 * len(blocks) >= self.geometry[precision].num_blocks(self.num_neurons)
+    def read_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What a gate policy keeps resident: every layer's gate rows as packed one-part INT4 bundles
+        ([F, D/2 + 4·D/group] uint8) and ||up_j||·||down_j|| ([F] float32), each file checked first.
 
-    def _read_verified(self, layer: int, precision: str, first: int, count: int, need: np.ndarray | None,
-                       backend: Backend, whole: int | None) -> np.ndarray:
-        """Blocks [first, first+count) as uint8; the blocks in ``need`` (all when None) verified.
-        A corrupt read is re-read once and never returned."""
-        geom = self.geometry[precision]
-        path = self._path_str(layer, precision)
-        crcs = self._crcs[(layer, precision)][first : first + count]
-        offset, length = first * geom.block_bytes, count * geom.block_bytes
-        what = _Describe(self, layer, precision, first, count)  # formatted only for a message
-        for attempt in range(2):
-            data = read_with_retries(backend, path, offset, length, what)
-            if whole is not None and self.checksum(data) == whole:
-                return np.frombuffer(data, dtype=np.uint8)
-            bad = first_bad_block(data, crcs, geom.block_bytes, self.checksum, need)
-            if bad is None:
-                return np.frombuffer(data, dtype=np.uint8)
-            log.warning("checksum mismatch in %s (attempt %d)", what, attempt + 1)
-        assert bad is not None, "the loop returns unless a block failed"
-        raise ChecksumError(
-            f"{path}: block {first + bad} of {what} fails its checksum twice; the file is corrupt: {FIX_HINT}"
-        )
+        From a version 3 store's INT4 gate files and its norms file; a version 2 split store's gate file;
+        or, on an older whole store, every INT4 and FP16 layer read."""
+        ffn, layers, backend = self.manifest["ffn"], range(self.config.num_layers), PlainBackend()
+        if self.gate_rows is not None:
+            norms = self._load_checked(ffn["gate_norms"], "the gate policies' norms")
+            return [self.gate_rows.read_layer(L, "int4", backend) for L in layers], [norms.pop(f"norms.{L}") for L in layers]
+        if "gates" in ffn:
+            tensors = self._load_checked(ffn["gates"], "the split store's gate rows")
+            return [tensors.pop(f"gate.{L}") for L in layers], [tensors.pop(f"norms.{L}") for L in layers]
+        gates = [quant.select_parts("int4", self.read_layer(L, "int4", backend), 3, self.hidden, self.groups, 0, 1)
+                 for L in layers]
+        return gates, [quant.up_down_norms(self.read_layer(L, "fp16", backend), 3, self.hidden) for L in layers]
 
-    def _path_str(self, layer: int, precision: str) -> str:
-        """The file's path as a string, built once (pathlib costs several µs per join, per read)."""
-        key = (layer, precision)
-        path = self._paths.get(key)
-        if path is None:
-            path = self._paths[key] = str(self.file_path(layer, precision))
-        return path
+    def _load_checked(self, entry: dict[str, Any], what: str) -> dict[str, torch.Tensor]:
+        path = self.path / entry["path"]
+        if file_checksum(path, self.checksum_name) != entry["crc32"]:
+            raise ChecksumError(f"{path} ({what}) does not match its checksum; {FIX_HINT}")
+        from safetensors.torch import load_file
 
-    def _describe(self, layer: int, precision: str, first: int, count: int) -> str:
-        npb = self.geometry[precision].neurons_per_block
-        lo, hi = first * npb, min((first + count) * npb, self.num_neurons) - 1
-        return f"FFN layer {layer} {precision} neurons {lo}-{hi}"
+        # load_file maps the file: its pages would come in when first used, as page cache the process's
+        # resident set at open does not show and a memory limit then evicts and faults back in 4 KiB at a
+        # time (on the 7B shape 193 MB a token). Copied, they are the process's own memory, counted at open.
+        return {name: t.clone() for name, t in load_file(str(path)).items()}
+
+    def verify(self) -> None:
+        """Reads every file of the store and checks it against its checksums: a ``ChecksumError`` names the
+        first damaged one (``m2cache fetch`` runs this on a store it already has)."""
+        backend = PlainBackend()
+        self.bundles.verify(backend)
+        if self.gate_rows is not None:
+            self.gate_rows.verify(backend)
+        ffn = self.manifest["ffn"]
+        for key, what in (("gates", "the split store's gate rows"), ("gate_norms", "the gate policies' norms"),
+                          ("resident", "the resident weights")):
+            entry = ffn.get(key) or (self.manifest["resident"] if key == "resident" else None)
+            if entry is not None and file_checksum(self.path / entry["path"], self.checksum_name) != entry["crc32"]:
+                raise ChecksumError(f"{self.path / entry['path']} ({what}) does not match its checksum; {FIX_HINT}")
+        attention = self.manifest.get("attention_int8")
+        if attention:
+            from m2cache.storage.attention_stream import verify_int8_file
+
+            verify_int8_file(self.path, attention, self.config.num_layers)
 
     def decode(self, precision: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return quant.decode(precision, raw, self.parts, self.hidden, dtype, self.groups)
-
-
-def merge_gap(geom: BlockGeometry) -> int:
-    """Blocks of gap that one read covers rather than splitting into two reads."""
-    return MERGE_GAP_BYTES // geom.block_bytes
-
-
-class _Describe:
-    """What a read covers ("FFN layer 3 int4 neurons 0-63"), formatted only when a message needs it."""
-
-    __slots__ = ("store", "args")
-
-    def __init__(self, store: Store, *args: Any) -> None:
-        self.store, self.args = store, args
-
-    def __str__(self) -> str:
-        return self.store._describe(*self.args)
-
-
-def first_bad_block(data: bytes, crcs: np.ndarray, block_bytes: int, checksum,
-                    need: np.ndarray | None = None) -> int | None:
-    """Index of the first block (among ``need``, or all) whose checksum does not match."""
-    view = memoryview(data)
-    for i in (range(len(crcs)) if need is None else need.tolist()):
-        if checksum(view[i * block_bytes : (i + 1) * block_bytes]) != int(crcs[i]):
-            return i
-    return None
-
-
-def read_with_retries(backend: Backend, path: str | Path, offset: int, length: int, what: object) -> bytes:
-    """Reads, retrying transient SSD errors with bounded exponential backoff (we are in an I/O thread)."""
-    for attempt in range(TRANSIENT_RETRIES + 1):
-        try:
-            return backend.read(path, offset, length)
-        except TransientSSDError as e:
-            if attempt == TRANSIENT_RETRIES:
-                raise TransientSSDError(f"{what}: read failed {attempt + 1} times ({e}); check the disk") from e
-            time.sleep(BACKOFF_S * (2**attempt))
-    raise AssertionError("unreachable: the retry loop returns or raises")

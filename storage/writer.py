@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from m2cache.model.llama import ModelConfig
+from m2cache.model.policy import DEFAULT_POLICY, GATE_PRESETS
 from m2cache.storage import quant
 from m2cache.storage.layout import (
-    CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
-    checksum_fn, file_checksum,
+    CHECKSUM, FORMAT_NAME, FORMAT_VERSION, GATE, GATE_NORMS, MANIFEST, RESIDENT, UPDOWN, BlockGeometry,
+    block_checksums, checksum_fn, ffn_file_name, file_checksum,
 )
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -69,8 +70,11 @@ def write_store(
     groups: quant.Groups = quant.Groups(),
     source: str = "",
     progress: Progress | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes the store to ``dst`` (atomically: a temporary folder renamed at the end)."""
+    """Writes the store to ``dst`` (atomically: a temporary folder renamed at the end). ``get`` returns a
+    checkpoint tensor by its Hugging Face name; ``generation``: the model's own sampling settings
+    (``m2cache.model.sampling.GENERATION_KEYS``), which ``generate`` and ``demo`` use unless told otherwise."""
     dst = Path(dst)
     groups.check(cfg.hidden_size)
     tmp = dst.with_name(dst.name + ".partial")
@@ -85,16 +89,10 @@ def write_store(
     if progress:
         progress(1, total)
 
-    parts, dim = 3, cfg.hidden_size
-    geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, parts, dim, groups)) for p in quant.PRECISIONS}
-    files: list[dict[str, Any]] = []
+    ffn = FFNWriter(tmp, cfg.intermediate_size, cfg.hidden_size, groups)
     for layer in range(cfg.num_layers):
         w = ffn_bundles_of(get, layer)
-        for p in quant.PRECISIONS:
-            name = ffn_file_name(layer, p)
-            crcs, whole = write_bundle_file(tmp / name, quant.encode(p, w, groups), geoms[p])
-            files.append({"layer": layer, "precision": p, "path": name, "size": int(geoms[p].file_bytes(
-                cfg.intermediate_size)), "crc32": crcs.tobytes(), "file_crc32": whole})
+        ffn.add_layer(layer, {p: quant.encode(p, w, groups) for p in quant.PRECISIONS})
         if progress:
             progress(layer + 2, total)
 
@@ -105,21 +103,65 @@ def write_store(
         "source": source,
         "config": cfg.to_dict(),
         "tokenizer": tokenizer,
+        "generation": dict(generation or {}),
         "resident": {"path": RESIDENT, "dtype": str(resident_dtype).removeprefix("torch."),
                      "size": os.path.getsize(tmp / RESIDENT), "crc32": file_checksum(tmp / RESIDENT)},
         "attention_int8": attention_int8,
-        "ffn": {"parts": parts, "num_neurons": cfg.intermediate_size, "hidden": dim,
-                "int8_group": groups.int8, "int4_group": groups.int4,
-                "geometry": {p: g.to_dict() for p, g in geoms.items()}, "files": files},
+        "ffn": ffn.finish(),
         "predictors": None,
-        "policies": {},
-        "default_policy": "dense-fp16",
+        **default_policies(),
     }
     write_manifest(tmp, manifest)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
     return dst
+
+
+def default_policies() -> dict[str, Any]:
+    """The manifest's policies of a new store: the gate presets (no predictor to train), the best measured
+    one its default (``m2cache.model.policy.DEFAULT_POLICY``)."""
+    return {"policies": {name: {"shares": s.to_dict(), "kind": "gate"} for name, s in GATE_PRESETS.items()},
+            "default_policy": DEFAULT_POLICY}
+
+
+class FFNWriter:
+    """Writes a version 3 store's FFN: per layer and precision a file of [up|down] bundles and a file of
+    gate rows (each a bundle file of its own geometry), and every layer's ||up_j||·||down_j||, which the
+    gate policies weigh each gate activation by (computed from the FP16 bundles, as they were before
+    version 3 at every open)."""
+
+    def __init__(self, root: Path, num_neurons: int, dim: int, groups: quant.Groups) -> None:
+        self.root, self.num_neurons, self.dim, self.groups = root, num_neurons, dim, groups
+        self.geoms = {kind: {p: BlockGeometry.choose(quant.bundle_bytes(p, parts, dim, groups)) for p in quant.PRECISIONS}
+                      for kind, parts in ((UPDOWN, 2), (GATE, 1))}
+        self.files: dict[str, list[dict[str, Any]]] = {UPDOWN: [], GATE: []}
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def add_layer(self, layer: int, bundles: dict[str, torch.Tensor]) -> None:
+        """``bundles``: the layer's [gate|up|down] bundles per precision ([F, bundle_bytes] uint8), split
+        into the two files by moving bytes (nothing is quantised again)."""
+        for p, raw in bundles.items():
+            for kind, (first, stop) in ((UPDOWN, (1, 3)), (GATE, (0, 1))):
+                name, geom = ffn_file_name(layer, p, kind), self.geoms[kind][p]
+                part = quant.select_parts(p, raw, 3, self.dim, self.groups, first, stop)
+                crcs, whole = write_bundle_file(self.root / name, part, geom)
+                self.files[kind].append({"layer": layer, "precision": p, "path": name,
+                                         "size": int(geom.file_bytes(self.num_neurons)), "crc32": crcs.tobytes(),
+                                         "file_crc32": whole})
+            if p == "fp16":
+                self.norms[f"norms.{layer}"] = quant.up_down_norms(raw, 3, self.dim)
+
+    def finish(self) -> dict[str, Any]:
+        """Writes the norms file; returns the manifest's ``ffn`` entry."""
+        save_file(self.norms, str(self.root / GATE_NORMS))
+        geometry = {kind: {p: g.to_dict() for p, g in geoms.items()} for kind, geoms in self.geoms.items()}
+        return {"parts": 2, "num_neurons": self.num_neurons, "hidden": self.dim,
+                "int8_group": self.groups.int8, "int4_group": self.groups.int4,
+                "geometry": geometry[UPDOWN], "files": self.files[UPDOWN],
+                "gate_geometry": geometry[GATE], "gate_files": self.files[GATE],
+                "gate_norms": {"path": GATE_NORMS, "size": (self.root / GATE_NORMS).stat().st_size,
+                               "crc32": file_checksum(self.root / GATE_NORMS)}}
 
 
 def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig) -> dict[str, Any]:

@@ -126,7 +126,11 @@ def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_
     plan = Plan(build_args(["--store", str(tiny_synth["store"])]), Model(tiny_synth["store"], tiny_synth["hf"]))
     copy = plan.gate_copy_bytes("gate:0.1,0.2,0.7")
     store = plan.store
-    assert copy == (store.bundle_bytes("int4") // 3) * store.num_neurons * store.config.num_layers
+    from m2cache.storage import quant
+
+    # the packed INT4 gate rows and a float32 norm, every neuron of every layer
+    assert copy == (quant.bundle_bytes("int4", 1, store.hidden, store.groups) + 4) * store.num_neurons \
+        * store.config.num_layers
     assert plan.gate_copy_bytes("predictor:0.1,0.2,0.7") == 0
     # the same shares: what differs is the copy (the margin grows a little with the limit)
     assert needs("gate:0.1,0.2,0.7") - needs("predictor:0.1,0.2,0.7") >= copy

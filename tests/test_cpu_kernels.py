@@ -192,7 +192,8 @@ def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_stor
     store = Store(tiny_store.store)
     policy = gate_policy(store, Shares(0.5, 0, 0), torch.float32)
     assert all(g.dtype == torch.uint8 for g in policy.gates)
-    assert sum(g.numel() for g in policy.gates) == policy.resident_bytes  # the bytes it reports are the bytes it holds
+    # the bytes it reports are the bytes it holds: the packed rows and a float32 norm a neuron
+    assert sum(g.numel() for g in policy.gates) + 4 * sum(n.numel() for n in policy.norms) == policy.resident_bytes
     h = torch.randn(2, store.hidden, generator=torch.Generator().manual_seed(7))
     gate = store.decode("int4", store.read_layer(1, "int4", PlainBackend()), torch.float32)[:, 0]
     expected = activation("silu")(h @ gate.T).abs() * policy.norms[1]

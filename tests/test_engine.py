@@ -184,7 +184,7 @@ async def test_a_store_file_gone_bad_fails_the_request_with_a_typed_error_and_cl
         deep: Model, fault: str) -> None:
     """``fail_after=1``: layer 1's first read succeeds, every later one fails — it goes bad mid-run
     (its neurons leave the small tiers, so the next token must re-read them)."""
-    cfg = deep.config(f"{SLOW_SSD},{fault},fail_path=*L001.fp16*")
+    cfg = deep.config(f"{SLOW_SSD},{fault},fail_path=*L001.fp16.updown*")
     async with asyncio.timeout(60):
         engine = await Engine.open(deep.store, cfg)
         try:

@@ -86,9 +86,9 @@ def test_rows_report_the_greedy_run_and_the_selection_bytes(rows, store_dir) -> 
     by = {r["policy"]: r for r in rows}
     assert by["dense-fp16"]["greedy_median"] == 12 and by["dense-fp16"]["selector_bytes_ratio"] == 0
     assert 0 <= by["gate:0.5,0,0"]["greedy_median"] <= 12
-    # the gate's INT4 copy: one part of three of an INT4 bundle, every neuron, every layer
+    # the gate's INT4 copy (one part of three of an INT4 bundle) and a float32 norm, every neuron, every layer
     store = Store(store_dir)
-    per_gate = store.bundle_bytes("int4") / 3 / store.bundle_bytes("fp16")
+    per_gate = (store.bundle_bytes("int4") / 3 + 4) / store.bundle_bytes("fp16")
     assert by["gate:0.5,0,0"]["selector_bytes_ratio"] == pytest.approx(per_gate)
     assert by["mixed-40"]["selector_bytes_ratio"] > 0  # the predictors (on the tiny model, as big as its FFN)
 
@@ -100,23 +100,31 @@ def test_frontier_names_each_method_at_each_share() -> None:
         frontier_policies(["magic"])
 
 
-def test_the_split_gate_layout_fetches_two_thirds_and_ranks_as_the_gate(rows) -> None:
+def test_a_gate_policy_is_measured_as_the_engine_runs_it_fetching_two_thirds(rows) -> None:
+    # a store of format 3 keeps its gate rows apart: every gate policy fetches up and down only and takes
+    # the kept neurons' gates from the resident INT4 copy, which gate-split:A,B,C measures on any store
     by = {r["policy"]: r for r in rows}
     split, gate = by["gate-split:0.5,0,0"], by["gate:0.5,0,0"]
-    assert split["ffn_bytes_ratio"] == pytest.approx(gate["ffn_bytes_ratio"] * 2 / 3)
-    assert split["selector_bytes_ratio"] == gate["selector_bytes_ratio"]
-    # the same ranking, on hidden states that differ from the gate policy's by its INT4 gate values
+    assert gate["ffn_bytes_ratio"] == split["ffn_bytes_ratio"] == pytest.approx(
+        by["predictor:0.5,0,0"]["ffn_bytes_ratio"] * 2 / 3)
+    assert (gate["ppl"], gate["top1"], gate["recall"]) == (split["ppl"], split["top1"], split["recall"])
     assert split["recall"] >= MIN_GATE_RECALL
-    assert by["gate-40"]["kept"] == 1.0 and by["gate-40"]["ffn_bytes_ratio"] == by["mixed-40"]["ffn_bytes_ratio"]
+    assert by["gate-40"]["kept"] == 1.0
+    assert by["gate-40"]["ffn_bytes_ratio"] == pytest.approx(by["mixed-40"]["ffn_bytes_ratio"] * 2 / 3)
 
 
-def test_the_split_gate_layout_computes_with_the_int4_gate_rows(store_dir) -> None:
+def test_the_split_gate_layout_computes_with_the_int4_gate_rows(store_dir, tmp_path) -> None:
+    from old_layouts import write_version2
+
     qm = QualityModel(Store(store_dir))
     split = qm.weights_for(qm.policy("gate-split:0.1,0.2,0.7"))
     for p in ("fp16", "int8"):
         assert torch.equal(split[p][1][:, 0], qm.weights["int4"][1][:, 0])
         assert torch.equal(split[p][1][:, 1:], qm.weights[p][1][:, 1:])
-    assert qm.weights_for(qm.policy("gate:0.1,0.2,0.7")) is qm.weights
+    assert qm.weights_for(qm.policy("gate:0.1,0.2,0.7")) is split
+    # a store of format 2 fetches each kept neuron's gate with its bundle, at its precision
+    old = QualityModel(Store(write_version2(store_dir, tmp_path / "v2")))
+    assert old.weights_for(old.policy("gate:0.1,0.2,0.7")) is old.weights
 
 
 def test_the_engine_refuses_the_split_gate_layout_it_does_not_have(store_dir) -> None:

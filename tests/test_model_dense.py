@@ -52,8 +52,9 @@ class Pair:
     def hf_greedy(self, ids: list[int]) -> list[int]:
         pad = self.hf_model.generation_config.eos_token_id
         pad = pad[0] if isinstance(pad, list) else pad
+        # greedy, whatever the folder's generation_config.json asks for (the demo's a repetition penalty)
         out = self.hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     pad_token_id=pad if pad is not None else 0)
+                                     repetition_penalty=1.0, pad_token_id=pad if pad is not None else 0)
         return out[0, len(ids):].tolist()
 
     def m2_greedy(self, ids: list[int]) -> list[int]:

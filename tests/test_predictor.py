@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2cache.model.policy import Shares
+from m2cache.model.policy import DEFAULT_POLICY, Shares
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.engine.policies import load_policy
 from m2cache.storage.reader import Store
@@ -39,7 +39,7 @@ def test_training_registers_predictors_and_preset_policies(trained) -> None:
     store_dir, _ = trained
     store = Store(store_dir)
     assert (store_dir / store.manifest["predictors"]["path"]).is_file()
-    assert store.manifest["default_policy"] == PRESET_DEFAULT
+    assert store.manifest["default_policy"] == DEFAULT_POLICY  # convert's: training leaves it as it is
     kinds = {name: spec["kind"] for name, spec in store.manifest["policies"].items()}
     assert kinds.pop("gate-40") == "gate"
     assert set(kinds.values()) == {"predictor"}
@@ -56,7 +56,7 @@ def test_the_stored_gate_policy_loads_as_a_gate_policy(trained) -> None:
 def test_stored_policy_loads_and_scores_the_last_position(trained) -> None:
     store_dir, _ = trained
     store = Store(store_dir)
-    pol = load_policy(store, None, torch.float32)
+    pol = load_policy(store, PRESET_DEFAULT, torch.float32)
     assert isinstance(pol, PredictorPolicy) and pol.needs_scores
     h = torch.randn(4, store.config.hidden_size)
     s = pol.score(1, h)

@@ -246,5 +246,10 @@ def test_sigterm_ends_running_streams_with_an_error_event_and_the_server_exits(d
     rest = [line[6:] for line in lines if line.startswith("data: ")]
     http.close()
     assert rest[-1] == "[DONE]"
-    assert json.loads(rest[-2])["error"]["type"] == "server_shutdown"
+    error = json.loads(rest[-2])["error"]
+    assert error["type"] == "server_shutdown" and "predictor" not in error["message"]  # no engine internals
+    time.sleep(0.2)
+    late = httpx.post(live.url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}, timeout=10)
+    assert late.status_code == 503 and late.json()["error"]["type"] == "server_shutdown"
+    assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "draining"
     assert live.proc.wait(30) == 0

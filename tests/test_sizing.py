@@ -204,9 +204,8 @@ def test_the_plan_counts_a_neuron_read_as_the_blocks_and_runs_it_reads_not_its_b
 
     F = store.num_neurons
     for p in PRECISION_ORDER:
-        geom = store.geometry[p]
         assert _neuron_read_bytes(store, p, 0) == 0
         few = max(1, F // 10)
-        # at least its bundles, padded to whole blocks; never more than the file
-        assert few * store.bundle_bytes(p) <= _neuron_read_bytes(store, p, few) <= geom.file_bytes(F)
-        assert _neuron_read_bytes(store, p, F) == geom.file_bytes(F)  # every neuron: the whole file, once
+        # at least its bundles, padded to whole blocks; never more than the files (gate rows and up/down)
+        assert few * store.bundle_bytes(p) <= _neuron_read_bytes(store, p, few) <= store.file_bytes(p)
+        assert _neuron_read_bytes(store, p, F) == store.file_bytes(p)  # every neuron: the whole files, once

@@ -20,8 +20,9 @@ from m2cache.errors import (
 )
 from m2cache.engine.loading import load_resident
 from m2cache.storage import quant
-from m2cache.storage.layout import ALIGN, MANIFEST, RESIDENT, coalesce, ffn_file_name
-from m2cache.storage.reader import PlainBackend, Store, merge_gap
+from m2cache.storage.bundle_files import BundleFiles
+from m2cache.storage.layout import ALIGN, GATE, MANIFEST, RESIDENT, UPDOWN, coalesce, ffn_file_name
+from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store, merge_gap
 from m2cache.storage.writer import ffn_bundles_of
 
 NEURONS = 1024  # the "wide" store: many 4 KiB blocks per file at every precision (fp16 103, int4 31)
@@ -144,14 +145,14 @@ def test_coalesce_merges_runs_up_to_max_gap_blocks_apart() -> None:
     assert coalesce(blocks, max_gap=10) == [(0, 21)]
 
 
-def expected_reads(store: Store, precision: str, ids: np.ndarray) -> list[tuple[str, int, int]]:
-    """The reader's contract: a request that needs half of a file's blocks or more reads the whole
-    file in one read; a smaller one reads each run of needed blocks (runs at most merge_gap(geometry) blocks
-    apart merged) once, in file order."""
-    geom = store.geometry[precision]
-    name = Path(ffn_file_name(1, precision)).name
+def expected_reads(files: BundleFiles, precision: str, ids: np.ndarray) -> list[tuple[str, int, int]]:
+    """The reader's contract for one kind of bundle file: a request that needs half of a file's blocks or
+    more reads the whole file in one read; a smaller one reads each run of needed blocks (runs at most
+    merge_gap(geometry) blocks apart merged) once, in file order."""
+    geom = files.geometry[precision]
+    name = files.file_path(1, precision).name
     blocks = np.unique(ids // geom.neurons_per_block)
-    total = geom.num_blocks(store.num_neurons)
+    total = geom.num_blocks(files.num_neurons)
     if 2 * len(blocks) >= total:
         return [(name, 0, total * geom.block_bytes)]
     return [(name, first * geom.block_bytes, n * geom.block_bytes) for first, n in coalesce(blocks, merge_gap(geom))]
@@ -162,64 +163,79 @@ SPREAD_INT4 = list(range(0, 512, 34))  # 16 ids evenly spread: half the INT4 blo
 
 @settings(max_examples=40, deadline=None)
 @given(ids=st.lists(st.integers(0, NEURONS - 1), unique=True, min_size=1, max_size=60),
-       precision=st.sampled_from(quant.PRECISIONS))
-@example(ids=SPREAD_INT4, precision="int4")  # half the INT4 blocks: one whole-file read (once a flaky case)
+       precision=st.sampled_from(quant.PRECISIONS), view=st.sampled_from([WHOLE, SPLIT]))
+@example(ids=SPREAD_INT4, precision="int4", view=WHOLE)  # half the INT4 blocks: one whole-file read
 def test_read_neurons_reads_whole_file_or_each_run_of_blocks_once(
-    wide_store: Store, ids: list[int], precision: str
+    wide_store: Store, ids: list[int], precision: str, view: str
 ) -> None:
-    backend = RecordingBackend()
-    got = wide_store.read_neurons(1, precision, np.array(ids), backend)
-    assert backend.reads == expected_reads(wide_store, precision, np.array(ids))
+    # the whole view reads each neuron's gate row from its file and its [up|down] bundle from the other
+    store, backend = wide_store.with_view(view), RecordingBackend()
+    got = store.read_neurons(1, precision, np.array(ids), backend)
+    files = [store.gate_rows, store.bundles] if view == WHOLE else [store.bundles]
+    assert backend.reads == [r for f in files for r in expected_reads(f, precision, np.array(ids))]
     assert all(off % ALIGN == 0 and length % ALIGN == 0 for _, off, length in backend.reads)
-    assert sum(length for *_, length in backend.reads) == wide_store.run_bytes(precision, np.array(ids))
-    assert got.shape == (len(ids), wide_store.bundle_bytes(precision))
+    assert sum(length for *_, length in backend.reads) == store.run_bytes(precision, np.array(ids))
+    assert got.shape == (len(ids), store.bundle_bytes(precision))
 
 
 @pytest.mark.parametrize("precision", quant.PRECISIONS)
 def test_a_request_for_half_the_blocks_reads_the_whole_file_once(wide_store: Store, precision: str) -> None:
-    geom = wide_store.geometry[precision]
+    files = wide_store.bundles
+    geom = files.geometry[precision]
     total = geom.num_blocks(NEURONS)
     ids = np.arange(0, total, 2)[: (total + 1) // 2] * geom.neurons_per_block  # one id in every other block
     backend = RecordingBackend()
-    wide_store.read_neurons(1, precision, ids, backend)
-    assert backend.reads == [(Path(ffn_file_name(1, precision)).name, 0, total * geom.block_bytes)]
+    files.read_neurons(1, precision, ids, backend)
+    assert backend.reads == [(files.file_path(1, precision).name, 0, total * geom.block_bytes)]
 
 
 def test_a_request_for_fewer_than_half_the_blocks_reads_only_their_runs(wide_store: Store) -> None:
-    geom = wide_store.geometry["int4"]
+    files = wide_store.bundles
+    geom = files.geometry["int4"]
     total = geom.num_blocks(NEURONS)
     ids = np.array([0, (total - 1) * geom.neurons_per_block])  # the first and the last block
     backend = RecordingBackend()
-    wide_store.read_neurons(1, "int4", ids, backend)
+    files.read_neurons(1, "int4", ids, backend)
     assert [(off, n) for _, off, n in backend.reads] == [
         (0, geom.block_bytes), ((total - 1) * geom.block_bytes, geom.block_bytes)]
 
 
 def test_neighbouring_blocks_are_read_in_one_request(wide_store: Store) -> None:
-    npb = wide_store.geometry["fp16"].neurons_per_block
-    far = 3 + merge_gap(wide_store.geometry["fp16"]) + 1  # a block past the gap that reads merge over
+    files = wide_store.bundles
+    geom = files.geometry["fp16"]
+    npb = geom.neurons_per_block
+    far = 3 + merge_gap(geom) + 1  # a block past the gap that reads merge over
     ids = np.array([0, npb, 2 * npb + 1, far * npb])  # blocks 0, 1, 2 and `far`
     backend = RecordingBackend()
-    wide_store.read_neurons(0, "fp16", ids, backend)
+    files.read_neurons(0, "fp16", ids, backend)
     assert [(off, length) for _, off, length in backend.reads] == [
-        (0, 3 * wide_store.geometry["fp16"].block_bytes),
-        (far * wide_store.geometry["fp16"].block_bytes, wide_store.geometry["fp16"].block_bytes),
-    ]
+        (0, 3 * geom.block_bytes), (far * geom.block_bytes, geom.block_bytes)]
 
 
 def test_blocks_a_small_gap_apart_are_read_in_one_request(wide_store: Store) -> None:
-    npb = wide_store.geometry["fp16"].neurons_per_block
-    gap = merge_gap(wide_store.geometry["fp16"])
-    ids = np.array([0, (gap + 1) * npb])  # blocks 0 and gap+1: the gap is read too
+    files = wide_store.bundles
+    geom = files.geometry["fp16"]
+    gap = merge_gap(geom)
+    ids = np.array([0, (gap + 1) * geom.neurons_per_block])  # blocks 0 and gap+1: the gap is read too
     backend = RecordingBackend()
-    wide_store.read_neurons(0, "fp16", ids, backend)
-    assert [(off, length) for _, off, length in backend.reads] == [
-        (0, (gap + 2) * wide_store.geometry["fp16"].block_bytes)]
+    files.read_neurons(0, "fp16", ids, backend)
+    assert [(off, length) for _, off, length in backend.reads] == [(0, (gap + 2) * geom.block_bytes)]
+
+
+def test_the_split_view_reads_up_and_down_only_and_the_whole_view_joins_the_gate_rows(wide_store: Store) -> None:
+    split = wide_store.with_view(SPLIT)
+    ids = np.array([5, 300, 301, 900])
+    for p in quant.PRECISIONS:
+        whole = wide_store.read_neurons(1, p, ids, PlainBackend())
+        up_down = split.read_neurons(1, p, ids, PlainBackend())
+        assert torch.equal(up_down, quant.select_parts(p, whole, 3, wide_store.hidden, wide_store.groups, 1, 3))
+        assert split.bundle_bytes(p) * 3 == wide_store.bundle_bytes(p) * 2  # two parts of three fetched
+        assert torch.equal(split.read_layer(1, p, PlainBackend())[torch.from_numpy(ids)], up_down)
 
 
 # ---- checksums ------------------------------------------------------------------------------
 def test_a_flipped_byte_in_a_bundle_file_raises_checksum_error_on_read(store_copy: Path) -> None:
-    path = store_copy / ffn_file_name(1, "int8")
+    path = store_copy / ffn_file_name(1, "int8", GATE)
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01
     path.write_bytes(bytes(data))
@@ -232,8 +248,8 @@ def test_a_flipped_byte_in_a_bundle_file_raises_checksum_error_on_read(store_cop
 def test_a_flipped_byte_fails_only_reads_of_its_block(wide: Any, tmp_path: Path) -> None:
     root = Path(shutil.copytree(wide.store, tmp_path / "store"))
     store = Store(root)
-    geom = store.geometry["fp16"]
-    path = root / ffn_file_name(0, "fp16")
+    geom = store.geometry["fp16"]  # the [up|down] files'
+    path = root / ffn_file_name(0, "fp16", UPDOWN)
     data = bytearray(path.read_bytes())
     data[3 * geom.block_bytes + 10] ^= 0xFF  # inside block 3
     path.write_bytes(bytes(data))
@@ -253,7 +269,7 @@ def test_a_corrupt_read_is_read_again_once(wide_store: Store) -> None:
 def test_a_read_corrupt_twice_raises_checksum_error(wide_store: Store) -> None:
     with pytest.raises(ChecksumError) as err:
         wide_store.read_neurons(0, "int4", np.array([1]), FlipFirstReads(bad=2))
-    assert_names_file_and_fix(err, wide_store.file_path(0, "int4"))
+    assert_names_file_and_fix(err, wide_store.gate_rows.file_path(0, "int4"))
 
 
 def test_a_corrupt_resident_file_raises_checksum_error_at_load(store_copy: Path) -> None:
@@ -267,7 +283,7 @@ def test_a_corrupt_resident_file_raises_checksum_error_at_load(store_copy: Path)
 
 
 # ---- bad stores, refused at open --------------------------------------------------------------
-@pytest.mark.parametrize("name", [ffn_file_name(2, "fp16"), ffn_file_name(0, "int4"), RESIDENT])
+@pytest.mark.parametrize("name", [ffn_file_name(2, "fp16", UPDOWN), ffn_file_name(0, "int4", GATE), RESIDENT])
 def test_a_truncated_file_raises_truncated_store_error_at_open(store_copy: Path, name: str) -> None:
     path = store_copy / name
     with open(path, "r+b") as f:
@@ -288,6 +304,33 @@ def test_a_missing_folder_raises_store_not_found(tmp_path: Path) -> None:
     with pytest.raises(StoreNotFoundError) as err:
         Store(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(err.value) and "m2cache convert" in str(err.value)
+
+
+def test_a_store_path_that_is_a_file_is_named_as_a_file(tiny_store: Any, tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFoundError, match="is a file, not a store folder") as err:
+        Store(tiny_store.store / MANIFEST)
+    assert str(tiny_store.store) in str(err.value)  # the folder to give instead
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(StoreNotFoundError, match="m2cache convert"):
+        Store(gguf)
+
+
+def test_a_damaged_store_fails_its_verification_naming_the_file_and_the_way_to_rewrite_it(
+        store_copy: Path) -> None:
+    from m2cache.errors import StoreError
+    from m2cache.offline.convert import _verify
+
+    Store(store_copy).verify()
+    path = store_copy / ffn_file_name(2, "fp16", UPDOWN)
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError) as err:
+        Store(store_copy).verify()
+    assert str(path) in str(err.value)
+    with pytest.raises(StoreError, match="m2cache fetch --force"):
+        _verify(store_copy)
 
 
 def test_an_unknown_format_version_raises_store_version_error(store_copy: Path) -> None:

@@ -243,6 +243,17 @@ def _tool_main() -> Any:
     return module.main
 
 
+def test_m2cache_trace_is_the_tool_as_a_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from m2cache.cli.main import main
+
+    _decode_run().save(tmp_path / "run.trace")
+    assert main(["trace", str(tmp_path / "run.trace"), "--html", str(tmp_path / "out.html")]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and str(tmp_path / "out.html") in out and (tmp_path / "out.html").exists()
+    assert main(["trace", str(tmp_path / "missing.trace")]) == 2
+    assert "m2cache trace: no such file" in capsys.readouterr().err
+
+
 def test_tool_prints_the_summary_and_writes_what_is_asked(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _decode_run().save(tmp_path / "run.trace")

@@ -11,7 +11,8 @@ import time
 from m2cache.errors import M2CacheError
 from m2cache.bench.memlimit import UNDER_LIMIT_ENV
 
-DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
+from m2cache.cli.demo import DEMO_PROMPTS, cmd_demo  # noqa: F401  (the bench's prompts too)
+from m2cache.cli.figures import print_stats
 
 
 def ffn_fp16_bytes(store) -> int:
@@ -102,22 +103,39 @@ def cmd_fetch(args) -> int:
     if args.name != "smollm2":
         print(f"m2cache: unknown model {args.name!r}; `fetch` knows: smollm2", file=sys.stderr)
         return 2
-    print(fetch_demo())
+    print(fetch_demo(force=args.force))
     return 0
 
 
 def cmd_convert(args) -> int:
     from m2cache.offline.convert import convert
 
-    print(convert(args.src, args.dst, int4_group=args.int4_group, int8_group=args.int8_group))
+    out = convert(args.src, args.dst, int4_group=args.int4_group, int8_group=args.int8_group)
+    if args.measure:
+        from m2cache.offline.build_quality import measure_at_build
+
+        measure_at_build(out, progress=True)
+    print(out)
     return 0
 
 
-def cmd_split_gate(args) -> int:
-    from m2cache.offline.split import split_gate
+def cmd_upgrade(args) -> int:
+    from m2cache.offline.upgrade import upgrade
 
-    print(split_gate(args.src, args.dst, progress=not args.quiet))
+    print(upgrade(args.store, args.to, progress=not args.quiet))
     return 0
+
+
+def sampling(args, store) -> dict:
+    """The sampling of a run: what the command line gives, the rest from the store's ``generation`` (the
+    model's own generation config), greedy where neither says; ``--greedy`` is greedy whatever they say."""
+    if getattr(args, "greedy", False):
+        return {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
+    own = store.manifest.get("generation") or {}
+    given = {"temperature": args.temperature, "top_p": args.top_p,
+             "repetition_penalty": getattr(args, "repetition_penalty", None)}
+    defaults = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
+    return {k: float(v if v is not None else own.get(k, defaults[k])) for k, v in given.items()}
 
 
 def cmd_generate(args) -> int:
@@ -149,8 +167,8 @@ def _generate_dense(args) -> int:
 
     gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
     t0, n = time.perf_counter(), 0
-    for text in gen.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed, raw=args.raw):
+    for text in gen.generate(args.prompt, args.max_new_tokens, seed=args.seed, raw=args.raw,
+                             **sampling(args, gen.store)):
         n += 1
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -173,83 +191,31 @@ async def _generate_tiered(args) -> int:
 
     store = Store(args.store)
     async with Engine.open(args.store, engine_config(args, store)) as engine:
-        async for text in engine.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, seed=args.seed, raw=args.raw):
+        note_budgets(args, engine)
+        async for text in engine.generate(args.prompt, args.max_new_tokens, seed=args.seed, raw=args.raw,
+                                          **sampling(args, store)):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
     if args.stats:  # once closed, as the trace is saved: reads still in flight counted in both
         print_stats(engine.stats(), sys.stderr)
     if args.trace:
-        print(f"trace written to {args.trace} (open it with: python tools/trace.py {args.trace} --html out.html)",
+        print(f"trace written to {args.trace} (see it with: m2cache trace {args.trace} --html out.html)",
               file=sys.stderr)
     return 0
 
 
-def print_stats(st: dict, stream) -> None:
-    """``engine.stats()`` for people; its figures are ``m2cache.engine.figures``' (the trace summary's too)."""
-    from m2cache.engine.figures import PER_TOKEN
+def note_budgets(args, engine) -> None:
+    """Says, where it is so, that the budgets given count together: on the CPU the device pool is the same
+    memory as DRAM, so the engine computes from DRAM's layers and lends it the pool's budget."""
+    if not engine.plan.direct or (args.hbm_budget is None and args.dram_budget is None):
+        return
+    from m2cache.engine.config import format_size
 
-    mb = 1e6
-    bpt = st["bytes_per_token"]
-    lines = [
-        f"policy {st['policy']}: {st['decode_tokens']} decode tokens at {st['decode_tokens_per_s']:.2f} tokens/s, "
-        f"time to first token {st['ttft_s'] or 0:.2f}s",
-        f"bytes {PER_TOKEN}: SSD->DRAM {bpt['ssd_to_dram'] / mb:.2f} MB, "
-        f"DRAM->device {bpt['dram_to_hbm'] / mb:.2f} MB",
-        f"hit ratio: device {st['hit_ratio']['hbm']:.1%}, DRAM {st['hit_ratio']['dram']:.1%}; "
-        f"stall fraction {st['stall_fraction']:.1%} of step time",
-        f"peak held: device pool {st['peak_bytes']['hbm'] / mb:.1f} MB of {st['budgets']['hbm'] / mb:.1f} MB, "
-        f"DRAM {st['peak_bytes']['dram'] / mb:.1f} MB of {st['budgets']['dram'] / mb:.1f} MB, "
-        f"resident {st['peak_bytes']['resident'] / mb:.1f} MB",
-        f"tiers: prefetch {st['tiers']['prefetch']}, DRAM keeps for good {st['tiers']['kept_for_good'] or 'nothing'} "
-        f"(layers per precision), preload {st['tiers']['preload']}" + (
-            "; the CPU computes from DRAM's whole layers, the device pool's budget lent to DRAM"
-            if st["tiers"]["direct_from_dram"] else ""),
-    ]
-    if st.get("attention_stream_bytes") is not None and st["tokens"]:
-        lines.append(f"attention streamed from the store: {st['attention_stream_bytes'] / st['tokens'] / mb:.1f} MB "
-                     f"{PER_TOKEN}")
-    if st.get("memory"):
-        m, held = st["memory"], st["memory"]["held"]
-        lines.append(f"memory limit {m['limit'] / mb:.0f} MB: runtime {m['runtime'] / mb:.0f}, margin {m['margin'] / mb:.0f}, "
-                     f"reads in flight {m['reads'] / mb:.0f}, resident ({m['resident_form']}) {m['resident'] / mb:.0f}, "
-                     f"KV {m['kv_tokens']} tokens {m['kv'] / mb:.0f}, device pool {m['hbm_budget'] / mb:.0f}, DRAM "
-                     f"{m['dram_budget'] / mb:.0f} MB" + ("" if m["dense_prefill"] else "; prefill split by the policy")
-                     + f"; held now: KV {held['kv'] / mb:.1f} MB")
-    if st.get("predictor_recall") is not None:
-        lines.append(f"predictor recall {st['predictor_recall']:.1%}")
-    if "carbon_g_per_1k_tokens" in st:
-        lines.append(f"carbon estimate: {st['carbon_g_per_1k_tokens']:.2f} gCO2 per 1000 tokens")
-    for line in lines:
-        print("[m2cache] " + line, file=stream)
-
-
-def cmd_demo(args) -> int:
-    from m2cache.offline.convert import fetch_demo
-    from m2cache.storage.reader import Store
-
-    store_dir = fetch_demo()
-    store = Store(store_dir)
-    if not store.manifest.get("predictors"):
-        from m2cache.offline.train import train_predictors
-
-        print("training the demo model's predictors (once) ...", file=sys.stderr)
-        train_predictors(store_dir)
-    if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):  # the whole demo, once, inside it
-        from m2cache.bench.memlimit import rerun_under_limit
-
-        rc = rerun_under_limit(args.argv, args.memory, int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store))
-        if rc >= 0:
-            return rc
-    args.store, args.dense, args.stats = str(store_dir), False, True
-    for prompt in DEMO_PROMPTS:
-        print(f"\n>>> {prompt}")
-        args.prompt = prompt
-        rc = cmd_generate(args)
-        if rc:
-            return rc
-    return 0
+    hbm, dram = int(engine.config.hbm_budget), int(engine.config.dram_budget)
+    print(f"[m2cache] on the CPU the device pool is DRAM: the engine computes from DRAM's layers, and "
+          f"--hbm-budget {format_size(hbm)} and --dram-budget {format_size(dram)} count together as one DRAM "
+          f"budget of {format_size(hbm + dram)} (--no-compute-from-dram keeps them apart)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download and convert the demo model; prints the store's path")
     p.add_argument("name", nargs="?", default="smollm2")
+    p.add_argument("--force", action="store_true", help="download and write everything again (a store that is "
+                                                        "already there is verified, file by file, without it)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder or a .gguf file into a store")
@@ -268,14 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-group", type=int, default=None, help="values per INT4 scale and minimum (default 32)")
     p.add_argument("--int8-group", type=int, default=None,
                    help="values per INT8 scale (default 32; the hidden size gives one scale per row)")
+    p.add_argument("--measure", action="store_true",
+                   help="then measure the default policy's perplexity cost against the dense FP32 model (every "
+                        "weight dequantised in memory: for models that fit) and keep it in the store")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("split-gate", help="write a split store: up/down bundles fetched, INT4 gate rows resident "
-                                          "(gate policies only; 2/3 of the bytes a token)")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p = sub.add_parser("upgrade", help="lay a store of an older format out as this version's (one store that "
+                                       "runs every policy), in place or --to a new folder")
+    p.add_argument("store")
+    p.add_argument("--to", help="write the upgraded store here instead of in place")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_split_gate)
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     p.add_argument("store")
@@ -284,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="every weight resident, no tiering (the reference)")
     add_engine_args(p)
     p.add_argument("--stats", action="store_true", help="print speed, bytes and cache figures on stderr")
-    p.add_argument("--trace", help="write the run's trace to this file (see tools/trace.py)")
+    p.add_argument("--trace", help="write the run's trace to this file (see `m2cache trace`)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="fetch the demo model, train its predictors, generate with tiering on")
+    p = sub.add_parser("demo", help="fetch the demo model and run it with tiering on, beside the dense model")
     _sampling_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_demo, trace=None, policy=None)
@@ -296,17 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     from m2cache.cli.bench import add_commands as add_bench_commands
     from m2cache.cli.quality import add_commands as add_quality_commands
     from m2cache.cli.serve import add_commands as add_serve_commands
+    from m2cache.cli.trace import add_commands as add_trace_commands
 
     add_quality_commands(sub)
     add_bench_commands(sub)
     add_serve_commands(sub)
+    add_trace_commands(sub)
     return ap
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the model's own generation config, else greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: the model's generation config, else 1)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already in the text less likely (default: the model's generation config, "
+                        "else 1)")
+    p.add_argument("--greedy", action="store_true", help="greedy, whatever the model's generation config says")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
 

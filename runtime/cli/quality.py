@@ -21,33 +21,52 @@ def cmd_train_predictor(args) -> int:
 
 
 def cmd_policies(args) -> int:
-    from m2cache.engine.policies import default_policy_name, list_policies
-    from m2cache.model.policy import Shares
+    from m2cache.engine.policies import default_policy_name, policy_figures
+
     from m2cache.storage.reader import Store
 
     store = Store(args.store)
-    bundle = {p: store.bundle_bytes(p) for p in ("fp16", "int8", "int4")}
-    fetched = store.parts / 3  # a split store's bundles: two parts of the three a dense FP16 FFN has
     default = default_policy_name(store)
-    print(f"{'policy':<16} {'fp16':>5} {'int8':>5} {'int4':>5} {'bytes':>6}  kind")
-    for name, spec in list_policies(store).items():
-        if store.split and spec.get("builtin"):
-            continue  # dense-fp16 needs the FP16 gate rows
-        shares = spec["shares"]
-        rows = shares if isinstance(shares, list) else [shares]
-        s = [Shares(**r) for r in rows]
-        mean = {p: sum(getattr(x, p) for x in s) / len(s) for p in ("fp16", "int8", "int4")}
-        ratio = fetched * sum(x.bytes_ratio(bundle) for x in s) / len(s)
-        kind = "builtin" if spec.get("builtin") else spec.get("kind", "?") + (" per-layer" if len(s) > 1 else "")
-        mark = "  (default)" if name == default else ""
-        print(f"{name:<16} {mean['fp16']:5.2f} {mean['int8']:5.2f} {mean['int4']:5.2f} {ratio:6.3f}  {kind}{mark}")
-    print("bytes: FFN bytes fetched per token / dense FP16")
+    rows = policy_figures(store)
+    if args.json:
+        json.dump([r | {"default": r["name"] == default} for r in rows], sys.stdout, indent=2)
+        print()
+        return 0
+    dense = store.layer_bytes("fp16") * store.config.num_layers
+    print(f"{'policy':<16} {'fp16':>5} {'int8':>5} {'int4':>5} {'fetched a token':>17} {'resident':>10}  "
+          f"{'quality':<14} kind")
+    for r in rows:
+        quality = "exact" if r["name"] == "dense-fp16" else _quality(r.get("quality"))
+        kind = r["kind"] + (" per-layer" if r["per_layer"] else "") + ("  (default)" if r["name"] == default else "")
+        s = r["shares"]
+        print(f"{r['name']:<16} {s['fp16']:5.2f} {s['int8']:5.2f} {s['int4']:5.2f} {_mb(r['fetched']):>9} "
+              f"{r['fetched'] / dense:6.3f} {_mb(r['resident']):>10}  {quality:<14} {kind}")
+    print(f"fetched a token: the FFN bytes a decode token computes from, every layer, and their share of dense "
+          f"FP16's {_mb(dense)}")
+    print("resident: what the policy keeps beside the tiers (a gate policy's INT4 gate rows and norms, the "
+          "predictors)")
+    print("quality: perplexity against the dense FP32 model on held-out text, measured when the store was built "
+          "(`m2cache eval STORE --policy NAME` measures more)")
     if store.split:
-        print("a split store (up/down fetched, INT4 gate rows resident): gate:FP16,INT8,INT4 (ad hoc) runs too")
+        print("a split store of format version 2 (up/down fetched, INT4 gate rows resident): gate:FP16,INT8,INT4 "
+              "(ad hoc) runs too")
     else:
         print("also: oracle:FP16,INT8,INT4 (exact contributions, for measuring), predictor:FP16,INT8,INT4 and "
               "gate:FP16,INT8,INT4 (ad hoc)")
+    if store.version < 3 and not store.split:
+        print(f"format version {store.version}: its gate policies fetch the gate rows too; `m2cache upgrade "
+              f"{store.path}` lays it out so that they fetch up and down only")
     return 0
+
+
+def _mb(n: float) -> str:
+    from m2cache.engine.config import format_size
+
+    return format_size(n) if n else "0"
+
+
+def _quality(q: dict | None) -> str:
+    return "-" if not q else f"ppl {q['ppl_delta']:+.1%}"
 
 
 def cmd_tune(args) -> int:
@@ -104,8 +123,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_predictor)
 
-    p = subparsers.add_parser("policies", help="list a store's precision policies")
+    p = subparsers.add_parser("policies", help="list a store's precision policies: shares, bytes fetched a token, "
+                                               "bytes kept resident, quality")
     p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per policy (bytes exact)")
     p.set_defaults(func=cmd_policies)
 
     p = subparsers.add_parser("tune", help="search precision shares under a bytes-per-token budget")

@@ -18,24 +18,26 @@ class DenseGenerator:
         self.tokenizer = load_tokenizer(self.store)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-        check_sampling(temperature, top_p, max_new_tokens)
+                     top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
+        check_sampling(temperature, top_p, max_new_tokens, repetition_penalty)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         kv = self.model.new_cache()
         logits = self.model.forward(prompt_ids, kv)
         eos = set(self.model.cfg.eos_token_ids)
+        history = list(prompt_ids)
         for _ in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, gen)
+            tok = sample(logits, temperature, top_p, gen, repetition_penalty=repetition_penalty, history=history)
+            history.append(tok)
             yield tok
             if tok in eos:
                 return
             logits = self.model.forward([tok], kv)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, raw: bool = False) -> Iterator[str]:
+                 seed: int | None = None, raw: bool = False, repetition_penalty: float = 1.0) -> Iterator[str]:
         ids = self.tokenizer.encode(prompt, raw=raw)
         dec = StreamDecoder(self.tokenizer)
-        for tok in self.generate_ids(ids, max_new_tokens, temperature, top_p, seed):
+        for tok in self.generate_ids(ids, max_new_tokens, temperature, top_p, seed, repetition_penalty):
             if tok in self.model.cfg.eos_token_ids:
                 break
             yield dec.push(tok)

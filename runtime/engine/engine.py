@@ -32,7 +32,7 @@ from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel
 from m2cache.model.policy import PRECISION_ORDER
 from m2cache.model.tokenizer import StreamDecoder
-from m2cache.engine.policies import load_policy
+from m2cache.engine.policies import fetched_bytes, load_policy, store_for_policy
 from m2cache.model.sampling import check_sampling
 from m2cache.engine.memory import STREAM_DEPTH, MemoryPlan, plan_memory, return_freed_memory
 from m2cache.engine.sizing import TierPlan, plan_tiers
@@ -83,11 +83,14 @@ class Engine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def _start(self) -> None:
-        cfg, store = self.config, self.store
+        cfg = self.config
         if self.device.type == "cuda" and not torch.cuda.is_available():
             from m2cache.errors import ConfigError
 
             raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
+        # the tiers hold the bundles the policy fetches: a gate policy's up and down only, where the store
+        # keeps its gate rows apart
+        store = self.store = store_for_policy(self.store, cfg.policy)
         self.policy = load_policy(store, cfg.policy, self.dtype, self.device, kernels=cfg.cpu_kernels)
         # CPU and its kernels: decode can compute straight from DRAM's whole layers (see plan_tiers)
         direct = (cfg.compute_from_dram and cfg.cpu_kernels
@@ -125,14 +128,14 @@ class Engine:
         n, F = store.config.num_layers, store.num_neurons
         self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
         self.dram = DRAMManager(
-            num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in store.geometry},
+            num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in PRECISION_ORDER},
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
             reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
         # CUDA: the executor computes on one stream, the HBM manager copies up on another and tells it when
         compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
-                              bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry},
+                              bundle_bytes={p: store.bundle_bytes(p) for p in PRECISION_ORDER},
                               device=self.device, dram=self.dram, recorder=self.recorder,
                               direct_from_dram=self.plan.direct, compute_stream=compute_stream,
                               kernels=cfg.cpu_kernels)
@@ -209,12 +212,14 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int | None = None, raw: bool = False) -> AsyncIterator[str]:
+                       seed: int | None = None, raw: bool = False, repetition_penalty: float = 1.0
+                       ) -> AsyncIterator[str]:
         """Streams the generated text. Cancelling the consumer stops this request only."""
         ids = self.tokenizer.encode(prompt, raw=raw)
         dec = StreamDecoder(self.tokenizer)
         eos = set(self.store.config.eos_token_ids)
-        async for tok in self.generate_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+        async for tok in self.generate_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                           repetition_penalty=repetition_penalty):
             if tok in eos:
                 break
             text = dec.push(tok)
@@ -225,8 +230,9 @@ class Engine:
             yield tail
 
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
-                           top_p: float = 1.0, seed: int | None = None) -> AsyncIterator[int]:
-        check_sampling(temperature, top_p, max_new_tokens)
+                           top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0
+                           ) -> AsyncIterator[int]:
+        check_sampling(temperature, top_p, max_new_tokens, repetition_penalty)
         if self._closed or self._supervisor is None:
             raise EngineClosedError(f"the engine is closed{f' ({self._error!r})' if self._error else ''}; "
                                     "open a new one")
@@ -238,7 +244,8 @@ class Engine:
             return
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         seq = Sequence(list(prompt_ids), max_new_tokens, temperature, top_p, gen,
-                       asyncio.Queue(self.config.max_queued_tokens + 1))
+                       asyncio.Queue(self.config.max_queued_tokens + 1), repetition_penalty=repetition_penalty,
+                       history=list(prompt_ids) if repetition_penalty != 1.0 else [])
         self.executor.submit(seq)
         try:
             while True:
@@ -284,12 +291,6 @@ def compute_threads(cfg: EngineConfig, plan: TierPlan, fetched: int) -> int:
     reads = plan.decode_read_bytes > THREADS_READ_SHARE * fetched or plan.decode_read_bytes < 0
     reads = reads or cfg.resident == "stream"  # streamed attention is read every token
     return 1 if reads else (os.cpu_count() or 1)
-
-
-def fetched_bytes(store: Store, policy) -> int:
-    """The FFN bytes a decode token computes from under ``policy``, every layer."""
-    return sum(policy.counts(layer)[p] * store.bundle_bytes(p) for layer in range(store.config.num_layers)
-               for p in PRECISION_ORDER)
 
 
 class _Opening:

@@ -9,7 +9,7 @@ from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
 from m2cache.storage.layout import file_checksum
-from m2cache.storage.reader import FIX_HINT, PlainBackend, Store
+from m2cache.storage.reader import FIX_HINT, WHOLE, PlainBackend, Store
 from m2cache.storage.rows import EmbeddingRows
 
 
@@ -88,11 +88,7 @@ def resident_bytes(res: ResidentWeights) -> int:
 def load_dense(store: Store, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                resident: str = "full") -> DenseModel:
     """Every weight resident; the FFN from the FP16 bundles, in the layout the tiered engine uses."""
-    if store.split:
-        from m2cache.errors import ConfigError
-
-        raise ConfigError(f"{store.path} is a split store: its FP16 bundles have no gate rows, so the dense "
-                          "model runs on the store it was split from")
+    store = store.with_view(WHOLE, what="the dense model")  # its FFN: every bundle of gate, up and down
     res = load_resident(store, dtype, device, resident)
     backend = PlainBackend()
     ffn = [

@@ -36,7 +36,9 @@ def engine_stats(engine) -> dict[str, Any]:
                        "resident": _resident_held(engine)},
         # per tier as planned: on the CPU computing from DRAM the device pool's budget is lent to DRAM
         "budgets": {"hbm": 0 if engine.plan.direct else int(engine.config.hbm_budget),
-                    "dram": engine.plan.dram_budget},
+                    "dram": engine.plan.dram_budget, "hbm_given": int(engine.config.hbm_budget),
+                    "dram_given": int(engine.config.dram_budget)},
+        "ffn_bytes": _ffn_bytes(engine),
         "tiers": {"hbm_slots": engine.plan.hbm_slots, "prefetch": engine.plan.prefetch,
                   "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
                   "kept_for_good": _kept_for_good(engine.plan.fixed_keys),
@@ -52,6 +54,18 @@ def engine_stats(engine) -> dict[str, Any]:
     }
     return out
 
+
+
+def _ffn_bytes(engine) -> dict[str, int]:
+    """What the policy's FFN takes a decode token (``m2cache policies``' figures): the bytes it computes
+    from at its precisions, a dense FP16 FFN's, and what it keeps resident to choose its neurons."""
+    from m2cache.engine.policies import fetched_bytes, resident_policy_bytes
+    from m2cache.storage import quant
+
+    store = engine.store
+    dense = quant.bundle_bytes("fp16", 3, store.hidden) * store.num_neurons * store.config.num_layers
+    return {"fetched_per_token": fetched_bytes(store, engine.policy), "dense_fp16_per_token": dense,
+            "policy_resident": resident_policy_bytes(store, engine.policy.name)}
 
 
 def _memory(engine, dram_peak: int, hbm_pool: int) -> dict[str, Any] | None:

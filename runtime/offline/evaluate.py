@@ -19,9 +19,10 @@ Per policy:
 - ``recall``: for predictor and gate policies, the share of the true top-k kept set (by exact contribution, on
   the policy's own hidden states) that the predictor kept, averaged over layers and positions.
 
-``gate-split:A,B,C`` measures, on a whole store, what a split store (``m2cache split-gate``) computes with
-``gate:A,B,C``: the resident INT4 gate rows also give the kept neurons' gate activations, and only their
-up and down parts are fetched (``SplitGatePolicy``).
+A gate policy is measured as the engine runs it: on a store that keeps its gate rows apart (format
+version 3) the resident INT4 gate rows also give the kept neurons' gate activations, and only their up and
+down parts are fetched (``SplitGatePolicy``); on an older store each kept neuron's gate comes with its
+bundle, at its precision. ``gate-split:A,B,C`` measures the first on either.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Poli
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.engine.policies import gate_policy, parse_oracle, parse_shares
-from m2cache.storage.reader import PlainBackend, Store
+from m2cache.storage.reader import SPLIT, PlainBackend, Store
 from m2cache.storage.rows import EmbeddingRows
 from m2cache.offline.train import split_text, token_windows
 
@@ -64,9 +65,9 @@ AHEAD = "@ahead"  # a policy name's suffix: ranked one layer ahead, as EngineCon
 
 
 class SplitGatePolicy(GatePolicy):
-    """``gate-split:A,B,C``: the gate policy as a split store runs it (``m2cache split-gate``), measured on
-    the whole store: the resident INT4 gate copy also gives every kept neuron's gate activation and only
-    its up row and down column are fetched, at the precision it was ranked into: two thirds of the bytes."""
+    """The gate policy as a store of format version 3 runs it (``gate-split:A,B,C`` on any store): the
+    resident INT4 gate copy also gives every kept neuron's gate activation and only its up row and down
+    column are fetched, at the precision it was ranked into: two thirds of the bytes."""
 
     name = "gate-split"
 
@@ -114,6 +115,8 @@ class QualityModel:
         if name.startswith("predictor:"):
             shares = parse_shares(name)
             return PredictorPolicy(L, Fn, shares, self.predictors(), name)
+        # what the engine runs: on a store that keeps its gate rows apart (format version 3) every gate
+        # policy fetches up and down only, its gates from the resident copy
         if name == "gate" or name.startswith("gate:"):
             return self.gate(parse_shares(name))
         if name.startswith("gate-split:"):
@@ -128,9 +131,10 @@ class QualityModel:
                           + sorted(stored))
         raise ConfigError(f"unknown policy {name!r}; this store has: {known}")
 
-    def gate(self, shares: Shares | list[Shares], cls: type[GatePolicy] = GatePolicy) -> GatePolicy:
-        """A gate policy with ``shares``, over one copy of the gate rows read for them all (each read is
-        every INT4 and FP16 layer of the store)."""
+    def gate(self, shares: Shares | list[Shares], cls: type[GatePolicy] | None = None) -> GatePolicy:
+        """A gate policy with ``shares`` as the engine runs it on this store (or as ``cls``), over one copy of
+        the gate rows read for them all."""
+        cls = cls or (SplitGatePolicy if SPLIT in self.store.views else GatePolicy)
         if self._gate is None:
             self._gate = gate_policy(self.store, Shares(), torch.float32)
         g = self._gate
@@ -387,3 +391,4 @@ def evaluate_texts(store_dir: str | Path, policies: list[str], texts: dict[str, 
         rows += [r | {"text": label} for r in evaluate(store_dir, policies, text, tokens=tokens, qm=qm,
                                                        greedy_tokens=greedy_tokens, resident=resident, progress=step)]
     return rows
+

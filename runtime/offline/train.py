@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.llama import DenseModel, attention_block, rms_norm
-from m2cache.model.policy import Shares
+from m2cache.model.policy import GATE_PRESETS, Shares
 from m2cache.model.predictor import LowRankPredictors
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.layout import PREDICTORS
@@ -44,13 +44,13 @@ PRESET_POLICIES: dict[str, Shares] = {
     "mixed-25": Shares(0.1, 0.2, 0.2),
     "mixed-40": Shares(0.1, 0.2, 0.7),
 }
-# gate policies (no predictor: a resident packed INT4 copy of every gate row ranks the neurons). gate-40 is
-# more exact than mixed-40 at the same fetched bytes (+0.9% / -0.0%, top-1 0.975 / 0.949), but its copy is
-# 1/3 of the INT4 FFN: 0.10 of the FP16 FFN bytes, where the 7B shape's predictors take 0.014. Under a
-# memory limit that copy comes out of the DRAM window (7B shape at 40%: 0.76x mixed-40's tokens/s), so it is
-# offered, not the default here. A split store (`m2cache split-gate`) uses the copy for the kept neurons' gate
-# activations and fetches up/down only: there gate-40 is the default, at 0.29 of the bytes.
-PRESET_GATE_POLICIES: dict[str, Shares] = {"gate-40": Shares(0.1, 0.2, 0.7)}
+# gate policies (no predictor: a resident packed INT4 copy of every gate row ranks the neurons), registered
+# here too for stores of format 2 and before, where convert wrote none. gate-40 is more exact than mixed-40
+# at the same shares (+0.9% / -0.0%, top-1 0.975 / 0.949) and, on a store that keeps its gate rows apart
+# (format 3), fetches 0.29 of the FP16 FFN bytes to mixed-40's 0.43: such a store's default, which training
+# predictors leaves as it is (``m2cache.model.policy.DEFAULT_POLICY``). mixed-40 becomes the default only
+# of an older store that had none.
+PRESET_GATE_POLICIES: dict[str, Shares] = dict(GATE_PRESETS)
 PRESET_DEFAULT = "mixed-40"
 
 

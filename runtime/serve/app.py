@@ -175,6 +175,10 @@ async def _respond(srv: Server, endpoint: str, req: P._Sampling, ids: list[int],
 def _failure(srv: Server, endpoint: str, e: M2CacheError) -> HTTPError:
     if isinstance(e, EngineClosedError):
         srv.metrics.requests.labels(endpoint, "shutdown").inc()
+        if srv.draining:  # the engine's own words name its actors: for the log, not the client
+            log.info("request ended by the drain: %s", e)
+            return HTTPError(503, "the server is shutting down; send the request again (to another server)",
+                             "server_shutdown")
         return HTTPError(503, f"the server is shutting down ({e})", "server_shutdown")
     if isinstance(e, ConfigError):
         srv.metrics.requests.labels(endpoint, "invalid").inc()
