@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[test,bench,convert,serve]'
 	touch $@
+	@echo "m2cache is installed in $(VENV): run $(VENV)/bin/m2cache, or 'source $(VENV)/bin/activate' to have m2cache on your PATH"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

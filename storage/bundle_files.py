@@ -174,8 +174,8 @@ class BundleFiles:
 
     def assemble(self, plan: NeuronRead, got: list[Any]) -> torch.Tensor:
         """``plan.ids``' bundles [n, bundle_bytes] from the results of its reads, in order."""
-        if plan.runs is None:
-            return got[0][torch.from_numpy(plan.ids)]
+        if plan.runs is None:  # numpy's gather: no intra-op threads (see quant.join_parts)
+            return torch.from_numpy(got[0].numpy()[plan.ids])
         geom = self.geometry[plan.precision]
         data = np.empty((len(plan.blocks), geom.block_bytes), np.uint8)  # the blocks kept, filled run by run
         done = 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PRECISIONS = ("fp16", "int8", "int4")
@@ -82,10 +83,13 @@ def join_parts(precision: str, first: torch.Tensor, first_parts: int, second: to
     both, in the one layout (values of every part, then their scales): ``select_parts``' inverse, e.g. a
     neuron's gate row and its [up|down] bundle into its [gate|up|down] bundle."""
     values, scales = part_bytes(precision, dim, groups)
+    # numpy's concatenate copies row by row on the calling thread (an SSD reader's): torch's copy of these
+    # uint8 slices measured 0.2 ms alone but 60 ms with 2 intra-op threads on a busy 2-core machine
+    f, s = first.numpy(), second.numpy()
     if not scales:
-        return torch.cat((first, second), dim=1)
+        return torch.from_numpy(np.concatenate((f, s), axis=1))
     a, b = first_parts * values, second_parts * values
-    return torch.cat((first[:, :a], second[:, :b], first[:, a:], second[:, b:]), dim=1)
+    return torch.from_numpy(np.concatenate((f[:, :a], s[:, :b], f[:, a:], s[:, b:]), axis=1))
 
 
 NORM_CHUNK = 1024  # neurons dequantised at a time: on the 7B shape 50 MB, not a whole layer's 540 MB

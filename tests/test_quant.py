@@ -201,3 +201,15 @@ def test_select_parts_moves_a_part_s_bytes_as_encoding_it_alone_would_write_them
     raw = quant.encode(precision, w, g)
     assert torch.equal(quant.select_parts(precision, raw, 3, 64, g, 1, 3), quant.encode(precision, w[:, 1:], g))
     assert torch.equal(quant.select_parts(precision, raw, 3, 64, g, 0, 1), quant.encode(precision, w[:, :1], g))
+
+
+@settings(max_examples=30, deadline=None)
+@given(precision=st.sampled_from(quant.PRECISIONS), n=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_joining_the_parts_select_parts_splits_gives_back_the_bundles(precision: str, n: int, seed: int) -> None:
+    # a version 3 store keeps a bundle's gate part and its [up|down] parts in two files: joined, they are the
+    # bundle of all three, byte for byte
+    g = torch.Generator().manual_seed(seed)
+    raw = quant.encode(precision, torch.randn(n, 3, 64, generator=g))
+    gate = quant.select_parts(precision, raw, 3, 64, quant.Groups(), 0, 1)
+    up_down = quant.select_parts(precision, raw, 3, 64, quant.Groups(), 1, 3)
+    assert torch.equal(quant.join_parts(precision, gate, 1, up_down, 2, 64, quant.Groups()), raw)

@@ -82,7 +82,7 @@ def cmd_tune(args) -> int:
 def cmd_eval(args) -> int:
     from m2cache.offline.frontier import format_table
     from m2cache.engine.policies import default_policy_name
-    from m2cache.storage.reader import Store
+    from m2cache.storage.reader import SPLIT, Store
 
     from m2cache.offline.evaluate import evaluate_texts
     from m2cache.offline.frontier import frontier_policies, plot_frontier
@@ -91,7 +91,10 @@ def cmd_eval(args) -> int:
 
     if args.frontier:
         shares = tuple(parse_shares("x:" + spec).astuple() for spec in args.shares.split("/")) if args.shares else None
-        policies = frontier_policies(args.methods.split(","), *([shares] if shares else [])) + (args.policy or [])
+        # on a store that keeps its gate rows apart the gate policies run as gate-split measures them
+        methods = args.methods or ("predictor,gate,oracle" if SPLIT in Store(args.store).views
+                                   else "predictor,gate,gate-split,oracle")
+        policies = frontier_policies(methods.split(","), *([shares] if shares else [])) + (args.policy or [])
     else:
         policies = args.policy or ["dense-fp16", default_policy_name(Store(args.store))]
     # the pydoc prose's held-out tail (with --frontier, or without --text), and every --text (its last 20%)
@@ -154,8 +157,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frontier", action="store_true",
                    help="every selection method of --methods across a range of shares, on the pydoc prose and "
                         "each --text")
-    p.add_argument("--methods", default="predictor,gate,gate-split,oracle",
-                   help="the frontier's selection methods (gate-split: the gate as a split store computes it)")
+    p.add_argument("--methods", default=None,
+                   help="the frontier's selection methods (default predictor,gate,oracle; on a store of format 2 "
+                        "gate-split too: the gate as format 3 runs it, its gate rows resident)")
     p.add_argument("--shares", help="the frontier's FP16,INT8,INT4 shares, '/'-separated (default: 8 from every "
                                     "neuron kept down to half)")
     p.add_argument("--plot", help="write a PNG of perplexity against bytes fetched per token")
