@@ -211,7 +211,8 @@ def test_the_gate_policy_scores_a_batch_in_one_pass_off_the_kernels_or_from_the_
     assert all(g.dtype == torch.float32 for g in plain.gates)  # the engine's cpu_kernels=False: torch only
     hs = [torch.randn(t, store.hidden, generator=torch.Generator().manual_seed(t)) for t in (1, 3, 2)]
     batch = packed.score_batch(0, hs)
-    assert torch.equal(batch, torch.stack([packed.score(0, h) for h in hs]).amax(0))
+    # three rows and more take the dequantised copy's one product, one row the kernel: the same scores
+    assert rel_err(batch, torch.stack([packed.score(0, h) for h in hs]).amax(0)) < RTOL
     assert rel_err(batch, plain.score_batch(0, hs)) < RTOL
     # CUDA's form: the packed copy without a kernel, each layer dequantised when scored
     on_device = GatePolicy(packed.num_layers, packed.num_neurons, Shares(0.5, 0, 0), packed.gates, packed.norms,
