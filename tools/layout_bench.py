@@ -30,7 +30,7 @@ from m2cache.storage.reader import PlainBackend, Store
 SHARES = {"fp16": 0.1, "int8": 0.2, "int4": 0.7}  # the neurons a policy like mixed-40 takes at each precision
 
 
-def time_reads(store: Store, repeats: int = 5) -> dict[str, float]:
+def time_reads(store: Store, repeats: int = 21) -> dict[str, float]:
     """Median seconds: a whole layer per precision, and the ``SHARES`` of its neurons at each."""
     backend, rng, layers, out = PlainBackend(), np.random.default_rng(0), store.config.num_layers, {}
     for p, share in SHARES.items():

@@ -171,9 +171,9 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy, upgrade: bool = 
     keys = tuple((layer, p) for layer in range(fixed) for p in used)
     # off the disk (O_DIRECT), and on the CPU computing from DRAM, bytes decide: keep what saves most reads
     # when that reads less per token than whole layers ahead. Measured on the demo (format 3, gate-40, default
-    # budgets, store in the page cache, 2-core CPU, `tools/ab_decode.py`, two alternated series): 101 MB read a
-    # token for 3.73 / 3.98 tokens/s, against whole layers ahead's 154 MB for 3.21 / 3.66. Elsewhere from the
-    # page cache (the device pool copying up, dense-fp16) whole-layer reads checked in one pass measured faster
+    # budgets, store in the page cache, 2-core CPU, docs/results/read_plan_demo_ab.txt): 101 MB read a token for
+    # 1.05x the tokens/s of whole layers ahead's 154 MB. Elsewhere from the page cache (the device pool copying
+    # up, dense-fp16) whole-layer reads checked in one pass measured faster
     if (cfg.direct_io or upgrade) and cfg.fixed_layers is None and preload != "layer":
         by_share = _fixed_by_share(store, policy, used, dram_budget - staging)
         if upgrade:  # every layer's FP16 entry serving its INT8 neurons too, when that reads less
