@@ -8,6 +8,7 @@ from m2cache.bench.harness import QUICK_SYSTEMS, SYSTEMS, cmd_bench
 
 def add_commands(sub) -> None:
     from m2cache.offline.export_gguf import add_export_command
+    from m2cache.offline.grow import add_grow_command
     from m2cache.offline.synth import add_synth_command
 
     p = sub.add_parser("bench", help="m2cache vs llama.cpp, transformers, accelerate offload and layer streaming, "
@@ -54,3 +55,4 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_bench)
     add_synth_command(sub)
     add_export_command(sub)
+    add_grow_command(sub)

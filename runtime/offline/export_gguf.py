@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from m2cache.errors import ConvertError, require_extra
+from m2cache.storage.tensors import StoreTensors
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +66,11 @@ def _gguf_names(cfg) -> Iterator[tuple[str, str]]:
         yield "output.weight", "lm_head.weight"
 
 
-class _StoreTensors:
-    """HF-named FP16 tensors of a store; one FFN layer decoded at a time."""
-
-    def __init__(self, store) -> None:
-        from safetensors import safe_open
-
-        self.store, self.cfg = store, store.config
-        self._res = safe_open(str(store.path / store.manifest["resident"]["path"]), framework="pt")
-        self._layer: tuple[int, torch.Tensor] | None = None
+class _StoreTensors(StoreTensors):
+    """A store's FP16 tensors with Q and K rows in llama.cpp's order (``permute_qk``)."""
 
     def __call__(self, name: str) -> torch.Tensor:
-        if ".mlp." not in name:
-            t = self._res.get_tensor(name)
-        else:
-            from m2cache.storage.reader import PlainBackend
-
-            layer = int(name.split(".")[2])
-            if self._layer is None or self._layer[0] != layer:
-                raw = self.store.read_layer(layer, "fp16", PlainBackend())
-                self._layer = (layer, self.store.decode("fp16", raw, torch.float16))  # [F, 3, D]
-            w = self._layer[1]
-            t = w[:, 0] if "gate_proj" in name else w[:, 1] if "up_proj" in name else w[:, 2].t()
+        t = super().__call__(name)
         if name.endswith("q_proj.weight"):
             t = permute_qk(t, self.cfg.num_heads)
         elif name.endswith("k_proj.weight"):
@@ -179,7 +163,7 @@ def export_gguf(store_dir: str | Path, out: str | Path, kind: str = "f16", *, wo
     """Writes ``out`` (atomically: ``out.partial`` renamed at the end); returns it."""
     from m2cache.offline.progress import ProgressBar
     from m2cache.storage.reader import Store
-    from m2cache.offline.synth import tensor_shapes
+    from m2cache.storage.writer import tensor_shapes
 
     if kind not in TYPES:
         raise ConvertError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
