@@ -120,3 +120,17 @@ def test_layerwise_perplexity_of_the_grown_model_is_the_sources(tiny_store, grow
     for x, y in zip(a, b):
         assert y["ppl"] == pytest.approx(x["ppl"], rel=1e-3)
         assert y["dense_ppl"] == pytest.approx(x["dense_ppl"], rel=1e-4)
+
+
+def test_a_grown_models_locality_is_its_sources(tiny_store, grown):
+    """The same function ranks the same neurons: the overlap and hot-set figures are the source's; only the
+    reads depend on the (longer) bundles."""
+    from m2cache.offline.locality import locality
+
+    a = locality(tiny_store.store, tokens=256, window=64)
+    b = locality(grown["store"], tokens=256, window=64)
+    for key in ("top10_prev", "top10_last4", "top30_prev", "top30_last4", "hot80"):
+        assert 0.0 <= a["mean"][key] <= 1.0
+        assert b["mean"][key] == pytest.approx(a["mean"][key], abs=0.02), key
+    assert a["mean"]["top10_last4"] >= a["mean"]["top10_prev"]
+    assert b["mean"]["runs_fp16"] >= 1 and b["mean"]["kb_per_run_fp16"] > 0

@@ -82,6 +82,7 @@ class LayerwiseEval:
         self._gate: GatePolicy | None = None
         self._predictors: LowRankPredictors | None = None
         self._one_layer = replace(self.cfg, num_layers=1)  # a window's cache holds the layer being run only
+        self.reference_argmax: list[int] = []  # the first variant's argmax at every scored position (after run)
 
     # ---- policies ------------------------------------------------------------------------------
     def policy(self, name: str) -> Policy:
@@ -154,8 +155,11 @@ class LayerwiseEval:
 
     # ---- the pass --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, variants: list[Variant], progress: Callable[[int, int], None] | None = None) -> None:
-        """Runs every variant (and the dense FP32 reference, the first variant) through the model."""
+    def run(self, variants: list[Variant], progress: Callable[[int, int], None] | None = None,
+            on_ffn_input: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Runs every variant (and the dense FP32 reference, the first variant) through the model.
+        ``on_ffn_input(layer, h, fp16)``: called with the first variant's FFN input h [N, D] at every layer and the
+        layer's FP16 bundles [F, 3, D] (float32), for statistics of what its neurons do."""
         cfg = self.cfg
         ids = torch.tensor(self.windows)  # [W, T]
         W, T = ids.shape
@@ -167,8 +171,8 @@ class LayerwiseEval:
         rope = Rotary(cfg)
         for layer in range(cfg.num_layers):
             lw = self._layer(layer, variants)
-            for v in variants:
-                self._layer_step(v, layer, lw, W, T, rope)
+            for k, v in enumerate(variants):
+                self._layer_step(v, layer, lw, W, T, rope, on_ffn_input if k == 0 else None)
             if progress:
                 progress(layer + 1, cfg.num_layers + 1)
             del lw
@@ -176,7 +180,8 @@ class LayerwiseEval:
         if progress:
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
 
-    def _layer_step(self, v: Variant, layer: int, lw: _Layer, W: int, T: int, rope: Rotary) -> None:
+    def _layer_step(self, v: Variant, layer: int, lw: _Layer, W: int, T: int, rope: Rotary,
+                    on_ffn_input: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         cfg = self.cfg
         assert v.x is not None and v.policy is not None
         w = lw.attn[f"{v.resident}|{v.dtype}"]
@@ -187,6 +192,8 @@ class LayerwiseEval:
         x = torch.cat(xs)
         h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
         weights = lw.ffn
+        if on_ffn_input is not None:
+            on_ffn_input(layer, h, weights["fp16"])
         if not v.policy.needs_scores:
             masks = {"fp16": torch.ones(1, dtype=v.dtype)}
         else:
@@ -231,6 +238,7 @@ class LayerwiseEval:
                     ref_argmax.append(top)
                 v.same += int((top == ref_argmax[i]).sum())
             v.x = v.before = None
+        self.reference_argmax = torch.cat(ref_argmax).tolist() if ref_argmax else []
 
 
 def _with_int4_gates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
