@@ -143,8 +143,11 @@ def cmd_bench(args) -> int:
     _normalise(args)
     model = resolve_model(args)
     plan = Plan(args, model)
-    if args.from_json:  # the runs of an earlier report: quality, table and pictures again, nothing rerun
-        report = json.loads(Path(args.from_json).read_text())
+    if args.from_json:  # earlier reports' runs (limits in the order given): quality, table, pictures; nothing rerun
+        reports = [json.loads(Path(f).read_text()) for f in args.from_json]
+        report = reports[0] | {"limits": [p for r in reports for p in r["limits"]],
+                               "notes": list(dict.fromkeys(n for r in reports for n in r["notes"]))}
+        report["config"]["memory"] = [p["limit"]["label"] for p in report["limits"]]
         parts, notes = report["limits"], report["notes"]
     else:
         values = [v.strip() for v in args.memory.split(",") if v.strip()]

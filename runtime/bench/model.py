@@ -23,6 +23,7 @@ from typing import Any
 BENCH_SHAPE, BENCH_LAYERS = "llama2-7b", 8
 GROWN_WIDTH = 16
 GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # export_gguf.ALL_TYPES
+RANDOM_GGUF_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")  # speed only on random weights: the types that decide it
 SPLIT = "store-split"  # the split store (gate policies: up/down fetched) beside a model's whole store
 
 
@@ -81,8 +82,8 @@ def _record(root: Path, key: str, value: Any) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-def gguf_paths(root: Path) -> dict[str, Path]:
-    return {t: root / "gguf" / f"model-{t}.gguf" for t in GGUF_TYPES}
+def gguf_paths(root: Path, types: tuple[str, ...] = GGUF_TYPES) -> dict[str, Path]:
+    return {t: root / "gguf" / f"model-{t}.gguf" for t in types}
 
 
 def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any]:
@@ -103,16 +104,16 @@ def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any
         print(f"[bench] bench model written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
     out: dict[str, Any] = {"store": store, "split": ensure_split(store, root), "hf": hf, "gguf": {}}
     if gguf:
-        out["gguf"] = ensure_ggufs(store, root)
+        out["gguf"] = ensure_ggufs(store, root, RANDOM_GGUF_TYPES)
     return out
 
 
-def ensure_ggufs(store: Path, root: Path) -> dict[str, Path]:
+def ensure_ggufs(store: Path, root: Path, types: tuple[str, ...] = GGUF_TYPES) -> dict[str, Path]:
     """The model's GGUF files, written once: F16 from the store, every other type from the F16 file by
     llama.cpp's own quantizer (without llama-cpp-python: Q8_0 and Q4_0 by the gguf package, no K-quants)."""
     from m2cache.offline.export_gguf import TYPES, export_gguf, have_llama_quantizer
 
-    paths = gguf_paths(root)
+    paths = gguf_paths(root, types)
     for kind, path in paths.items():
         if path.is_file() or (kind not in TYPES and not have_llama_quantizer()):
             continue

@@ -53,8 +53,9 @@ def add_commands(sub) -> None:
                    help=f"the m2cache-frontier rows' policies (default on a split store: {' '.join(FRONTIER)})")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                    help="every row's perplexity beside its speed (measured once per model, kept beside it)")
-    p.add_argument("--from-json", help="an earlier report (--json): its runs again with quality, table and pictures, "
-                                       "nothing rerun")
+    p.add_argument("--from-json", nargs="+", metavar="REPORT",
+                   help="earlier reports (--json): their runs, one limit after another, with quality, table and "
+                        "pictures; nothing rerun")
     p.add_argument("--frontier-plot", help="write the quality-vs-speed picture here (PNG; one panel per limit)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--policy", help="policy of the 'm2cache' row (default: the store's)")

@@ -14,6 +14,7 @@ source store has (the FP16 gate rows), and run there.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,15 @@ PRESETS = {"gate-40": Shares(0.1, 0.2, 0.7)}  # every neuron kept: 0.29 of the F
 DEFAULT = "gate-40"
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The resident files are the source's, byte for byte: a hard link where the filesystem allows one (a
+    grown model's resident file is 2.7 GB; stores are written once and replaced whole, never edited in place)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def split_gate(src: str | Path, dst: str | Path, *, progress: bool = True) -> Path:
     """Writes the split store of ``src`` to ``dst`` (atomically: a temporary folder renamed at the end)."""
     store, dst = Store(src), Path(dst)
@@ -47,10 +57,10 @@ def split_gate(src: str | Path, dst: str | Path, *, progress: bool = True) -> Pa
         shutil.rmtree(tmp)
     (tmp / "ffn").mkdir(parents=True)
     resident = store.manifest["resident"]["path"]
-    shutil.copyfile(store.path / resident, tmp / resident)
+    _link_or_copy(store.path / resident, tmp / resident)
     if store.manifest.get("attention_int8"):
         name = store.manifest["attention_int8"]["path"]
-        shutil.copyfile(store.path / name, tmp / name)
+        _link_or_copy(store.path / name, tmp / name)
     geoms = {p: BlockGeometry.choose(quant.bundle_bytes(p, SPLIT_PARTS, dim, groups)) for p in quant.PRECISIONS}
     files, gates, backend = [], {}, PlainBackend()
     bar = ProgressBar("split-gate: layers", cfg.num_layers) if progress else None
