@@ -29,6 +29,7 @@ BYTES_PER_WEIGHT = {"hf-bf16": 2.0, "hf-fp32": 4.0, "hf-offload": 2.0, "layer-st
 # the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's rows size
 # themselves from the limit (EngineConfig.memory: the engine measures its own process at open)
 PY_OVERHEAD, HF_OVERHEAD, LLAMA_OVERHEAD = 350 << 20, 500 << 20, 200 << 20
+FITS_READ_BYTES = 1 << 20  # a decode token reading less than this off the disk holds its weights
 REPACK_ROOM = 1.25  # llama.cpp's repacking wants its file's bytes and a quarter more within the limit
 M2CACHE_RUNTIME = 300 << 20  # the m2cache child's own RSS when its engine opens: measured 274-279 MB (7B shape)
 PEERS_HINT = ("llama-cpp-python is not installed: `make peers` (or pip install 'm2cache[peers]') builds it from "
@@ -230,10 +231,14 @@ class Plan:
         return need, why.replace("the process already holds", "the process holds about")
 
     def fits(self, system: str, row: dict[str, Any], limit: int | None) -> bool | None:
-        """Its weights fit the limit without reading the disk per token (a mapped file that fits the page cache,
-        every weight held, or m2cache's plan reading nothing per decode token)."""
+        """Its weights fit the limit without reading the disk per token: measured (the decode read under
+        FITS_READ_BYTES a token off the disk; a GGUF file bigger than the limit can fit, since a token reads one
+        row of its embedding table), else from what the row holds."""
         if limit is None:
             return True
+        measured = row.get("disk_read_bytes_per_token")
+        if measured is not None:
+            return measured < FITS_READ_BYTES
         if system.startswith("llama-"):
             path = self.model.gguf.get(system.removeprefix("llama-"))
             return bool(path and path.is_file() and path.stat().st_size + LLAMA_OVERHEAD <= limit)

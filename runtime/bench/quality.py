@@ -170,12 +170,12 @@ def _nll(logits, targets) -> tuple[float, list[int]]:
 def _child_m2cache(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from m2cache.offline.layerwise import LayerwiseEval, Variant
+    from m2cache.offline.layerwise import LayerwiseEval, Variant, variant
     from m2cache.storage.reader import Store
 
     ev = LayerwiseEval(Store(job["store"]), job["windows"])
     ref = Variant("dense-fp16", "full", torch.float32)
-    runs = [ref] + [Variant(p, form, getattr(torch, dtype)) for p, form, dtype in job["variants"]]
+    runs = [ref] + [variant(p, form, getattr(torch, dtype)) for p, form, dtype in job["variants"]]
     ev.run(runs)
     dense_ppl = math.exp(ref.nll / ref.count)
     rows = [{"ppl": math.exp(v.nll / v.count), "dense_ppl": dense_ppl, "ppl_delta": math.exp(v.nll / v.count) / dense_ppl - 1,

@@ -52,6 +52,8 @@ class Variant:
     nll: float = 0.0
     count: int = 0
     same: int = 0
+    window: int = 0  # > 0: FP16/INT8 only from a cache of the last ``window`` tokens' bundles (``@windowW``)
+    delay: int = 1  # a token's fetched bundles serve from ``delay`` tokens later
 
     @property
     def key(self) -> str:
@@ -199,7 +201,10 @@ class LayerwiseEval:
         else:
             scores = self._scores(v.policy, layer, ranked_input(v.policy, h, v.before, w.ffn_norm, cfg.rms_norm_eps),
                                   weights["fp16"])
-            masks = {q: m.to(v.dtype) for q, m in rank_masks(scores.float(), v.policy.counts(layer)).items()}
+            ranked = rank_masks(scores.float(), v.policy.counts(layer))
+            if v.window:
+                ranked = cached_only(ranked, T, v.window, v.delay)
+            masks = {q: m.to(v.dtype) for q, m in ranked.items()}
             if isinstance(v.policy, SplitGatePolicy):
                 weights = _with_int4_gates(weights)
         v.before = x
@@ -241,6 +246,34 @@ class LayerwiseEval:
         self.reference_argmax = torch.cat(ref_argmax).tolist() if ref_argmax else []
 
 
+def cached_only(masks: dict[str, torch.Tensor], T: int, window: int, delay: int = 1) -> dict[str, torch.Tensor]:
+    """The precisions a neuron gets when a decode step never waits for the disk: a neuron ranked into FP16 or
+    INT8 runs at that precision only if a recent token fetched it at one (FP16 where that was FP16, else INT8),
+    and at INT4 from the resident copy otherwise; the bundles a token was ranked into are fetched while it
+    computes and serve tokens ``delay`` to ``delay + window - 1`` after it. masks[p]: [N, F] 0/1, positions in
+    windows of T (a window starts a new text: nothing cached)."""
+    N, F_ = next(iter(masks.values())).shape
+    zero = torch.zeros(N, F_)
+    ranked16, ranked8, ranked4 = (masks.get(p, zero).bool() for p in ("fp16", "int8", "int4"))
+    cache16, cache8 = _recent(ranked16, T, window, delay), _recent(ranked8, T, window, delay)
+    want = ranked16 | ranked8
+    fp16 = want & cache16
+    int8 = want & ~cache16 & cache8
+    int4 = ranked4 | (want & ~cache16 & ~cache8)
+    return {p: m.float() for p, m in (("fp16", fp16), ("int8", int8), ("int4", int4)) if m.any()}
+
+
+def _recent(used: torch.Tensor, T: int, window: int, delay: int) -> torch.Tensor:
+    """[N, F] bool: whether the neuron was used by one of positions t-delay-window+1 .. t-delay of its window."""
+    N, F_ = used.shape
+    u = used.view(N // T, T, F_).to(torch.int32)
+    c = torch.nn.functional.pad(u.cumsum(1), (0, 0, 1, 0))  # c[:, t] = uses before position t
+    t = torch.arange(T)
+    hi = (t - delay + 1).clamp(min=0)  # uses up to position t - delay
+    lo = (t - delay - window + 1).clamp(min=0)
+    return (c[:, hi] - c[:, lo] > 0).view(N, F_)
+
+
 def _with_int4_gates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each precision's bundles with the INT4 copy's gate rows: what a split store computes with."""
     out = dict(weights)
@@ -251,6 +284,18 @@ def _with_int4_gates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             Wq[:, 0] = g
             out[q] = Wq
     return out
+
+
+WINDOW = "@window"  # a policy name's suffix: "gate-split:0.1,0.2,0.7@window4" (or "@window4d2": delay 2)
+
+
+def variant(name: str, resident: str, dtype: torch.dtype) -> Variant:
+    """A Variant of a policy name, with its cache simulation parsed off (``cached_only``)."""
+    if WINDOW not in name:
+        return Variant(name, resident, dtype)
+    base, spec = name.split(WINDOW, 1)
+    window, _, delay = spec.partition("d")
+    return Variant(base, resident, dtype, window=int(window), delay=int(delay or 1))
 
 
 def layerwise_perplexity(store_dir: str | Path, variants: list[tuple[str, str, torch.dtype]],
@@ -264,7 +309,7 @@ def layerwise_perplexity(store_dir: str | Path, variants: list[tuple[str, str, t
         if form not in RESIDENT_FORMS:
             raise ConfigError(f"resident form {form!r}: one of {', '.join(RESIDENT_FORMS)} (stream computes int8's values)")
     ref = Variant("dense-fp16", "full", torch.float32)
-    runs = [ref] + [Variant(n, f, d) for n, f, d in variants]
+    runs = [ref] + [variant(n, f, d) for n, f, d in variants]
     t0 = time.monotonic()
     ev.run(runs, progress)
     dense_ppl = math.exp(ref.nll / ref.count)
