@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from m2cache.model.llama import ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import layer_tensor_names
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
@@ -21,20 +22,13 @@ from m2cache.storage.layout import (
 TensorGetter = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int], None]  # (done, total)
 
-RESIDENT_PER_LAYER = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-)
-
-
 def resident_names(cfg: ModelConfig) -> Iterator[str]:
     yield "model.embed_tokens.weight"
     yield "model.norm.weight"
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight"
     for i in range(cfg.num_layers):
-        for n in RESIDENT_PER_LAYER:
-            yield f"model.layers.{i}.{n}"
+        yield from layer_tensor_names(cfg, i)  # the family's: norms, projections, biases, QK norms
 
 
 def ffn_bundles_of(get: TensorGetter, layer: int) -> torch.Tensor:

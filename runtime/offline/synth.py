@@ -27,7 +27,8 @@ import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.llama import ModelConfig
-from m2cache.storage.writer import RESIDENT_PER_LAYER, write_store
+from m2cache.model.families import layer_tensor_names
+from m2cache.storage.writer import write_store
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def write_hf_folder(dst: Path, cfg: ModelConfig, get: RandomWeights, tokenizer: 
     tmp.mkdir(parents=True)
     groups: dict[str, list[str]] = {"model-rest.safetensors": [n for n in get.shapes if ".layers." not in n]}
     for i in range(cfg.num_layers):
-        groups[f"model-layer{i:03d}.safetensors"] = [f"model.layers.{i}.{n}" for n in RESIDENT_PER_LAYER + FFN_NAMES]
+        groups[f"model-layer{i:03d}.safetensors"] = layer_tensor_names(cfg, i) + [f"model.layers.{i}.{n}" for n in FFN_NAMES]
     weight_map: dict[str, str] = {}
     total = 0
     for shard, names in groups.items():
