@@ -50,7 +50,8 @@ def family_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if model_type == "gemma3" and "text_config" in cfg:
         raise UnsupportedArchitectureError(
             f"model_type 'gemma3' ({', '.join(archs) or 'Gemma3ForConditionalGeneration'}) is the multimodal Gemma 3; "
-            "m2cache runs its text model: convert a Gemma3ForCausalLM checkpoint (model_type gemma3_text) or its GGUF")
+            "m2cache runs its text model: convert a Gemma3ForCausalLM checkpoint (model_type gemma3_text) or its GGUF; "
+            + supported())
     if model_type not in FAMILIES:
         name = f"model_type {model_type!r}" + (f" ({', '.join(archs)})" if archs else "")
         raise UnsupportedArchitectureError(f"{name} is not supported; {supported()}")
