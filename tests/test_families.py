@@ -12,6 +12,8 @@ equals transformers' (logits within 1e-4 relative, greedy tokens equal), the tie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +44,19 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, use_sliding_window=True,
                                                       sliding_window=WINDOW, max_window_layers=2, rope_theta=50000.0)),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, rope_theta=1e6)),
+    # heads wider than hidden / heads, as in the released Qwen3 models (and transformers' GGUF reader takes 128)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=128, rope_theta=1e6)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=WINDOW)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         num_key_value_heads=1, sliding_window=WINDOW, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Gemma 3 as its released sizes are laid out (and as llama.cpp's gemma3 graph assumes): five sliding
+    # layers then a global one, queries scaled by head_dim ** -0.5 (the GGUF format has no key for the scale)
+    "gemma3-6": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=6, num_key_value_heads=1, sliding_window=WINDOW, query_pre_attn_scalar=16,
+        hidden_activation="gelu_pytorch_tanh")),
 }
 
 
@@ -95,7 +103,7 @@ def build(root: Path, name: str, seed: int) -> Path:
     vocab = write_tiny_tokenizer(hf)
     ids = json.loads((hf / "tokenizer.json").read_text())["model"]["vocab"]
     cfg = getattr(transformers, cfg_cls)(vocab_size=vocab, bos_token_id=ids["<|im_start|>"],
-                                         eos_token_id=ids["<|im_end|>"], pad_token_id=0, **COMMON, **extra)
+                                         eos_token_id=ids["<|im_end|>"], pad_token_id=0, **(COMMON | extra))
     model = getattr(transformers, model_cls)(cfg)
     randomize(model, seed, name.startswith("gemma"))
     model.half().save_pretrained(hf)
@@ -206,3 +214,48 @@ def test_a_model_m2cache_cannot_run_is_refused_at_convert_by_name(tmp_path: Path
     assert named in str(e.value) and "gemma3_text" in str(e.value) and "qwen2" in str(e.value)
     assert str(src / "config.json") in str(e.value)
     assert not (tmp_path / "store").exists()
+
+
+# ---- export-gguf, and convert of a GGUF ---------------------------------------------------------
+def test_convert_of_the_exported_gguf_gives_the_same_model(fam: Family, tmp_path: Path) -> None:
+    from m2cache.offline.export_gguf import export_gguf
+
+    pytest.importorskip("gguf")
+    if fam.name == "gemma3":
+        pytest.skip("a GGUF has no key for Gemma's query_pre_attn_scalar (24 here): its readers take head_dim")
+    out = export_gguf(fam.store, tmp_path / "m.gguf", "f16", progress=False)
+    again = DenseGenerator(str(convert(out, tmp_path / "store", progress=False, int4_group=32)), torch.float32)
+    # llama.cpp's llama and qwen2 graphs have no window: neither has the file, so compare inside it there
+    windowed = fam.m2.model.cfg.sliding_window is not None and not fam.name.startswith("gemma3")
+    kept = dataclasses.replace(again.model.cfg, rms_norm_eps=fam.m2.model.cfg.rms_norm_eps)  # float32 in GGUF
+    if windowed:  # (and Mistral is llama.cpp's llama)
+        kept = dataclasses.replace(kept, sliding_window=WINDOW, layer_types=fam.m2.model.cfg.layer_types,
+                                   model_type=fam.m2.model.cfg.model_type)
+    assert kept == fam.m2.model.cfg
+    ids = fam.ids(PROMPTS[2])[:WINDOW if windowed else None]
+    mine = fam.m2.model.forward(ids, fam.m2.model.new_cache(), all_logits=True)
+    back = again.model.forward(ids, again.model.new_cache(), all_logits=True)
+    assert rel_err(back, mine) <= LOGITS_RTOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (make peers)")
+def test_llama_cpp_on_the_export_gives_the_dense_greedy_tokens(fam: Family, tmp_path: Path) -> None:
+    from llama_cpp import Llama
+
+    from m2cache.offline.export_gguf import export_gguf
+
+    if fam.name == "gemma3":
+        pytest.skip("llama.cpp's gemma3 graph scales queries by head_dim ** -0.5, not query_pre_attn_scalar (24 here)")
+    out = export_gguf(fam.store, tmp_path / "m.gguf", "f16", progress=False)
+    # windowed llama and qwen2 graphs attend to everything in llama.cpp: stay inside the window there
+    windowed = fam.m2.model.cfg.sliding_window is not None and not fam.name.startswith("gemma3")
+    ids = fam.ids(PROMPTS[2])[:4 if windowed else 20]
+    n = WINDOW - len(ids) if windowed else NEW_TOKENS
+    want = fam.hf_greedy(ids, n)
+    llm = Llama(model_path=str(out), n_threads=1, n_ctx=128, verbose=False)
+    got: list[int] = []
+    for tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        got.append(tok)
+        if len(got) == len(want) or tok in fam.m2.model.cfg.eos_token_ids:
+            break
+    assert got == want
