@@ -1,4 +1,8 @@
-"""The LLaMA-family decoder in plain PyTorch: only the model, no I/O and no scheduling.
+"""The decoder in plain PyTorch: only the model, no I/O and no scheduling.
+
+LLaMA's block is written here; the other families (``m2cache.model.families``) share it but for their
+attention, which ``m2cache.model.family_attention`` computes, and a few hooks here: ``embed`` (scaled
+embeddings) and ``ffn_residual`` (a norm of the FFN's output), which every caller goes through.
 
 The FFN is written over *neuron bundles*: a tensor ``W: [n, 3, D]`` whose row j holds neuron j's
 gate row, up row and down column. The dense model and the tiered engine call the same

@@ -255,7 +255,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLaMA-family models larger than device memory: "
+    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLMs (LLaMA, Qwen, Mistral, Gemma 3) larger than device memory: "
                                  "FFN neurons tiered across device, DRAM and SSD, at mixed precision.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = ap.add_subparsers(dest="command", required=True)
