@@ -1,5 +1,5 @@
 """The model families beside LLaMA: Qwen2 (q/k/v biases, a sliding window on its top layers), Qwen3 (QK
-norm), Mistral (a sliding window) and Gemma 3 (GELU-tanh, (1 + w) norms, norms after attention and FFN,
+norm), LLaMA with ``attention_bias``, Mistral (a sliding window) and Gemma 3 (GELU-tanh, (1 + w) norms, norms after attention and FFN,
 QK norm, sliding and global layers with their own RoPE bases, scaled embeddings, one KV head).
 
 Each is a tiny random model built with transformers' own classes and saved as a Hugging Face folder
@@ -46,6 +46,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     # heads wider than hidden / heads, as in the released Qwen3 models (and transformers' GGUF reader takes 128)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=128, rope_theta=1e6)),
+    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, attention_bias=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=WINDOW)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         num_key_value_heads=1, sliding_window=WINDOW, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
@@ -139,6 +140,7 @@ def test_each_family_configures_what_it_claims(families: dict[str, Family]) -> N
     assert cfg["qwen2"].layer_window(1) is None  # below max_window_layers: full attention
     assert cfg["qwen2-tied"].tie_word_embeddings and cfg["qwen2-tied"].sliding_window is None
     assert cfg["qwen3"].qk_norm and not cfg["qwen3"].qkv_bias and cfg["qwen3"].rope_theta == 1e6
+    assert cfg["llama-bias"].qkv_bias and cfg["llama-bias"].o_bias and not cfg["llama-bias"].qk_norm
     assert cfg["mistral"].llama_block is False and all(cfg["mistral"].layer_window(i) == WINDOW for i in range(4))
     g = cfg["gemma3"]
     assert (g.hidden_act, g.norm_offset, g.sandwich_norm, g.qk_norm, g.num_kv_heads) == ("gelu_pytorch_tanh", 1.0,

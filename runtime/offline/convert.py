@@ -126,11 +126,15 @@ def _open_gguf(src: Path):
 
 def _gguf_overrides(src: Path, hf_cfg: Any) -> None:
     """What transformers' GGUF reader leaves at its config defaults although the file says otherwise: the head
-    size (Qwen3's default is 128), Gemma 3's per-layer sliding pattern and its sliding layers' RoPE base."""
+    size (Qwen3's default is 128), LLaMA's attention biases, Gemma 3's per-layer sliding pattern, its sliding
+    layers' RoPE base and its query scale."""
     import gguf
 
-    fields = gguf.GGUFReader(str(src)).fields
+    reader = gguf.GGUFReader(str(src))
+    fields = reader.fields
     arch = fields["general.architecture"].contents()
+    if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        hf_cfg.attention_bias = True  # LLaMA with biases (transformers' reader does not look)
 
     def value(key: str) -> Any:
         f = fields.get(f"{arch}.{key}")
