@@ -171,3 +171,21 @@ NORM_FIELDS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "p
 def layer_tensor_names(cfg: Any, layer: int) -> list[str]:
     """Every resident tensor of one layer, full Hugging Face names."""
     return [f"model.layers.{layer}.{n}" for names in layer_names(cfg).values() for n in names]
+
+
+def layer_tensor_shapes(cfg: Any, layer: int) -> dict[str, tuple[int, ...]]:
+    """``layer_tensor_names`` with each tensor's shape."""
+    D, hd, H, KV = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    rows = {"q": H * hd, "k": KV * hd, "v": KV * hd}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in layer_tensor_names(cfg, layer):
+        part = name.split(".", 3)[3]  # after model.layers.{i}.
+        if part.startswith("self_attn.o_proj"):
+            shapes[name] = (D, H * hd) if part.endswith("weight") else (D,)
+        elif part.startswith("self_attn.") and part[10] in rows and part[11:17] == "_proj.":
+            shapes[name] = (rows[part[10]], D) if part.endswith("weight") else (rows[part[10]],)
+        elif part in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+            shapes[name] = (hd,)
+        else:  # the layer's norms
+            shapes[name] = (D,)
+    return shapes

@@ -9,18 +9,19 @@ from typing import Any, Callable, Iterator
 import msgpack
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from m2cache.model.config import ModelConfig
-from m2cache.model.families import layer_tensor_names
+from m2cache.model.families import layer_tensor_names, layer_tensor_shapes
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
     checksum_fn, file_checksum,
 )
+from m2cache.storage.safetensors_stream import write_streamed
 
 TensorGetter = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int], None]  # (done, total)
+
 
 def resident_names(cfg: ModelConfig) -> Iterator[str]:
     yield "model.embed_tokens.weight"
@@ -29,6 +30,19 @@ def resident_names(cfg: ModelConfig) -> Iterator[str]:
         yield "lm_head.weight"
     for i in range(cfg.num_layers):
         yield from layer_tensor_names(cfg, i)  # the family's: norms, projections, biases, QK norms
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, F_ = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= layer_tensor_shapes(cfg, i)  # the family's norms, projections, biases, QK norms
+        shapes |= {p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
+                   p + "mlp.down_proj.weight": (D, F_)}
+    return shapes
 
 
 def ffn_bundles_of(get: TensorGetter, layer: int) -> torch.Tensor:
@@ -72,10 +86,12 @@ def write_store(
         shutil.rmtree(tmp)
     (tmp / "ffn").mkdir(parents=True)
     total = cfg.num_layers + 1
-    resident = {n: get(n).to(resident_dtype).contiguous() for n in resident_names(cfg)}
-    save_file(resident, str(tmp / RESIDENT))
-    attention_int8 = write_attention_int8(tmp, resident.__getitem__, cfg)
-    del resident
+    def resident(name: str) -> torch.Tensor:
+        return get(name).to(resident_dtype)
+
+    shapes = tensor_shapes(cfg)
+    write_streamed(tmp / RESIDENT, {n: (shapes[n], resident_dtype) for n in resident_names(cfg)}, resident)
+    attention_int8 = write_attention_int8(tmp, resident, cfg)
     if progress:
         progress(1, total)
 

@@ -74,6 +74,7 @@ class Engine:
         self._closed = False
         self._error: BaseException | None = None
         self.attention: AttentionStream | None = None  # resident="stream": the projections read per layer
+        self.resident_form = "full"  # the form the resident weights were loaded in (set at open)
         self.t_open = time.perf_counter()
 
     @classmethod
@@ -107,7 +108,7 @@ class Engine:
             torch.set_num_threads(threads)
             self._kernel_threads = cpu_kernels.set_threads(threads)  # the C kernels share each product too
         loop = asyncio.get_running_loop()
-        form = "full" if cfg.resident == "auto" else cfg.resident
+        form = self.resident_form = "full" if cfg.resident == "auto" else cfg.resident
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
         if self.memory is not None:
             return_freed_memory()  # the load's transients

@@ -26,10 +26,14 @@ import torch
 
 from m2cache.errors import ConvertError, require_extra
 from m2cache.offline.gguf_arch import add_arch_metadata, arch_of, gguf_names
+from m2cache.storage.tensors import StoreTensors
 
 log = logging.getLogger(__name__)
 
-TYPES = ("f16", "q8_0", "q4_0")
+TYPES = ("f16", "q8_0", "q4_0")  # written here (the gguf package's quantizers)
+# made by llama.cpp's own quantizer (llama-cpp-python) from the F16 export: what its users run
+LLAMA_TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+ALL_TYPES = ("f16", *LLAMA_TYPES)
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # GGML block sizes: 32 values per block
 _CHUNK_ROWS = 1024  # rows quantized per task: bounds memory, spreads a matrix over the workers
 
@@ -47,15 +51,10 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-class _StoreTensors:
-    """HF-named FP16 tensors of a store; one FFN layer decoded at a time."""
-
-    def __init__(self, store) -> None:
-        from safetensors import safe_open
-
-        self.store, self.cfg = store, store.config
-        self._res = safe_open(str(store.path / store.manifest["resident"]["path"]), framework="pt")
-        self._layer: tuple[int, torch.Tensor] | None = None
+class _StoreTensors(StoreTensors):
+    """A store's FP16 tensors as the GGUF holds them (``kind``, from ``gguf_arch.gguf_names``): "norm" adds the
+    family's norm offset (Gemma stores 1 + w), "permute_q"/"permute_k" reorders Q and K rows for llama.cpp's
+    pairwise RoPE (``permute_qk``)."""
 
     def shape(self, name: str) -> tuple[int, ...]:
         if ".mlp." not in name:
@@ -63,20 +62,8 @@ class _StoreTensors:
         D, F_ = self.cfg.hidden_size, self.cfg.intermediate_size
         return (D, F_) if "down_proj" in name else (F_, D)
 
-    def __call__(self, name: str, kind: str = "") -> torch.Tensor:
-        """The named tensor as the GGUF holds it: ``kind`` "norm" adds the family's norm offset (Gemma stores
-        1 + w), "permute_q"/"permute_k" reorders the rows for llama.cpp's pairwise RoPE."""
-        if ".mlp." not in name:
-            t = self._res.get_tensor(name)
-        else:
-            from m2cache.storage.reader import PlainBackend
-
-            layer = int(name.split(".")[2])
-            if self._layer is None or self._layer[0] != layer:
-                raw = self.store.read_layer(layer, "fp16", PlainBackend())
-                self._layer = (layer, self.store.decode("fp16", raw, torch.float16))  # [F, 3, D]
-            w = self._layer[1]
-            t = w[:, 0] if "gate_proj" in name else w[:, 1] if "up_proj" in name else w[:, 2].t()
+    def __call__(self, name: str, kind: str = "") -> torch.Tensor:  # type: ignore[override]
+        t = super().__call__(name)
         if kind == "norm" and self.cfg.norm_offset:
             t = t.float() + self.cfg.norm_offset
         elif kind == "permute_q":
@@ -181,14 +168,63 @@ def _add_tokenizer(w, cfg, spec: dict[str, Any]) -> None:
         w.add_chat_template(spec["chat_template"])
 
 
+def have_llama_quantizer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def export_gguf(store_dir: str | Path, out: str | Path, kind: str = "f16", *, workers: int | None = None,
-                progress: bool = True) -> Path:
-    """Writes ``out`` (atomically: ``out.partial`` renamed at the end); returns it."""
+                progress: bool = True, f16: str | Path | None = None) -> Path:
+    """Writes ``out`` (atomically); returns it. A type of :data:`LLAMA_TYPES` is made by llama.cpp's own
+    quantizer from the F16 export (``f16``, or one written beside ``out`` and removed) when llama-cpp-python
+    is installed; without it Q8_0 and Q4_0 are written by the gguf package's quantizers (same formats,
+    every matrix in the type: llama.cpp keeps some tensors at a higher type) and the K-quants are refused."""
+    if kind not in ALL_TYPES:
+        raise ConvertError(f"--type must be one of {', '.join(ALL_TYPES)}, got {kind!r}")
+    if kind != "f16" and have_llama_quantizer():
+        out = Path(out)
+        src = Path(f16) if f16 else _export(store_dir, out.with_name(out.name + ".f16.partial"), "f16", workers, progress)
+        try:
+            return quantize_gguf(src, out, kind)
+        finally:
+            if not f16:
+                src.unlink(missing_ok=True)
+    if kind not in TYPES:
+        raise ConvertError(f"--type {kind} is made by llama.cpp's quantizer: install llama-cpp-python "
+                           "(`make peers`, or pip install 'm2cache[peers]')")
+    return _export(store_dir, out, kind, workers, progress)
+
+
+def quantize_gguf(src: str | Path, out: str | Path, kind: str, threads: int | None = None) -> Path:
+    """``out`` = llama.cpp's ``llama_model_quantize`` of the F16 GGUF ``src`` to ``kind`` (its defaults: the
+    output tensor and embeddings at the types llama.cpp picks for that file type)."""
+    import ctypes
+
+    require_extra("peers", "llama_cpp", what=f"quantizing a GGUF to {kind}")
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads or os.cpu_count() or 1
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    t0 = time.monotonic()
+    with suppress_stdout_stderr(disable=False):  # llama.cpp prints a line per tensor
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise ConvertError(f"llama.cpp could not quantize {src} to {kind} (code {rc})")
+    os.replace(tmp, out)
+    log.info("quantize: wrote %s (%s, %.2f GB) in %.0fs", out, kind, out.stat().st_size / 1e9, time.monotonic() - t0)
+    return out
+
+
+def _export(store_dir: str | Path, out: str | Path, kind: str, workers: int | None, progress: bool) -> Path:
     from m2cache.offline.progress import ProgressBar
     from m2cache.storage.reader import Store
 
-    if kind not in TYPES:
-        raise ConvertError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
     store = Store(store_dir)
     if store.split:
         raise ConvertError(f"{store.path} is a split store (its FFN has no FP16 gate rows): export the store it "
@@ -241,8 +277,11 @@ def cmd_export_gguf(args) -> int:
 
 
 def add_export_command(sub) -> None:
-    p = sub.add_parser("export-gguf", help="write a store's weights as a llama.cpp GGUF file (f16, q8_0 or q4_0)")
+    p = sub.add_parser("export-gguf", help="write a store's weights as a llama.cpp GGUF file "
+                                           "(f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0)")
     p.add_argument("store")
     p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--type", default="f16", choices=TYPES, help="weight type of the matrices (norms stay F32)")
+    p.add_argument("--type", default="f16", choices=ALL_TYPES,
+                   help="weight type of the matrices (norms stay F32); all but f16 by llama.cpp's quantizer when "
+                        "llama-cpp-python is installed (q8_0 and q4_0 written here without it)")
     p.set_defaults(func=cmd_export_gguf)
