@@ -134,3 +134,18 @@ def test_a_grown_models_locality_is_its_sources(tiny_store, grown):
         assert b["mean"][key] == pytest.approx(a["mean"][key], abs=0.02), key
     assert a["mean"]["top10_last4"] >= a["mean"]["top10_prev"]
     assert b["mean"]["runs_fp16"] >= 1 and b["mean"]["kb_per_run_fp16"] > 0
+
+
+def test_a_cache_that_holds_the_current_token_changes_no_precision():
+    from m2cache.offline.layerwise import cached_only
+
+    g = torch.Generator().manual_seed(0)
+    order = torch.rand(2 * 16, 40, generator=g).argsort(1)
+    masks = {"fp16": (order < 4).float(), "int8": ((order >= 4) & (order < 12)).float(), "int4": (order >= 12).float()}
+    same = cached_only(masks, 16, 1, delay=0)  # the token's own bundles, fetched before it computes
+    assert all(torch.equal(same[p], masks[p]) for p in masks)
+    longer = cached_only(masks, 16, 16, delay=0)  # an INT8 neuron that a recent token had at FP16 runs at FP16
+    assert torch.equal(longer["fp16"] * masks["fp16"], masks["fp16"]) and longer["fp16"].sum() >= masks["fp16"].sum()
+    late = cached_only(masks, 16, 1, delay=1)  # only the previous token's bundles: the first token runs all INT4
+    assert late["int4"][0].sum() == 40 and late["int4"][16].sum() == 40
+    assert sum(m.sum() for m in late.values()) == 32 * 40  # every neuron still runs, at one precision
