@@ -44,7 +44,7 @@ def write_streamed(path: str | Path, specs: dict[str, tuple[tuple[int, ...], tor
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise RuntimeError(f"{name}: made {tuple(t.shape)} {t.dtype}, its header says {tuple(shape)} {dtype}")
             if t.numel():
-                f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+                f.write(t.contiguous().view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
     return offset

@@ -190,7 +190,8 @@ def _child_llama(job: dict[str, Any]) -> dict[str, Any]:
     T = max(len(w) for w in job["windows"])
     llm = Llama(model_path=job["gguf"], n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, n_threads=2,
                 n_threads_batch=2, verbose=False)
-    nll, count, argmax = 0.0, 0, []
+    nll, count = 0.0, 0
+    argmax: list[int] = []
     for w in job["windows"]:
         llm.reset()
         llm.eval(w)
@@ -206,7 +207,8 @@ def _child_hf(job: dict[str, Any]) -> dict[str, Any]:
 
     model = LlamaForCausalLM.from_pretrained(job["hf"], dtype=getattr(torch, job["dtype"]))
     model.eval()
-    nll, count, argmax = 0.0, 0, []
+    nll, count = 0.0, 0
+    argmax: list[int] = []
     with torch.inference_mode():
         for w in job["windows"]:
             logits = model(torch.tensor([w])).logits[0, :-1]
