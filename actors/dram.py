@@ -214,14 +214,18 @@ class DRAMManager(Actor):
         (or holds it) and neither holds nor keeps the INT8 one: no read, and more exact."""
         low, high = (msg.layer, "int8"), (msg.layer, "fp16")
         int8 = msg.ids.get("int8")
-        if int8 is None or not len(int8) or low in self.data or low in self.loading or low in self.fixed_keys:
+        if int8 is None or not len(int8) or low in self.fixed_keys:
             return msg.ids
-        if not (high in self.fixed_keys or high in self.data or high in self.loading):
+        if msg.planned_only:  # by the plan alone (``Fetch.planned_only``)
+            if high not in self.fixed_keys:
+                return msg.ids
+        elif low in self.data or low in self.loading or not (
+                high in self.fixed_keys or high in self.data or high in self.loading):
             return msg.ids
         out = {p: v for p, v in msg.ids.items() if p != "int8"}
         fp16 = out.get("fp16")
-        # the policy's precision groups are disjoint: the union stays unique, sorted as every group is
-        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.sort(np.concatenate((fp16, int8)))
+        # a batch's union may keep a neuron at FP16 and INT8 both: union1d keeps the ids unique and sorted
+        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.union1d(fp16, int8)
         self.counts["upgraded"] += len(int8)
         return out
 

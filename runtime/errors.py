@@ -63,6 +63,10 @@ class UnstableReadError(TransientSSDError):
     disk or the path to it, not the file, which may well be intact."""
 
 
+class OverloadedError(M2CacheError):
+    """The engine could not admit a request in time: running requests hold its KV cache."""
+
+
 class EngineClosedError(M2CacheError):
     """The engine was closed, or failed and closed itself."""
 
