@@ -28,7 +28,6 @@ import asyncio
 import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,39 +35,14 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
+from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
 from m2cache.errors import BudgetError, ConfigError, EngineClosedError, M2CacheError, OverloadedError, TransientSSDError
 from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, lm_head, lm_head_rows, rms_norm,
                                  rope_slice)
 from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
 
-_DONE = object()  # end of a sequence's output
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request: its prompt, sampling, KV cache and output channel (bounded)."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None
-    out: asyncio.Queue
-    kv: KVCache | None = None
-    generated: int = 0
-    last: int | None = None
-    cancelled: bool = False
-    x: torch.Tensor | None = None  # hidden state between jobs; only the compute thread touches it
-    h: torch.Tensor | None = None
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-
-    @property
-    def prefilled(self) -> bool:
-        """Every prompt token is in the KV cache (its chunks done): the sequence decodes."""
-        return self.kv is not None and self.kv.length >= len(self.prompt)
+CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
 
 
 class Executor(Actor):
@@ -136,7 +110,7 @@ class Executor(Actor):
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
         for seq in list(self.active) + list(self.pending):
-            _finish(seq, exc)
+            finish(seq, exc)
         self.active.clear()
         self.pending.clear()
         if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
@@ -182,7 +156,7 @@ class Executor(Actor):
                     await asyncio.gather(waiter, woken, return_exceptions=True)
                 continue
             cap = min(self.max_batch, self.union_cap)
-            newcomers = _prefill_batch([s for s in runnable if not s.prefilled], cap, self.prefill_chunk)
+            newcomers = prefill_batch([s for s in runnable if not s.prefilled], cap, self.prefill_chunk)
             decoding = [s for s in runnable if s.prefilled]
             if newcomers and (prefill_next or not decoding):
                 await self._advance(newcomers, prefill=True)
@@ -217,7 +191,7 @@ class Executor(Actor):
         for seq in batch:
             self.run_stats.failed += 1
             self.active.remove(seq)
-            _finish(seq, e)
+            finish(seq, e)
 
     def _kv_fits(self, seq: Sequence) -> bool:
         if self.kv_tokens is None or not self.active:
@@ -237,7 +211,7 @@ class Executor(Actor):
         while self.pending and now - self.pending[0].t_submit > self.admit_timeout:  # the oldest wait first
             seq = self.pending.popleft()
             self.run_stats.refused += 1
-            _finish(seq, OverloadedError(
+            finish(seq, OverloadedError(
                 f"no room in the KV cache for {self.admit_timeout:g} s ({sum(kv_need(s) for s in self.active)} of "
                 f"{self.kv_tokens} tokens held by {len(self.active)} running requests; this one needs "
                 f"{kv_need(seq)}): try again shortly"))
@@ -288,7 +262,7 @@ class Executor(Actor):
             if token in self.eos or seq.generated >= seq.max_new_tokens:
                 self.active.remove(seq)
                 self.run_stats.completed += 1
-                _finish(seq, None)
+                finish(seq, None)
 
     async def _step(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool) -> list[torch.Tensor]:
         """One step through every layer. Without lookahead layer L's weights are asked for once its
@@ -482,39 +456,3 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
-
-
-CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
-PREFILL_ROWS = 2048  # prompt tokens one unchunked prefill step takes (its activations grow with them), one prompt at least
-
-
-def prefill_tokens(seq: Sequence, chunk: int | None) -> list[int]:
-    """The prompt tokens of ``seq``'s next prefill chunk: ``chunk`` at a time from the start of its own
-    prompt (the rest of it without chunks), whatever it shares a step with."""
-    done = 0 if seq.kv is None else seq.kv.length
-    return seq.prompt[done:] if chunk is None else seq.prompt[done:done + chunk]
-
-
-def _prefill_batch(newcomers: list[Sequence], max_batch: int, chunk: int | None = None) -> list[Sequence]:
-    """The newcomers one prefill step takes: in arrival order, while their next chunks fit one chunk's tokens
-    (``PREFILL_ROWS`` without chunks); one at least."""
-    budget = chunk or PREFILL_ROWS
-    batch: list[Sequence] = []
-    rows = 0
-    for seq in newcomers[:max_batch]:
-        n = len(prefill_tokens(seq, chunk))
-        if batch and rows + n > budget:
-            break
-        batch.append(seq)
-        rows += n
-    return batch
-
-
-def kv_need(seq: Sequence) -> int:
-    """Tokens of KV cache a sequence holds while it runs (allocated whole at its prefill)."""
-    return len(seq.prompt) + seq.max_new_tokens
-
-
-def _finish(seq: Sequence, error: BaseException | None) -> None:
-    """Ends a sequence's output channel; its queue keeps one slot beyond the token limit for this."""
-    seq.out.put_nowait(_DONE if error is None else error)

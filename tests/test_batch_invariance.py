@@ -18,6 +18,7 @@ import pytest
 from m2cache.actors.rows import row_view, split_rows
 from m2cache.actors.messages import WeightsReady
 from m2cache.engine.engine import Engine
+from m2cache.errors import M2CacheError
 from m2cache.model.policy import Policy, Shares
 from stress.scenarios import Model, build_tiny, one_torch_thread, tokens_of
 
@@ -163,3 +164,45 @@ def test_a_batch_too_big_for_the_tiers_union_runs_in_halves_with_the_same_tokens
         assert splits > 0
 
     asyncio.run(run())
+
+
+# ---- a fault in a batch fails only the requests that need what failed ----------------------------
+async def _outcomes(store: Path, cfg, prompts: list[list[int]], together: bool) -> list[list[int] | str]:
+    async def one(p: list[int]) -> list[int] | str:
+        try:
+            return await tokens_of(engine, p, TOKENS)
+        except M2CacheError as e:
+            return f"{type(e).__name__}: {e}"
+
+    async with asyncio.timeout(240):
+        async with Engine.open(store, cfg) as engine:
+            if together:
+                got = list(await asyncio.gather(*(one(p) for p in prompts)))
+            else:
+                got = [await one(p) for p in prompts]
+            assert not engine.executor.active and not engine.executor.pending
+            assert isinstance(await one(prompts[0]), (list, str))  # and the engine still serves
+    return got
+
+
+async def test_a_block_damaged_on_disk_fails_in_a_batch_exactly_the_requests_that_fail_alone(
+        tiny: Model, tmp_path: Path) -> None:
+    from m2cache.storage.layout import ffn_file_name
+    from m2cache.storage.reader import Store
+
+    store = Path(shutil.copytree(tiny.store, tmp_path / "store"))
+    geom = Store(store).geometry["int8"]
+    path = store / ffn_file_name(3, "int8")
+    data = bytearray(path.read_bytes())
+    data[7 * geom.block_bytes + 10] ^= 0xFF  # the last block of layer 3's INT8 file: a few neurons some prompts need
+    path.write_bytes(bytes(data))
+    cfg = tiny.config(None, policy="gate:0.1,0.2,0.2")
+    healthy, _ = await _texts(tiny.store, cfg, tiny.prompts, 1)
+    alone = await _outcomes(store, cfg, tiny.prompts, together=False)
+    failing = {i for i, r in enumerate(alone) if isinstance(r, str)}
+    assert 0 < len(failing) < len(tiny.prompts), alone  # some prompts need the damaged neurons, some do not
+    assert all(alone[i] == healthy[i] for i in range(len(alone)) if i not in failing)
+    assert all("ChecksumError" in alone[i] and str(path) in alone[i] for i in failing)
+    together = await _outcomes(store, cfg, tiny.prompts * 2, together=True)
+    assert {i for i, r in enumerate(together) if isinstance(r, str)} == failing | {i + 8 for i in failing}
+    assert all(together[i] == healthy[i % 8] for i in range(16) if i % 8 not in failing)

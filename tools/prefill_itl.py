@@ -28,23 +28,29 @@ WORDS = ("the history of the bicycle begins with wooden machines pushed along by
          "pedals chains gears and air filled tyres that made long rides possible").split()
 
 
-async def stream(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stamps: list[float],
+async def stream(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stamps: list[list[float]],
                  started: asyncio.Event) -> None:
+    """One client streaming greedily, request after request (a stream that ends is followed by the next at
+    once); ``stamps`` gets one list of token arrival times per request."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
-                if len(stamps) >= 3:
-                    started.set()
+    while True:
+        times: list[float] = []
+        stamps.append(times)
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                    if len(times) >= 3:
+                        started.set()
 
 
 async def one_round(url: str, streams: int, prompt_tokens: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=900) as http:
-        stamps: list[list[float]] = [[] for _ in range(streams)]
+        stamps: list[list[float]] = []  # token arrival times, one list per request
         events = [asyncio.Event() for _ in range(streams)]
-        tasks = [asyncio.create_task(stream(http, url, f"Story {i}: once upon a time", max_tokens, stamps[i], events[i]))
+        counting = ", ".join(str(n) for n in range(1, 12))  # a prompt the model continues at length
+        tasks = [asyncio.create_task(stream(http, url, f"{counting} (list {i}),", max_tokens, stamps, events[i]))
                  for i in range(streams)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 600)
         long_prompt = " ".join(WORDS[i % len(WORDS)] for i in range(prompt_tokens))
@@ -53,6 +59,10 @@ async def one_round(url: str, streams: int, prompt_tokens: int, max_tokens: int)
         t_first = time.perf_counter()
         r.raise_for_status()
         prompt_len = r.json()["usage"]["prompt_tokens"]
+        # the gap that spans the long prompt's prefill ends with each stream's next token: wait for it
+        deadline = time.perf_counter() + 300
+        while time.perf_counter() < deadline and sum(1 for s in stamps if s and s[-1] > t_first) < streams:
+            await asyncio.sleep(0.05)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator
 import torch
 
 from m2cache.actors.dram import DRAMManager
-from m2cache.actors.executor import _DONE, Executor, Sequence
+from m2cache.actors.executor import Executor
+from m2cache.actors.sequence import _DONE, Sequence
 from m2cache.actors.layer_ffn import kernels_apply
 from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Stop
