@@ -15,7 +15,7 @@ DEFAULT_HBM, DEFAULT_DRAM = "64MB", "96MB"  # without a memory limit and without
 DEVICES = ("cpu", "cuda")
 # Prompt tokens a prefill step takes of one request. A 2,000-token prompt on the demo model (2 cores) froze
 # the running streams for its whole prefill; in chunks of 256 they get a token between chunks (see
-# docs/results/serve_chunked_prefill.txt). Whole-layer prefill reads repeat per chunk: on a slow disk a
+# docs/results/serve_chunked_prefill_itl.txt). Whole-layer prefill reads repeat per chunk: on a slow disk a
 # larger chunk trades latency for bytes.
 DEFAULT_PREFILL_CHUNK = 256
 
