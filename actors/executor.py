@@ -35,6 +35,7 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
+from m2cache.actors.rows import split_rows
 from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
 from m2cache.errors import BudgetError, ConfigError, EngineClosedError, M2CacheError, OverloadedError, TransientSSDError
 from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, lm_head, lm_head_rows, rms_norm,
@@ -383,8 +384,9 @@ class Executor(Actor):
         """The layer's neuron ranking from the sequences' FFN inputs ``hs`` (decode: each one row; a sparse
         prefill: every row of its chunk, the largest score kept): batch-invariant, one ranking per sequence
         from its own rows alone; else one for the batch, the largest score any row gives."""
-        if self.invariant:
-            return [self.policy.rank(layer, sc) for sc in self.ffn.score_rows(layer, hs, keep)]
+        if self.invariant:  # cut here too: the event loop only routes the request
+            orders = [self.policy.rank(layer, sc) for sc in self.ffn.score_rows(layer, hs, keep)]
+            return split_rows(self.policy, layer, orders)
         rows = [row for h in hs for row in h.split(1)] if any(h.shape[0] > 1 for h in hs) else hs
         return self.policy.rank(layer, self.ffn.score(layer, rows, keep))
 

@@ -20,8 +20,9 @@ class LayerInput:
 
     layer: int
     step: int
-    # neuron ids, best first (scored on the compute thread); a batch-invariant step: one ranking per sequence
-    order: np.ndarray | list[np.ndarray] | None
+    # neuron ids, best first (scored on the compute thread); a batch-invariant step: each sequence's cut and
+    # their union (``rows.RowCuts``), cut on the compute thread too
+    order: Any
     prefill: bool
     reply: asyncio.Future  # -> WeightsReady
     ahead: bool = False  # asked for while the layer before still computes (lookahead decode)

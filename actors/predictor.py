@@ -14,7 +14,7 @@ import numpy as np
 
 from m2cache.actors.base import Actor
 from m2cache.actors.messages import LayerInput, NeuronRequest
-from m2cache.actors.rows import split_rows
+from m2cache.actors.rows import RowCuts
 from m2cache.model.policy import Policy
 
 
@@ -37,8 +37,8 @@ class PredictorActor(Actor):
         rows = None
         if dense:
             ids = {"fp16": self._all}
-        elif isinstance(msg.order, list):  # batch-invariant: each sequence's own cut, the union fetched
-            ids, rows = split_rows(self.policy, msg.layer, msg.order)
+        elif isinstance(msg.order, RowCuts):  # batch-invariant: each sequence's own cut, the union fetched
+            ids, rows = msg.order.union, msg.order.cuts
         else:
             ids = self.policy.split(msg.layer, msg.order)
         self.requests += 1

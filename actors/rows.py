@@ -13,7 +13,7 @@ price of a text that depends on its neighbours.
 from __future__ import annotations
 
 import dataclasses
-import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,14 +25,27 @@ from m2cache.model.policy import PRECISION_ORDER
 Cut = dict[str, np.ndarray]  # per precision, ascending neuron ids
 
 
-def split_rows(policy: Any, layer: int, orders: list[np.ndarray | None]) -> tuple[Cut, tuple[Cut, ...]]:
+@dataclass(frozen=True, slots=True)
+class RowCuts:
+    """A batch-invariant layer request, cut on the compute thread (the event loop only routes it)."""
+
+    union: Cut  # what the batch fetches
+    cuts: tuple[Cut, ...]  # each sequence's own
+
+
+def split_rows(policy: Any, layer: int, orders: list[np.ndarray | None]) -> RowCuts:
     """Each sequence's ranking cut by the policy's shares, and the union the batch fetches (per precision:
     a neuron one sequence keeps at FP16 and another at INT4 is fetched at both)."""
     cuts = tuple(policy.split(layer, order) for order in orders)
     if len(cuts) == 1:
-        return cuts[0], cuts
-    union = {p: functools.reduce(np.union1d, [c[p] for c in cuts]).astype(np.int64, copy=False) for p in cuts[0]}
-    return union, cuts
+        return RowCuts(cuts[0], cuts)
+    union = {}
+    for p in cuts[0]:
+        held = np.zeros(policy.num_neurons, dtype=bool)  # O(F + kept), where sorting unions is O(kept log kept)
+        for c in cuts:
+            held[c[p]] = True
+        union[p] = np.flatnonzero(held)
+    return RowCuts(union, cuts)
 
 
 def _served_at(p: str) -> tuple[str, ...]:

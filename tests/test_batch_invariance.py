@@ -129,7 +129,8 @@ def test_the_union_holds_every_row_s_cut_once_and_each_row_sees_exactly_its_own_
     policy = Policy(1, 32, Shares(0.25, 0.25, 0.25))
     rng = np.random.default_rng(0)
     orders = [rng.permutation(32) for _ in range(5)]
-    union, cuts = split_rows(policy, 0, orders)
+    both = split_rows(policy, 0, orders)
+    union, cuts = both.union, both.cuts
     for p in union:
         assert np.array_equal(union[p], np.unique(np.concatenate([c[p] for c in cuts])))
     ready = _ready(union, cuts)
