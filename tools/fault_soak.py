@@ -129,23 +129,23 @@ async def soak(url: str, prompts: list[str], refs: list[str], clients: int, seco
     end = time.monotonic() + seconds
     tally: collections.Counter[str] = collections.Counter()
     causes: collections.Counter[str] = collections.Counter()
+    by_prompt: dict[int, collections.Counter[str]] = {i: collections.Counter() for i in range(len(prompts))}
 
     async def worker() -> None:
         while time.monotonic() < end:
             i = rng.randrange(len(prompts))
             text, err = await ask(client, prompts[i], max_tokens)
             tally["requests"] += 1
+            outcome = "errors" if err is not None else "same_text" if text == refs[i] else "changed_text"
+            tally[outcome] += 1
+            by_prompt[i][outcome] += 1
             if err is not None:
-                tally["errors"] += 1
                 causes[re.sub(r"\d+-\d+", "N-M", err)[:240]] += 1
-            elif text == refs[i]:
-                tally["same_text"] += 1
-            else:
-                tally["changed_text"] += 1
 
     await asyncio.gather(*(worker() for _ in range(clients)))
     await client.close()
-    return {"tally": dict(tally), "errors_by_cause": dict(causes)}
+    return {"tally": dict(tally), "errors_by_cause": dict(causes),
+            "by_prompt": {i: dict(c) for i, c in by_prompt.items()}}
 
 
 def main() -> int:
@@ -196,6 +196,8 @@ def main() -> int:
           f"errors {t.get('errors', 0)}")
     for cause, n in out["errors_by_cause"].items():
         print(f"  {n:>5} x {cause}")
+    print("by prompt (requests: same text / changed / errors): " + ", ".join(
+        f"{i}: {c.get('same_text', 0)}/{c.get('changed_text', 0)}/{c.get('errors', 0)}" for i, c in out["by_prompt"].items()))
     print(f"after: in flight {after['in_flight']:.0f}, asyncio tasks {before['tasks']:.0f} -> {after['tasks']:.0f}, "
           f"RSS {before['rss_mb']:.0f} -> {after['rss_mb']:.0f} MB; server exit {rc}; reads that came right again "
           f"after a corrupt read: {out['transient_corruptions_recovered']}; layers read by block: "
