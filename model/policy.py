@@ -97,6 +97,11 @@ class Policy:
         scores = [self.score(layer, h) for h in hs]
         return None if scores[0] is None else torch.stack(scores).amax(0)  # type: ignore[arg-type]
 
+    def score_rows(self, layer: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One score per neuron for each sequence alone (``hs[i]``: [T, D], every position scored, the largest
+        kept): the very calls each would make alone, so a sequence's ranking does not depend on its batch."""
+        return [self.score_batch(layer, list(h.split(1))) for h in hs]  # type: ignore[misc]
+
     def rank(self, layer: int, scores: torch.Tensor) -> np.ndarray:
         """Neuron ids ordered so that ``split`` cuts exactly the top shares: each precision group's
         members are right, their order inside a group is not (``split`` sorts them anyway). A
@@ -190,6 +195,18 @@ class GatePolicy(Policy):
         if len(hs) == 1:
             return self.score(layer, hs[0])
         return self.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one pass over the copy
+
+    def score_rows(self, layer: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.rows_invariant:
+            return super().score_rows(layer, hs)
+        scores = self.score_all(layer, torch.cat(hs))  # one pass over the copy: the kernel's rows are its own
+        return [s.amax(0) for s in scores.split([h.shape[0] for h in hs])]
+
+    @property
+    def rows_invariant(self) -> bool:
+        """The C kernel scores the copy: each row's activations are the same bits whatever rows it is given
+        with (torch's batched products are not)."""
+        return self.gates[0].dtype == torch.uint8 and self.kernel_act is not None
 
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.scores_of(layer, self.gate_acts(layer, h))

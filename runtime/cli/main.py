@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from m2cache.engine.config import DEFAULT_PREFILL_CHUNK
 from m2cache.errors import M2CacheError
 from m2cache.bench.memlimit import UNDER_LIMIT_ENV
 
@@ -55,6 +56,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compute-from-dram", dest="compute_from_dram", action="store_false",
                    help="CPU: keep the device pool and its copies up (the path CUDA takes) instead of computing "
                         "from DRAM's whole layers")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens one prefill step takes of a request, so running streams get a token between "
+                        f"chunks (default {DEFAULT_PREFILL_CHUNK}; 0: a prompt in one step)")
+    p.add_argument("--shared-cut", dest="batch_invariant", action="store_false",
+                   help="a batch of requests shares one neuron cut and batched products: fewer bytes and passes "
+                        "per step, but a request's text then depends on what it is batched with (the default keeps "
+                        "each request's own neurons: the same text alone and in any batch)")
     p.add_argument("--lookahead", action="store_true",
                    help="decode ranks layer L+1's neurons from layer L's residual, so its weights move while layer "
                         "L computes (a small quality cost: `m2cache eval --policy NAME@ahead`)")
@@ -74,7 +82,8 @@ def engine_config(args, store):
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
-        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead)
+        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead,
+        prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant)
 
 
 def _threads(value: str) -> int | str:
@@ -149,7 +158,7 @@ def run_async(coro):
 def _generate_dense(args) -> int:
     from m2cache.engine.dense import DenseGenerator
 
-    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
+    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype), prefill_chunk=args.prefill_chunk or None)
     t0, n = time.perf_counter(), 0
     for text in gen.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, raw=args.raw):

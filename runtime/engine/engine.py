@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator
 import torch
 
 from m2cache.actors.dram import DRAMManager
-from m2cache.actors.executor import _DONE, Executor, Sequence
+from m2cache.actors.executor import Executor
+from m2cache.actors.sequence import _DONE, Sequence
 from m2cache.actors.layer_ffn import kernels_apply
 from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Stop
@@ -57,6 +58,9 @@ class RunStats:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    refused: int = 0  # waited longer than admit_timeout for room in the KV cache
+    step_retries: int = 0  # steps that failed and were run again sequence by sequence
+    batch_splits: int = 0  # steps whose batch's union did not fit the tiers, run in halves
     ttft: list[float] = field(default_factory=list)
 
 
@@ -143,7 +147,8 @@ class Engine:
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
                                  attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
-                                 dense_prefill=cfg.dense_prefill is not False)
+                                 dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
+                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
