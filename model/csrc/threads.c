@@ -3,6 +3,7 @@
  * caller computes part 0 and waits for the others. Runs do not nest or overlap: a second caller while
  * one runs computes its task alone (a trylock), so no thread ever waits on another's task. */
 #include <pthread.h>
+#include <stdlib.h>
 
 #include "threads.h"
 
@@ -87,16 +88,16 @@ int m2c_set_threads(int n) {
 
 int m2c_threads(void) { return __atomic_load_n(&threads, __ATOMIC_RELAXED); }
 
-void m2c_run(m2c_task fn, void *ctx, int max_parts) {
+int m2c_run(m2c_task fn, void *ctx, int max_parts) {
     if (m2c_threads() == 1 || max_parts <= 1 || pthread_mutex_trylock(&run_mu) != 0) {
         fn(ctx, 0, 1);
-        return;
+        return 1;
     }
     const int parts = threads < max_parts ? threads : max_parts;
     if (parts == 1) {  /* resized to one between the check and the lock */
         pthread_mutex_unlock(&run_mu);
         fn(ctx, 0, 1);
-        return;
+        return 1;
     }
     pthread_mutex_lock(&mu);
     task_fn = fn;
@@ -111,4 +112,39 @@ void m2c_run(m2c_task fn, void *ctx, int max_parts) {
     while (pending) pthread_cond_wait(&done, &mu);
     pthread_mutex_unlock(&mu);
     pthread_mutex_unlock(&run_mu);
+    return parts;
+}
+
+/* m2c_scratch: one buffer per calling thread, freed when the thread ends */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct {
+    void *p;
+    int64_t cap;
+} scratch_buf;
+
+static void scratch_free(void *v) {
+    scratch_buf *s = v;
+    free(s->p);
+    free(s);
+}
+
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+void *m2c_scratch(int64_t bytes) {
+    pthread_once(&scratch_once, scratch_init);
+    scratch_buf *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (bytes > s->cap) {
+        void *p = NULL;
+        const int64_t cap = (bytes + 4095) / 4096 * 4096;
+        if (posix_memalign(&p, 64, (size_t)cap) != 0) return NULL;
+        free(s->p);
+        s->p = p;
+        s->cap = cap;
+    }
+    return s->p;
 }

@@ -55,6 +55,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compute-from-dram", dest="compute_from_dram", action="store_false",
                    help="CPU: keep the device pool and its copies up (the path CUDA takes) instead of computing "
                         "from DRAM's whole layers")
+    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
+                   help="CPU: decode layer by layer through the actors even when DRAM holds every layer (the native "
+                        "step runs a token in one call then)")
     p.add_argument("--lookahead", action="store_true",
                    help="decode ranks layer L+1's neurons from layer L's residual, so its weights move while layer "
                         "L computes (a small quality cost: `m2cache eval --policy NAME@ahead`)")
@@ -74,7 +77,8 @@ def engine_config(args, store):
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
-        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead)
+        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead,
+        native_decode=getattr(args, "native_decode", True))
 
 
 def _threads(value: str) -> int | str:

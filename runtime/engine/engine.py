@@ -143,7 +143,7 @@ class Engine:
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
                                  attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
-                                 dense_prefill=cfg.dense_prefill is not False)
+                                 dense_prefill=cfg.dense_prefill is not False, native=cfg.native_decode)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
