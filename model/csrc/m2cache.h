@@ -11,9 +11,10 @@
 int m2c_set_threads(int n);
 int m2c_threads(void);
 
-/* 1 (the default): INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32, integer dot
- * products (simd.h); 0: float32 activations. Returns the setting before. */
-int m2c_set_int8_activations(int on);
+/* 2 (the default): INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32, integer dot
+ * products (simd.h), and INT4 down columns add up with integer products (sparse_ffn.c); 1: the same with INT4
+ * down columns in float32; 0: float32 activations. Returns the setting before. */
+int m2c_set_int8_activations(int mode);
 int m2c_int8_activations(void);
 
 /* out[T][D] += the FFN of pool rows slots[0..n) (one precision; sparse_ffn.c), parts 3 (gate, up, down) or 2

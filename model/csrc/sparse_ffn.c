@@ -19,11 +19,11 @@
 #include "m2cache.h"
 #include "threads.h"
 
-static int int8_acts = 1;
+static int int8_acts = 2;
 
-int m2c_set_int8_activations(int on) {
+int m2c_set_int8_activations(int mode) {
     const int before = __atomic_load_n(&int8_acts, __ATOMIC_RELAXED);
-    __atomic_store_n(&int8_acts, on ? 1 : 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&int8_acts, mode < 0 ? 0 : mode > 2 ? 2 : mode, __ATOMIC_RELAXED);
     return before;
 }
 
@@ -101,7 +101,7 @@ int64_t ffn_prepare(ffn_acts *a, const float *h, int64_t T, int64_t D, int64_t g
         }
     }
     a->dd4 = a->xs2 = NULL;
-    a->int_down = M2C_AVX2 && a->q8_i4 && g4 == Q8_BLOCK && D % 64 == 0;
+    a->int_down = M2C_AVX2 && a->q8_i4 && g4 == Q8_BLOCK && D % 64 == 0 && m2c_int8_activations() == 2;
     if (a->q8_i4 && g4 == Q8_BLOCK && M2C_AVX2) {
         a->dd4 = (float *)p;
         p += round64(4 * T * (D / Q8_BLOCK) * 4);
