@@ -355,7 +355,7 @@ static inline float dot_i4_q8_g32(const uint8_t *b, const f16 *m, const q8_row *
 
 /* ---- y += a * row ------------------------------------------------------------------------------------- */
 
-static inline void axpy_f16(float a, const f16 *w, float *y, int64_t n) {
+static inline void axpy_f16(float a, const f16 *restrict w, float *restrict y, int64_t n) {
     int64_t i = 0;
 #if M2C_AVX2
     const __m256 av = _mm256_set1_ps(a);
@@ -373,7 +373,8 @@ static inline void axpy_f16(float a, const f16 *w, float *y, int64_t n) {
 }
 
 /* y += a * (int8 row with a float32 scale per `group` values) */
-static inline void axpy_i8(float a, const int8_t *w, const float *s, int64_t group, float *y, int64_t n) {
+static inline void axpy_i8(float a, const int8_t *restrict w, const float *restrict s, int64_t group, float *restrict y,
+                           int64_t n) {
     for (int64_t g0 = 0, gi = 0; g0 < n; g0 += group, gi++) {
         const float as = a * s[gi];
         int64_t i = g0;
@@ -393,8 +394,8 @@ static inline void axpy_i8(float a, const int8_t *w, const float *s, int64_t gro
 
 /* y += a * (INT4 row), y split into even (ye) and odd (yo) positions; each group's minimum times a is added
  * to ymin[group] instead (the caller adds it to every value of the group once, at the end) */
-static inline void axpy_i4(float a, const uint8_t *b, const f16 *m, int64_t group, float *ye, float *yo, float *ymin,
-                           int64_t n) {
+static inline void axpy_i4(float a, const uint8_t *restrict b, const f16 *restrict m, int64_t group, float *restrict ye,
+                           float *restrict yo, float *restrict ymin, int64_t n) {
     const int64_t gh = group / 2;
     for (int64_t g0 = 0, gi = 0; g0 < n / 2; g0 += gh, gi++) {
         const float as = a * (float)m[2 * gi];

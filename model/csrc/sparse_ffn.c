@@ -42,6 +42,7 @@ static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
  * group scale quantised to INT8 per group across the block, added up in int16 lanes two neurons at a time
  * (vpmaddubsw: |8 pairs * 2 * 15 * 127| < 2^15), then scaled to float32 once per block. */
 #define DOWN_BLOCK 16
+#define ROW_BLOCK 16 /* rows whose dot products run before their down columns (group_span) */
 
 /* one part's work area: out [T][D]; for INT4 rows ye, yo [T][D/2] (or one [T][D] in the integer path's order)
  * and ymin [T][D/g4]; the integer path's own: int16 [D], coefficients [DOWN_BLOCK][2 D/g4], their maxima and
@@ -217,6 +218,16 @@ static inline int64_t int_down_index(int64_t p) {
     return 64 * m + 32 * lane + 16 * (v & 1) + 2 * i + (v >> 1);
 }
 
+/* Rows are read where they sit, in ascending slot order with gaps the hardware prefetchers do not cross: each row's
+ * lines are asked for PREFETCH_ROWS rows ahead of its use. */
+#define PREFETCH_ROWS 4
+
+static inline void prefetch_row(const ffn_group *g, int64_t i, int64_t e) {
+    if (i >= e) return;
+    const char *p = (const char *)(g->pool + g->slots[i] * g->bundle_bytes);
+    for (int64_t off = 0; off < g->bundle_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 /* a row's activation for token t: act(gate) * up, or the gate activation given times up */
 static float row_act(const ffn_acts *a, const ffn_group *g, const uint8_t *row, int64_t i, int64_t t) {
     const float u = row_dot(a, g->kind, row, a->parts - 2, t);
@@ -235,6 +246,7 @@ static void int4_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t 
         const int nb = (int)(e - i0 < DOWN_BLOCK ? e - i0 : DOWN_BLOCK);
         for (int j = 0; j < nb; j++) {
             const uint8_t *row = g->pool + g->slots[i0 + j] * g->bundle_bytes;
+            prefetch_row(g, i0 + j + PREFETCH_ROWS, e);
             cols[j] = row + (P - 1) * half;
             metas[j] = (const f16 *)(row + P * half) + 2 * (P - 1) * ng;
             for (int64_t t = 0; t < T; t++) act[t][j] = row_act(a, g, row, i0 + j, t);
@@ -248,25 +260,35 @@ static void int4_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t 
 static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t e, float *acc) {
     const int64_t T = a->T, D = a->D, P = a->parts, down = P - 1, ng4 = D / a->g4;
     float *ye = acc + T * D, *yo = ye + T * (D / 2), *ymin = yo + T * (D / 2);
-    float act[MAX_T];
+    float act[MAX_T][ROW_BLOCK];
 #if M2C_AVX2
     if (g->kind == KIND_INT4 && a->int_down) {
         int4_span(a, g, b, e, acc);
         return;
     }
 #endif
-    for (int64_t i = b; i < e; i++) {
-        const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
-        for (int64_t t = 0; t < T; t++) act[t] = row_act(a, g, row, i, t);
-        for (int64_t t = 0; t < T; t++) {
-            if (g->kind == KIND_FP16) {
-                axpy_f16(act[t], (const f16 *)row + down * D, acc + t * D, D);
-            } else if (g->kind == KIND_INT8) {
-                axpy_i8(act[t], (const int8_t *)row + down * D, (const float *)(row + P * D) + down * (D / a->g8),
-                        a->g8, acc + t * D, D);
-            } else {
-                axpy_i4(act[t], row + down * (D / 2), (const f16 *)(row + P * (D / 2)) + 2 * down * ng4, a->g4,
-                        ye + t * (D / 2), yo + t * (D / 2), ymin + t * ng4, D);
+    /* a block of rows' dot products first, then their down columns: the dot products of a block are independent
+     * of each other and of the down columns' sums, so they overlap instead of waiting on each row's */
+    for (int64_t i0 = b; i0 < e; i0 += ROW_BLOCK) {
+        const int64_t i1 = e - i0 < ROW_BLOCK ? e : i0 + ROW_BLOCK;
+        for (int64_t i = i0; i < i1; i++) {
+            const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+            prefetch_row(g, i + PREFETCH_ROWS, e);
+            for (int64_t t = 0; t < T; t++) act[t][i - i0] = row_act(a, g, row, i, t);
+        }
+        for (int64_t i = i0; i < i1; i++) {
+            const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+            for (int64_t t = 0; t < T; t++) {
+                const float c = act[t][i - i0];
+                if (g->kind == KIND_FP16) {
+                    axpy_f16(c, (const f16 *)row + down * D, acc + t * D, D);
+                } else if (g->kind == KIND_INT8) {
+                    axpy_i8(c, (const int8_t *)row + down * D, (const float *)(row + P * D) + down * (D / a->g8),
+                            a->g8, acc + t * D, D);
+                } else {
+                    axpy_i4(c, row + down * (D / 2), (const f16 *)(row + P * (D / 2)) + 2 * down * ng4, a->g4,
+                            ye + t * (D / 2), yo + t * (D / 2), ymin + t * ng4, D);
+                }
             }
         }
     }
