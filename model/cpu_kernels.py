@@ -8,129 +8,23 @@ contiguous buffer and no dequantised copy per token (DESIGN.md §6, §8). torch 
 A decode position's attention block is ~35 small torch operators, each dearer than its arithmetic
 once the layer's weights have streamed through the caches; ``attention_decode`` is one call.
 
-The sources are compiled once per machine with the system C compiler (``cc``, or ``$CC``) into
-``~/.cache/m2cache/kernels`` (``M2CACHE_HOME``) and loaded with ctypes. Where no compiler is found,
-or ``M2CACHE_KERNELS=0``, ``available()`` is False and callers use the torch path; the first
-failure is logged once with its reason.
+The sources are compiled once per machine (``m2cache.model.cpu_build``); where they cannot be,
+``available()`` is False and callers use the torch path.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 import weakref
-from pathlib import Path
 
 import torch
 
+from m2cache.model.cpu_build import available, library
 from m2cache.storage.quant import Groups, select_parts
 
-log = logging.getLogger(__name__)
+__all__ = ["available", "library"]  # built and loaded in cpu_build; the kernels' Python side is here
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "sparse_ffn.c", CSRC / "attention.c", CSRC / "decode.c", CSRC / "threads.c")
-HEADERS = (CSRC / "m2cache.h", CSRC / "kernels.h", CSRC / "simd.h", CSRC / "threads.h")
-# No -ffast-math: with gcc < 13 it links crtfastmath into the library, whose constructor turns on
-# flush-to-zero for the whole process when it loads (torch's denormals included); the kernels' loops are
-# vectorised by hand (simd.h), so float sums keep the order written. -fno-math-errno: libm calls may
-# skip setting errno (sqrtf, lrintf inline).
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-Wall", "-Wextra", "-fPIC", "-shared")
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
 MAX_TOKENS = 64  # rows of h one call takes (the C side's MAX_T)
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_failed: str | None = None
-
-
-def _cache_dir() -> Path:
-    home = Path(os.environ.get("M2CACHE_HOME", Path.home() / ".cache" / "m2cache"))
-    return home / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"m2cache-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            so = Path(tmp) / out.name
-            done = subprocess.run([cc, *FLAGS, "-o", str(so), *map(str, SOURCES), "-lm", "-lpthread"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
-    lib = ctypes.CDLL(str(out))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.m2c_ffn_fp16.argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, i64, p, p]
-    lib.m2c_ffn_fp16.restype = i32
-    for name in ("m2c_ffn_int8", "m2c_ffn_int4"):  # these take the group size before the activation
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i64, p, p]
-        getattr(lib, name).restype = i32
-    lib.m2c_ffn_groups.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i64, p]
-    lib.m2c_ffn_groups.restype = i32
-    lib.m2c_gate_int4.argtypes = [p, i64, p, i64, i64, i64, i32, p]
-    lib.m2c_gate_int4.restype = i32
-    lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
-    lib.m2c_copy_rows.restype = i32
-    lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p, i32]
-    lib.m2c_attn_decode.restype = i32
-    lib.m2c_decode.argtypes = [p, p, i64, p, p, i64, i64, p, p, p, p]
-    lib.m2c_decode.restype = i32
-    lib.m2c_matvec.argtypes = [p, p, ctypes.c_float, p, p, i64, i64, i32, p]
-    lib.m2c_matvec.restype = i32
-    lib.m2c_read_rows.argtypes = [p, p, i64, i64]
-    lib.m2c_read_rows.restype = ctypes.c_uint64
-    lib.m2c_int8_activations.argtypes = []
-    lib.m2c_int8_activations.restype = i32
-    lib.m2c_set_int8_activations.argtypes = [i32]
-    lib.m2c_set_int8_activations.restype = i32
-    lib.m2c_set_threads.argtypes = [i32]
-    lib.m2c_set_threads.restype = i32
-    lib.m2c_threads.argtypes = []
-    lib.m2c_threads.restype = i32
-    return lib
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built if needed; None where they cannot be had (reason logged once)."""
-    global _lib, _failed
-    if _lib is not None or _failed is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _failed is None:
-            if os.environ.get("M2CACHE_KERNELS", "1") == "0":
-                _failed = "disabled by M2CACHE_KERNELS=0"
-            else:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError) as e:
-                    _failed = str(e)
-                    log.warning("m2cache CPU kernels unavailable (%s); using the slower torch path", e)
-    return _lib
-
-
-def available() -> bool:
-    return library() is not None
 
 
 def set_threads(n: int) -> int:
@@ -200,16 +94,22 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
     lib = library()
     assert lib is not None, "ffn_sources called without the kernels: check available() first"
     out = torch.zeros_like(hf)
-    order = [p for p in KINDS if p in sources and (sources[p][1] is None or sources[p][1].numel())]
-    keep = []  # every tensor a pointer below points into, alive through the calls
-    srcs = [sources[p][0] for p in order]
-    for src in srcs:
-        assert src.dtype == torch.uint8 and src.is_contiguous() and src.device.type == "cpu"
-    slots = [torch.arange(s.shape[0]) if sources[p][1] is None else sources[p][1].contiguous()
-             for p, s in zip(order, srcs)]
-    assert all(s.dtype == torch.int64 for s in slots)
+    srcs, slots, order = [], [], []
+    for p in KINDS:  # the precisions with rows, in the kernels' order
+        if p not in sources:
+            continue
+        src, rows = sources[p]
+        ids = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
+        assert src.dtype == torch.uint8 and src.is_contiguous() and src.device.type == "cpu" and ids.dtype == torch.int64
+        if ids.numel():
+            srcs.append(src)
+            slots.append(ids)
+            order.append(p)
     k = len(order)
-    arr = lambda ctype, values: (ctype * max(k, 1))(*values)  # noqa: E731
+
+    def arr(ctype, values: list):
+        return (ctype * max(k, 1))(*values)
+
     vp = ctypes.c_void_p
     kinds, pools = arr(ctypes.c_int, [KINDS[p] for p in order]), arr(vp, [s.data_ptr() for s in srcs])
     rows_n, widths = arr(ctypes.c_int64, [s.shape[0] for s in srcs]), arr(ctypes.c_int64, [s.shape[1] for s in srcs])
@@ -218,10 +118,8 @@ def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf
     for start in range(0, hf.shape[0], MAX_TOKENS):
         rows_h, rows_out = hf[start:start + MAX_TOKENS], out[start:start + MAX_TOKENS]
         g = [gacts[p][:, start:start + MAX_TOKENS].contiguous() for p in order] if gacts is not None else []
-        keep.append(g)
-        for p, t in zip(order, g):
-            assert t.dtype == torch.float32 and tuple(t.shape) == (sources[p][1].numel() if sources[p][1] is not None
-                                                                   else sources[p][0].shape[0], rows_h.shape[0])
+        for t, ids in zip(g, slots):  # g stays referenced through the call
+            assert t.dtype == torch.float32 and tuple(t.shape) == (ids.numel(), rows_h.shape[0])
         gptr = arr(vp, [t.data_ptr() for t in g] if g else [None] * k)
         rc = lib.m2c_ffn_groups(k, kinds, pools, rows_n, widths, slot_ptrs, counts, gptr, rows_h.data_ptr(),
                                 rows_h.shape[0], dim, groups.int8, groups.int4, ACTIVATIONS[act], parts,
@@ -399,7 +297,10 @@ def _matrix(w) -> tuple[torch.Tensor, torch.Tensor | None]:
     key = id(w.scale)
     held = _SCALES.get(key)
     if held is None or held[0]() is not w.scale:
-        held = _SCALES[key] = (weakref.ref(w.scale, lambda _r, k=key, d=_SCALES: d.pop(k, None)), w.scale.float().contiguous())
+        def forget(_ref: weakref.ref, key: int = key, held: dict = _SCALES) -> None:  # the module may be gone
+            held.pop(key, None)
+
+        held = _SCALES[key] = (weakref.ref(w.scale, forget), w.scale.float().contiguous())
     return w.q, held[1]
 
 

@@ -512,3 +512,44 @@ def test_attention_kernel_refuses_weights_of_another_shape() -> None:
     with pytest.raises(ValueError, match="shapes"):
         cpu_kernels.attention_decode(torch.randn(1, 96), w.attn_norm, 1e-5, torch.empty(0, 96), w.wo, cos, sin,
                                      cache, 0, cfg.num_heads, cfg.num_kv_heads)
+
+
+def test_the_ctypes_declarations_match_the_header() -> None:
+    """Every function and struct of csrc/m2cache.h as the Python side declares it (cpu_build.ABI, native_decode's
+    structures): the same functions, argument counts and kinds (pointer, int64, int, float), fields in order."""
+    import ctypes
+    import re
+
+    from m2cache.model import cpu_build, native_decode
+
+    text = re.sub(r"/\*.*?\*/", "", (cpu_build.CSRC / "m2cache.h").read_text(), flags=re.S)
+    kinds = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float, "uint64_t": ctypes.c_uint64}
+
+    def kind(decl: str):
+        decl = decl.strip()
+        if "*" in decl:
+            return ctypes.c_void_p
+        return kinds[re.sub(r"\bconst\b", "", decl).split()[0]]
+
+    declared = {}
+    for result, name, params in re.findall(r"(\w+)\s+(m2c_\w+)\(([^)]*)\);", text):
+        args = [] if params.strip() in ("", "void") else [kind(p) for p in params.split(",")]
+        declared[name] = (args, None if result == "void" else kinds[result])
+    assert set(declared) == set(cpu_build.ABI)
+    for name, (args, result) in cpu_build.ABI.items():
+        assert declared[name] == (args, result), name
+    for cname, struct in (("m2c_layer", native_decode.Layer), ("m2c_model", native_decode.Model)):
+        body = re.search(r"typedef struct \{([^{}]*)\}\s*" + cname + ";", text).group(1)  # type: ignore[union-attr]
+        fields = []
+        for decl in filter(None, (d.strip() for d in body.split(";"))):
+            names = re.sub(r"\bconst\b", "", decl).split(None, 1)[1]  # past the type
+            fields += [re.sub(r"[*\s]|\[\d+\]", "", n) for n in names.split(",")]
+        assert fields == [f for f, _ in struct._fields_], cname
+
+
+def test_loading_the_kernels_leaves_the_process_s_denormals_alone() -> None:
+    """Built without -ffast-math: with gcc < 13 its crtfastmath set flush-to-zero for the whole process when the
+    library loaded, and torch's float32 denormals (the dense reference's too) became zeros."""
+    assert cpu_kernels.library() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() > 0 and (torch.tensor([1e-39]) / 10).item() > 0

@@ -167,15 +167,16 @@ int m2c_decode(const m2c_model *m, const m2c_layer *layers, int64_t n_layers, vo
     if (!mem) return -2;
     decode_scratch s = carve(m, pos + 1, parts, mem);
     const int64_t esize = m->is_bf16 ? 2 : 4, layer_cache = 2 * m->KV * cap * m->hd * esize;
+    m2c_spin(1); /* the token's runs come back to back: the pool's threads watch for them (threads.c) */
     for (int64_t L = 0; L < n_layers; L++)
         layer_step(m, &layers[L], x, (uint8_t *)cache + L * layer_cache, cap, pos, cos, ssin, &s,
                    times ? times + 4 * L : NULL);
+    int rc = 0;
     if (logits) {
         if (times) times[4 * n_layers] = now_ns();
-        const int rc = m2c_matvec(x, m->final_norm, m->eps, m->head, m->head_scale, m->vocab, m->D, m->is_bf16,
-                                  logits);
-        if (rc) return rc;
+        rc = m2c_matvec(x, m->final_norm, m->eps, m->head, m->head_scale, m->vocab, m->D, m->is_bf16, logits);
         if (times) times[4 * n_layers + 1] = now_ns();
     }
-    return 0;
+    m2c_spin(0);
+    return rc;
 }

@@ -220,12 +220,17 @@ static inline int64_t int_down_index(int64_t p) {
 
 /* Rows are read where they sit, in ascending slot order with gaps the hardware prefetchers do not cross: each row's
  * lines are asked for PREFETCH_ROWS rows ahead of its use. */
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 3
+#endif
 
 static inline void prefetch_row(const ffn_group *g, int64_t i, int64_t e) {
-    if (i >= e) return;
+    if (i >= e || PREFETCH_ROWS == 0) return;
     const char *p = (const char *)(g->pool + g->slots[i] * g->bundle_bytes);
-    for (int64_t off = 0; off < g->bundle_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+    for (int64_t off = 0; off < g->bundle_bytes; off += 64) __builtin_prefetch(p + off, 0, PREFETCH_HINT);
 }
 
 /* a row's activation for token t: act(gate) * up, or the gate activation given times up */

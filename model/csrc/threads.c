@@ -1,11 +1,58 @@
 /* A fixed pool of worker threads for the kernels (threads.h). The pool's size is set from Python
  * (m2cache.model.cpu_kernels.set_threads: the engine's compute threads); each run posts one task, the
  * caller computes part 0 and waits for the others. Runs do not nest or overlap: a second caller while
- * one runs computes its task alone (a trylock), so no thread ever waits on another's task. */
+ * one runs computes its task alone (a trylock), so no thread ever waits on another's task.
+ *
+ * A decode token posts a few runs a layer, tens of microseconds apart; a sleep on a condition variable and
+ * the wake-up after it cost about 20 us on a 2-core VM, as much as a small layer's whole product. So while a
+ * caller says its runs come back to back (m2c_spin: the native decode step, for its call), a worker that
+ * finished a part watches for the next task for up to SPIN_NS before it sleeps, and the caller watches for its
+ * workers' parts as long before it sleeps: a run then costs a microsecond or two. Outside such a call nobody
+ * watches (the cores belong to the event loop and the I/O threads between layers). The condition variables stay
+ * the protocol (every change is made under `mu` and signalled); the watching only reads. */
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define relax() _mm_pause()
+#else
+#define relax() ((void)0)
+#endif
 
 #include "threads.h"
+
+#define SPIN_NS 200000 /* 0.2 ms: longer than the gaps between a decode token's runs, far below a token */
+
+static int64_t clock_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int spinning = 0; /* callers inside m2c_spin(1) .. m2c_spin(0) */
+
+void m2c_spin(int on) { __atomic_add_fetch(&spinning, on ? 1 : -1, __ATOMIC_RELEASE); }
+
+/* watches *v, while a caller spins, until it differs from `from` for at most SPIN_NS */
+static void watch_ulong(const unsigned long *v, unsigned long from) {
+    const int64_t until = clock_ns() + SPIN_NS;
+    for (int i = 0; __atomic_load_n(&spinning, __ATOMIC_ACQUIRE) > 0; i++) {
+        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) != from) return;
+        relax();
+        if ((i & 255) == 255 && clock_ns() > until) return;
+    }
+}
+
+/* watches *v, while a caller spins, until it is 0 for at most SPIN_NS */
+static void watch_zero(const int *v) {
+    const int64_t until = clock_ns() + SPIN_NS;
+    for (int i = 0; __atomic_load_n(&spinning, __ATOMIC_ACQUIRE) > 0; i++) {
+        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) == 0) return;
+        relax();
+        if ((i & 255) == 255 && clock_ns() > until) return;
+    }
+}
 
 static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER;  /* held for a whole run, and while resizing */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;      /* guards the fields below */
@@ -24,6 +71,11 @@ static void *work(void *arg) {
      * is this thread's to answer (else the caller would wait for it for ever) */
     unsigned long seen = start_generation;
     for (;;) {
+        if (generation == seen && !quit) { /* watch for the next task a while before sleeping on `go` */
+            pthread_mutex_unlock(&mu);
+            watch_ulong(&generation, seen);
+            pthread_mutex_lock(&mu);
+        }
         while (generation == seen && !quit) pthread_cond_wait(&go, &mu);
         if (quit) break;
         seen = generation;
@@ -33,7 +85,7 @@ static void *work(void *arg) {
         pthread_mutex_unlock(&mu);
         if (part < parts) fn(ctx, part, parts);
         pthread_mutex_lock(&mu);
-        if (--pending == 0) pthread_cond_signal(&done);
+        if (__atomic_sub_fetch(&pending, 1, __ATOMIC_RELEASE) == 0) pthread_cond_signal(&done);
     }
     pthread_mutex_unlock(&mu);
     return NULL;
@@ -103,11 +155,12 @@ int m2c_run(m2c_task fn, void *ctx, int max_parts) {
     task_fn = fn;
     task_ctx = ctx;
     task_parts = parts;
-    pending = threads - 1;  /* every worker wakes and answers; those past `parts` compute nothing */
-    generation++;
+    __atomic_store_n(&pending, threads - 1, __ATOMIC_RELAXED); /* every worker answers; those past `parts` idle */
+    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&go);
     pthread_mutex_unlock(&mu);
     fn(ctx, 0, parts);
+    watch_zero(&pending); /* the workers' parts, watched a while before sleeping on `done` */
     pthread_mutex_lock(&mu);
     while (pending) pthread_cond_wait(&done, &mu);
     pthread_mutex_unlock(&mu);

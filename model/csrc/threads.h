@@ -15,6 +15,10 @@ typedef void (*m2c_task)(void *ctx, int part, int parts);
  * another caller's task); returns, once every part has returned, the number of parts it ran. */
 int m2c_run(m2c_task fn, void *ctx, int max_parts);
 
+/* on 1: the caller's runs come back to back until it calls m2c_spin(0); meanwhile the workers and the caller
+ * watch for the next task and for the parts' end a while before they sleep (threads.c). Calls nest. */
+void m2c_spin(int on);
+
 /* The pool's size now: what a task may be split into. */
 int m2c_threads(void);
 
