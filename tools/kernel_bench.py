@@ -49,9 +49,13 @@ def build_at(rev: str, out_dir: Path) -> ctypes.CDLL:
     for name in names:
         (src / name).write_bytes(subprocess.run(["git", "show", f"{rev}:model/csrc/{name}"], cwd=ROOT, check=True,
                                                 capture_output=True).stdout)
-    py = subprocess.run(["git", "show", f"{rev}:model/cpu_kernels.py"], cwd=ROOT, check=True, capture_output=True,
-                        text=True).stdout
-    flags = re.findall(r'"(-[^"]+)"', re.search(r"FLAGS = \(([^)]*)\)", py).group(1))  # type: ignore[union-attr]
+    flags: list[str] = []
+    for module in ("model/cpu_build.py", "model/cpu_kernels.py"):  # where FLAGS was at that commit
+        py = subprocess.run(["git", "show", f"{rev}:{module}"], cwd=ROOT, capture_output=True, text=True).stdout
+        found = re.search(r"FLAGS = \(([^)]*)\)", py)
+        if found:
+            flags = re.findall(r'"(-[^"]+)"', found.group(1))
+            break
     so = out_dir / "old.so"
     subprocess.run(["cc", *flags, "-o", str(so), *map(str, sorted(src.glob("*.c"))), "-lm", "-lpthread"], check=True)
     lib = ctypes.CDLL(str(so))
