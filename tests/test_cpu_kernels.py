@@ -289,10 +289,10 @@ def int_down_reference(pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor,
 @pytest.mark.parametrize(("dim", "T"), [(128, 1), (576, 3), (64, 2)])
 def test_int4_down_columns_add_up_with_their_coefficients_rounded_to_int8_per_block(split: bool, dim: int,
                                                                                     T: int) -> None:
-    """The default: 37 rows (two blocks of 16 and a block of 5, an odd one), each block's down columns summed in int16
-    with act * scale rounded per group; equal to the emulation to float32 rounding, and within 3% of float32 down
-    columns (the rounding the default trades for integer products)."""
-    assert cpu_kernels.set_int8_activations(True) is True  # the default
+    """``set_int8_activations("int8+down")``: 37 rows (two blocks of 16 and a block of 5, an odd one), each block's
+    down columns summed in int16 with act * scale rounded per group; equal to the emulation to float32 rounding, and
+    within 3% of float32 down columns (the rounding it trades for integer products)."""
+    assert cpu_kernels.set_int8_activations("int8+down") == "int8"  # from the default
     parts = 2 if split else 3
     w = torch.randn(200, parts, dim, generator=torch.Generator().manual_seed(0)) * 0.05
     pool = quant.encode("int4", w, G(32))
@@ -302,12 +302,9 @@ def test_int4_down_columns_add_up_with_their_coefficients_rounded_to_int8_per_bl
     out = torch.zeros(T, dim)
     cpu_kernels.ffn_group("int4", pool, slots, h, out, dim, G(32), "silu", gact)
     assert rel_err(out, int_down_reference(pool, slots, h, dim, parts, gact)) < RTOL
-    before = cpu_kernels.set_int8_activations("int8")
-    try:
-        float_down = torch.zeros(T, dim)
-        cpu_kernels.ffn_group("int4", pool, slots, h, float_down, dim, G(32), "silu", gact)
-    finally:
-        cpu_kernels.set_int8_activations(before)
+    cpu_kernels.set_int8_activations("int8")  # back to the default
+    float_down = torch.zeros(T, dim)
+    cpu_kernels.ffn_group("int4", pool, slots, h, float_down, dim, G(32), "silu", gact)
     assert 0 < rel_err(out, float_down) < 3e-2
 
 

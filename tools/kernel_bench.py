@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mb", type=int, default=256, help="weight bytes each case cycles through (above the caches)")
     ap.add_argument("--only", help="cases whose name contains this")
+    ap.add_argument("--acts", default="int8", choices=sorted(cpu_kernels.INT8_MODES),
+                    help="the kernels' numerics (cpu_kernels.set_int8_activations)")
     args = ap.parse_args()
     new = cpu_kernels.library()
     if new is None:
@@ -198,8 +200,8 @@ def main() -> int:
         libs["old"] = build_at(args.against, Path(tmp.name))
     selected = [c for c in cases(args.shape, args.mb) if not args.only or args.only in c.name]
     print(f"shape {args.shape} {SHAPES[args.shape]}; GB/s of weight bytes; best of {args.reps} passes; "
-          f"{args.mb} MB of copies per case; INT8 activations "
-          f"{'on' if new.m2c_set_int8_activations(1) else 'off'}")
+          f"{args.mb} MB of copies per case; kernels "
+          f"{cpu_kernels.set_int8_activations(args.acts)} -> {args.acts}")
     cols = ["new", *(["old"] if args.against else []), "read"]
     for threads in [int(t) for t in args.threads.split(",")]:
         for lib in libs.values():

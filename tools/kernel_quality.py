@@ -6,8 +6,8 @@ neurons and precisions, the C kernels over the store's rows), against the same m
 
 Each of the kernels' settings is run over the same windows (``cpu_kernels.set_int8_activations``):
 ``float32`` (every product in float32: the numerics of the kernels before INT8 activations), ``int8`` (INT8 and
-INT4 rows meet activations quantised to INT8 in blocks of 32) and ``int8+down`` (also the INT4 down columns
-added up with integer products: the default). Teacher-forced: each window's tokens are fed one at a time, each
+INT4 rows meet activations quantised to INT8 in blocks of 32: the default) and ``int8+down`` (also the INT4
+down columns added up with integer products). Teacher-forced: each window's tokens are fed one at a time, each
 position a decode step over the KV cache of those before it. ``--text`` files are read as held-out text as they
 are (default: the held-out tail of the pydoc prose ``m2cache eval`` uses, and /usr/share/common-licenses/GPL-3
 where it exists). The reference is the source store's dense FP32 model (``m2cache eval``'s).

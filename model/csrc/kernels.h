@@ -84,6 +84,7 @@ int64_t matvec_scratch_bytes(int64_t cols);
 void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y,
             void *scratch);
 
-/* 1 when INT8/INT4 rows take INT8 activations (the default; m2c_set_int8_activations) */
+/* the setting of m2c_set_int8_activations (m2cache.h): 0 float32, 1 INT8 activations (the default), 2 and INT4
+ * down columns with integer products */
 int m2c_int8_activations(void);
 #endif

@@ -19,7 +19,7 @@
 #include "m2cache.h"
 #include "threads.h"
 
-static int int8_acts = 2;
+static int int8_acts = 1; /* INT8 activations, INT4 down columns in float32: see m2cache.h */
 
 int m2c_set_int8_activations(int mode) {
     const int before = __atomic_load_n(&int8_acts, __ATOMIC_RELAXED);
