@@ -32,9 +32,10 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-Wall", "-Wextra", "-fPIC",
 
 _P, _I64, _I32, _F32, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
 _FFN = [_P, _I64, _I64, _P, _I64, _P, _I64, _I64]  # pool, rows, bundle bytes, slots, n, h, T, D
-ABI: dict[str, tuple[list, type]] = {
+ABI: dict[str, tuple[list, type | None]] = {
     "m2c_set_threads": ([_I32], _I32),
     "m2c_threads": ([], _I32),
+    "m2c_spin": ([_I32], None),
     "m2c_set_int8_activations": ([_I32], _I32),
     "m2c_int8_activations": ([], _I32),
     "m2c_ffn_fp16": ([*_FFN, _I32, _I64, _P, _P], _I32),  # act, parts, gact, out

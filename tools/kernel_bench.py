@@ -11,7 +11,8 @@ INT4 of a layer's neurons, at random sorted rows, as a split store's decode read
 - ``qkv-bf16`` / ``qkv-int8``: the attention block's fused projection as a product with one row
   (``m2c_matvec``, the attention kernel's own loop), in the resident forms ``full`` (BF16) and ``int8``;
 - ``head-bf16`` / ``head-int8``: the LM head.
-Every case cycles through enough layers' copies of its weights (``--mb`` in all) that each call reads from
+This tree's pool of threads watches for the next call as it does inside the native decode step (``m2c_spin``;
+``--no-spin``: it sleeps between calls). Every case cycles through enough layers' copies of its weights (``--mb`` in all) that each call reads from
 memory, not from the caches, as a decode step does. ``read`` is ``m2c_read_rows`` over exactly the rows the
 kernel reads, shared among the same threads. With ``--against REV`` the kernels of that commit
 (``model/csrc`` there, built with its own flags) run in the same loop, each call alternated with this tree's.
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -163,7 +165,10 @@ def measure(case: Case, libs: dict[str, ctypes.CDLL | None], new: ctypes.CDLL, r
     alternated call by call; a runner's time is its best pass (on a shared machine the least disturbed one)."""
     libs = {k: lib for k, lib in libs.items() if hasattr(lib, case.fn)}  # an older build may lack the kernel
     passes: dict[str, list[float]] = {k: [] for k in [*libs, "read"]}
-    runners = {k: (lambda c, i, lib=lib: c.run(lib, c, i)) for k, lib in libs.items()}
+    def kernel(lib) -> Callable[[Case, int], None]:
+        return lambda c, i: c.run(lib, c, i)
+
+    runners = {k: kernel(lib) for k, lib in libs.items()}
     runners["read"] = lambda c, i: c.read(new, i)
     order = list(runners)
     n = len(case.copies)
@@ -187,6 +192,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mb", type=int, default=256, help="weight bytes each case cycles through (above the caches)")
     ap.add_argument("--only", help="cases whose name contains this")
+    ap.add_argument("--no-spin", dest="spin", action="store_false",
+                    help="the pool's threads sleep between calls (as outside the native decode step)")
     ap.add_argument("--acts", default="int8", choices=sorted(cpu_kernels.INT8_MODES),
                     help="the kernels' numerics (cpu_kernels.set_int8_activations)")
     args = ap.parse_args()
@@ -203,6 +210,8 @@ def main() -> int:
           f"{args.mb} MB of copies per case; kernels "
           f"{cpu_kernels.set_int8_activations(args.acts)} -> {args.acts}")
     cols = ["new", *(["old"] if args.against else []), "read"]
+    if args.spin:  # this tree's pool watches for the next call, as in the native decode step (the old one cannot)
+        new.m2c_spin(1)
     for threads in [int(t) for t in args.threads.split(",")]:
         for lib in libs.values():
             lib.m2c_set_threads(threads)  # type: ignore[union-attr]

@@ -7,7 +7,8 @@ neurons and precisions, the C kernels over the store's rows), against the same m
 Each of the kernels' settings is run over the same windows (``cpu_kernels.set_int8_activations``):
 ``float32`` (every product in float32: the numerics of the kernels before INT8 activations), ``int8`` (INT8 and
 INT4 rows meet activations quantised to INT8 in blocks of 32: the default) and ``int8+down`` (also the INT4
-down columns added up with integer products). Teacher-forced: each window's tokens are fed one at a time, each
+down columns added up with integer products); each beside float32 token by token (the mean change of every
+token's log-likelihood, as a perplexity ratio, with its standard error). Teacher-forced: each window's tokens are fed one at a time, each
 position a decode step over the KV cache of those before it. ``--text`` files are read as held-out text as they
 are (default: the held-out tail of the pydoc prose ``m2cache eval`` uses, and /usr/share/common-licenses/GPL-3
 where it exists). The reference is the source store's dense FP32 model (``m2cache eval``'s).
@@ -56,17 +57,17 @@ def native(store: Store, dtype: torch.dtype) -> tuple[NativeDecoder, Rotary]:
     return dec, Rotary(cfg)
 
 
-def nll_native(dec: NativeDecoder, rope: Rotary, windows: list[list[int]], dtype: torch.dtype) -> tuple[float, int]:
-    total, count = 0.0, 0
+def nll_native(dec: NativeDecoder, rope: Rotary, windows: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+    """Every predicted token's negative log-likelihood (float64), the windows' positions in order."""
+    out: list[float] = []
     for w in windows:
         kv = KVCache(dec.cfg, dtype, "cpu", capacity=len(w))
         for i, tok in enumerate(w[:-1]):
             cos, sin = rope_slice(rope, kv.length, 1, dtype)
             logits = dec.step(dec.res.embed[torch.tensor([tok])], kv, cos, sin)
             kv.length += 1
-            total -= float(F.log_softmax(logits.double(), -1)[w[i + 1]])
-            count += 1
-    return total, count
+            out.append(-float(F.log_softmax(logits.double(), -1)[w[i + 1]]))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def nll_dense(model, windows: list[list[int]]) -> tuple[float, int]:
@@ -96,21 +97,26 @@ def main() -> int:
     dense = load_dense(source, torch.float32)
     print(f"{store.path} (policy {dec.policy.name}, {args.dtype}, kernels' threads {args.threads}); reference: "
           f"{source.path} dense FP32; {args.tokens} held-out tokens a text")
-    print(f"{'text':<8}{'kernels':<11}{'ppl':>9}{'dense':>9}{'Δppl':>8}{'s':>6}")
+    print(f"{'text':<8}{'kernels':<11}{'ppl':>9}{'dense':>9}{'Δppl':>8}  {'vs float32 (paired, ± std err)':<30}{'s':>5}")
     for name, text in texts(args.text).items():
         windows = token_windows(source, text, args.tokens)
         ref = nll_dense(dense, windows)
         dense_ppl = math.exp(ref[0] / ref[1])
-        for mode in cpu_kernels.INT8_MODES:
+        base: torch.Tensor | None = None
+        for mode in cpu_kernels.INT8_MODES:  # float32 first: the others are compared with it token by token
             before = cpu_kernels.set_int8_activations(mode)
             t0 = time.perf_counter()
             try:
-                nll, n = nll_native(dec, rope, windows, dtype)
+                nll = nll_native(dec, rope, windows, dtype)
             finally:
                 cpu_kernels.set_int8_activations(before)
-            ppl = math.exp(nll / n)
-            print(f"{name:<8}{mode:<11}{ppl:>9.3f}{dense_ppl:>9.3f}{(ppl / dense_ppl - 1) * 100:>+7.2f}%"
-                  f"{time.perf_counter() - t0:>6.0f}", flush=True)
+            base = nll if base is None else base
+            d = nll - base
+            paired = "" if mode == "float32" else \
+                f"{(math.exp(d.mean()) - 1) * 100:+.2f}% ± {float(d.std()) / math.sqrt(len(d)) * 100:.2f}%"
+            ppl = math.exp(nll.mean())
+            print(f"{name:<8}{mode:<11}{ppl:>9.3f}{dense_ppl:>9.3f}{(ppl / dense_ppl - 1) * 100:>+7.2f}%  {paired:<30}"
+                  f"{time.perf_counter() - t0:>5.0f}", flush=True)
     return 0
 
 

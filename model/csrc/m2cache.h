@@ -10,6 +10,9 @@
 /* The kernels' threads (threads.c): each product shared among n threads, the caller's and n - 1 of a pool. */
 int m2c_set_threads(int n);
 int m2c_threads(void);
+/* on 1 until a matching 0: the caller's products come back to back (the pool's threads watch for them instead of
+ * sleeping between them; m2c_decode does this for its call). */
+void m2c_spin(int on);
 
 /* 1 (the default): INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32, integer dot
  * products (simd.h); 2: INT4 down columns add up with integer products too (sparse_ffn.c: faster, and measured
