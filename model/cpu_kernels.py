@@ -237,21 +237,12 @@ def matvec_row(x: torch.Tensor, w, norm: torch.Tensor | None = None, eps: float 
     return y
 
 
-INT8_MODES = {"float32": 0, "int8": 1, "int8+down": 2}  # m2c_set_int8_activations's settings, by name
-
-
-def set_int8_activations(on: bool | str) -> bool | str:
+def set_int8_activations(on: bool) -> bool:
     """Whether INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32 (integer dot products,
-    csrc/simd.h; the default, ``True`` or ``"int8"``), with INT4 down columns added up with integer products too
-    (``"int8+down"``: faster, +0.2% perplexity on held-out prose where the default is within the measurement's
-    spread; ``tools/kernel_quality.py``), or float32 ones (``False``, ``"float32"``), process-wide; returns the
-    setting before, in the form given (a bool, or a name)."""
+    csrc/simd.h; the default) or float32 ones, process-wide (``tools/kernel_quality.py`` measures what it costs);
+    returns the setting before."""
     lib = library()
-    mode = INT8_MODES[on] if isinstance(on, str) else int(bool(on))
-    before = 0 if lib is None else int(lib.m2c_set_int8_activations(mode))
-    if isinstance(on, str):
-        return {v: k for k, v in INT8_MODES.items()}[before]
-    return bool(before)
+    return False if lib is None else bool(lib.m2c_set_int8_activations(int(on)))
 
 
 def int8_activations() -> bool:

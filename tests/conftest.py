@@ -255,19 +255,7 @@ def float_activations():
     test_cpu_kernels against ``product_input``."""
     from m2cache.model import cpu_kernels
 
-    before = cpu_kernels.set_int8_activations("float32")
+    before = cpu_kernels.set_int8_activations(False)
     yield
     cpu_kernels.set_int8_activations(before)
 
-
-@pytest.fixture
-def float_down():
-    """INT8 activations with INT4 down columns in float32 (``set_int8_activations("int8")``, the default, made sure
-    of) for the test: the kernels' products then equal the dequantised rows' with ``cpu_kernels.product_input`` to
-    float32 rounding, which tests of the engine's wiring compare with; the integer down columns ("int8+down") are
-    tested in test_cpu_kernels."""
-    from m2cache.model import cpu_kernels
-
-    before = cpu_kernels.set_int8_activations("int8")
-    yield
-    cpu_kernels.set_int8_activations(before)

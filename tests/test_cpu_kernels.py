@@ -41,9 +41,8 @@ def reference(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
 
 @pytest.fixture(params=["int8", "float32"])
 def acts(request):
-    """The kernels' activations for the test: INT8 in blocks of 32 with INT4 down columns in float32, or float32;
-    restored after (the integer down columns have a test of their own)."""
-    before = cpu_kernels.set_int8_activations(request.param)
+    """The kernels' activations for the test: INT8 in blocks of 32 (the default) or float32; restored after."""
+    before = cpu_kernels.set_int8_activations(request.param == "int8")
     yield request.param
     cpu_kernels.set_int8_activations(before)
 
@@ -174,7 +173,7 @@ def same_as_torch(errors: list[float]) -> bool:
     return len(errors) >= 3 * 12 and max(errors) < RTOL  # 3 layers, a prefill and 11 decode steps
 
 
-async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store, float_down, _no_task_left_behind) -> None:
+async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store, _no_task_left_behind) -> None:
     errors, engine = await decode(tiny_store.store, kernels=True, preload="neuron")
     assert engine.executor.use_kernels and not engine.hbm.direct_from_dram  # the kernels over the pool
     assert same_as_torch(errors)
@@ -182,14 +181,14 @@ async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store
     assert not engine.executor.use_kernels
 
 
-async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store, float_down, _no_task_left_behind) -> None:
+async def test_with_whole_layers_in_dram_the_cpu_computes_from_there(tiny_store, _no_task_left_behind) -> None:
     errors, engine = await decode(tiny_store.store, kernels=True, preload="hybrid")
     assert engine.hbm.direct_from_dram
     assert engine.stats()["bytes"]["dram_to_hbm"] == 0  # nothing copied into the pool
     assert same_as_torch(errors)
 
 
-async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store, float_down,
+async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_does(tiny_store,
                                                                                     _no_task_left_behind) -> None:
     errors, engine = await decode(tiny_store.store, kernels=True, preload="hybrid", compute_from_dram=False)
     assert not engine.hbm.direct_from_dram and engine.hbm.uploader.row_copy
@@ -259,53 +258,6 @@ def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole
     cpu_kernels.ffn_group(precision, pool, slots, h, whole, dim, G(group), "silu")
     cpu_kernels.ffn_group(precision, split, slots, h, parted, dim, G(group), "silu", gact)
     assert rel_err(parted, whole) < RTOL
-
-
-def int_down_reference(pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, dim: int, parts: int,
-                       gact: torch.Tensor | None = None) -> torch.Tensor:
-    """The INT4 rows' FFN as one thread computes it by default: INT8 activations, and the down columns of each block
-    of 16 rows (in the order given) added up with their coefficients act * scale rounded to INT8 per group of 32
-    (largest magnitude / 127), the minimums' terms in float32."""
-    G32 = G(32)
-    n = slots.numel()
-    W = quant.decode("int4", pool[slots], parts, dim, torch.float32, G32)
-    hq = cpu_kernels.int8_activation_values(h)
-    a = (gact.T if gact is not None else activation("silu")(hq @ W[:, 0].T)) * (hq @ W[:, parts - 2].T)  # [T, n]
-    meta = pool[slots][:, parts * dim // 2:].contiguous().view(torch.float16).float().view(n, parts, dim // 32, 2)
-    s, m = meta[:, parts - 1, :, 0], meta[:, parts - 1, :, 1]  # the down columns' [n, groups]
-    q = torch.round((W[:, parts - 1].view(n, dim // 32, 32) - m[..., None]) / s[..., None])  # their codes
-    out = torch.zeros(h.shape[0], dim)
-    for t in range(h.shape[0]):
-        for b in range(0, n, 16):
-            c = a[t, b:b + 16, None] * s[b:b + 16]
-            e = c.abs().amax(0) / 127
-            cq = torch.round(c / torch.where(e > 0, e, torch.ones_like(e)))
-            out[t] += (torch.einsum("jg,jgk->gk", cq, q[b:b + 16]) * e[:, None]).reshape(dim)
-            out[t] += (a[t, b:b + 16, None] * m[b:b + 16]).sum(0).repeat_interleave(32)
-    return out
-
-
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize(("dim", "T"), [(128, 1), (576, 3), (64, 2)])
-def test_int4_down_columns_add_up_with_their_coefficients_rounded_to_int8_per_block(split: bool, dim: int,
-                                                                                    T: int) -> None:
-    """``set_int8_activations("int8+down")``: 37 rows (two blocks of 16 and a block of 5, an odd one), each block's
-    down columns summed in int16 with act * scale rounded per group; equal to the emulation to float32 rounding, and
-    within 3% of float32 down columns (the rounding it trades for integer products)."""
-    assert cpu_kernels.set_int8_activations("int8+down") == "int8"  # from the default
-    parts = 2 if split else 3
-    w = torch.randn(200, parts, dim, generator=torch.Generator().manual_seed(0)) * 0.05
-    pool = quant.encode("int4", w, G(32))
-    slots = torch.randperm(200, generator=torch.Generator().manual_seed(2))[:37].contiguous()
-    h = torch.randn(T, dim, generator=torch.Generator().manual_seed(1))
-    gact = torch.randn(37, T) if split else None
-    out = torch.zeros(T, dim)
-    cpu_kernels.ffn_group("int4", pool, slots, h, out, dim, G(32), "silu", gact)
-    assert rel_err(out, int_down_reference(pool, slots, h, dim, parts, gact)) < RTOL
-    cpu_kernels.set_int8_activations("int8")  # back to the default
-    float_down = torch.zeros(T, dim)
-    cpu_kernels.ffn_group("int4", pool, slots, h, float_down, dim, G(32), "silu", gact)
-    assert 0 < rel_err(out, float_down) < 3e-2
 
 
 def attention_layer(weights: str, seed: int = 0):
@@ -432,11 +384,9 @@ def kernel_threads():
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("split", [False, True])
-def test_kernels_shared_among_threads_agree_with_one_thread(kernel_threads, float_down, precision: str,
-                                                            split: bool) -> None:
+def test_kernels_shared_among_threads_agree_with_one_thread(kernel_threads, precision: str, split: bool) -> None:
     """Large enough to be shared (every part reads its 96 KiB), in both bundle layouts: the sum of the parts
-    equals one thread's product to float32 rounding, rows read by slot in any order (INT4 down columns in
-    float32: the integer ones round each block of a part's rows, so a split moves them by their rounding)."""
+    equals one thread's product to float32 rounding, rows read by slot in any order."""
     dim, group, n = 256, 32, 1200
     w, pool = pool_of(precision, n, dim, group, seed=3)
     if split:

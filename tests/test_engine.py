@@ -208,7 +208,7 @@ async def test_a_store_file_gone_bad_fails_the_request_with_a_typed_error_and_cl
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernels"])
-async def test_lookahead_computes_each_ffn_exactly_over_the_rows_it_was_given(tiny_store, float_down, kernels) -> None:
+async def test_lookahead_computes_each_ffn_exactly_over_the_rows_it_was_given(tiny_store, kernels) -> None:
     # layer L+1's rows are asked for, planned and copied into the pool (on the HBM manager's copy thread)
     # while layer L computes from its own: each FFN must still be its rows' exact product, and layer L's
     # slots must survive layer L+1's plan

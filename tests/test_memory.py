@@ -341,7 +341,7 @@ def test_a_memory_limit_is_refused_at_construction_where_it_cannot_size_the_engi
 
 
 
-async def test_dram_serves_int8_neurons_from_the_fp16_entry_it_keeps_when_that_reads_nothing(tiny_store, float_down) -> None:
+async def test_dram_serves_int8_neurons_from_the_fp16_entry_it_keeps_when_that_reads_nothing(tiny_store) -> None:
     # room for every layer's FP16 and INT4 entries but not the INT8 ones too: DRAM keeps FP16 + INT4 and the
     # INT8 neurons compute from the FP16 rows (no read, more exact); each FFN is still its rows' exact product
 

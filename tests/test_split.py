@@ -120,7 +120,7 @@ def reference_ffn(src: Store, h: torch.Tensor, ids: dict, gate_kernel: bool = Fa
                                     dict(cpu_kernels=False, compute_from_dram=False, lookahead=True)],
                          ids=["kernels-from-dram", "torch", "kernels-pool", "kernels-lookahead", "torch-pool-lookahead"])
 async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store_would(
-        split, config, float_down, _no_task_left_behind) -> None:
+        split, config, _no_task_left_behind) -> None:
     src, dst = split
     cfg = EngineConfig(hbm_budget="1MB", dram_budget="1MB", policy="gate:0.2,0.3,0.3", preload="hybrid", **config)
     errors: list[float] = []

@@ -194,8 +194,8 @@ def main() -> int:
     ap.add_argument("--only", help="cases whose name contains this")
     ap.add_argument("--no-spin", dest="spin", action="store_false",
                     help="the pool's threads sleep between calls (as outside the native decode step)")
-    ap.add_argument("--acts", default="int8", choices=sorted(cpu_kernels.INT8_MODES),
-                    help="the kernels' numerics (cpu_kernels.set_int8_activations)")
+    ap.add_argument("--acts", default="int8", choices=("int8", "float32"),
+                    help="INT8 and INT4 rows' activations (cpu_kernels.set_int8_activations)")
     args = ap.parse_args()
     new = cpu_kernels.library()
     if new is None:
@@ -208,7 +208,8 @@ def main() -> int:
     selected = [c for c in cases(args.shape, args.mb) if not args.only or args.only in c.name]
     print(f"shape {args.shape} {SHAPES[args.shape]}; GB/s of weight bytes; best of {args.reps} passes; "
           f"{args.mb} MB of copies per case; kernels "
-          f"{cpu_kernels.set_int8_activations(args.acts)} -> {args.acts}")
+          f"{args.acts} activations for INT8 and INT4 rows")
+    cpu_kernels.set_int8_activations(args.acts == "int8")
     cols = ["new", *(["old"] if args.against else []), "read"]
     if args.spin:  # this tree's pool watches for the next call, as in the native decode step (the old one cannot)
         new.m2c_spin(1)

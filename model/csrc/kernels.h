@@ -33,7 +33,6 @@ typedef struct {
     float *xs4;      /* [T][D/g4] sums per INT4 group (the minimums' term) */
     float *dd4, *xs2; /* INT4 groups of 32 with INT8 activations: [T][D/32*4] block scales each 4 times,
                        * [T][2*D/32] (0, group sum) pairs (simd.h dot_i4_q8_g32); else NULL */
-    int int_down;    /* INT4 down columns added up with integer products (see sparse_ffn.c) */
 } ffn_acts;
 
 /* Bytes of scratch ffn_prepare and ffn_run need together for `parts` parts. */
@@ -84,7 +83,6 @@ int64_t matvec_scratch_bytes(int64_t cols);
 void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y,
             void *scratch);
 
-/* the setting of m2c_set_int8_activations (m2cache.h): 0 float32, 1 INT8 activations (the default), 2 and INT4
- * down columns with integer products */
+/* 1 when INT8/INT4 rows take INT8 activations (the default; m2c_set_int8_activations) */
 int m2c_int8_activations(void);
 #endif

@@ -15,10 +15,8 @@ int m2c_threads(void);
 void m2c_spin(int on);
 
 /* 1 (the default): INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32, integer dot
- * products (simd.h); 2: INT4 down columns add up with integer products too (sparse_ffn.c: faster, and measured
- * at +0.2% perplexity against float32 on held-out prose, where 1 is within the measurement's spread);
- * 0: float32 activations. Returns the setting before. */
-int m2c_set_int8_activations(int mode);
+ * products (simd.h); 0: float32 activations. Returns the setting before. */
+int m2c_set_int8_activations(int on);
 int m2c_int8_activations(void);
 
 /* out[T][D] += the FFN of pool rows slots[0..n) (one precision; sparse_ffn.c), parts 3 (gate, up, down) or 2

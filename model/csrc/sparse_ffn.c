@@ -19,11 +19,11 @@
 #include "m2cache.h"
 #include "threads.h"
 
-static int int8_acts = 1; /* INT8 activations, INT4 down columns in float32: see m2cache.h */
+static int int8_acts = 1;
 
-int m2c_set_int8_activations(int mode) {
+int m2c_set_int8_activations(int on) {
     const int before = __atomic_load_n(&int8_acts, __ATOMIC_RELAXED);
-    __atomic_store_n(&int8_acts, mode < 0 ? 0 : mode > 2 ? 2 : mode, __ATOMIC_RELAXED);
+    __atomic_store_n(&int8_acts, on ? 1 : 0, __ATOMIC_RELAXED);
     return before;
 }
 
@@ -38,19 +38,10 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
 
 static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
-/* INT4 down columns with integer products: DOWN_BLOCK neurons' columns, each scaled by its activation and
- * group scale quantised to INT8 per group across the block, added up in int16 lanes two neurons at a time
- * (vpmaddubsw: |8 pairs * 2 * 15 * 127| < 2^15), then scaled to float32 once per block. */
-#define DOWN_BLOCK 16
 #define ROW_BLOCK 16 /* rows whose dot products run before their down columns (group_span) */
 
-/* one part's work area: out [T][D]; for INT4 rows ye, yo [T][D/2] (or one [T][D] in the integer path's order)
- * and ymin [T][D/g4]; the integer path's own: int16 [D], coefficients [DOWN_BLOCK][2 D/g4], their maxima and
- * sums [2][2 D/g4], and pairs [DOWN_BLOCK/2][D/g4] int16 (floats' worth: generous) */
-static int64_t part_floats(int64_t T, int64_t D, int64_t g4) {
-    const int64_t ng = D / g4;
-    return round64(T * (2 * D + ng)) + round64(D / 2 + (DOWN_BLOCK + 2) * 2 * ng + DOWN_BLOCK * ng + 64);
-}
+/* one part's accumulators: out [T][D], and for INT4 rows ye, yo [T][D/2] and ymin [T][D/g4] */
+static int64_t part_floats(int64_t T, int64_t D, int64_t g4) { return round64(T * (2 * D + D / g4)); }
 
 int64_t ffn_scratch_bytes(int64_t T, int64_t D, int64_t g4, int parts) {
     const int64_t acts = round64(T * q8_bytes(D)) + round64(4 * T * D) + round64(4 * T * (D / g4))
@@ -102,7 +93,6 @@ int64_t ffn_prepare(ffn_acts *a, const float *h, int64_t T, int64_t D, int64_t g
         }
     }
     a->dd4 = a->xs2 = NULL;
-    a->int_down = M2C_AVX2 && a->q8_i4 && g4 == Q8_BLOCK && D % 64 == 0 && m2c_int8_activations() == 2;
     if (a->q8_i4 && g4 == Q8_BLOCK && M2C_AVX2) {
         a->dd4 = (float *)p;
         p += round64(4 * T * (D / Q8_BLOCK) * 4);
@@ -141,83 +131,6 @@ static float row_dot(const ffn_acts *a, int kind, const uint8_t *row, int64_t pa
     return i4_dot(a, row + part * (D / 2), (const f16 *)(row + P * (D / 2)) + 2 * part * (D / a->g4), t);
 }
 
-#if M2C_AVX2
-/* y [D] (the integer path's order, see int_down_flush) += sum over the block's neurons j of act[j] times their
- * down column, ymin [D/32] += act[j] times its minimums; groups of 32, D % 64 == 0 */
-static void int_down_block(const ffn_acts *a, const uint8_t *const *cols, const f16 *const *metas, int nb,
-                           const float *act, float *work, float *y, float *ymin) {
-    const int64_t D = a->D, ng = D / Q8_BLOCK, n2 = 2 * ng;
-    int16_t *acc = (int16_t *)work;
-    float *cm = work + D / 2, *mx = cm + DOWN_BLOCK * n2, *sum = mx + n2;
-    int16_t *pairs = (int16_t *)(sum + n2);
-    /* act * (scale, min) of every group of each column: the scales' products to quantise, the minimums' summed */
-    for (int64_t k = 0; k < n2; k++) mx[k] = sum[k] = 0.0f;
-    for (int j = 0; j < nb; j++) {
-        float *c = cm + j * n2;
-        int64_t k = 0;
-        const __m256 av = _mm256_set1_ps(act[j]);
-        for (; k + 8 <= n2; k += 8) {
-            const __m256 v = _mm256_mul_ps(av, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(metas[j] + k))));
-            _mm256_storeu_ps(c + k, v);
-            _mm256_storeu_ps(sum + k, _mm256_add_ps(_mm256_loadu_ps(sum + k), v));
-            _mm256_storeu_ps(mx + k, _mm256_max_ps(_mm256_loadu_ps(mx + k), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)));
-        }
-        for (; k < n2; k++) {
-            c[k] = act[j] * (float)metas[j][k];
-            sum[k] += c[k];
-            mx[k] = fmaxf(mx[k], fabsf(c[k]));
-        }
-    }
-    for (int64_t g = 0; g < ng; g++) {
-        ymin[g] += sum[2 * g + 1];
-        const float e = mx[2 * g] / 127.0f, inv = e > 0.0f ? 1.0f / e : 0.0f;
-        mx[2 * g] = e;
-        for (int p = 0; p < DOWN_BLOCK / 2; p++) {
-            const int j0 = 2 * p, j1 = 2 * p + 1;
-            const int q0 = j0 < nb ? (int)lrintf(cm[j0 * n2 + 2 * g] * inv) : 0;
-            const int q1 = j1 < nb ? (int)lrintf(cm[j1 * n2 + 2 * g] * inv) : 0;
-            pairs[p * ng + g] = (int16_t)(uint16_t)((unsigned)(q0 & 0xFF) | ((unsigned)(q1 & 0xFF) << 8));
-        }
-    }
-    memset(acc, 0, sizeof(int16_t) * (size_t)D);
-    const __m256i low = _mm256_set1_epi8(15);
-    for (int p = 0; p < (nb + 1) / 2; p++) {
-        const uint8_t *r0 = cols[2 * p], *r1 = 2 * p + 1 < nb ? cols[2 * p + 1] : r0;
-        const int16_t *cp = pairs + p * ng;
-        for (int64_t m = 0; m < D / 64; m++) {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(r0 + 32 * m));
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(r1 + 32 * m));
-            const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-            const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-            const __m256i c = _mm256_set_m128i(_mm_set1_epi16(cp[2 * m + 1]), _mm_set1_epi16(cp[2 * m]));
-            __m256i *out = (__m256i *)(acc + 64 * m);
-            out[0] = _mm256_add_epi16(out[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo0, lo1), c));
-            out[1] = _mm256_add_epi16(out[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo0, lo1), c));
-            out[2] = _mm256_add_epi16(out[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi0, hi1), c));
-            out[3] = _mm256_add_epi16(out[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi0, hi1), c));
-        }
-    }
-    /* the block's int16 sums, group by group (a 128-bit lane each), scaled once */
-    for (int64_t m = 0; m < D / 64; m++)
-        for (int v = 0; v < 4; v++) {
-            const __m256i s16 = _mm256_load_si256((const __m256i *)(acc + 64 * m + 16 * v));
-            float *yv = y + 64 * m + 16 * v;
-            const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16)));
-            const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16, 1)));
-            _mm256_storeu_ps(yv, _mm256_fmadd_ps(f0, _mm256_set1_ps(mx[2 * (2 * m)]), _mm256_loadu_ps(yv)));
-            _mm256_storeu_ps(yv + 8, _mm256_fmadd_ps(f1, _mm256_set1_ps(mx[2 * (2 * m + 1)]), _mm256_loadu_ps(yv + 8)));
-        }
-}
-#endif
-
-/* the position in D of value p of the integer path's order: in each 64 values (a 32-byte chunk of nibbles,
- * groups 2m and 2m + 1), 4 vectors (low nibbles of bytes 0-7 | 8-15 of each 16, then high nibbles), each 2 lanes
- * (the two groups) of 8 */
-static inline int64_t int_down_index(int64_t p) {
-    const int64_t m = p / 64, r = p % 64, v = r / 16, lane = (r % 16) / 8, i = r % 8;
-    return 64 * m + 32 * lane + 16 * (v & 1) + 2 * i + (v >> 1);
-}
-
 /* Rows are read where they sit, in ascending slot order with gaps the hardware prefetchers do not cross: each row's
  * lines are asked for PREFETCH_ROWS rows ahead of its use. */
 #ifndef PREFETCH_ROWS
@@ -239,39 +152,11 @@ static float row_act(const ffn_acts *a, const ffn_group *g, const uint8_t *row, 
     return (g->gact ? g->gact[i * a->T + t] : activate1(row_dot(a, g->kind, row, 0, t), a->act)) * u;
 }
 
-#if M2C_AVX2
-/* INT4 rows [b, e) with the integer down path (a->int_down) */
-static void int4_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t e, float *acc) {
-    const int64_t T = a->T, D = a->D, P = a->parts, half = D / 2, ng = D / Q8_BLOCK;
-    float *y = acc + T * D, *ymin = y + T * D, *work = acc + round64(T * (2 * D + ng));
-    float act[MAX_T][DOWN_BLOCK];
-    const uint8_t *cols[DOWN_BLOCK];
-    const f16 *metas[DOWN_BLOCK];
-    for (int64_t i0 = b; i0 < e; i0 += DOWN_BLOCK) {
-        const int nb = (int)(e - i0 < DOWN_BLOCK ? e - i0 : DOWN_BLOCK);
-        for (int j = 0; j < nb; j++) {
-            const uint8_t *row = g->pool + g->slots[i0 + j] * g->bundle_bytes;
-            prefetch_row(g, i0 + j + PREFETCH_ROWS, e);
-            cols[j] = row + (P - 1) * half;
-            metas[j] = (const f16 *)(row + P * half) + 2 * (P - 1) * ng;
-            for (int64_t t = 0; t < T; t++) act[t][j] = row_act(a, g, row, i0 + j, t);
-        }
-        for (int64_t t = 0; t < T; t++) int_down_block(a, cols, metas, nb, act[t], work, y + t * D, ymin + t * ng);
-    }
-}
-#endif
-
 /* acc += the FFN of rows [b, e) of one group (acc: a part's accumulators, part_floats of them) */
 static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t e, float *acc) {
     const int64_t T = a->T, D = a->D, P = a->parts, down = P - 1, ng4 = D / a->g4;
     float *ye = acc + T * D, *yo = ye + T * (D / 2), *ymin = yo + T * (D / 2);
     float act[MAX_T][ROW_BLOCK];
-#if M2C_AVX2
-    if (g->kind == KIND_INT4 && a->int_down) {
-        int4_span(a, g, b, e, acc);
-        return;
-    }
-#endif
     /* a block of rows' dot products first, then their down columns: the dot products of a block are independent
      * of each other and of the down columns' sums, so they overlap instead of waiting on each row's */
     for (int64_t i0 = b; i0 < e; i0 += ROW_BLOCK) {
@@ -342,13 +227,6 @@ void ffn_run(const ffn_acts *a, const ffn_group *groups, int ngroups, void *scra
         for (int64_t t = 0; t < T; t++) {
             float *o = out + t * D;
             for (int64_t i = 0; i < D; i++) o[i] += acc[t * D + i];
-            if (a->int_down) { /* one [T][D] in the integer path's order where ye and yo are */
-                for (int64_t q = 0; q < D; q++) {
-                    const int64_t d = int_down_index(q);
-                    o[d] += ye[t * D + q] + ymin[t * ng4 + d / a->g4];
-                }
-                continue;
-            }
             for (int64_t j = 0; j < half; j++) {
                 const float m = ymin[t * ng4 + (2 * j) / a->g4];
                 o[2 * j] += ye[t * half + j] + m;
