@@ -13,6 +13,8 @@ int m2c_threads(void);
 /* on 1 until a matching 0: the caller's products come back to back (the pool's threads watch for them instead of
  * sleeping between them; m2c_decode does this for its call). */
 void m2c_spin(int on);
+/* how long a thread watches before it sleeps, in ns (0: never; default 0.2 ms); returns the setting before */
+int64_t m2c_set_spin_ns(int64_t ns);
 
 /* 1 (the default): INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32, integer dot
  * products (simd.h); 0: float32 activations. Returns the setting before. */

@@ -6,7 +6,7 @@
  * A decode token posts a few runs a layer, tens of microseconds apart; a sleep on a condition variable and
  * the wake-up after it cost about 20 us on a 2-core VM, as much as a small layer's whole product. So while a
  * caller says its runs come back to back (m2c_spin: the native decode step, for its call), a worker that
- * finished a part watches for the next task for up to SPIN_NS before it sleeps, and the caller watches for its
+ * finished a part watches for the next task for up to spin_ns before it sleeps, and the caller watches for its
  * workers' parts as long before it sleeps: a run then costs a microsecond or two. Outside such a call nobody
  * watches (the cores belong to the event loop and the I/O threads between layers). The condition variables stay
  * the protocol (every change is made under `mu` and signalled); the watching only reads. */
@@ -22,7 +22,18 @@
 
 #include "threads.h"
 
-#define SPIN_NS 200000 /* 0.2 ms: longer than the gaps between a decode token's runs, far below a token */
+/* how long a thread watches before it sleeps: longer than the gaps between a decode token's runs, far below a
+ * token (m2c_set_spin_ns); after YIELD_NS of it a watcher yields its core at each look, so that on a machine
+ * with more runnable threads than cores the thread it waits for can run (spinning alone would keep it out) */
+static int64_t spin_ns = 200000;
+#define YIELD_NS 20000
+#include <sched.h>
+
+int64_t m2c_set_spin_ns(int64_t ns) {
+    const int64_t before = __atomic_load_n(&spin_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&spin_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED);
+    return before;
+}
 
 static int64_t clock_ns(void) {
     struct timespec t;
@@ -34,23 +45,36 @@ static int spinning = 0; /* callers inside m2c_spin(1) .. m2c_spin(0) */
 
 void m2c_spin(int on) { __atomic_add_fetch(&spinning, on ? 1 : -1, __ATOMIC_RELEASE); }
 
-/* watches *v, while a caller spins, until it differs from `from` for at most SPIN_NS */
+/* one look of a watch begun at `start`: 0 to stop (past spin_ns, or nobody spins), else 1 after a pause or, past
+ * YIELD_NS, a yield of the core */
+static int keep_watching(int i, int64_t start, int *yielding) {
+    if (__atomic_load_n(&spinning, __ATOMIC_ACQUIRE) <= 0) return 0;
+    if (*yielding) {
+        sched_yield();
+        return clock_ns() - start < __atomic_load_n(&spin_ns, __ATOMIC_RELAXED);
+    }
+    relax();
+    if ((i & 255) == 255) {
+        const int64_t spent = clock_ns() - start;
+        if (spent >= __atomic_load_n(&spin_ns, __ATOMIC_RELAXED)) return 0;
+        *yielding = spent >= YIELD_NS;
+    }
+    return 1;
+}
+
+/* watches *v, while a caller spins, until it differs from `from` (a while: keep_watching) */
 static void watch_ulong(const unsigned long *v, unsigned long from) {
-    const int64_t until = clock_ns() + SPIN_NS;
-    for (int i = 0; __atomic_load_n(&spinning, __ATOMIC_ACQUIRE) > 0; i++) {
-        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) != from) return;
-        relax();
-        if ((i & 255) == 255 && clock_ns() > until) return;
+    const int64_t start = clock_ns();
+    int yielding = 0;
+    for (int i = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) == from && keep_watching(i, start, &yielding); i++) {
     }
 }
 
-/* watches *v, while a caller spins, until it is 0 for at most SPIN_NS */
+/* watches *v, while a caller spins, until it is 0 (a while: keep_watching) */
 static void watch_zero(const int *v) {
-    const int64_t until = clock_ns() + SPIN_NS;
-    for (int i = 0; __atomic_load_n(&spinning, __ATOMIC_ACQUIRE) > 0; i++) {
-        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) == 0) return;
-        relax();
-        if ((i & 255) == 255 && clock_ns() > until) return;
+    const int64_t start = clock_ns();
+    int yielding = 0;
+    for (int i = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) != 0 && keep_watching(i, start, &yielding); i++) {
     }
 }
 
