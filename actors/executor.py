@@ -36,6 +36,7 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
+from m2cache.actors.native_step import NativeSteps
 from m2cache.actors.rows import split_rows
 from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
 from m2cache.errors import BudgetError, ConfigError, EngineClosedError, M2CacheError, OverloadedError, TransientSSDError
@@ -55,7 +56,7 @@ class Executor(Actor):
                  max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
                  attention: AttentionStream | None = None, lookahead: bool = False, compute_stream=None,
                  batch_invariant: bool = True, prefill_chunk: int | None = None,
-                 admit_timeout: float | None = None) -> None:
+                 admit_timeout: float | None = None, native: bool = True) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope = model.cfg, res, model.rope
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -86,6 +87,11 @@ class Executor(Actor):
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
         self.ffn = LayerFFN(store=store, policy=policy, pools=hbm.pools, act=model.act, dtype=dtype,
                             use_kernels=self.use_kernels, dense_prefill=dense_prefill)
+        # a decode token of one sequence in one native call once DRAM holds every layer it needs (native_step)
+        self.native = NativeSteps.build(cfg=model.cfg, res=res, policy=policy, store=store, dtype=dtype,
+                                        device=device, dram=dram, predictor=predictor, recorder=recorder,
+                                        embed=res.embed, rope=model.rope) \
+            if native and self.use_kernels and hbm.direct_from_dram and attention is None and not self.lookahead else None
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -272,6 +278,20 @@ class Executor(Actor):
         layer L computes, from a ranking one layer ahead, so one request is always in flight."""
         self.step_no += 1
         step, t_step = self.step_no, time.perf_counter()
+        tables = None if prefill or len(batch) != 1 or self.native is None else self.native.tables()
+        if tables is not None:  # every weight in DRAM: the whole token in one native call
+            out = await self._compute(self.native.token, batch[0], tables, step)  # type: ignore[union-attr]
+        else:
+            out = await self._layers(batch, tokens, prefill, step)
+        dt = time.perf_counter() - t_step
+        if prefill:
+            self.run_stats.prefill_s += dt
+        else:
+            self.run_stats.decode_s += dt
+        return out
+
+    async def _layers(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool, step: int) -> Any:
+        """The step layer by layer through the actors."""
         ahead = self.lookahead and not prefill
         first = await self._compute(self._begin, batch, tokens, prefill)
         n = self.cfg.num_layers
@@ -297,11 +317,6 @@ class Executor(Actor):
         finally:
             for fut in asked.values():  # a step that failed: what was asked ahead goes back
                 await self._drop(fut)
-        dt = time.perf_counter() - t_step
-        if prefill:
-            self.run_stats.prefill_s += dt
-        else:
-            self.run_stats.decode_s += dt
         return out
 
     async def _ask(self, layer: int, step: int, order, prefill: bool, ahead: bool = False) -> asyncio.Future:

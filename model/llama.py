@@ -230,7 +230,11 @@ def ffn_residual(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, y: torch.Te
 
 
 def lm_head(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Tensor:
-    """Logits for the last position. x: [T, D] -> [V] (float32)."""
+    """Logits for the last position. x: [T, D] -> [V] (float32). One float32 or bfloat16 row on the CPU goes
+    through the kernels (``cpu_kernels.matvec_row``: norm and product summed in float32, as the native decode
+    step computes them), in the dense reference as in the engine."""
+    if cpu_kernels.decode_attention_applies(x[-1:], res.lm_head, res.final_norm):
+        return cpu_kernels.matvec_row(x[-1:], res.lm_head, res.final_norm, cfg.rms_norm_eps)
     h = rms_norm(x[-1:], res.final_norm, cfg.rms_norm_eps)
     return linear(h, res.lm_head)[0].float()
 

@@ -184,7 +184,7 @@ class GatePolicy(Policy):
                  norms: list[torch.Tensor], act, resident_bytes: int, kernel_act: str | None = None,
                  group: int = 0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_layers, num_neurons, shares)
-        self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
+        self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F] float32
         self.resident_bytes = resident_bytes
         self.kernel_act, self.group, self.dtype = kernel_act, group, dtype
 
@@ -212,8 +212,9 @@ class GatePolicy(Policy):
         return self.scores_of(layer, self.gate_acts(layer, h))
 
     def scores_of(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        """The scores [T, F] of gate activations [T, F] (``gate_acts``'s)."""
-        return acts.to(self.norms[layer].dtype).abs() * self.norms[layer]
+        """The scores [T, F] float32 of gate activations [T, F] (``gate_acts``'s): in float32 whatever the compute
+        dtype, as the native decode step (csrc/decode.c) computes them, and with fewer ties than bfloat16 has."""
+        return acts.float().abs() * self.norms[layer].float()
 
     def gate_acts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """act(gate·h) [T, F] of every neuron, from the copy: the score's first half, and a split store's

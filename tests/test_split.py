@@ -93,21 +93,28 @@ def test_a_damaged_gate_file_is_named(split, tmp_path: Path) -> None:
         Store(copy)
 
 
-def reference_ffn(src: Store, h: torch.Tensor, ids: dict) -> torch.Tensor:
+def reference_ffn(src: Store, h: torch.Tensor, ids: dict, gate_kernel: bool = False,
+                  up_kernel: bool = False) -> torch.Tensor:
     """The FFN of the kept neurons computed from the source store: each precision's up and down rows, and
-    every neuron's gate from its INT4 bundle."""
+    every neuron's gate from its INT4 bundle; a product the kernels compute (the gate scores with
+    ``gate_kernel``, the up rows with ``up_kernel``) meets h as they do (``cpu_kernels.product_input``)."""
+    from m2cache.model import cpu_kernels
+
     out = torch.zeros_like(h, dtype=torch.float32)
     act = activation("silu")
     layer_int4 = src.decode("int4", src.read_layer(ids["layer"], "int4", PlainBackend()), torch.float32)
+    hf = h.float()
     for p, rows in ids["rows"].items():
         idx = torch.from_numpy(rows)
         w = src.decode(p, src.read_layer(ids["layer"], p, PlainBackend()), torch.float32)[idx]
         gate = layer_int4[idx, 0]
-        out += (act(h.float() @ gate.T) * (h.float() @ w[:, 1].T)) @ w[:, 2]
+        hg = cpu_kernels.product_input(hf, "int4", src.hidden, src.groups) if gate_kernel else hf
+        hu = cpu_kernels.product_input(hf, p, src.hidden, src.groups) if up_kernel else hf
+        out += (act(hg @ gate.T) * (hu @ w[:, 1].T)) @ w[:, 2]
     return out
 
 
-@pytest.mark.parametrize("config", [dict(cpu_kernels=True), dict(cpu_kernels=False),
+@pytest.mark.parametrize("config", [dict(cpu_kernels=True, native_decode=False), dict(cpu_kernels=False),
                                     dict(cpu_kernels=True, compute_from_dram=False),
                                     dict(cpu_kernels=True, lookahead=True),
                                     dict(cpu_kernels=False, compute_from_dram=False, lookahead=True)],
@@ -124,7 +131,9 @@ async def test_the_engine_on_a_split_store_computes_each_ffn_as_the_source_store
 
             def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
                 out = ffn(h, ready, prefill)
-                ref = reference_ffn(src, h, {"layer": ready.layer, "rows": ready.ids})
+                kernels = ex.use_kernels and not (prefill and ex.dense_prefill)
+                ref = reference_ffn(src, h, {"layer": ready.layer, "rows": ready.ids},
+                                    gate_kernel=engine.policy.kernel_act is not None, up_kernel=kernels)
                 errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
                 return out
 

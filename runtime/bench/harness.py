@@ -120,7 +120,7 @@ def _normalise(args) -> None:
         args.tokens, args.runs = min(args.tokens, 4), 1
     if args.memory is None:
         args.memory = "none" if args.model == "demo" and not args.store else "40%"
-    args.hbm_budget_set = args.hbm_budget is not None
+    args.hbm_budget_set, args.dram_budget_set = args.hbm_budget is not None, args.dram_budget is not None
     args.hbm_budget, args.dram_budget = args.hbm_budget or "20%", args.dram_budget or "30%"
     if args.model == "7b":  # the name before the grown model became the default
         args.model = "7b-random"

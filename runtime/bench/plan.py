@@ -57,12 +57,14 @@ def resolve_model(args) -> Model:
         gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
         return Model(store, hf, gg, store.parent.name, split=Path(args.split) if args.split else None,
                      random=args.random, root=store.parent)
-    if args.model == "demo":
+    if args.model == "demo":  # in RAM: its split store's gate-40 (the default a user gets from split-gate)
+        from m2cache.bench.model import ensure_split
         from m2cache.offline.convert import fetch_demo
 
         store = fetch_demo()
         gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
-        return Model(store, store.parent / "hf", gg, "SmolLM2-135M (demo)", root=store.parent)
+        return Model(store, store.parent / "hf", gg, "SmolLM2-135M (demo)", split=ensure_split(store, store.parent),
+                     root=store.parent)
     if args.model == "grown":
         m = grown_model(gguf=want_gguf)
         label = "SmolLM2-135M grown x16 (hidden 9216, real weights)"
@@ -123,8 +125,7 @@ class Plan:
                               "m2cache-dense-fp16; train predictors (`m2cache train-predictor`) or split the store")
         tok = load_tokenizer(self.store)
         self.prompts = [tok.encode(p, raw=False) for p in (args.prompts or DEMO_PROMPTS[:1])]
-        self.dtype = args.m2cache_dtype or ("float16" if self.cuda else "bfloat16" if args.model != "demo" or
-                                            args.store else "float32")
+        self.dtype = args.m2cache_dtype or ("float16" if self.cuda else "bfloat16")  # as the BF16 and F16 peers
         self.dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
 
     def _systems(self, spec: list[str]) -> list[str]:
@@ -254,16 +255,31 @@ class Plan:
 
     # ---- budgets and jobs ------------------------------------------------------------------------
     def budgets(self, system: str, limit: int | None) -> tuple[int | None, int | None]:
-        """m2cache's budgets: the ones given, else the defaults without a limit, else None (the engine sizes
-        them from ``memory``, the limit)."""
+        """m2cache's budgets: the ones given; without a limit (in RAM: every system holds all its weights) a DRAM
+        tier that keeps every layer the row's policy uses (``sizing.dram_to_keep_all``), else the defaults;
+        under a limit None (the engine sizes them from ``memory``, the limit)."""
         from m2cache.cli.main import resolve_budget
         from m2cache.engine.config import parse_size
 
         store = self.row_store(system)
         if limit is None or not self.sizes_itself():
-            return (parse_size(resolve_budget(self.args.hbm_budget, store), "--hbm-budget"),
-                    parse_size(resolve_budget(self.args.dram_budget, store), "--dram-budget"))
+            hbm = parse_size(resolve_budget(self.args.hbm_budget, store), "--hbm-budget")
+            dram = parse_size(resolve_budget(self.args.dram_budget, store), "--dram-budget")
+            if limit is None and not self.args.dram_budget_set and not self.cuda:
+                dram = max(dram, self._dram_to_keep_all(system, hbm))
+            return hbm, dram
         return None, None
+
+    def _dram_to_keep_all(self, system: str, hbm: int) -> int:
+        from m2cache.engine.config import EngineConfig
+        from m2cache.engine.sizing import dram_to_keep_all
+        from m2cache.model.policy import Policy
+
+        name, store = self.row_policy(system) or "dense-fp16", self.row_store(system)
+        policy = Policy(store.config.num_layers, store.num_neurons, self.shares(system))
+        cfg = EngineConfig(hbm_budget=hbm, dram_budget=1, dtype=self.dtype, policy=name, preload=self.args.preload,
+                           direct_io=self.args.direct_io)
+        return dram_to_keep_all(store, cfg, policy, cpu_direct=self.args.compute_from_dram and name != "dense-fp16")
 
     def sizes_itself(self) -> bool:
         """m2cache rows size their engine from the limit (memory=), unless budgets are given or on CUDA,

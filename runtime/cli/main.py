@@ -63,6 +63,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a batch of requests shares one neuron cut and batched products: fewer bytes and passes "
                         "per step, but a request's text then depends on what it is batched with (the default keeps "
                         "each request's own neurons: the same text alone and in any batch)")
+    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
+                   help="CPU: decode layer by layer through the actors even when DRAM holds every layer (the native "
+                        "step runs a token in one call then)")
     p.add_argument("--lookahead", action="store_true",
                    help="decode ranks layer L+1's neurons from layer L's residual, so its weights move while layer "
                         "L computes (a small quality cost: `m2cache eval --policy NAME@ahead`)")
@@ -83,7 +86,8 @@ def engine_config(args, store):
         ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
         compute_from_dram=args.compute_from_dram, lookahead=args.lookahead,
-        prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant)
+        prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant,
+        native_decode=getattr(args, "native_decode", True))
 
 
 def _threads(value: str) -> int | str:

@@ -116,6 +116,11 @@ class EngineConfig:
         FFN still computes exactly over the rows it was given. Costs some quality (``m2cache eval`` with a
         policy name ending in ``@ahead`` measures it). Policies that score nothing (``dense-fp16``) and
         prefills are unchanged. False ranks every layer from its own FFN input.
+    native_decode: on the CPU, once the DRAM tier holds every layer of every precision the gate policy uses
+        for good (the whole store fits its budget), a decode token of one sequence runs as one native call
+        (every layer's attention, neuron choice and FFN, then the LM head: ``m2cache.actors.native_step``)
+        instead of layer by layer through the actors; same kernels, same values. False keeps the
+        layer-by-layer step (to compare them).
     """
 
     hbm_budget: int | str | None = None
@@ -143,6 +148,7 @@ class EngineConfig:
     batch_invariant: bool = True
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     admit_timeout: float | None = None
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.memory is not None:

@@ -148,7 +148,8 @@ class Engine:
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
                                  attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
                                  dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
-                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout)
+                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout,
+                                 native=cfg.native_decode)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))

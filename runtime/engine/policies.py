@@ -119,7 +119,7 @@ def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype,
                      quant.decode("int4", rows, 1, dim, dtype, groups)[:, 0].contiguous().to(device))
         norm = split_norms[layer] if split_norms is not None else \
             up_down_norms(store, store.read_layer(layer, "fp16", backend))
-        norms.append(norm.to(device=device, dtype=dtype))
+        norms.append(norm.to(device=device, dtype=torch.float32))  # scores in float32: few ties
     return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
                       gate_copy_bytes(store), kernel_act=cfg.hidden_act if kernel else None, group=groups.int4,
                       dtype=dtype)
