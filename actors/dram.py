@@ -10,6 +10,7 @@ preload has not started). Entries are pinned while a copy up still needs them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -18,9 +19,11 @@ import torch
 
 from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Fetch, FetchReply, Progress, ReadRequest, Release
-from m2cache.errors import BudgetError, EngineClosedError, M2CacheError
+from m2cache.errors import BudgetError, ChecksumError, EngineClosedError, M2CacheError, PermanentSSDError
 from m2cache.storage.fifo import LayerFIFO
 
+
+log = logging.getLogger(__name__)
 
 FIXED_AHEAD = 2  # layers ahead whose entries kept for good are read before the executor asks
 
@@ -47,6 +50,9 @@ class DRAMManager(Actor):
         self.counts = {"served": 0, "waited": 0, "neuron_reads": 0, "layer_reads": 0, "preloads": 0, "upgraded": 0,
                        "preload_skipped": 0}
         self.wait_s = 0.0
+        # (layer, precision) entries whose whole read hit a damaged block: served by neuron-level reads from
+        # then on, so only the requests that need the damaged block's neurons fail
+        self.damaged: set[tuple[int, str]] = set()
 
     # ---- messages ------------------------------------------------------------------------------
     async def handle(self, msg: Any) -> None:
@@ -76,8 +82,9 @@ class DRAMManager(Actor):
                     return  # no room ahead: later layers would evict nearer ones
 
     def _start_layer_read(self, key: tuple[int, str], preload: bool, step: int = -1) -> bool:
-        """Admits a whole layer into the FIFO (pinned while loading) and starts its read."""
-        if key in self.fifo:
+        """Admits a whole layer into the FIFO (pinned while loading) and starts its read. A layer found
+        damaged is never read whole again: its neurons are read by the blocks they need."""
+        if key in self.fifo or key in self.damaged:
             return True
         try:
             evicted = self.fifo.admit(key, key[0], self.layer_bytes[key[1]])
@@ -155,10 +162,15 @@ class DRAMManager(Actor):
                 key = (msg.layer, p)
                 if key not in self.fifo and (self.preload == "layer" or key in self.fixed_keys):
                     self._start_layer_read(key, preload=False, step=msg.step)
+                failed: M2CacheError | None = None
                 if key in self.loading:
                     self.counts["waited"] += 1
                     w0 = time.perf_counter()
-                    await asyncio.shield(self.loading[key])
+                    try:
+                        await asyncio.shield(self.loading[key])
+                    except (ChecksumError, PermanentSSDError) as e:  # one bad block: read what is needed
+                        failed = e
+                        self._mark_damaged(key, e)
                     self.wait_s += time.perf_counter() - w0
                 if key in self.data:
                     self.fifo.pin(key)
@@ -168,6 +180,8 @@ class DRAMManager(Actor):
                 else:  # neuron-level read of just the missing bundles
                     nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
                     if self.staged + staged + nbytes > self.staging_reserve:
+                        if failed is not None:
+                            raise failed
                         raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
                                           f"{self.staging_reserve}: raise dram_budget")
                     fut = asyncio.get_running_loop().create_future()
@@ -190,19 +204,28 @@ class DRAMManager(Actor):
                           nbytes=staged)
         return FetchReply(sources, tuple(pinned), staged, ids=asked if asked is not msg.ids else None)
 
+    def _mark_damaged(self, key: tuple[int, str], error: M2CacheError) -> None:
+        if key not in self.damaged:
+            self.damaged.add(key)
+            log.warning("layer %d %s is not read whole any more (%s); its neurons are read by block", *key, error)
+
     def _upgraded(self, msg: Fetch) -> dict[str, np.ndarray]:
         """The ids per precision to serve: a layer's INT8 ids go to its FP16 entry when DRAM keeps that one
         (or holds it) and neither holds nor keeps the INT8 one: no read, and more exact."""
         low, high = (msg.layer, "int8"), (msg.layer, "fp16")
         int8 = msg.ids.get("int8")
-        if int8 is None or not len(int8) or low in self.data or low in self.loading or low in self.fixed_keys:
+        if int8 is None or not len(int8) or low in self.fixed_keys:
             return msg.ids
-        if not (high in self.fixed_keys or high in self.data or high in self.loading):
+        if msg.planned_only:  # by the plan alone (``Fetch.planned_only``)
+            if high not in self.fixed_keys:
+                return msg.ids
+        elif low in self.data or low in self.loading or not (
+                high in self.fixed_keys or high in self.data or high in self.loading):
             return msg.ids
         out = {p: v for p, v in msg.ids.items() if p != "int8"}
         fp16 = out.get("fp16")
-        # the policy's precision groups are disjoint: the union stays unique, sorted as every group is
-        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.sort(np.concatenate((fp16, int8)))
+        # a batch's union may keep a neuron at FP16 and INT8 both: union1d keeps the ids unique and sorted
+        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.union1d(fp16, int8)
         self.counts["upgraded"] += len(int8)
         return out
 

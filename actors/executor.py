@@ -6,21 +6,29 @@ made on its copy stream). One job per layer computes the FFN of layer L, then at
 its predictor scores, so a layer costs one thread hop (the message flow: ``m2cache.actors``).
 
 Batched decode: the sequences past their prefill step together, up to ``max_batch`` of them (rotating
-when more are ready), layer by layer, with one plan and one fetch per layer for all of them — the
-neurons are ranked by the largest score any of them gives, so one trip of a layer's weights up the
-tiers serves every waiting token. Attention runs per sequence over its own KV cache. Newcomers'
-prefills run as their own step between decode steps (several newcomers together, up to
-``PREFILL_ROWS`` prompt tokens), so they delay the running streams by one prefill and never freeze them. Under the exact ``dense-fp16`` policy every product is computed per sequence
-as it would be alone (a batched matrix product rounds differently), so a request's tokens do not
-depend on what it is batched with; other policies use batched products.
+when more are ready), layer by layer, with one plan and one fetch per layer for all of them, so one
+trip of a layer's weights up the tiers serves every waiting token. Batch-invariant (the default: see
+``m2cache.actors.rows``), each sequence keeps its own neurons, the batch fetches their union, and every
+product of a sequence is computed as it would be alone (a batched matrix product rounds differently), so
+a request's tokens do not depend on what it is batched with; with ``batch_invariant=False`` the batch
+shares one cut, ranked by the largest score any of them gives, and batched products. Attention runs per
+sequence over its own KV cache.
+
+Chunked prefill: a prompt is prefilled ``prefill_chunk`` tokens at a time (its chunks cut at fixed
+offsets of its own prompt, whatever else runs), each chunk a step of its own between decode steps, so a
+long prompt delays the running streams by one chunk at a time, never by its whole prefill. Newcomers'
+chunks share a prefill step while they fit one chunk's tokens. A request waiting for room in the KV
+cache longer than ``admit_timeout`` is refused with ``OverloadedError`` (a server answers 503 with
+Retry-After). A step that fails is retried sequence by sequence, so a fault fails only the requests
+whose own weights cannot be had, and a transient one none.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,40 +36,16 @@ import torch
 from m2cache.actors.base import Actor
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
 from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
-from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
-from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, lm_head, lm_head_rows, rms_norm,
-                                 rope_slice)
+from m2cache.actors.native_step import NativeSteps
+from m2cache.actors.rows import split_rows
+from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
+from m2cache.errors import BudgetError, ConfigError, EngineClosedError, M2CacheError, OverloadedError, TransientSSDError
+from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, embed, ffn_residual, lm_head,
+                                 lm_head_rows, rms_norm, rope_slice)
 from m2cache.storage.attention_stream import AttentionStream
 from m2cache.model.sampling import sample
 
-_DONE = object()  # end of a sequence's output
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request: its prompt, sampling, KV cache and output channel (bounded)."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None
-    out: asyncio.Queue
-    kv: KVCache | None = None
-    generated: int = 0
-    last: int | None = None
-    cancelled: bool = False
-    x: torch.Tensor | None = None  # hidden state between jobs; only the compute thread touches it
-    h: torch.Tensor | None = None
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    repetition_penalty: float = 1.0
-    history: list[int] = field(default_factory=list)  # prompt and generated tokens, for the penalty (else empty)
-
-    @property
-    def prefilled(self) -> bool:
-        return self.kv is not None
+CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
 
 
 class Executor(Actor):
@@ -70,7 +54,9 @@ class Executor(Actor):
     def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
                  recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
                  max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
-                 attention: AttentionStream | None = None, lookahead: bool = False, compute_stream=None) -> None:
+                 attention: AttentionStream | None = None, lookahead: bool = False, compute_stream=None,
+                 batch_invariant: bool = True, prefill_chunk: int | None = None,
+                 admit_timeout: float | None = None, native: bool = True) -> None:
         super().__init__(1)
         self.cfg, self.res, self.rope = model.cfg, res, model.rope
         self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
@@ -81,7 +67,13 @@ class Executor(Actor):
         self.kv_tokens = kv_tokens  # KV cache tokens the running sequences may hold together (None: no bound)
         self.dense_prefill = dense_prefill  # False: prefill is scored and split by the policy, as decode
         self.attention = attention  # resident="stream": each layer's projections, read ahead of their use
-        self.exact = policy.exact  # products per sequence: tokens independent of the batch
+        self.exact = policy.exact  # the dense model's code, each sequence alone
+        # each sequence its own cut (``rows.py``) and its own products: tokens independent of the batch
+        self.invariant = batch_invariant and not policy.exact
+        self.per_row = self.exact or self.invariant
+        self.prefill_chunk = prefill_chunk or None  # prompt tokens a prefill step takes of one sequence (None: all)
+        self.admit_timeout = admit_timeout  # seconds a request may wait for room in the KV cache (None: no bound)
+        self.union_cap, self._at_cap = max_batch, 0  # sequences whose union the tiers held (``_halve``)
         self.lookahead = lookahead and policy.needs_scores  # decode asks for layer L+1 before layer L computes
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
         self.wake = asyncio.Event()
@@ -95,6 +87,11 @@ class Executor(Actor):
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
         self.ffn = LayerFFN(store=store, policy=policy, pools=hbm.pools, act=model.act, dtype=dtype,
                             use_kernels=self.use_kernels, dense_prefill=dense_prefill)
+        # a decode token of one sequence in one native call once DRAM holds every layer it needs (native_step)
+        self.native = NativeSteps.build(cfg=model.cfg, res=res, policy=policy, store=store, dtype=dtype,
+                                        device=device, dram=dram, predictor=predictor, recorder=recorder,
+                                        embed=res.embed, rope=model.rope) \
+            if native and self.use_kernels and hbm.direct_from_dram and attention is None and not self.lookahead else None
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -121,7 +118,7 @@ class Executor(Actor):
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
         for seq in list(self.active) + list(self.pending):
-            _finish(seq, exc)
+            finish(seq, exc)
         self.active.clear()
         self.pending.clear()
         if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
@@ -146,15 +143,18 @@ class Executor(Actor):
             while not self.inbox.empty():
                 if isinstance(self.inbox.get_nowait(), Stop):
                     return
+            self.pending = collections.deque(s for s in self.pending if not self._drop_if_cancelled(s))
             while self.pending and self._kv_fits(self.pending[0]):  # in order: none overtakes a waiting one
                 self.active.append(self.pending.popleft())
+            self._refuse_overdue()
             self.active = [s for s in self.active if not self._drop_if_cancelled(s)]
             runnable = [s for s in self.active if s.out.qsize() < self.max_queued]
             if not runnable:
                 self.wake.clear()
                 waiter = asyncio.ensure_future(self.inbox.get())
                 woken = asyncio.ensure_future(self.wake.wait())
-                done, _ = await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({waiter, woken}, timeout=self._until_overdue(),
+                                             return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
                 if waiter in done:
                     if isinstance(waiter.result(), Stop):
@@ -163,18 +163,43 @@ class Executor(Actor):
                     waiter.cancel()
                     await asyncio.gather(waiter, woken, return_exceptions=True)
                 continue
-            newcomers = _prefill_batch([s for s in runnable if not s.prefilled], self.max_batch)
+            cap = min(self.max_batch, self.union_cap)
+            newcomers = prefill_batch([s for s in runnable if not s.prefilled], cap, self.prefill_chunk)
             decoding = [s for s in runnable if s.prefilled]
             if newcomers and (prefill_next or not decoding):
                 await self._advance(newcomers, prefill=True)
                 prefill_next = False
                 continue
             start = turn % len(decoding)  # more ready than max_batch: each waits its turn
-            batch = (decoding[start:] + decoding[:start])[:self.max_batch]
+            batch = (decoding[start:] + decoding[:start])[:cap]
             turn += len(batch)
             self.batch_sizes[len(batch)] += 1
             await self._advance(batch, prefill=False)
             prefill_next = True
+
+    async def _halve(self, batch: list[Sequence], prefill: bool) -> None:
+        """The tiers could not hold the union of the batch's cuts (a budget sized for one cut): the batch is
+        run in halves, and later steps take at most that many sequences until the cap is probed again."""
+        half = len(batch) // 2
+        self.union_cap, self._at_cap = half, 0
+        self.run_stats.batch_splits += 1
+        for part in (batch[:half], batch[half:]):
+            live = [s for s in part if s in self.active and not s.cancelled]
+            if live:
+                await self._advance(live, prefill=prefill)
+
+    def _grow_cap(self) -> None:
+        """After ``CAP_PROBE`` steps that fit, the batch cap grows by one (the union is data-dependent)."""
+        if self.union_cap < self.max_batch:
+            self._at_cap += 1
+            if self._at_cap >= CAP_PROBE:
+                self.union_cap, self._at_cap = self.union_cap + 1, 0
+
+    def _fail(self, batch: list[Sequence], e: M2CacheError) -> None:
+        for seq in batch:
+            self.run_stats.failed += 1
+            self.active.remove(seq)
+            finish(seq, e)
 
     def _kv_fits(self, seq: Sequence) -> bool:
         if self.kv_tokens is None or not self.active:
@@ -186,21 +211,54 @@ class Executor(Actor):
             self.run_stats.cancelled += 1
         return seq.cancelled
 
-    async def _advance(self, batch: list[Sequence], *, prefill: bool) -> None:
-        """One step: the prefill of one sequence, or one decode token of each sequence of the batch."""
-        try:
-            assert prefill or all(s.last is not None for s in batch), "a decode step follows the prefill's token"
-            tokens = [s.prompt if prefill else [int(s.last)] for s in batch]  # type: ignore[arg-type]
-            logits = await self._step(batch, tokens, prefill)
-            chosen = await self._compute(self._sample, batch, logits)
-        except M2CacheError as e:  # the step's weights could not be had: every sequence of it fails
-            for seq in batch:
-                self.run_stats.failed += 1
-                self.active.remove(seq)
-                _finish(seq, e)
+    def _refuse_overdue(self) -> None:
+        """Requests that waited for room in the KV cache longer than ``admit_timeout`` are refused."""
+        if self.admit_timeout is None:
             return
         now = time.perf_counter()
+        while self.pending and now - self.pending[0].t_submit > self.admit_timeout:  # the oldest wait first
+            seq = self.pending.popleft()
+            self.run_stats.refused += 1
+            finish(seq, OverloadedError(
+                f"no room in the KV cache for {self.admit_timeout:g} s ({sum(kv_need(s) for s in self.active)} of "
+                f"{self.kv_tokens} tokens held by {len(self.active)} running requests; this one needs "
+                f"{kv_need(seq)}): try again shortly"))
+
+    def _until_overdue(self) -> float | None:
+        """Seconds until the oldest waiting request is overdue (None: nothing to refuse)."""
+        if self.admit_timeout is None or not self.pending:
+            return None
+        return max(0.0, self.pending[0].t_submit + self.admit_timeout - time.perf_counter()) + 1e-3
+
+    async def _advance(self, batch: list[Sequence], *, prefill: bool, again: bool = False) -> None:
+        """One step: a prefill chunk of each newcomer of the batch, or one decode token of each sequence.
+
+        A step whose weights could not be had is run again sequence by sequence (a step changes nothing
+        until its last layer, so it can be), so the fault fails only the sequences that need what failed,
+        and a transient one (``TransientSSDError``: retries exhausted, an unstable read) gets one more try."""
+        try:
+            assert prefill or all(s.last is not None for s in batch), "a decode step follows the prefill's token"
+            tokens = [prefill_tokens(s, self.prefill_chunk) if prefill else [int(s.last)]  # type: ignore[arg-type]
+                      for s in batch]
+            logits = await self._step(batch, tokens, prefill)
+            chosen = await self._compute(self._sample, batch, logits)
+        except M2CacheError as e:
+            if isinstance(e, BudgetError) and len(batch) > 1 and not self.stopping:
+                return await self._halve(batch, prefill)
+            if self.stopping or isinstance(e, EngineClosedError) or (len(batch) == 1 and again):
+                return self._fail(batch, e)
+            if len(batch) == 1 and not isinstance(e, TransientSSDError):
+                return self._fail(batch, e)
+            self.run_stats.step_retries += 1
+            for seq in batch:  # alone: each fails only for its own weights
+                if seq in self.active and not seq.cancelled:
+                    await self._advance([seq], prefill=prefill, again=True)
+            return
+        self._grow_cap()
+        now = time.perf_counter()
         for seq, token in zip(batch, chosen):
+            if token is None:  # a prefill chunk before the prompt's last: no token yet
+                continue
             if prefill:
                 seq.t_first = now
                 self.run_stats.ttft.append(now - seq.t_submit)
@@ -214,7 +272,7 @@ class Executor(Actor):
             if token in self.eos or seq.generated >= seq.max_new_tokens:
                 self.active.remove(seq)
                 self.run_stats.completed += 1
-                _finish(seq, None)
+                finish(seq, None)
 
     async def _step(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool) -> list[torch.Tensor]:
         """One step through every layer. Without lookahead layer L's weights are asked for once its
@@ -222,6 +280,20 @@ class Executor(Actor):
         layer L computes, from a ranking one layer ahead, so one request is always in flight."""
         self.step_no += 1
         step, t_step = self.step_no, time.perf_counter()
+        tables = None if prefill or len(batch) != 1 or self.native is None else self.native.tables()
+        if tables is not None:  # every weight in DRAM: the whole token in one native call
+            out = await self._compute(self.native.token, batch[0], tables, step)  # type: ignore[union-attr]
+        else:
+            out = await self._layers(batch, tokens, prefill, step)
+        dt = time.perf_counter() - t_step
+        if prefill:
+            self.run_stats.prefill_s += dt
+        else:
+            self.run_stats.decode_s += dt
+        return out
+
+    async def _layers(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool, step: int) -> Any:
+        """The step layer by layer through the actors."""
         ahead = self.lookahead and not prefill
         first = await self._compute(self._begin, batch, tokens, prefill)
         n = self.cfg.num_layers
@@ -247,11 +319,6 @@ class Executor(Actor):
         finally:
             for fut in asked.values():  # a step that failed: what was asked ahead goes back
                 await self._drop(fut)
-        dt = time.perf_counter() - t_step
-        if prefill:
-            self.run_stats.prefill_s += dt
-        else:
-            self.run_stats.decode_s += dt
         return out
 
     async def _ask(self, layer: int, step: int, order, prefill: bool, ahead: bool = False) -> asyncio.Future:
@@ -286,24 +353,25 @@ class Executor(Actor):
         self.ffn.forget()
         with self._streams():
             t0 = time.perf_counter_ns()
-            for seq in batch if prefill else ():  # zeroing the caches here, not on the event loop
-                seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
+            for seq in batch if prefill else ():  # zeroing the caches here, not on the event loop (first chunk)
+                if seq.kv is None:
+                    seq.kv = KVCache(self.cfg, self.dtype, self.device, capacity=len(seq.prompt) + seq.max_new_tokens)
             for seq, toks in zip(batch, tokens):
                 ids = torch.as_tensor(toks, dtype=torch.long, device=self.device)
-                seq.x = self.res.embed[ids]  # [T, D]
+                seq.x = embed(self.cfg, self.res, ids)  # [T, D]
                 assert seq.kv is not None
                 seq.cos_sin = rope_slice(self.rope, seq.kv.length, len(toks), self.dtype)
             order = self._attend(batch, 0, prefill, t0)
             if not (self.lookahead and not prefill):
                 return [order]
             # looking ahead, attention 0 ranked layer 1; layer 0 is ranked from its own input
-            return [self.policy.rank(0, self.ffn.score(0, [s.h for s in batch])), order]  # type: ignore[misc]
+            return [self._rank(0, batch, [s.h for s in batch]), order]  # type: ignore[misc]
 
     def _attend(self, batch: list[Sequence], layer: int, prefill: bool, t0: int):
         """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
         neuron ranking."""
         w = self._weights(layer)
-        if len(batch) == 1 or self.exact:  # as the dense reference computes it
+        if len(batch) == 1 or self.per_row:  # as the dense reference computes it
             for seq in batch:
                 assert seq.kv is not None and seq.x is not None
                 seq.x, seq.h = attention_and_norm(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
@@ -316,9 +384,7 @@ class Executor(Actor):
         if self.lookahead and not prefill:  # the ranking of layer + 1, from this layer's residual
             order = self._rank_ahead(batch, layer + 1)
         elif self.policy.needs_scores and not (prefill and self.dense_prefill):
-            # decode scores each sequence's last position; a sparse prefill every position of the prompts
-            hs = [row for s in batch for row in s.h.split(1)] if prefill else [s.h for s in batch]  # type: ignore[union-attr]
-            order = self.policy.rank(layer, self.ffn.score(layer, hs))  # type: ignore[arg-type]
+            order = self._rank(layer, batch, [s.h for s in batch])  # type: ignore[misc]
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
         return order
@@ -330,7 +396,17 @@ class Executor(Actor):
             return None
         norm = self.res.layers[layer].ffn_norm
         hs = [rms_norm(s.x, norm, self.cfg.rms_norm_eps) for s in batch]  # type: ignore[arg-type]
-        return self.policy.rank(layer, self.ffn.score(layer, hs, keep=False))
+        return self._rank(layer, batch, hs, keep=False)
+
+    def _rank(self, layer: int, batch: list[Sequence], hs: list[torch.Tensor], keep: bool = True):
+        """The layer's neuron ranking from the sequences' FFN inputs ``hs`` (decode: each one row; a sparse
+        prefill: every row of its chunk, the largest score kept): batch-invariant, one ranking per sequence
+        from its own rows alone; else one for the batch, the largest score any row gives."""
+        if self.invariant:  # cut here too: the event loop only routes the request
+            orders = [self.policy.rank(layer, sc) for sc in self.ffn.score_rows(layer, hs, keep)]
+            return split_rows(self.policy, layer, orders)
+        rows = [row for h in hs for row in h.split(1)] if any(h.shape[0] > 1 for h in hs) else hs
+        return self.policy.rank(layer, self.ffn.score(layer, rows, keep))
 
     def _weights(self, layer: int) -> LayerWeights:
         """The layer's resident weights; streamed projections are waited for here (a stall, recorded)."""
@@ -340,7 +416,7 @@ class Executor(Actor):
         t0 = time.perf_counter_ns()
         wqkv, wo = self.attention.weights(layer)
         self.recorder.add("executor", "attention_wait", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
-        return LayerWeights(w.attn_norm, wqkv, wo, w.ffn_norm)
+        return dataclasses.replace(w, wqkv=wqkv, wo=wo)
 
     def _layer(self, batch: list[Sequence], layer: int, ready: WeightsReady, prefill: bool, step: int):
         with self._streams():
@@ -350,13 +426,16 @@ class Executor(Actor):
             t0 = time.perf_counter_ns()
             hs = [s.h for s in batch]
             assert all(h is not None for h in hs), "attention ran before this layer's FFN"
-            if len(batch) == 1 or not self.exact:  # one product for the batch's rows: [sum T, D]
+            if self.invariant:  # each sequence over its own cut, as alone
+                outs = self.ffn.each_row(hs, ready, prefill)  # type: ignore[arg-type]
+            elif len(batch) == 1 or not self.exact:  # one product for the batch's rows: [sum T, D]
                 out = self.ffn.compute(torch.cat(hs) if len(hs) > 1 else hs[0], ready, prefill)  # type: ignore[arg-type]
                 outs = out.split([h.shape[0] for h in hs])  # type: ignore[union-attr]
             else:  # exact: each sequence's product as it would run alone
                 outs = self.ffn.each(hs, ready)  # type: ignore[arg-type]
+            w = self.res.layers[layer]
             for seq, o in zip(batch, outs):
-                seq.x = seq.x + o  # type: ignore[operator]
+                seq.x = ffn_residual(self.cfg, w, seq.x, o)  # type: ignore[arg-type]
             t1 = time.perf_counter_ns()
             kind = "prefill" if prefill else "ffn"
             self.recorder.add("executor", kind, t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
@@ -366,23 +445,27 @@ class Executor(Actor):
             self.recorder.add("executor", "lm_head", t1, time.perf_counter_ns(), step=step)
             return logits
 
-    def _lm_head(self, batch: list[Sequence]) -> list[torch.Tensor]:
-        """Each sequence's logits of its last position ([V] float32, on the host)."""
+    def _lm_head(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
+        """Each sequence's logits of its last position ([V] float32, on the host); None for a prefill chunk
+        before the prompt's last (no token follows it)."""
         for seq in batch:
             assert seq.kv is not None and seq.x is not None
             seq.kv.length += seq.x.shape[0]
-        if len(batch) == 1 or self.exact:
-            logits = [lm_head(self.cfg, self.res, s.x) for s in batch]  # type: ignore[arg-type]
-        else:
-            last = torch.cat([s.x[-1:] for s in batch])  # type: ignore[index]
+        wanted = [s for s in batch if s.kv.length >= len(s.prompt)]  # type: ignore[union-attr]
+        if len(wanted) == 1 or self.per_row:
+            logits = [lm_head(self.cfg, self.res, s.x) for s in wanted]  # type: ignore[arg-type]
+        elif wanted:
+            last = torch.cat([s.x[-1:] for s in wanted])  # type: ignore[index]
             logits = list(lm_head_rows(self.cfg, self.res, last))
+        got = {id(s): x.cpu() for s, x in zip(wanted, logits)} if wanted else {}
         for seq in batch:
             seq.x = seq.h = None
-        return [x.cpu() for x in logits]
+        return [got.get(id(s)) for s in batch]
 
-    def _sample(self, batch: list[Sequence], logits: list[torch.Tensor]) -> list[int]:
-        return [sample(x, s.temperature, s.top_p, s.generator, repetition_penalty=s.repetition_penalty,
-                       history=s.history) for s, x in zip(batch, logits)]
+    def _sample(self, batch: list[Sequence], logits: list[torch.Tensor | None]) -> list[int | None]:
+        return [None if x is None else sample(x, s.temperature, s.top_p, s.generator,
+                                              repetition_penalty=s.repetition_penalty, history=s.history)
+                for s, x in zip(batch, logits)]
 
     def _streams(self):
         if self.compute_stream is None:
@@ -396,28 +479,3 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
-
-
-PREFILL_ROWS = 2048  # prompt tokens one prefill step takes (its activations grow with them), one prompt at least
-
-
-def _prefill_batch(newcomers: list[Sequence], max_batch: int) -> list[Sequence]:
-    """The newcomers one prefill step takes: in arrival order, while their prompts fit ``PREFILL_ROWS``."""
-    batch: list[Sequence] = []
-    rows = 0
-    for seq in newcomers[:max_batch]:
-        if batch and rows + len(seq.prompt) > PREFILL_ROWS:
-            break
-        batch.append(seq)
-        rows += len(seq.prompt)
-    return batch
-
-
-def kv_need(seq: Sequence) -> int:
-    """Tokens of KV cache a sequence holds while it runs (allocated whole at its prefill)."""
-    return len(seq.prompt) + seq.max_new_tokens
-
-
-def _finish(seq: Sequence, error: BaseException | None) -> None:
-    """Ends a sequence's output channel; its queue keeps one slot beyond the token limit for this."""
-    seq.out.put_nowait(_DONE if error is None else error)

@@ -113,17 +113,20 @@ class HBMManager(Actor):
         needs) until the executor releases it."""
         t0 = time.perf_counter_ns()
         fut = asyncio.get_running_loop().create_future()
-        await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut, upgrade=True))
+        await self.dram.send(Fetch(msg.layer, msg.step, dict(msg.ids), fut, upgrade=True, planned_only=msg.rows is not None))
         reply = await fut
         self.recorder.add("hbm", "direct", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
         return WeightsReady(msg.layer, msg.step, {}, (), reply.release, 0, reply.staged_bytes, direct=reply.sources,
-                            ids=dict(reply.ids if reply.ids is not None else msg.ids))
+                            ids=dict(reply.ids if reply.ids is not None else msg.ids), rows=msg.rows)
 
     async def _prepare(self, msg: NeuronRequest) -> WeightsReady:
         if self.direct_from_dram:
             return await self._direct(msg)
         t0 = time.perf_counter_ns()
-        ids = self._upgrade(msg.layer, msg.ids) if self.upgrade and len(msg.ids) > 1 else msg.ids
+        # a batch-invariant request keeps each neuron at the precision its sequences asked for: an upgrade hangs
+        # on what the pool happens to hold, so a sequence's text would hang on its neighbours and its past
+        upgrade = self.upgrade and msg.rows is None and len(msg.ids) > 1
+        ids = self._upgrade(msg.layer, msg.ids) if upgrade else msg.ids
         busy = {msg.layer, msg.layer - 1} if msg.ahead and msg.layer else {msg.layer}
         plan = self.cache.plan(msg.layer, msg.step, ids, protected=frozenset(busy))
         missing = {p: pp.miss_ids for p, pp in plan.precisions.items() if pp.miss_ids.size}
@@ -151,7 +154,8 @@ class HBMManager(Actor):
                 copy_bytes += len(dst) * self.bundle_bytes[p]
         self.bytes_copied += copy_bytes
         slots = {p: torch.from_numpy(pp.slots) for p, pp in plan.precisions.items()}
-        ready = WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids))
+        ready = WeightsReady(msg.layer, msg.step, slots, tuple(copies), release, copy_bytes, staged, ids=dict(ids),
+                             rows=msg.rows)
         if not copies:
             return dataclasses.replace(ready, copied=self.uploader.last)
         assert self.copier is not None, "HBM manager used before setup"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from m2cache.actors.messages import WeightsReady
+from m2cache.actors.rows import row_view
 from m2cache.actors.uploads import wide
 from m2cache.model import cpu_kernels
 from m2cache.model.sparse_ffn import ffn_groups
@@ -44,6 +45,32 @@ class LayerFFN:
         if keep:
             self._acts = (layer, acts)
         return self.policy.scores_of(layer, acts).amax(0)
+
+    def score_rows(self, layer: int, hs: list[torch.Tensor], keep: bool = True) -> list[torch.Tensor]:
+        """``score`` for each sequence alone (``hs[i]``: its rows, every one scored, the largest kept): the
+        batch-invariant ranking (``m2cache.actors.rows``); a split store keeps every row's gate activations."""
+        if not self.split:
+            return self.policy.score_rows(layer, hs)
+        # each sequence's rows alone: the call (kernel for a row or two, one product for more) is the one it
+        # would get alone, whatever it is batched with
+        acts = torch.cat([self.policy.gate_acts(layer, h) for h in hs])
+        if keep:
+            self._acts = (layer, acts)
+        scores = self.policy.scores_of(layer, acts)
+        return [s.amax(0) for s in scores.split([h.shape[0] for h in hs])]
+
+    def each_row(self, hs: list[torch.Tensor], ready: WeightsReady, prefill: bool) -> list[torch.Tensor]:
+        """Each sequence's FFN over its own cut (``ready.rows``; all of ``ready`` when None), through the call
+        it would make alone: the batch-invariant step."""
+        acts, self._acts = self._acts, None
+        outs, start = [], 0
+        for i, h in enumerate(hs):
+            mine = ready if ready.rows is None else row_view(ready, ready.rows[i])
+            if acts is not None and acts[0] == ready.layer:
+                self._acts = (ready.layer, acts[1][start:start + h.shape[0]])  # this row's, as scored alone
+            outs.append(self.compute(h, mine, prefill))
+            start += h.shape[0]
+        return outs
 
     def compute(self, h: torch.Tensor, ready: WeightsReady, prefill: bool) -> torch.Tensor:
         """The layer's FFN. h: [T, D] -> [T, D]."""

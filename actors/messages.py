@@ -20,7 +20,9 @@ class LayerInput:
 
     layer: int
     step: int
-    order: np.ndarray | None  # neuron ids, best first (scored on the compute thread)
+    # neuron ids, best first (scored on the compute thread); a batch-invariant step: each sequence's cut and
+    # their union (``rows.RowCuts``), cut on the compute thread too
+    order: Any
     prefill: bool
     reply: asyncio.Future  # -> WeightsReady
     ahead: bool = False  # asked for while the layer before still computes (lookahead decode)
@@ -35,6 +37,7 @@ class NeuronRequest:
     ids: dict[str, np.ndarray]
     reply: asyncio.Future  # -> WeightsReady
     ahead: bool = False  # the layer before still computes from its slots: they stay
+    rows: tuple[dict[str, np.ndarray], ...] | None = None  # batch-invariant: each sequence's own cut (ids the union)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class WeightsReady:
     # per precision, the neuron ids of the slots (or the direct rows), in their order
     ids: dict[str, np.ndarray] | None = None
     copied: Any = None  # torch.cuda.Event of the copies, or None
+    rows: tuple[dict[str, np.ndarray], ...] | None = None  # batch-invariant: each sequence's own cut (``rows.py``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class Fetch:
     # INT8 ids of a layer whose INT8 entry DRAM does not hold but whose FP16 entry it keeps are served
     # from the FP16 rows (no read, more exact); only the CPU computing from DRAM asks for it
     upgrade: bool = False
+    # batch-invariant: upgrade only by the plan (an FP16 entry kept for good), never by what happens to be held
+    # or loading, so a sequence's precisions never hang on timing or on its neighbours
+    planned_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

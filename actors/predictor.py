@@ -14,6 +14,7 @@ import numpy as np
 
 from m2cache.actors.base import Actor
 from m2cache.actors.messages import LayerInput, NeuronRequest
+from m2cache.actors.rows import RowCuts
 from m2cache.model.policy import Policy
 
 
@@ -26,18 +27,27 @@ class PredictorActor(Actor):
         self._all = np.arange(policy.num_neurons, dtype=np.int64)
         self.kept = 0
         self.requests = 0
+        self.decode_bytes = 0  # FFN bytes decode steps asked the tiers for (a batch's union, or its shared cut)
 
     async def handle(self, msg: Any) -> None:
         if not isinstance(msg, LayerInput):
             raise RuntimeError(f"predictor got an unknown message {type(msg).__name__}")
         t0 = time.perf_counter_ns()
         dense = msg.prefill and self.dense_prefill
-        ids = {"fp16": self._all} if dense else self.policy.split(msg.layer, msg.order)
+        rows = None
+        if dense:
+            ids = {"fp16": self._all}
+        elif isinstance(msg.order, RowCuts):  # batch-invariant: each sequence's own cut, the union fetched
+            ids, rows = msg.order.union, msg.order.cuts
+        else:
+            ids = self.policy.split(msg.layer, msg.order)
         self.requests += 1
         self.kept += sum(len(v) for v in ids.values())
+        if not msg.prefill:
+            self.decode_bytes += sum(len(v) * self.hbm.bundle_bytes[p] for p, v in ids.items())
         self.recorder.add("predictor", "predict", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
-        await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply, msg.ahead))
+        await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply, msg.ahead, rows))
 
     def stats(self) -> dict:
         return {**super().stats(), "policy": self.policy.name,
-                "kept_per_layer": self.kept / self.requests if self.requests else 0.0}
+                "kept_per_layer": self.kept / self.requests if self.requests else 0.0, "decode_bytes": self.decode_bytes}

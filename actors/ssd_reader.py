@@ -1,8 +1,10 @@
 """SSD reader: reads whole layers or neuron bundles off the event loop, verified, with retries.
 
 Reads run in a thread pool (``io_threads`` at once); the store's reader verifies every block's CRC,
-re-reads a corrupt block once, retries transient errors with bounded backoff, and raises a typed
-error naming the file, layer and neuron range otherwise — which fails exactly that read's reply.
+retries transient errors with bounded backoff, reads a corrupt block again until it reads right or
+proves damaged (the same wrong bytes three reads in a row: ``ChecksumError``; wrong bytes that keep
+changing: ``UnstableReadError``), and raises a typed error naming the file, layer and neuron range
+otherwise — which fails exactly that read's reply.
 """
 from __future__ import annotations
 

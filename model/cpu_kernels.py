@@ -8,112 +8,23 @@ contiguous buffer and no dequantised copy per token (DESIGN.md §6, §8). torch 
 A decode position's attention block is ~35 small torch operators, each dearer than its arithmetic
 once the layer's weights have streamed through the caches; ``attention_decode`` is one call.
 
-The sources are compiled once per machine with the system C compiler (``cc``, or ``$CC``) into
-``~/.cache/m2cache/kernels`` (``M2CACHE_HOME``) and loaded with ctypes. Where no compiler is found,
-or ``M2CACHE_KERNELS=0``, ``available()`` is False and callers use the torch path; the first
-failure is logged once with its reason.
+The sources are compiled once per machine (``m2cache.model.cpu_build``); where they cannot be,
+``available()`` is False and callers use the torch path.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
+import weakref
 
 import torch
 
+from m2cache.model.cpu_build import available, library
 from m2cache.storage.quant import Groups, select_parts
 
-log = logging.getLogger(__name__)
+__all__ = ["available", "library"]  # built and loaded in cpu_build; the kernels' Python side is here
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "sparse_ffn.c", CSRC / "attention.c", CSRC / "threads.c")
-HEADERS = (CSRC / "threads.h",)
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
 MAX_TOKENS = 64  # rows of h one call takes (the C side's MAX_T)
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_failed: str | None = None
-
-
-def _cache_dir() -> Path:
-    home = Path(os.environ.get("M2CACHE_HOME", Path.home() / ".cache" / "m2cache"))
-    return home / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"m2cache-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            so = Path(tmp) / out.name
-            done = subprocess.run([cc, *FLAGS, "-o", str(so), *map(str, SOURCES), "-lm", "-lpthread"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(so, out)  # atomic: a concurrent build of the same key leaves one good file
-    lib = ctypes.CDLL(str(out))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.m2c_ffn_fp16.argtypes = [p, i64, i64, p, i64, p, i64, i64, i32, i64, p, p]
-    lib.m2c_ffn_fp16.restype = i32
-    for name in ("m2c_ffn_int8", "m2c_ffn_int4"):  # these take the group size before the activation
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i64, p, p]
-        getattr(lib, name).restype = i32
-    lib.m2c_gate_int4.argtypes = [p, i64, p, i64, i64, i64, i32, p]
-    lib.m2c_gate_int4.restype = i32
-    lib.m2c_copy_rows.argtypes = [p, i64, p, p, i64, p, i64, i64]
-    lib.m2c_copy_rows.restype = i32
-    lib.m2c_attn_decode.argtypes = [p, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p, i32]
-    lib.m2c_attn_decode.restype = i32
-    lib.m2c_set_threads.argtypes = [i32]
-    lib.m2c_set_threads.restype = i32
-    lib.m2c_threads.argtypes = []
-    lib.m2c_threads.restype = i32
-    return lib
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built if needed; None where they cannot be had (reason logged once)."""
-    global _lib, _failed
-    if _lib is not None or _failed is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _failed is None:
-            if os.environ.get("M2CACHE_KERNELS", "1") == "0":
-                _failed = "disabled by M2CACHE_KERNELS=0"
-            else:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError) as e:
-                    _failed = str(e)
-                    log.warning("m2cache CPU kernels unavailable (%s); using the slower torch path", e)
-    return _lib
-
-
-def available() -> bool:
-    return library() is not None
 
 
 def set_threads(n: int) -> int:
@@ -171,17 +82,52 @@ def ffn_group(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.
         raise RuntimeError(f"m2c_ffn_{precision} failed with code {rc} (T={T}, D={dim}, {groups})")
 
 
+KINDS = {"fp16": 0, "int8": 1, "int4": 2}
+
+
 def ffn_sources(sources: dict[str, tuple[torch.Tensor, torch.Tensor | None]], hf: torch.Tensor, dim: int, groups: Groups,
                 act: str, gacts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The FFN over every precision's rows (``sources[p]``: the tensor holding them and their row ids, None
-    for all), 64 rows of ``hf`` [T, D] float32 a call; each call shares its neurons among the kernels' threads
-    (``set_threads``). ``gacts[p]``: a split store's gate activations [n_p, T] of those rows, in their order."""
+    for all), 64 rows of ``hf`` [T, D] float32 a call, every precision in one call (``m2c_ffn_groups``: the
+    rows shared among the kernels' threads by bytes across the precisions, as the native decode step shares
+    them). ``gacts[p]``: a split store's gate activations [n_p, T] of those rows, in their order."""
+    lib = library()
+    assert lib is not None, "ffn_sources called without the kernels: check available() first"
     out = torch.zeros_like(hf)
-    for p, (src, rows) in sources.items():
-        slots = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
-        for start in range(0, hf.shape[0], MAX_TOKENS):
-            g = None if gacts is None else gacts[p][:, start:start + MAX_TOKENS].contiguous()
-            ffn_group(p, src, slots, hf[start:start + MAX_TOKENS], out[start:start + MAX_TOKENS], dim, groups, act, g)
+    srcs, slots, order = [], [], []
+    for p in KINDS:  # the precisions with rows, in the kernels' order
+        if p not in sources:
+            continue
+        src, rows = sources[p]
+        ids = torch.arange(src.shape[0]) if rows is None else rows.contiguous()
+        assert src.dtype == torch.uint8 and src.is_contiguous() and src.device.type == "cpu" and ids.dtype == torch.int64
+        if ids.numel():
+            srcs.append(src)
+            slots.append(ids)
+            order.append(p)
+    k = len(order)
+
+    def arr(ctype, values: list):
+        return (ctype * max(k, 1))(*values)
+
+    vp = ctypes.c_void_p
+    kinds, pools = arr(ctypes.c_int, [KINDS[p] for p in order]), arr(vp, [s.data_ptr() for s in srcs])
+    rows_n, widths = arr(ctypes.c_int64, [s.shape[0] for s in srcs]), arr(ctypes.c_int64, [s.shape[1] for s in srcs])
+    slot_ptrs, counts = arr(vp, [s.data_ptr() for s in slots]), arr(ctypes.c_int64, [s.numel() for s in slots])
+    parts = 2 if gacts is not None else 3
+    for start in range(0, hf.shape[0], MAX_TOKENS):
+        rows_h, rows_out = hf[start:start + MAX_TOKENS], out[start:start + MAX_TOKENS]
+        g = [gacts[p][:, start:start + MAX_TOKENS].contiguous() for p in order] if gacts is not None else []
+        for t, ids in zip(g, slots):  # g stays referenced through the call
+            assert t.dtype == torch.float32 and tuple(t.shape) == (ids.numel(), rows_h.shape[0])
+        gptr = arr(vp, [t.data_ptr() for t in g] if g else [None] * k)
+        rc = lib.m2c_ffn_groups(k, kinds, pools, rows_n, widths, slot_ptrs, counts, gptr, rows_h.data_ptr(),
+                                rows_h.shape[0], dim, groups.int8, groups.int4, ACTIVATIONS[act], parts,
+                                rows_out.data_ptr())
+        if rc == -3:
+            raise IndexError(f"rows must lie in their tensors for {order}")
+        if rc != 0:
+            raise RuntimeError(f"m2c_ffn_groups failed with code {rc} (T={rows_h.shape[0]}, D={dim}, {groups})")
     return out
 
 
@@ -270,7 +216,65 @@ def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv,
     return x_out, h
 
 
+def matvec_row(x: torch.Tensor, w, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """W · (rms_norm(x) * norm) [rows] float32 (without ``norm``: W · x) for one row x [1, D] float32 or
+    bfloat16, W [rows, D] in x's dtype or :class:`~m2cache.model.int8.Int8Weight`, sums in float32: the LM head
+    of the last position, as the native decode step computes it (``decode_attention_applies(x, w)`` says when)."""
+    lib = library()
+    assert lib is not None, "matvec_row called without the kernels: check available() first"
+    rows, cols = w.shape
+    if x.shape != (1, cols) or (norm is not None and norm.numel() != cols) or x.dtype not in _ATTENTION_DTYPES:
+        raise ValueError(f"matvec_row: x {tuple(x.shape)} and W {tuple(w.shape)} do not fit")
+    x = x.contiguous()
+    if norm is not None and (norm.dtype != x.dtype or not norm.is_contiguous()):
+        raise ValueError("matvec_row: the norm must be contiguous, in x's dtype")
+    mat, scale = _matrix(w)
+    y = torch.empty(rows, dtype=torch.float32)
+    rc = lib.m2c_matvec(x.data_ptr(), _ptr(norm), eps, mat.data_ptr(), _ptr(scale), rows, cols,
+                        int(x.dtype == torch.bfloat16), y.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"m2c_matvec failed with code {rc} ({rows} x {cols})")
+    return y
+
+
+def set_int8_activations(on: bool) -> bool:
+    """Whether INT8 and INT4 weights meet activations quantised to INT8 in blocks of 32 (integer dot products,
+    csrc/simd.h; the default) or float32 ones, process-wide (``tools/kernel_quality.py`` measures what it costs);
+    returns the setting before."""
+    lib = library()
+    return False if lib is None else bool(lib.m2c_set_int8_activations(int(on)))
+
+
+def int8_activations() -> bool:
+    """Whether INT8 and INT4 weights meet INT8 activations now (``set_int8_activations``)."""
+    lib = library()
+    return lib is not None and bool(lib.m2c_int8_activations())
+
+
+def product_input(h: torch.Tensor, precision: str, dim: int, groups: Groups) -> torch.Tensor:
+    """h [T, D] as the kernels' products with ``precision`` rows meet it: for INT8 and INT4 rows its INT8 values
+    (``int8_activation_values``) where they apply (on, and D and the groups multiples of 32), else h itself."""
+    group = {"int8": groups.int8, "int4": groups.int4}.get(precision)
+    if group is None or not int8_activations() or dim % Q8_BLOCK or group % Q8_BLOCK:
+        return h
+    return int8_activation_values(h).to(h.dtype)
+
+
+def int8_activation_values(h: torch.Tensor) -> torch.Tensor:
+    """The values INT8 activations stand for (h [T, D] float32, D a multiple of 32): each block of 32 rounded to
+    the nearest multiple of its largest magnitude / 127, as the kernels quantise them. A product of INT8 or INT4
+    weights with h computed by the kernels equals the dequantised weights' product with these, to float32
+    rounding (what the tests check)."""
+    T, D = h.shape
+    blocks = h.float().reshape(T, D // Q8_BLOCK, Q8_BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(T, D)
+
+
+Q8_BLOCK = 32
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id of an INT8 matrix's scales -> (them, in float32)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -278,10 +282,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _matrix(w) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A resident projection as the kernel reads it: (its rows, float32 scales for INT8 rows, else None)."""
+    """A resident projection as the kernel reads it: (its rows, float32 scales for INT8 rows, else None); the
+    float32 scales made once per matrix (the LM head's are 200 KB a token otherwise)."""
     if isinstance(w, torch.Tensor):
         return w, None
-    return w.q, w.scale.float().contiguous()
+    key = id(w.scale)
+    held = _SCALES.get(key)
+    if held is None or held[0]() is not w.scale:
+        def forget(_ref: weakref.ref, key: int = key, held: dict = _SCALES) -> None:  # the module may be gone
+            held.pop(key, None)
+
+        held = _SCALES[key] = (weakref.ref(w.scale, forget), w.scale.float().contiguous())
+    return w.q, held[1]
 
 
 def decode_attention_applies(x: torch.Tensor, *weights) -> bool:

@@ -107,6 +107,11 @@ class Policy:
         scores = [self.score(layer, h) for h in hs]
         return None if scores[0] is None else torch.stack(scores).amax(0)  # type: ignore[arg-type]
 
+    def score_rows(self, layer: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One score per neuron for each sequence alone (``hs[i]``: [T, D], every position scored, the largest
+        kept): the very calls each would make alone, so a sequence's ranking does not depend on its batch."""
+        return [self.score_batch(layer, list(h.split(1))) for h in hs]  # type: ignore[misc]
+
     def rank(self, layer: int, scores: torch.Tensor) -> np.ndarray:
         """Neuron ids ordered so that ``split`` cuts exactly the top shares: each precision group's
         members are right, their order inside a group is not (``split`` sorts them anyway). A
@@ -194,7 +199,7 @@ class GatePolicy(Policy):
                  norms: list[torch.Tensor], act, resident_bytes: int, kernel_act: str | None = None,
                  group: int = 0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_layers, num_neurons, shares)
-        self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F]
+        self.gates, self.norms, self.act = gates, norms, act  # norms[L]: ||up_j||·||down_j|| [F] float32
         self.resident_bytes = resident_bytes
         self.kernel_act, self.group, self.dtype = kernel_act, group, dtype
 
@@ -206,12 +211,26 @@ class GatePolicy(Policy):
             return self.score(layer, hs[0])
         return self.score_all(layer, torch.cat([h[-1:] for h in hs])).amax(0)  # one pass over the copy
 
+    def score_rows(self, layer: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.rows_invariant:
+            return super().score_rows(layer, hs)
+        # each sequence's rows alone: the kernel scores a row or two, one product more (GATE_KERNEL_MAX_ROWS),
+        # so a sequence gets the call it would get alone whatever it is batched with
+        return [self.score_all(layer, h).amax(0) for h in hs]
+
+    @property
+    def rows_invariant(self) -> bool:
+        """The C kernel scores the copy: each row's activations are the same bits whatever rows it is given
+        with (torch's batched products are not)."""
+        return self.gates[0].dtype == torch.uint8 and self.kernel_act is not None
+
     def score_all(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.scores_of(layer, self.gate_acts(layer, h))
 
     def scores_of(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        """The scores [T, F] of gate activations [T, F] (``gate_acts``'s)."""
-        return acts.to(self.norms[layer].dtype).abs() * self.norms[layer]
+        """The scores [T, F] float32 of gate activations [T, F] (``gate_acts``'s): in float32 whatever the compute
+        dtype, as the native decode step (csrc/decode.c) computes them, and with fewer ties than bfloat16 has."""
+        return acts.float().abs() * self.norms[layer].float()
 
     def gate_acts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """act(gate·h) [T, F] of every neuron, from the copy: the score's first half, and a split store's

@@ -1,4 +1,5 @@
-"""m2cache: run LLaMA-family LLMs whose weights do not fit the device, from tiered HBM/DRAM/SSD neurons.
+"""m2cache: run decoder LLMs (LLaMA, Qwen2/3, Mistral, Gemma 3) whose weights do not fit the device, from
+tiered HBM/DRAM/SSD neurons.
 
     from m2cache import Engine, EngineConfig
     async with Engine.open(store_dir, EngineConfig(hbm_budget="48MB", dram_budget="96MB")) as engine:

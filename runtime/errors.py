@@ -22,7 +22,8 @@ class StoreVersionError(StoreError):
 
 
 class ChecksumError(StoreError):
-    """A block read from the store does not match its checksum."""
+    """A block of the store does not match its checksum, with the same bytes on every read: the file is
+    damaged where it lies."""
 
 
 class TruncatedStoreError(StoreError):
@@ -55,6 +56,15 @@ class TransientSSDError(SSDError):
 
 class PermanentSSDError(SSDError):
     """A read failed and will keep failing."""
+
+
+class UnstableReadError(TransientSSDError):
+    """A block failed its checksum on every read, with different bytes each time: what flips them is the
+    disk or the path to it, not the file, which may well be intact."""
+
+
+class OverloadedError(M2CacheError):
+    """The engine could not admit a request in time: running requests hold its KV cache."""
 
 
 class EngineClosedError(M2CacheError):

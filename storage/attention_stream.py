@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2cache.errors import ChecksumError
 from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import ModelConfig
 from m2cache.storage.layout import ALIGN, CHECKSUM, checksum_fn, round_up
-from m2cache.storage.reader import FIX_HINT, read_with_retries
+from m2cache.storage.reader import read_checked
 from m2cache.storage.rows import tensor_extent
 from m2cache.storage.ssd import SSDBackend
 
@@ -129,16 +128,16 @@ class AttentionStream:
             raise
 
     def _read_int8(self, layer: int) -> tuple[Int8Weight, Int8Weight]:
-        """One layer's region, transient SSD errors retried and a checksum mismatch read again once."""
+        """One layer's region, checked: transient SSD errors retried, a region whose checksum fails read
+        again (``read_checked``: the same wrong bytes three times is a damaged file)."""
         assert self.int8 is not None
         path, layout, crcs, checksum = self.int8
         what = f"{path} (layer {layer}'s INT8 attention)"
-        for attempt in range(2):
-            data = read_with_retries(self.backend, path, layer * layout.stride, layout.stride, what)
-            if checksum(data) == int(crcs[layer]):
-                break
-        else:
-            raise ChecksumError(f"{what} does not match its checksum twice: the file is corrupt; {FIX_HINT}")
+
+        def bad_region(data: bytes) -> tuple[str, bytes] | None:
+            return None if checksum(data) == int(crcs[layer]) else ("the region", bytes(data))
+
+        data = read_checked(self.backend, path, layer * layout.stride, layout.stride, what, bad_region)
         if isinstance(data, bytes):  # a buffered read: torch wants a writable buffer
             data = bytearray(data)
         self.bytes_read += layout.stride

@@ -12,18 +12,18 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
-from m2cache.errors import ChecksumError, StoreNotFoundError, TransientSSDError, TruncatedStoreError
+from m2cache.errors import ChecksumError, StoreNotFoundError, TransientSSDError, TruncatedStoreError, UnstableReadError
 from m2cache.storage.layout import BlockGeometry, checksum_fn, coalesce
 
 log = logging.getLogger(__name__)
 
 FIX_HINT = "re-create the store with `m2cache convert` (or `m2cache fetch --force` for the demo model)"
-TRANSIENT_RETRIES = 4
+TRANSIENT_RETRIES = 6  # 2 to 64 ms of backoff: ~0.13 s in all before a read error is given up
 # Runs of needed blocks closer than this many bytes are read as one. A read call costs ~13 us of
 # Python and syscall (an NVMe random read ~80 us); 64 KiB costs ~6 us of copying from the page
 # cache. On the demo (4 KiB blocks, neuron preload, store in the page cache) merging gaps up to 16
@@ -31,6 +31,15 @@ TRANSIENT_RETRIES = 4
 # store's 24 KiB FP16 blocks are not merged over 16 x 24 KiB.
 MERGE_GAP_BYTES = 64 * 1024
 BACKOFF_S = 0.002
+# A range whose checksum fails is read again, with a doubling backoff (a busy disk or bus has time to
+# settle). The same wrong bytes PERSISTENT_READS times in a row is damage where the file lies; wrong bytes
+# that differ from read to read are a flaky read, retried up to CORRUPT_READS reads (~0.3 s of backoff)
+# before the read is given up as unstable, never blamed on the file. Seen on the demo with 2% of reads
+# flipped and one busy core: two reads in a row corrupt took down 3 generations in 5 when twice was the rule.
+PERSISTENT_READS = 3
+CORRUPT_READS = 8
+CORRUPT_BACKOFF_S = 0.005
+CORRUPT_BACKOFF_MAX_S = 0.08
 
 
 class Backend(Protocol):
@@ -117,14 +126,15 @@ class BundleFiles:
         return self.geometry[precision].file_bytes(self.num_neurons)
 
     # ---- reads -------------------------------------------------------------------------------
-    def read_layer(self, layer: int, precision: str, backend: Backend) -> torch.Tensor:
-        """Every neuron of a layer at a precision: [F, bundle_bytes] uint8, verified.
+    def read_layer(self, layer: int, precision: str, backend: Backend, need: np.ndarray | None = None) -> torch.Tensor:
+        """Every neuron of a layer at a precision: [F, bundle_bytes] uint8, verified (only the blocks in
+        ``need`` when given: the others are not used, and a damaged one must not fail the read).
 
         One read of the whole file, checked against the file's own checksum in one pass (a per-block
         loop costs ~1 µs a block in Python); on a mismatch the blocks locate the damage."""
         geom = self.geometry[precision]
         nblocks = geom.num_blocks(self.num_neurons)
-        data = self._read_verified(layer, precision, 0, nblocks, None, backend,
+        data = self._read_verified(layer, precision, 0, nblocks, need, backend,
                                    self._file_crc.get((layer, precision)))
         body = data.reshape(nblocks, geom.block_bytes)[:, : geom.neurons_per_block * geom.bundle_bytes]
         rows = np.ascontiguousarray(body)
@@ -167,8 +177,8 @@ class BundleFiles:
     def read_run(self, plan: NeuronRead, run: Run | None, backend: Backend) -> np.ndarray | torch.Tensor:
         """One of ``plan``'s reads: a run's blocks (uint8 [count * block_bytes], the kept ones verified), or
         with ``run`` None the whole layer (``read_layer``'s rows)."""
-        if run is None:
-            return self.read_layer(plan.layer, plan.precision, backend)
+        if run is None:  # only the blocks of plan's neurons verified: a damaged other must not fail the read
+            return self.read_layer(plan.layer, plan.precision, backend, need=plan.blocks)
         first, count, need = run
         return self._read_verified(plan.layer, plan.precision, first, count, need, backend, None)
 
@@ -191,24 +201,23 @@ class BundleFiles:
 
     def _read_verified(self, layer: int, precision: str, first: int, count: int, need: np.ndarray | None,
                        backend: Backend, whole: int | None) -> np.ndarray:
-        """Blocks [first, first+count) as uint8; the blocks in ``need`` (all when None) verified.
-        A corrupt read is re-read once and never returned."""
+        """Blocks [first, first+count) as uint8; the blocks in ``need`` (all when None) verified, a range
+        that fails read again (``read_checked``): never returned corrupt."""
         geom = self.geometry[precision]
         path = self._paths[(layer, precision)]
         crcs = self._crcs[(layer, precision)][first: first + count]
         offset, length = first * geom.block_bytes, count * geom.block_bytes
         what = _Describe(self, layer, precision, first, count)  # formatted only for a message
-        for attempt in range(2):
-            data = read_with_retries(backend, path, offset, length, what)
+
+        def bad_block(data: bytes) -> tuple[str, bytes] | None:
             if whole is not None and self.checksum(data) == whole:
-                return np.frombuffer(data, dtype=np.uint8)
+                return None
             bad = first_bad_block(data, crcs, geom.block_bytes, self.checksum, need)
             if bad is None:
-                return np.frombuffer(data, dtype=np.uint8)
-            log.warning("checksum mismatch in %s (attempt %d)", what, attempt + 1)
-        assert bad is not None, "the loop returns unless a block failed"
-        raise ChecksumError(
-            f"{path}: block {first + bad} of {what} fails its checksum twice; the file is corrupt: {FIX_HINT}")
+                return None
+            return f"block {first + bad}", bytes(memoryview(data)[bad * geom.block_bytes:(bad + 1) * geom.block_bytes])
+
+        return np.frombuffer(read_checked(backend, path, offset, length, what, bad_block), dtype=np.uint8)
 
     def describe(self, layer: int, precision: str, first: int, count: int) -> str:
         npb = self.geometry[precision].neurons_per_block
@@ -270,3 +279,33 @@ def read_with_retries(backend: Backend, path: str | Path, offset: int, length: i
                 raise TransientSSDError(f"{what}: read failed {attempt + 1} times ({e}); check the disk") from e
             time.sleep(BACKOFF_S * (2**attempt))
     raise AssertionError("unreachable: the retry loop returns or raises")
+
+
+def read_checked(backend: Backend, path: str | Path, offset: int, length: int, what: object,
+                 find_bad: Callable[[bytes], tuple[str, bytes] | None]) -> bytes:
+    """``length`` bytes at ``offset`` that ``find_bad`` finds nothing wrong with: transient SSD errors are
+    retried (``read_with_retries``); a range whose checksum fails is read again with backoff.
+
+    ``find_bad(data)``: None, or (which part, its bytes) of the first part that fails its checksum. The same
+    wrong bytes ``PERSISTENT_READS`` reads in a row are damage on the disk: ``ChecksumError`` (re-create the
+    store). Wrong bytes that change from read to read are a flaky read (a busy bus, a failing cable or
+    controller): read up to ``CORRUPT_READS`` times, then ``UnstableReadError``, which does not blame the file."""
+    seen: list[tuple[str, bytes]] = []
+    for attempt in range(CORRUPT_READS):
+        data = read_with_retries(backend, path, offset, length, what)
+        bad = find_bad(data)
+        if bad is None:
+            if seen:
+                log.warning("%s read correctly on read %d, after %d corrupt: a transient fault", what, attempt + 1,
+                            len(seen))
+            return data
+        seen.append(bad)
+        if len(seen) >= PERSISTENT_READS and all(b == bad for b in seen[-PERSISTENT_READS:]):
+            raise ChecksumError(f"{path}: {bad[0]} of {what} fails its checksum with the same bytes on "
+                                f"{PERSISTENT_READS} reads in a row: the file is damaged where it lies; {FIX_HINT}")
+        log.info("checksum mismatch in %s, %s (read %d): reading again", what, bad[0], attempt + 1)
+        time.sleep(min(CORRUPT_BACKOFF_S * 2**attempt, CORRUPT_BACKOFF_MAX_S))
+    raise UnstableReadError(
+        f"{path}: {seen[-1][0]} of {what} failed its checksum on {CORRUPT_READS} reads, with different bytes from "
+        "read to read: the disk or the path to it flips bits, and the file itself is likely intact (no need to "
+        "re-create the store; check the disk: `dmesg`, SMART). The request may be sent again.")

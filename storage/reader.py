@@ -31,11 +31,12 @@ from m2cache.errors import (
     ChecksumError, ConfigError, StoreError, StoreNotFoundError, StoreVersionError, TruncatedStoreError,
     UnsupportedArchitectureError,
 )
-from m2cache.model.llama import SUPPORTED_MODEL_TYPES, ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import SUPPORTED_MODEL_TYPES, supported
 from m2cache.storage import quant
 from m2cache.storage.bundle_files import (  # noqa: F401  (the read helpers' home; imported from here too)
-    FIX_HINT, MERGE_GAP_BYTES, TRANSIENT_RETRIES, Backend, BundleFiles, PlainBackend, first_bad_block, merge_gap,
-    read_planned, read_with_retries,
+    CORRUPT_READS, FIX_HINT, MERGE_GAP_BYTES, PERSISTENT_READS, TRANSIENT_RETRIES, Backend, BundleFiles, PlainBackend, first_bad_block, merge_gap,
+    read_checked, read_planned, read_with_retries,
 )
 from m2cache.storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, file_checksum
 
@@ -79,8 +80,8 @@ class Store:
         cfg = self.manifest["config"]
         if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
-                f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; m2cache runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family) models only")
+                f"{self.path / MANIFEST} describes a {cfg.get('model_type')!r} model; {supported()}"
+            )
         self.config = ModelConfig.from_dict(cfg)
         self.version: int = self.manifest["version"]
         self.checksum_name: str = self.manifest.get("checksum", "crc32")

@@ -11,21 +11,18 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from m2cache.model.llama import ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import layer_tensor_names, layer_tensor_shapes
 from m2cache.model.policy import DEFAULT_POLICY, GATE_PRESETS
 from m2cache.storage import quant
 from m2cache.storage.layout import (
     CHECKSUM, FORMAT_NAME, FORMAT_VERSION, GATE, GATE_NORMS, MANIFEST, RESIDENT, UPDOWN, BlockGeometry,
     block_checksums, checksum_fn, ffn_file_name, file_checksum,
 )
+from m2cache.storage.safetensors_stream import write_streamed
 
 TensorGetter = Callable[[str], torch.Tensor]
 Progress = Callable[[int, int], None]  # (done, total)
-
-RESIDENT_PER_LAYER = (
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-)
 
 
 def resident_names(cfg: ModelConfig) -> Iterator[str]:
@@ -34,8 +31,20 @@ def resident_names(cfg: ModelConfig) -> Iterator[str]:
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight"
     for i in range(cfg.num_layers):
-        for n in RESIDENT_PER_LAYER:
-            yield f"model.layers.{i}.{n}"
+        yield from layer_tensor_names(cfg, i)  # the family's: norms, projections, biases, QK norms
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, F_ = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= layer_tensor_shapes(cfg, i)  # the family's norms, projections, biases, QK norms
+        shapes |= {p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
+                   p + "mlp.down_proj.weight": (D, F_)}
+    return shapes
 
 
 def ffn_bundles_of(get: TensorGetter, layer: int) -> torch.Tensor:
@@ -82,10 +91,12 @@ def write_store(
         shutil.rmtree(tmp)
     (tmp / "ffn").mkdir(parents=True)
     total = cfg.num_layers + 1
-    resident = {n: get(n).to(resident_dtype).contiguous() for n in resident_names(cfg)}
-    save_file(resident, str(tmp / RESIDENT))
-    attention_int8 = write_attention_int8(tmp, resident.__getitem__, cfg)
-    del resident
+    def resident(name: str) -> torch.Tensor:
+        return get(name).to(resident_dtype)
+
+    shapes = tensor_shapes(cfg)
+    write_streamed(tmp / RESIDENT, {n: (shapes[n], resident_dtype) for n in resident_names(cfg)}, resident)
+    attention_int8 = write_attention_int8(tmp, resident, cfg)
     if progress:
         progress(1, total)
 

@@ -246,3 +246,16 @@ def no_task_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     if inspect.iscoroutinefunction(getattr(request, "function", None)):
         request.getfixturevalue("_no_task_left_behind")
     yield
+
+
+@pytest.fixture
+def float_activations():
+    """The kernels' INT8 and INT4 products with float32 activations for the test (not INT8 ones, the default), for
+    tests that compare them with torch's products to float32 rounding; INT8 activations' own rounding is tested in
+    test_cpu_kernels against ``product_input``."""
+    from m2cache.model import cpu_kernels
+
+    before = cpu_kernels.set_int8_activations(False)
+    yield
+    cpu_kernels.set_int8_activations(before)
+

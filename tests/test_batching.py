@@ -125,3 +125,39 @@ async def test_newcomers_arriving_together_share_one_prefill_step(deep: Model) -
             steps = engine.executor.step_no
     assert got == [deep.reference(i, 1) for i in range(6)]
     assert steps < 6
+
+
+@pytest.mark.parametrize("chunk", [16, None], ids=["chunked", "whole"])
+async def test_a_running_stream_gets_tokens_between_the_chunks_of_a_long_prompt(deep: Model, chunk) -> None:
+    long_prompt = (deep.prompts[0] * 40)[:160]  # ten chunks of 16
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None, prefill_chunk=chunk)) as engine:
+            running: list[int] = []
+
+            async def stream() -> None:
+                async for t in engine.generate_ids(deep.prompts[1], 60):
+                    running.append(t)
+
+            task = asyncio.create_task(stream())
+            while len(running) < 2:
+                await asyncio.sleep(0.001)
+            seen = len(running)
+            async for _ in engine.generate_ids(long_prompt, 1):
+                between = len(running) - seen  # the running stream's tokens while the long prompt was prefilled
+            await task
+    assert running == deep.reference(1, 60)
+    if chunk:
+        assert between >= 5  # a decode step after each of the ten chunks but the last (its consumer may lag)
+    else:
+        assert between <= 2  # at most the step in flight when it arrived, and the one before its prefill
+
+
+async def test_a_prompt_prefilled_in_chunks_gives_the_dense_model_s_tokens(deep: Model) -> None:
+    long_prompt = (deep.prompts[2] * 30)[:100]
+    from m2cache.engine.dense import DenseGenerator
+
+    want = list(DenseGenerator(str(deep.store), prefill_chunk=16).generate_ids(long_prompt, 8))
+    async with asyncio.timeout(120):
+        async with Engine.open(deep.store, deep.config(None, prefill_chunk=16)) as engine:
+            got = await tokens_of(engine, long_prompt, 8)
+    assert got == want

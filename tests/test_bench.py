@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from m2cache.bench.harness import SYSTEMS, main
+from m2cache.bench.harness import main
+from m2cache.bench.plan import SYSTEMS
 from m2cache.storage.reader import PlainBackend, Store
 from m2cache.offline.synth import synth
 
@@ -35,13 +36,15 @@ def test_bench_runs_every_system_once_without_a_limit_and_writes_the_report(tiny
     out = tmp_path / "bench.json"
     rc = main(["--store", str(tiny_synth["store"]), "--hf", str(tiny_synth["hf"]), "--tokens", "4", "--runs", "1",
                "--memory", "none", "--prompts", "Hello there", "--hbm-budget", "100%", "--dram-budget", "100%",
-               "--no-direct-io", "--json", str(out)])
+               "--no-direct-io", "--no-quality", "--policies", "gate:0,0,1", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report) >= {"config", "limits", "notes"}
     (part,) = report["limits"]
     assert part["limit"]["mechanism"] == "none"
-    assert list(part["systems"]) == list(SYSTEMS)
+    # the frontier (here one policy) runs from the store's own split view
+    want = [x for s in SYSTEMS for x in (["m2cache:gate:0,0,1"] if s == "m2cache-frontier" else [s])]
+    assert list(part["systems"]) == want
     for name, row in part["systems"].items():
         if row["status"] == "skipped":  # llama-cpp-python is an optional extra
             assert name.startswith("llama") and "make peers" in row["reason"]
@@ -57,7 +60,8 @@ def test_bench_runs_every_system_once_without_a_limit_and_writes_the_report(tiny
 
 
 def test_systems_whose_weights_exceed_the_limit_are_listed_with_what_they_need(tiny_synth: dict[str, Path]) -> None:
-    from m2cache.bench.harness import HF_OVERHEAD, Model, Plan, build_args
+    from m2cache.bench.harness import build_args
+    from m2cache.bench.plan import HF_OVERHEAD, Model, Plan
 
     args = build_args(["--store", str(tiny_synth["store"]), "--systems", "hf-bf16,hf-fp32,layer-stream,m2cache"])
     plan = Plan(args, Model(tiny_synth["store"], tiny_synth["hf"]))
@@ -116,8 +120,10 @@ def test_an_optional_part_without_its_extra_names_the_extra_to_install() -> None
     assert "m2cache_no_such_module" in str(err.value) and "json," not in str(err.value)
 
 
-def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_synth: dict[str, Path]) -> None:
-    from m2cache.bench.harness import Model, Plan, build_args
+def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_synth: dict[str, Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from m2cache.bench.harness import build_args
+    from m2cache.bench.plan import Model, Plan
 
     def needs(policy: str) -> int:
         args = build_args(["--store", str(tiny_synth["store"]), "--systems", "m2cache", "--policy", policy])
@@ -132,5 +138,34 @@ def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_
     assert copy == (quant.bundle_bytes("int4", 1, store.hidden, store.groups) + 4) * store.num_neurons \
         * store.config.num_layers
     assert plan.gate_copy_bytes("predictor:0.1,0.2,0.7") == 0
-    # the same shares: what differs is the copy (the margin grows a little with the limit)
-    assert needs("gate:0.1,0.2,0.7") - needs("predictor:0.1,0.2,0.7") >= copy
+    # the same policy with its copy counted and without: what differs is the copy (the margin grows a little)
+    with_copy = needs("gate:0.1,0.2,0.7")
+    monkeypatch.setattr(Plan, "gate_copy_bytes", lambda self, name, store=None: 0)
+    assert with_copy - needs("gate:0.1,0.2,0.7") >= copy
+
+
+def test_every_row_carries_its_quality_beside_its_speed(tiny_synth: dict[str, Path], tmp_path: Path) -> None:
+    """ppl on the same held-out tokens for every system, Δ against dense FP32, bytes per weight and fits;
+    transformers in FP32 computes the dense FP32 model, so its perplexity is the reference's."""
+    out = tmp_path / "bench.json"
+    systems = "m2cache,m2cache-frontier,m2cache-dense-fp16,hf-fp32,llama-f16"
+    rc = main(["--store", str(tiny_synth["store"]), "--hf", str(tiny_synth["hf"]),
+               "--tokens", "3", "--runs", "1", "--memory", "none", "--prompts", "Hello there", "--hbm-budget", "100%",
+               "--dram-budget", "100%", "--no-direct-io", "--systems", systems, "--policies", "gate:0,0,1",
+               "--json", str(out)])
+    assert rc == 0
+    (part,) = json.loads(out.read_text())["limits"]
+    rows = part["systems"]
+    assert {"m2cache", "m2cache:gate:0,0,1", "m2cache-dense-fp16", "hf-fp32"} <= set(rows)
+    for name, row in rows.items():
+        if row["status"] == "skipped":
+            continue
+        for key in ("ppl", "dense_ppl", "ppl_delta", "bytes_per_weight", "fits"):
+            assert row.get(key) is not None, (name, key)
+        assert row["fits"] is True  # no limit: everything is held
+    assert rows["hf-fp32"]["ppl"] == pytest.approx(rows["hf-fp32"]["dense_ppl"], rel=1e-3)
+    assert rows["m2cache"]["quality_key"].startswith("m2cache|gate-split:0.1,0.2,0.7|")  # the split store's gate-40
+    assert rows["m2cache:gate:0,0,1"]["bytes_per_weight"] < rows["m2cache"]["bytes_per_weight"]
+    if "llama-f16" in rows and rows["llama-f16"]["status"] != "skipped":
+        assert rows["llama-f16"]["ppl"] == pytest.approx(rows["llama-f16"]["dense_ppl"], rel=0.02)
+    assert part["fastest_at"] and all(line.startswith("Δppl") for line in part["fastest_at"])

@@ -33,8 +33,18 @@ def pool_of(precision: str, n: int, dim: int, group: int, seed: int = 0) -> tupl
 
 def reference(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, dim: int, group: int,
               act: str) -> torch.Tensor:
+    """The dequantised rows' FFN, their gate and up products with h as the kernels meet it (``product_input``:
+    its INT8 values for INT8/INT4 rows while INT8 activations are on)."""
     w = quant.decode(precision, pool[slots], 3, dim, torch.float32, G(group))
-    return ffn_bundles(h, w, activation(act))
+    return ffn_bundles(cpu_kernels.product_input(h, precision, dim, G(group)), w, activation(act))
+
+
+@pytest.fixture(params=["int8", "float32"])
+def acts(request):
+    """The kernels' activations for the test: INT8 in blocks of 32 (the default) or float32; restored after."""
+    before = cpu_kernels.set_int8_activations(request.param == "int8")
+    yield request.param
+    cpu_kernels.set_int8_activations(before)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("precision", quant.PRECISIONS)
 @pytest.mark.parametrize("act", sorted(cpu_kernels.ACTIVATIONS))
 @pytest.mark.parametrize("T", [1, 3])
-def test_kernel_matches_the_dequantised_reference(precision: str, act: str, T: int) -> None:
+def test_kernel_matches_the_dequantised_reference(acts, precision: str, act: str, T: int) -> None:
     dim, group = 128, 32
     _, pool = pool_of(precision, 200, dim, group)
     slots = torch.tensor([5, 199, 0, 17, 64, 63, 100])  # any order, first and last rows included
@@ -55,7 +65,7 @@ def test_kernel_matches_the_dequantised_reference(precision: str, act: str, T: i
 
 
 @pytest.mark.parametrize("precision", quant.PRECISIONS)
-def test_kernel_handles_widths_off_the_vector_length(precision: str) -> None:
+def test_kernel_handles_widths_off_the_vector_length(acts, precision: str) -> None:
     dim, group = 40, 8  # 40 = 2 x 16 + 8 values; INT4 groups of 4 bytes: the scalar loops
     _, pool = pool_of(precision, 30, dim, group, seed=3)
     slots = torch.arange(30).flip(0).contiguous()
@@ -66,7 +76,7 @@ def test_kernel_handles_widths_off_the_vector_length(precision: str) -> None:
 
 
 @pytest.mark.parametrize(("dim", "group", "T"), [(128, 32, 1), (128, 32, 70), (40, 8, 3)])
-def test_gate_kernel_scores_every_row_of_the_packed_int4_copy(dim: int, group: int, T: int) -> None:
+def test_gate_kernel_scores_every_row_of_the_packed_int4_copy(acts, dim: int, group: int, T: int) -> None:
     # the gate policy's resident copy: the gate part of each INT4 bundle, scored without dequantising;
     # 70 tokens span two calls of 64
     _, bundles = pool_of("int4", 90, dim, group, seed=5)
@@ -75,11 +85,11 @@ def test_gate_kernel_scores_every_row_of_the_packed_int4_copy(dim: int, group: i
     h = torch.randn(T, dim, generator=torch.Generator().manual_seed(6))
     got = cpu_kernels.gate_int4(gates, h, dim, group, "silu")
     gate_rows = quant.decode("int4", bundles, 3, dim, torch.float32, G(group))[:, 0]
-    assert rel_err(got, activation("silu")(h @ gate_rows.T)) < RTOL
+    assert rel_err(got, activation("silu")(cpu_kernels.product_input(h, "int4", dim, G(group)) @ gate_rows.T)) < RTOL
 
 
 @pytest.mark.parametrize("dim", [128, 40])
-def test_int8_kernel_reads_one_scale_per_row_from_version_1_stores(dim: int) -> None:
+def test_int8_kernel_reads_one_scale_per_row_from_version_1_stores(acts, dim: int) -> None:
     # a format version 1 store's INT8 bundle is the same layout with a group as wide as the row
     _, pool = pool_of("int8", 50, dim, dim)
     slots = torch.tensor([3, 49, 0, 20])
@@ -89,7 +99,7 @@ def test_int8_kernel_reads_one_scale_per_row_from_version_1_stores(dim: int) -> 
     assert rel_err(out, reference("int8", pool, slots, h, dim, dim, "silu")) < RTOL
 
 
-def test_kernel_adds_into_the_output() -> None:
+def test_kernel_adds_into_the_output(acts) -> None:
     dim, group = 64, 32
     _, pool = pool_of("int4", 10, dim, group)
     slots, h = torch.arange(10), torch.randn(1, dim)
@@ -148,7 +158,9 @@ async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[
 
             def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
                 out = kernel_ffn(h, ready, prefill)
-                ref = ffn_groups(h, ex.raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype)
+                ref = ffn_groups(h, ex.raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype) if not kernels \
+                    else sum(ffn_groups(cpu_kernels.product_input(h, p, ex.dim, ex.groups), {p: rows}, ex.parts, ex.dim,
+                                        ex.groups, ex.act, ex.dtype) for p, rows in ex.raw_rows(ready).items())
                 errors.append(float((out - ref).abs().max() / ref.abs().max()))
                 return out
 
@@ -196,11 +208,13 @@ def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_stor
     assert sum(g.numel() for g in policy.gates) + 4 * sum(n.numel() for n in policy.norms) == policy.resident_bytes
     h = torch.randn(2, store.hidden, generator=torch.Generator().manual_seed(7))
     gate = store.decode("int4", store.read_layer(1, "int4", PlainBackend()), torch.float32)[:, 0]
-    expected = activation("silu")(h @ gate.T).abs() * policy.norms[1]
+    expected = activation("silu")(cpu_kernels.product_input(h, "int4", store.hidden, store.groups) @ gate.T).abs() \
+        * policy.norms[1]
     assert rel_err(policy.score_all(1, h), expected) < RTOL
 
 
-def test_the_gate_policy_scores_a_batch_in_one_pass_off_the_kernels_or_from_the_packed_copy(tiny_store) -> None:
+def test_the_gate_policy_scores_a_batch_in_one_pass_off_the_kernels_or_from_the_packed_copy(tiny_store,
+                                                                                            float_activations) -> None:
     from m2cache.engine.policies import gate_policy
     from m2cache.model.policy import GatePolicy, Shares
     from m2cache.storage.reader import Store
@@ -231,7 +245,7 @@ def test_the_gate_kernel_refuses_a_copy_of_another_layout() -> None:
 
 @pytest.mark.parametrize("precision", quant.PRECISIONS)
 @pytest.mark.parametrize("T", [1, 3])
-def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole_bundles(precision: str,
+def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole_bundles(acts, precision: str,
                                                                                       T: int) -> None:
     # a split store's rows hold up and down only; given the gate activations the whole rows would give,
     # the FFN is the same
@@ -241,7 +255,7 @@ def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole
     slots = torch.tensor([59, 3, 0, 17, 40])
     h = torch.randn(T, dim, generator=torch.Generator().manual_seed(9))
     gate = quant.decode(precision, pool[slots], 3, dim, torch.float32, G(group))[:, 0]
-    gact = activation("silu")(h @ gate.T).T.contiguous()  # [n, T]
+    gact = activation("silu")(cpu_kernels.product_input(h, precision, dim, G(group)) @ gate.T).T.contiguous()  # [n, T]
     whole, parted = torch.zeros(T, dim), torch.zeros(T, dim)
     cpu_kernels.ffn_group(precision, pool, slots, h, whole, dim, G(group), "silu")
     cpu_kernels.ffn_group(precision, split, slots, h, parted, dim, G(group), "silu", gact)
@@ -265,9 +279,9 @@ def attention_layer(weights: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
-def test_attention_kernel_agrees_with_the_torch_operators(weights: str) -> None:
+def test_attention_kernel_agrees_with_the_torch_operators(weights: str, float_activations) -> None:
     """Forty decode positions (the cache growing past its first capacity): the kernel's residual, FFN input and
-    cache equal torch's ~35 operators to float32 rounding."""
+    cache equal torch's ~35 operators to float32 rounding (INT8 rows with float32 activations)."""
     from m2cache.model.int8 import linear
     from m2cache.model.llama import KVCache, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
     cfg, w = attention_layer(weights)
@@ -287,7 +301,8 @@ def test_attention_kernel_agrees_with_the_torch_operators(weights: str) -> None:
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
-def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_are(weights: str) -> None:
+def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_are(weights: str,
+                                                                                   float_activations) -> None:
     """A bfloat16 engine's positions: the kernel sums in float32 and rounds once where it stores, torch's operators
     round after each; measured against the float32 product of the same weights and inputs, the kernel's residual,
     FFN input and cache are within bfloat16 rounding and no farther than torch's path."""
@@ -320,6 +335,34 @@ def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_
         assert rel_err(h.float(), rms_norm(truth, exact.ffn_norm, cfg.rms_norm_eps)) < 1e-2
     mine_kv, exact_kv = caches["mine"].data[0, :, :, :24].float(), caches["exact"].data[0, :, :, :24]
     assert rel_err(mine_kv, exact_kv) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_of_the_attention_and_the_head_meet_the_int8_values_of_their_input(dtype: torch.dtype) -> None:
+    """INT8 weights with INT8 activations (the default): a row's product is the dequantised rows' product with the
+    INT8 values of the normed input, to float32 rounding; the attention block built on it stays within 1% of the
+    float32 truth."""
+    from m2cache.model.int8 import Int8Weight
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
+    g = torch.Generator().manual_seed(11)
+    w, norm, x = torch.randn(300, 96, generator=g) * 0.1, torch.rand(96, generator=g) + 0.5, torch.randn(1, 96, generator=g)
+    q = Int8Weight.quantize(w, dtype)
+    deq = q.q.float() * q.scale.float()[:, None]
+    x, norm = x.to(dtype), norm.to(dtype)
+    normed = rms_norm(x.float(), norm.float(), 1e-5)
+    got = cpu_kernels.matvec_row(x, q, norm, 1e-5)
+    assert rel_err(got, cpu_kernels.int8_activation_values(normed) @ deq.T) < RTOL
+    cfg, w32 = attention_layer("float32")
+    qw = [Int8Weight.quantize(t, torch.float32) for t in (w32.wqkv, w32.wo)]  # type: ignore[arg-type]
+    w8 = LayerWeights(w32.attn_norm, qw[0], qw[1], w32.ffn_norm)
+    exact = LayerWeights(w32.attn_norm, *(m.q.float() * m.scale[:, None] for m in qw), w32.ffn_norm)
+    rope, mine, truth = Rotary(cfg), KVCache(cfg, torch.float32, "cpu"), KVCache(cfg, torch.float32, "cpu")
+    for pos in range(8):
+        xp = torch.randn(1, 96, generator=g)
+        cs = rope_slice(rope, pos, 1, torch.float32)
+        out, _ = attention_and_norm(cfg, w8, xp, 0, mine, pos, cs)
+        want = xp + _attend(cfg, _qkv(cfg, exact, xp), 0, truth, pos, cs, xp.dtype) @ exact.wo.T
+        assert rel_err(out, want) < 1e-2
 
 
 def test_attention_kernel_leaves_what_it_does_not_take_to_torch() -> None:
@@ -418,3 +461,44 @@ def test_attention_kernel_refuses_weights_of_another_shape() -> None:
     with pytest.raises(ValueError, match="shapes"):
         cpu_kernels.attention_decode(torch.randn(1, 96), w.attn_norm, 1e-5, torch.empty(0, 96), w.wo, cos, sin,
                                      cache, 0, cfg.num_heads, cfg.num_kv_heads)
+
+
+def test_the_ctypes_declarations_match_the_header() -> None:
+    """Every function and struct of csrc/m2cache.h as the Python side declares it (cpu_build.ABI, native_decode's
+    structures): the same functions, argument counts and kinds (pointer, int64, int, float), fields in order."""
+    import ctypes
+    import re
+
+    from m2cache.model import cpu_build, native_decode
+
+    text = re.sub(r"/\*.*?\*/", "", (cpu_build.CSRC / "m2cache.h").read_text(), flags=re.S)
+    kinds = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float, "uint64_t": ctypes.c_uint64}
+
+    def kind(decl: str):
+        decl = decl.strip()
+        if "*" in decl:
+            return ctypes.c_void_p
+        return kinds[re.sub(r"\bconst\b", "", decl).split()[0]]
+
+    declared = {}
+    for result, name, params in re.findall(r"(\w+)\s+(m2c_\w+)\(([^)]*)\);", text):
+        args = [] if params.strip() in ("", "void") else [kind(p) for p in params.split(",")]
+        declared[name] = (args, None if result == "void" else kinds[result])
+    assert set(declared) == set(cpu_build.ABI)
+    for name, (args, result) in cpu_build.ABI.items():
+        assert declared[name] == (args, result), name
+    for cname, struct in (("m2c_layer", native_decode.Layer), ("m2c_model", native_decode.Model)):
+        body = re.search(r"typedef struct \{([^{}]*)\}\s*" + cname + ";", text).group(1)  # type: ignore[union-attr]
+        fields = []
+        for decl in filter(None, (d.strip() for d in body.split(";"))):
+            names = re.sub(r"\bconst\b", "", decl).split(None, 1)[1]  # past the type
+            fields += [re.sub(r"[*\s]|\[\d+\]", "", n) for n in names.split(",")]
+        assert fields == [f for f, _ in struct._fields_], cname
+
+
+def test_loading_the_kernels_leaves_the_process_s_denormals_alone() -> None:
+    """Built without -ffast-math: with gcc < 13 its crtfastmath set flush-to-zero for the whole process when the
+    library loaded, and torch's float32 denormals (the dense reference's too) became zeros."""
+    assert cpu_kernels.library() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() > 0 and (torch.tensor([1e-39]) / 10).item() > 0

@@ -253,3 +253,97 @@ def test_sigterm_ends_running_streams_with_an_error_event_and_the_server_exits(d
     assert late.status_code == 503 and late.json()["error"]["type"] == "server_shutdown"
     assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "draining"
     assert live.proc.wait(30) == 0
+
+
+# ---- keys, usage, fields --------------------------------------------------------------------------
+KEY = "sk-test-5f0b1e2d9c"
+
+
+def test_with_an_api_key_every_v1_route_answers_401_without_it_and_the_key_is_never_logged(deep: S.Model) -> None:
+    live = Live(deep.store, "--policy", "dense-fp16", "--api-key", KEY)
+    try:
+        for method, route, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", {"prompt": "x"}),
+                                    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = httpx.request(method, live.url + route, json=body, headers=headers)
+                assert r.status_code == 401, (route, headers)
+                assert r.json()["error"]["code"] == "invalid_api_key" and KEY not in r.text
+        authed = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert authed.completions.create(model="m", prompt=PROMPTS[0], max_tokens=2, temperature=0).choices
+        with pytest.raises(openai.AuthenticationError):
+            live.client.models.list()  # the client's key is "none"
+        assert httpx.get(live.url + "/health").status_code == 200  # public by default, as /metrics
+        assert httpx.get(live.url + "/metrics").status_code == 200
+    finally:
+        assert live.stop() == 0
+    assert KEY not in "".join(live.lines)
+
+
+def test_the_key_may_come_from_the_environment_and_health_and_metrics_may_need_it_too(deep: S.Model) -> None:
+    os.environ["M2CACHE_API_KEY"] = KEY
+    try:
+        live = Live(deep.store, "--policy", "dense-fp16", "--public", "none")
+    finally:
+        del os.environ["M2CACHE_API_KEY"]
+    try:
+        assert httpx.get(live.url + "/health").status_code == 401
+        assert httpx.get(live.url + "/metrics").status_code == 401
+        ok = httpx.get(live.url + "/health", headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and ok.json()["status"] == "ok"
+    finally:
+        assert live.stop() == 0
+
+
+def test_usage_does_not_count_the_end_of_sequence_token(deep: S.Model, tmp_path: Path) -> None:
+    import shutil
+
+    import msgpack
+
+    ref = deep.reference(0, 8)
+    stop_at = next(i for i in range(2, 8) if ref[i] not in ref[:i])  # generated once, never before
+    store = Path(shutil.copytree(deep.store, tmp_path / "store"))
+    manifest = msgpack.unpackb((store / "manifest.msgpack").read_bytes(), raw=False, strict_map_key=False)
+    manifest["config"]["eos_token_ids"] = [ref[stop_at]]  # the model "ends" where it generates that token
+    (store / "manifest.msgpack").write_bytes(msgpack.packb(manifest, use_bin_type=True))
+    live = Live(store, "--policy", "dense-fp16")
+    try:
+        r = live.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == stop_at  # the tokens before it, not the end-of-sequence itself
+        assert r.usage.total_tokens == r.usage.prompt_tokens + stop_at
+    finally:
+        assert live.stop() == 0
+
+
+def test_max_completion_tokens_is_taken_as_newer_clients_send_it(server: Live) -> None:
+    for route, body in (("/v1/completions", {"prompt": PROMPTS[0]}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[0]}]})):
+        r = httpx.post(server.url + route, json={**body, "max_completion_tokens": 3, "max_tokens": 9, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_n_above_one_gets_a_400_saying_one_choice_per_request(server: Live) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="m", prompt="x", max_tokens=2, n=2)
+    assert e.value.body["param"] == "n" and "one choice per request" in e.value.body["message"]
+
+
+def test_a_request_that_cannot_get_room_in_the_kv_cache_in_time_gets_503_with_retry_after(deep: S.Model) -> None:
+    # a slow disk read at every step: the first request holds most of the KV cache for many seconds
+    live = Live(deep.store, "--policy", "dense-fp16", "--kv-tokens", "230", "--queue-timeout", "1",
+                "--ssd-sim", "latency=10ms", "--preload", "neuron")
+    try:
+        http, resp, lines = _open_stream(live, 200)
+        _next_event(lines)
+        for stream in (False, True):
+            r = httpx.post(live.url + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 40, "stream": stream},
+                           timeout=60)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["type"] == "overloaded_error"
+        resp.close()
+        http.close()
+        wait_for(lambda: live.metric("m2cache_requests_in_flight") == 0)
+        ok = httpx.post(live.url + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 4}, timeout=120)
+        assert ok.status_code == 200  # room again once the first request went
+    finally:
+        assert live.stop() == 0

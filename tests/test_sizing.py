@@ -209,3 +209,20 @@ def test_the_plan_counts_a_neuron_read_as_the_blocks_and_runs_it_reads_not_its_b
         # at least its bundles, padded to whole blocks; never more than the files (gate rows and up/down)
         assert few * store.bundle_bytes(p) <= _neuron_read_bytes(store, p, few) <= store.file_bytes(p)
         assert _neuron_read_bytes(store, p, F) == store.file_bytes(p)  # every neuron: the whole files, once
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize("cpu_direct", [True, False])
+def test_the_in_ram_dram_budget_keeps_every_layer_the_policy_uses_and_a_layer_less_would_not(
+        store, direct_io: bool, cpu_direct: bool) -> None:
+    from m2cache.engine.sizing import dram_to_keep_all
+
+    policy = mixed(store)
+    cfg = EngineConfig(hbm_budget=2 * layer(store), dram_budget=1, direct_io=direct_io)
+    budget = dram_to_keep_all(store, cfg, policy, cpu_direct=cpu_direct)
+    every = {(L, p) for L in range(store.config.num_layers) for p in PRECISION_ORDER}
+    plan = plan_tiers(store, cfg.replace(dram_budget=budget), policy, cpu_direct=cpu_direct)
+    assert every <= set(plan.fixed_keys) and plan.decode_read_bytes == 0
+    one_layer = sum(layer(store, p) for p in PRECISION_ORDER)
+    less = plan_tiers(store, cfg.replace(dram_budget=budget - one_layer), policy, cpu_direct=cpu_direct)
+    assert not every <= set(less.fixed_keys)

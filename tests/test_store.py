@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from m2cache.offline.convert import convert
 from m2cache.errors import (
-    ChecksumError, StoreNotFoundError, StoreVersionError, TruncatedStoreError, UnsupportedArchitectureError,
+    ChecksumError, StoreNotFoundError, StoreVersionError, TransientSSDError, TruncatedStoreError, UnstableReadError,
+    UnsupportedArchitectureError,
 )
 from m2cache.engine.loading import load_resident
 from m2cache.storage import quant
 from m2cache.storage.bundle_files import BundleFiles
 from m2cache.storage.layout import ALIGN, GATE, MANIFEST, RESIDENT, UPDOWN, coalesce, ffn_file_name
-from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store, merge_gap
+from m2cache.storage.reader import CORRUPT_READS, PERSISTENT_READS, SPLIT, WHOLE, PlainBackend, Store, merge_gap
 from m2cache.storage.writer import ffn_bundles_of
 
 NEURONS = 1024  # the "wide" store: many 4 KiB blocks per file at every precision (fp16 103, int4 31)
@@ -50,6 +51,20 @@ class FlipFirstReads(PlainBackend):
         if self.bad > 0:
             self.bad -= 1
             data[length // 2] ^= 0x40
+        return bytes(data)
+
+
+class FlipEachRead(PlainBackend):
+    """A different byte flipped in each of the first ``bad`` reads: wrong bytes that change from read to read."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+
+    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+        data = bytearray(super().read(path, offset, length))
+        if self.bad > 0:
+            self.bad -= 1
+            data[(length // 2 + 17 * self.bad) % length] ^= 0x40
         return bytes(data)
 
 
@@ -260,16 +275,37 @@ def test_a_flipped_byte_fails_only_reads_of_its_block(wide: Any, tmp_path: Path)
         store.read_neurons(0, "fp16", np.array([3 * geom.neurons_per_block]), backend)
 
 
-def test_a_corrupt_read_is_read_again_once(wide_store: Store) -> None:
+def test_a_corrupt_read_is_read_again_until_it_reads_right(wide_store: Store) -> None:
     ids = np.arange(0, NEURONS, 3)
     want = wide_store.read_neurons(0, "int4", ids, PlainBackend())
     assert torch.equal(wide_store.read_neurons(0, "int4", ids, FlipFirstReads(bad=1)), want)
+    # a flaky read may give wrong bytes several times, even the same ones twice: still the file is intact
+    assert torch.equal(wide_store.read_neurons(0, "int4", ids, FlipFirstReads(bad=PERSISTENT_READS - 1)), want)
+    assert torch.equal(wide_store.read_neurons(0, "int4", ids, FlipEachRead(bad=CORRUPT_READS - 1)), want)
 
 
-def test_a_read_corrupt_twice_raises_checksum_error(wide_store: Store) -> None:
+def test_the_same_wrong_bytes_on_every_read_raise_checksum_error_after_a_few_reads(store_copy: Path) -> None:
+    path = store_copy / ffn_file_name(1, "int8", UPDOWN)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    backend = RecordingBackend()
     with pytest.raises(ChecksumError) as err:
-        wide_store.read_neurons(0, "int4", np.array([1]), FlipFirstReads(bad=2))
-    assert_names_file_and_fix(err, wide_store.gate_rows.file_path(0, "int4"))
+        Store(store_copy).read_neurons(1, "int8", np.array([0]), backend)
+    assert_names_file_and_fix(err, path)
+    # the gate rows' file reads right once; the [up|down] one the same wrong bytes PERSISTENT_READS times
+    assert "same bytes" in str(err.value) and len(backend.reads) == 1 + PERSISTENT_READS
+
+
+def test_wrong_bytes_that_change_from_read_to_read_raise_an_unstable_read_error_that_does_not_blame_the_file(
+        wide_store: Store) -> None:
+    backend = FlipEachRead(bad=CORRUPT_READS)
+    with pytest.raises(UnstableReadError) as err:
+        wide_store.read_neurons(0, "int4", np.array([1]), backend)
+    msg = str(err.value)
+    assert str(wide_store.gate_rows.file_path(0, "int4")) in msg and "likely intact" in msg and "m2cache convert" not in msg
+    assert backend.bad == 0  # read CORRUPT_READS times, then given up
+    assert isinstance(err.value, TransientSSDError)
 
 
 def test_a_corrupt_resident_file_raises_checksum_error_at_load(store_copy: Path) -> None:

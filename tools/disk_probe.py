@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-import m2cache.storage.reader as reader
+import m2cache.storage.bundle_files as bundle_files
 from m2cache.storage.reader import Store
 from m2cache.storage.ssd import FileBackend
 
@@ -45,7 +45,7 @@ def random_reads(paths: list[str], size: int, threads: int, total: int) -> float
 
 def layer_reads(store: Store, shares: tuple[float, float], layers: int, gap: int, seed: int) -> tuple[float, int]:
     """(seconds, bytes) to read ``layers`` layers' FP16 and INT8 neurons of a random selection."""
-    reader.MERGE_GAP_BYTES = gap
+    bundle_files.MERGE_GAP_BYTES = gap
     rng, F = np.random.default_rng(seed), store.num_neurons
     n16, n8 = int(shares[0] * F), int(shares[1] * F)
     backend, nbytes = FileBackend(direct=True), 0

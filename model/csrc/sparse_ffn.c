@@ -1,47 +1,33 @@
-/* The sparse mixed-precision FFN of a few tokens, read straight from the neuron pool.
+/* The sparse mixed-precision FFN of a few tokens, read straight from the neuron pool, and the gate policy's
+ * scores from a resident INT4 copy of the gate rows.
  *
- * Each call computes one precision group: for every kept neuron (a row of the pool, found by its
- * slot) the gate and up dot products with each token's input, the activation, and the down column
- * added into the output. Weights are read once per call for all tokens and never dequantised into a
- * buffer: INT8 and INT4 values are widened in registers. Row layouts are the store's bundles
+ * Each kept neuron (a row of the pool, found by its slot) gives the gate and up dot products with each token's
+ * input, the activation, and its down column added into the output. Weights are read once per call for all
+ * tokens and never dequantised into a buffer (simd.h). Row layouts are the store's bundles
  * (m2cache.storage.quant):
- *   fp16: [3][D] halves
- *   int8: [3][D] int8, then [3][D/group] float32 scales (group = D: one per part, format version 1)
- *   int4: [3][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
- *         [3][D/group] (scale, min) float16 pairs; a value is q * scale + min
- * A split store's rows hold only up and down ([2][...] the same way); its gate activations come from
- * outside (gact [n][T]).
- * Inputs and outputs are float32 [T][D]; the output is accumulated into (+=).
- * Built with -O3 -march=native -ffast-math so the loops below vectorise (loaded by ctypes from
- * m2cache.model.cpu_kernels).
+ *   fp16: [P][D] halves
+ *   int8: [P][D] int8, then [P][D/group] float32 scales (group = D: one per part, format version 1)
+ *   int4: [P][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
+ *         [P][D/group] (scale, min) float16 pairs; a value is q * scale + min
+ * P = 3 (gate, up, down), or 2 for a split store's rows (up, down), whose gate activations come from outside
+ * (gact [n][T]). Inputs and outputs are float32 [T][D]; the output is accumulated into (+=).
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+#include "m2cache.h"
 #include "threads.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-typedef _Float16 f16;
+static int int8_acts = 1;
 
-enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3 };
-
-static inline float activate(float x, int act) {
-    switch (act) {
-    case ACT_SILU: return x / (1.0f + expf(-x));
-    case ACT_RELU: return x > 0.0f ? x : 0.0f;
-    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    default: {
-        float k = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-        return 0.5f * x * (1.0f + tanhf(k));
-    }
-    }
+int m2c_set_int8_activations(int on) {
+    const int before = __atomic_load_n(&int8_acts, __ATOMIC_RELAXED);
+    __atomic_store_n(&int8_acts, on ? 1 : 0, __ATOMIC_RELAXED);
+    return before;
 }
 
-#define MAX_T 64
+int m2c_int8_activations(void) { return __atomic_load_n(&int8_acts, __ATOMIC_RELAXED); }
 
 /* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
 static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
@@ -50,389 +36,318 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
     return !bad;
 }
 
-/* FP16 and INT8 rows: the gate and up dot products of one row with x, and y += a * down row, for
- * one element type. gcc does not vectorise _Float16 -> float conversions on its own, so on AVX-512
- * each loop is written with the widening load (LOAD16: 16 elements as 16 floats); the scalar tail
- * (and other CPUs) use the plain loop. */
-#if defined(__AVX512F__)
-#define LOAD16_fp16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-#define LOAD16_int8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define ROW_KERNELS(name, type)                                                                      \
-    static __attribute__((unused))                                                                   \
-    void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {         \
-        int64_t d = 0;                                                                               \
-        __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();                                   \
-        for (; d + 16 <= D; d += 16) {                                                               \
-            __m512 xv = _mm512_loadu_ps(x + d);                                                      \
-            vg = _mm512_fmadd_ps(LOAD16_##name(w + d), xv, vg);                                      \
-            vu = _mm512_fmadd_ps(LOAD16_##name(w + D + d), xv, vu);                                  \
-        }                                                                                            \
-        float g = _mm512_reduce_add_ps(vg), u = _mm512_reduce_add_ps(vu);                           \
-        for (; d < D; d++) {                                                                         \
-            g += (float)w[d] * x[d];                                                                 \
-            u += (float)w[D + d] * x[d];                                                             \
-        }                                                                                            \
-        *g_out = g;                                                                                  \
-        *u_out = u;                                                                                  \
-    }                                                                                                \
-    static __attribute__((unused)) float dot1_##name(const type *w, const float *x, int64_t D) {     \
-        int64_t d = 0;                                                                               \
-        __m512 v = _mm512_setzero_ps();                                                              \
-        for (; d + 16 <= D; d += 16)                                                                 \
-            v = _mm512_fmadd_ps(LOAD16_##name(w + d), _mm512_loadu_ps(x + d), v);                    \
-        float s = _mm512_reduce_add_ps(v);                                                           \
-        for (; d < D; d++) s += (float)w[d] * x[d];                                                  \
-        return s;                                                                                    \
-    }                                                                                                \
-    static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
-        int64_t d = 0;                                                                               \
-        __m512 av = _mm512_set1_ps(a);                                                               \
-        for (; d + 16 <= D; d += 16)                                                                 \
-            _mm512_storeu_ps(y + d, _mm512_fmadd_ps(av, LOAD16_##name(w + d), _mm512_loadu_ps(y + d))); \
-        for (; d < D; d++) y[d] += a * (float)w[d];                                                  \
-    }
-#else
-#define ROW_KERNELS(name, type)                                                                      \
-    static __attribute__((unused))                                                                   \
-    void dot2_##name(const type *w, const float *x, int64_t D, float *g_out, float *u_out) {         \
-        float g = 0.0f, u = 0.0f;                                                                    \
-        for (int64_t d = 0; d < D; d++) {                                                            \
-            g += (float)w[d] * x[d];                                                                 \
-            u += (float)w[D + d] * x[d];                                                             \
-        }                                                                                            \
-        *g_out = g;                                                                                  \
-        *u_out = u;                                                                                  \
-    }                                                                                                \
-    static __attribute__((unused)) float dot1_##name(const type *w, const float *x, int64_t D) {     \
-        float s = 0.0f;                                                                              \
-        for (int64_t d = 0; d < D; d++) s += (float)w[d] * x[d];                                     \
-        return s;                                                                                    \
-    }                                                                                                \
-    static void axpy_##name(float a, const type *w, float *y, int64_t D) {                           \
-        for (int64_t d = 0; d < D; d++) y[d] += a * (float)w[d];                                     \
-    }
-#endif
-ROW_KERNELS(fp16, f16)
-ROW_KERNELS(int8, int8_t)  /* axpy only: INT8 dot products run in groups, below */
+static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
-/* INT8 gate and up products of one row with x, in groups of `group` values: each group's partial sums
- * are scaled once (one vector accumulator per group folded into the row's with one FMA). */
-static void dot2_int8_groups(const int8_t *w, const float *s, const float *x, int64_t D, int64_t group,
-                             float *g_out, float *u_out) {
-    const int64_t ng = D / group;
-    float g = 0.0f, u = 0.0f;
-#if defined(__AVX512F__)
-    if (group % 16 == 0) {
-        __m512 vg = _mm512_setzero_ps(), vu = _mm512_setzero_ps();
-        for (int64_t k = 0; k < ng; k++) {
-            __m512 pg = _mm512_setzero_ps(), pu = _mm512_setzero_ps();
-            for (int64_t d = k * group; d < (k + 1) * group; d += 16) {
-                __m512 xv = _mm512_loadu_ps(x + d);
-                pg = _mm512_fmadd_ps(LOAD16_int8(w + d), xv, pg);
-                pu = _mm512_fmadd_ps(LOAD16_int8(w + D + d), xv, pu);
+#define ROW_BLOCK 16 /* rows whose dot products run before their down columns (group_span) */
+
+/* one part's accumulators: out [T][D], and for INT4 rows ye, yo [T][D/2] and ymin [T][D/g4] */
+static int64_t part_floats(int64_t T, int64_t D, int64_t g4) { return round64(T * (2 * D + D / g4)); }
+
+int64_t ffn_scratch_bytes(int64_t T, int64_t D, int64_t g4, int parts) {
+    const int64_t acts = round64(T * q8_bytes(D)) + round64(4 * T * D) + round64(4 * T * (D / g4))
+                         + round64(4 * T * (D / Q8_BLOCK) * 4) + round64(4 * T * 2 * (D / g4));
+    return acts + (int64_t)parts * 4 * part_floats(T, D, g4);
+}
+
+int64_t ffn_prepare(ffn_acts *a, const float *h, int64_t T, int64_t D, int64_t g8, int64_t g4, int64_t parts,
+                    int act, void *scratch) {
+    uint8_t *p = scratch;
+    a->h = h;
+    a->T = T, a->D = D, a->g8 = g8, a->g4 = g4, a->parts = parts, a->act = act;
+    const int q8 = m2c_int8_activations() && D % Q8_BLOCK == 0;
+    a->q8_i8 = q8 && g8 % Q8_BLOCK == 0;
+    a->q8_i4 = q8 && g4 % Q8_BLOCK == 0;
+    const int64_t qb = q8_bytes(D);
+    for (int64_t t = 0; t < T && (a->q8_i8 || a->q8_i4); t++) {
+        a->r[t] = q8_at(p + t * qb, D);
+        q8_quantise(h + t * D, D, &a->r[t]);
+    }
+    p += round64(T * qb);
+    a->he = (float *)p;
+    a->ho = a->he + T * (D / 2);
+    p += round64(4 * T * D);
+    a->xs4 = (float *)p;
+    p += round64(4 * T * (D / g4));
+    const int64_t ng = D / g4;
+    for (int64_t t = 0; t < T; t++) {
+        /* the sums the minimums meet: of the values the codes stand for (INT8 activations: d * q, so that an
+         * INT4 row's product is exactly its dequantised values' with them), else of h */
+        const float *x = h + t * D;
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            if (a->q8_i4) {
+                for (int64_t b = g * g4 / Q8_BLOCK; b < (g + 1) * g4 / Q8_BLOCK; b++) {
+                    int32_t qs = 0;
+                    for (int i = 0; i < Q8_BLOCK; i++) qs += a->r[t].q[b * Q8_BLOCK + i];
+                    s += (float)qs * a->r[t].d[b];
+                }
+            } else {
+                for (int64_t i = g * g4; i < (g + 1) * g4; i++) s += x[i];
             }
-            vg = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), pg, vg);
-            vu = _mm512_fmadd_ps(_mm512_set1_ps(s[ng + k]), pu, vu);
+            a->xs4[t * ng + g] = s;
         }
-        *g_out = _mm512_reduce_add_ps(vg);
-        *u_out = _mm512_reduce_add_ps(vu);
-        return;
-    }
-#endif
-    for (int64_t k = 0; k < ng; k++) {
-        float pg = 0.0f, pu = 0.0f;
-        for (int64_t d = k * group; d < (k + 1) * group; d++) {
-            pg += (float)w[d] * x[d];
-            pu += (float)w[D + d] * x[d];
-        }
-        g += pg * s[k];
-        u += pu * s[ng + k];
-    }
-    *g_out = g;
-    *u_out = u;
-}
-
-/* The INT8 up product alone (split rows: the gate activation comes from outside), in groups. */
-static float dot1_int8_groups(const int8_t *w, const float *s, const float *x, int64_t D, int64_t group) {
-    const int64_t ng = D / group;
-    float total = 0.0f;
-#if defined(__AVX512F__)
-    if (group % 16 == 0) {
-        __m512 v = _mm512_setzero_ps();
-        for (int64_t k = 0; k < ng; k++) {
-            __m512 p = _mm512_setzero_ps();
-            for (int64_t d = k * group; d < (k + 1) * group; d += 16)
-                p = _mm512_fmadd_ps(LOAD16_int8(w + d), _mm512_loadu_ps(x + d), p);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), p, v);
-        }
-        return _mm512_reduce_add_ps(v);
-    }
-#endif
-    for (int64_t k = 0; k < ng; k++) {
-        float p = 0.0f;
-        for (int64_t d = k * group; d < (k + 1) * group; d++) p += (float)w[d] * x[d];
-        total += p * s[k];
-    }
-    return total;
-}
-
-/* One FP16 or INT8 group of neurons. FP16 rows are [P][D] halves; INT8 rows [P][D] int8 followed by
- * [P][D/group] float32 scales. P = 3 (gate, up, down) with gact NULL; P = 2 (up, down: a split store)
- * with gact[i][t], the gate activation of row i for token t, given. */
-static int ffn_rows(int int8, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                    const float *gact, float *out) {
-    if (T > MAX_T || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
-    if (!slots_ok(slots, n, pool_rows)) return -3;
-    const int64_t ng = D / group, down = parts - 1;
-    float a[MAX_T];
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = pool + slots[i] * bundle_bytes;
-        const int8_t *q = (const int8_t *)row;
-        const float *s = (const float *)(row + parts * D);  /* INT8 only: [P][ng], aligned as the bundle is */
-        for (int64_t t = 0; t < T; t++) {
-            float g, u;
-            if (gact) {
-                u = int8 ? dot1_int8_groups(q, s, h + t * D, D, group) : dot1_fp16((const f16 *)row, h + t * D, D);
-                a[t] = gact[i * T + t] * u;
-                continue;
-            }
-            if (int8) dot2_int8_groups(q, s, h + t * D, D, group, &g, &u);
-            else dot2_fp16((const f16 *)row, h + t * D, D, &g, &u);
-            a[t] = activate(g, act) * u;
-        }
-        for (int64_t t = 0; t < T; t++) {
-            if (!int8) {
-                axpy_fp16(a[t], (const f16 *)row + down * D, out + t * D, D);
-                continue;
-            }
-            for (int64_t k = 0; k < ng; k++)
-                axpy_int8(a[t] * s[down * ng + k], q + down * D + k * group, out + t * D + k * group, group);
+        if (a->q8_i4) continue;
+        for (int64_t k = 0; k < D / 2; k++) {
+            a->he[t * (D / 2) + k] = x[2 * k];
+            a->ho[t * (D / 2) + k] = x[2 * k + 1];
         }
     }
-    return 0;
-}
-
-/* INT4 works on de-interleaved copies of the input (even and odd positions) and accumulates the
- * output the same way, so every inner loop runs over whole bytes: low nibble with the even values,
- * high nibble with the odd ones. Values are dequantised in registers (q * scale + min), one group at
- * a time, into accumulators that span the whole row: no reduction per group. */
-static float dot_int4(const uint8_t *b, const f16 *m, const float *xe, const float *xo, const float *xsum,
-                      int64_t half, int64_t gh) {
-    float total = 0.0f;
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    if (gh % 16 == 0) {
-        /* sum_g scale_g * (q . x)_g + min_g * (sum x)_g: the codes meet x unscaled, one vector
-         * accumulator per group folded into the row's with one FMA; the min term is scalar */
-        __m512 acc = _mm512_setzero_ps();
-        const __m512i low = _mm512_set1_epi32(15);
-        for (int64_t g0 = 0, gi = 0; g0 < half; g0 += gh, gi++) {
-            __m512 accg = _mm512_setzero_ps();
-            for (k = g0; k < g0 + gh; k += 16) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + k)));
-                accg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), _mm512_loadu_ps(xe + k), accg);
-                accg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(xo + k), accg);
-            }
-            acc = _mm512_fmadd_ps(_mm512_set1_ps((float)m[2 * gi]), accg, acc);
-            total += (float)m[2 * gi + 1] * xsum[gi];
-        }
-        return total + _mm512_reduce_add_ps(acc);
-    }
-#endif
-    for (k = 0; k < half; k++) {
-        const int64_t gi = k / gh;
-        const float sc = (float)m[2 * gi], mn = (float)m[2 * gi + 1];
-        total += ((float)(b[k] & 15) * sc + mn) * xe[k] + ((float)(b[k] >> 4) * sc + mn) * xo[k];
-    }
-    return total;
-}
-
-static void axpy_int4(float a, const uint8_t *b, const f16 *m, float *ye, float *yo, int64_t half, int64_t gh) {
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    if (gh % 16 == 0) {
-        const __m512i low = _mm512_set1_epi32(15);
-        for (int64_t g0 = 0; g0 < half; g0 += gh) {
-            const int64_t gi = g0 / gh;
-            const __m512 sc = _mm512_set1_ps(a * (float)m[2 * gi]), mn = _mm512_set1_ps(a * (float)m[2 * gi + 1]);
-            for (k = g0; k < g0 + gh; k += 16) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + k)));
-                __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), sc, mn);
-                __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sc, mn);
-                _mm512_storeu_ps(ye + k, _mm512_add_ps(_mm512_loadu_ps(ye + k), we));
-                _mm512_storeu_ps(yo + k, _mm512_add_ps(_mm512_loadu_ps(yo + k), wo));
-            }
-        }
-        return;
-    }
-#endif
-    for (k = 0; k < half; k++) {
-        const int64_t gi = k / gh;
-        const float sc = a * (float)m[2 * gi], mn = a * (float)m[2 * gi + 1];
-        ye[k] += (float)(b[k] & 15) * sc + mn;
-        yo[k] += (float)(b[k] >> 4) * sc + mn;
-    }
-}
-
-/* h [T][D] split into its even (he) and odd (ho) positions, [T][D/2] each, and each token's sum over
- * every group of 2*gh values (xsum [T][D/(2*gh)], zeroed by the caller): the INT4 loops' inputs. */
-static void deinterleave(const float *h, int64_t T, int64_t D, int64_t gh, float *he, float *ho, float *xsum) {
-    const int64_t half = D / 2, ng = D / (2 * gh);
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t k = 0; k < half; k++) {
-            he[t * half + k] = h[t * D + 2 * k];
-            ho[t * half + k] = h[t * D + 2 * k + 1];
-            xsum[t * ng + k / gh] += h[t * D + 2 * k] + h[t * D + 2 * k + 1];
-        }
-}
-
-static int ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                    int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                    const float *gact, float *out) {
-    if (T > MAX_T || group <= 0 || D % group || group % 2 || parts != (gact ? 2 : 3)) return -1;
-    if (!slots_ok(slots, n, pool_rows)) return -3;
-    const int64_t half = D / 2, ng = D / group, gh = group / 2;
-    float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
-    float *ye = calloc(T * half, sizeof(float)), *yo = calloc(T * half, sizeof(float));
-    float *xsum = calloc(T * ng, sizeof(float));
-    if (!he || !ho || !ye || !yo || !xsum) {
-        free(he); free(ho); free(ye); free(yo); free(xsum);
-        return -2;
-    }
-    deinterleave(h, T, D, gh, he, ho, xsum);
-    float a[MAX_T];
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = pool + slots[i] * bundle_bytes;
-        const f16 *meta = (const f16 *)(row + parts * half);  /* [P][ng][2] (scale, min) */
-        const int64_t up = parts - 2, down = parts - 1;
-        for (int64_t t = 0; t < T; t++) {
-            const float *xe = he + t * half, *xo = ho + t * half;
-            const float *xs = xsum + t * ng;
-            const float u = dot_int4(row + up * half, meta + 2 * ng * up, xe, xo, xs, half, gh);
-            a[t] = (gact ? gact[i * T + t] : activate(dot_int4(row, meta, xe, xo, xs, half, gh), act)) * u;
-        }
+    a->dd4 = a->xs2 = NULL;
+    if (a->q8_i4 && g4 == Q8_BLOCK && M2C_AVX2) {
+        a->dd4 = (float *)p;
+        p += round64(4 * T * (D / Q8_BLOCK) * 4);
+        a->xs2 = (float *)p;
+        p += round64(4 * T * 2 * ng);
         for (int64_t t = 0; t < T; t++)
-            axpy_int4(a[t], row + down * half, meta + 2 * ng * down, ye + t * half, yo + t * half, half, gh);
+            for (int64_t b = 0; b < D / Q8_BLOCK; b++) {
+                for (int i = 0; i < 4; i++) a->dd4[(t * (D / Q8_BLOCK) + b) * 4 + i] = a->r[t].d[b];
+                a->xs2[(t * ng + b) * 2] = 0.0f;
+                a->xs2[(t * ng + b) * 2 + 1] = a->xs4[t * ng + b];
+            }
     }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t k = 0; k < half; k++) {
-            out[t * D + 2 * k] += ye[t * half + k];
-            out[t * D + 2 * k + 1] += yo[t * half + k];
+    return p - (uint8_t *)scratch;
+}
+
+/* token t's INT4 dot product (gate copy rows and bundles' parts alike) */
+static float i4_dot(const ffn_acts *a, const uint8_t *b, const f16 *m, int64_t t) {
+    const int64_t D = a->D, ng = D / a->g4;
+    const float *xs = a->xs4 + t * ng;
+#if M2C_AVX2
+    if (a->dd4) return dot_i4_q8_g32(b, m, &a->r[t], a->dd4 + t * (D / Q8_BLOCK) * 4, a->xs2 + t * 2 * ng, D);
+#endif
+    return a->q8_i4 ? dot_i4_q8(b, m, a->g4, &a->r[t], xs, D)
+                    : dot_i4_f32(b, m, a->g4, a->he + t * (D / 2), a->ho + t * (D / 2), xs, D);
+}
+
+/* The dot product of part `part` of a row with token t's activations. */
+static float row_dot(const ffn_acts *a, int kind, const uint8_t *row, int64_t part, int64_t t) {
+    const int64_t D = a->D, P = a->parts;
+    if (kind == KIND_FP16) return dot_f16((const f16 *)row + part * D, a->h + t * D, D);
+    if (kind == KIND_INT8) {
+        const int8_t *q = (const int8_t *)row + part * D;
+        const float *s = (const float *)(row + P * D) + part * (D / a->g8);
+        return a->q8_i8 ? dot_i8_q8(q, s, a->g8, &a->r[t], D) : dot_i8_f32(q, s, a->g8, a->h + t * D, D);
+    }
+    return i4_dot(a, row + part * (D / 2), (const f16 *)(row + P * (D / 2)) + 2 * part * (D / a->g4), t);
+}
+
+/* Rows are read where they sit, in ascending slot order with gaps the hardware prefetchers do not cross: each row's
+ * lines are asked for PREFETCH_ROWS rows ahead of its use. */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 3
+#endif
+
+static inline void prefetch_row(const ffn_group *g, int64_t i, int64_t e) {
+    if (i >= e || PREFETCH_ROWS == 0) return;
+    const char *p = (const char *)(g->pool + g->slots[i] * g->bundle_bytes);
+    for (int64_t off = 0; off < g->bundle_bytes; off += 64) __builtin_prefetch(p + off, 0, PREFETCH_HINT);
+}
+
+/* a row's activation for token t: act(gate) * up, or the gate activation given times up */
+static float row_act(const ffn_acts *a, const ffn_group *g, const uint8_t *row, int64_t i, int64_t t) {
+    const float u = row_dot(a, g->kind, row, a->parts - 2, t);
+    return (g->gact ? g->gact[i * a->T + t] : activate1(row_dot(a, g->kind, row, 0, t), a->act)) * u;
+}
+
+/* acc += the FFN of rows [b, e) of one group (acc: a part's accumulators, part_floats of them) */
+static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t e, float *acc) {
+    const int64_t T = a->T, D = a->D, P = a->parts, down = P - 1, ng4 = D / a->g4;
+    float *ye = acc + T * D, *yo = ye + T * (D / 2), *ymin = yo + T * (D / 2);
+    float act[MAX_T][ROW_BLOCK];
+    /* a block of rows' dot products first, then their down columns: the dot products of a block are independent
+     * of each other and of the down columns' sums, so they overlap instead of waiting on each row's */
+    for (int64_t i0 = b; i0 < e; i0 += ROW_BLOCK) {
+        const int64_t i1 = e - i0 < ROW_BLOCK ? e : i0 + ROW_BLOCK;
+        for (int64_t i = i0; i < i1; i++) {
+            const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+            prefetch_row(g, i + PREFETCH_ROWS, e);
+            for (int64_t t = 0; t < T; t++) act[t][i - i0] = row_act(a, g, row, i, t);
         }
-    free(he); free(ho); free(ye); free(yo); free(xsum);
-    return 0;
+        for (int64_t i = i0; i < i1; i++) {
+            const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+            for (int64_t t = 0; t < T; t++) {
+                const float c = act[t][i - i0];
+                if (g->kind == KIND_FP16) {
+                    axpy_f16(c, (const f16 *)row + down * D, acc + t * D, D);
+                } else if (g->kind == KIND_INT8) {
+                    axpy_i8(c, (const int8_t *)row + down * D, (const float *)(row + P * D) + down * (D / a->g8),
+                            a->g8, acc + t * D, D);
+                } else {
+                    axpy_i4(c, row + down * (D / 2), (const f16 *)(row + P * (D / 2)) + 2 * down * ng4, a->g4,
+                            ye + t * (D / 2), yo + t * (D / 2), ymin + t * ng4, D);
+                }
+            }
+        }
+    }
 }
 
 typedef struct {
+    const ffn_acts *a;
+    const ffn_group *groups;
+    int ngroups;
+    int64_t total; /* bytes of every group's rows */
+    float *accs;   /* [parts][part_floats] */
+} ffn_task;
+
+/* Part `part` takes the rows whose bytes fall in its share of all the groups' bytes, in order. */
+static void ffn_part(void *ctx, int part, int parts) {
+    const ffn_task *k = ctx;
+    const ffn_acts *a = k->a;
+    float *acc = k->accs + part * part_floats(a->T, a->D, a->g4);
+    memset(acc, 0, sizeof(float) * (size_t)part_floats(a->T, a->D, a->g4));
+    int64_t lo, hi, at = 0; /* this part's byte range, and the bytes of the groups before */
+    m2c_share(k->total, part, parts, &lo, &hi);
+    for (int gi = 0; gi < k->ngroups; gi++) {
+        const ffn_group *g = &k->groups[gi];
+        const int64_t bytes = g->n * g->bundle_bytes;
+        if (at + bytes > lo && at < hi && g->n) {
+            /* rows whose first byte lies in [lo, hi) */
+            const int64_t b = lo <= at ? 0 : (lo - at + g->bundle_bytes - 1) / g->bundle_bytes;
+            const int64_t e = hi >= at + bytes ? g->n : (hi - at + g->bundle_bytes - 1) / g->bundle_bytes;
+            if (b < e) group_span(a, g, b, e, acc);
+        }
+        at += bytes;
+    }
+}
+
+void ffn_run(const ffn_acts *a, const ffn_group *groups, int ngroups, void *scratch, int max_parts, float *out) {
+    ffn_task k = {a, groups, ngroups, 0, scratch};
+    for (int i = 0; i < ngroups; i++) k.total += groups[i].n * groups[i].bundle_bytes;
+    if (k.total == 0) return;
+    int ways = (int)(k.total * a->T / M2C_MIN_PART_BYTES), most = max_parts;
+    ways = ways < most ? ways : most;
+    ways = ways > 1 ? ways : 1;
+    const int ran = m2c_run(ffn_part, &k, ways); /* the parts that ran, each into its own accumulators */
+    const int64_t T = a->T, D = a->D, half = D / 2, ng4 = D / a->g4, pf = part_floats(T, D, a->g4);
+    for (int p = 0; p < ran; p++) {
+        const float *acc = k.accs + p * pf, *ye = acc + T * D, *yo = ye + T * half, *ymin = yo + T * half;
+        for (int64_t t = 0; t < T; t++) {
+            float *o = out + t * D;
+            for (int64_t i = 0; i < D; i++) o[i] += acc[t * D + i];
+            for (int64_t j = 0; j < half; j++) {
+                const float m = ymin[t * ng4 + (2 * j) / a->g4];
+                o[2 * j] += ye[t * half + j] + m;
+                o[2 * j + 1] += yo[t * half + j] + m;
+            }
+        }
+    }
+}
+
+/* out[T][D] += the FFN of several precision groups' rows at once (group i: kinds[i] rows slots[i][0..n[i]) of
+ * pools[i], gact[i] NULL or [n[i]][T]), their rows shared among the threads by bytes across the groups, as the
+ * native decode step shares them (so both add up the same sums in the same order). */
+int m2c_ffn_groups(int ngroups, const int *kinds, const uint8_t *const *pools, const int64_t *pool_rows,
+                   const int64_t *bundle_bytes, const int64_t *const *slots, const int64_t *n,
+                   const float *const *gact, const float *h, int64_t T, int64_t D, int64_t g8, int64_t g4, int act,
+                   int64_t parts, float *out) {
+    if (ngroups < 0 || ngroups > 3 || T < 0 || T > MAX_T || D <= 0 || D % 2 || g8 <= 0 || D % g8 || g4 <= 0
+        || D % g4 || g4 % 2 || (parts != 2 && parts != 3))
+        return -1;
+    ffn_group groups[3];
+    for (int i = 0; i < ngroups; i++) {
+        if (kinds[i] < KIND_FP16 || kinds[i] > KIND_INT4 || (n[i] && (parts == 2) != (gact[i] != NULL))) return -1;
+        if (!slots_ok(slots[i], n[i], pool_rows[i])) return -3;
+        groups[i] = (ffn_group){kinds[i], pools[i], pool_rows[i], bundle_bytes[i], slots[i], n[i], gact[i]};
+    }
+    if (T == 0) return 0;
+    const int ways = m2c_threads();
+    uint8_t *scratch = m2c_scratch(ffn_scratch_bytes(T, D, g4, ways));
+    if (!scratch) return -2;
+    ffn_acts a;
+    const int64_t used = ffn_prepare(&a, h, T, D, g8, g4, parts, act, scratch);
+    ffn_run(&a, groups, ngroups, scratch + used, ways, out);
+    return 0;
+}
+
+static int ffn_entry(int kind, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
+                     int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
+                     const float *gact, float *out) {
+    if (T < 0 || T > MAX_T || D <= 0 || D % 2 || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
+    if (kind == KIND_INT4 && group % 2) return -1;
+    if (!slots_ok(slots, n, pool_rows)) return -3; /* before any row is read, in any part */
+    if (n == 0 || T == 0) return 0;
+    /* the other format's group is a placeholder (no row of it is read): a block where one fits, else D */
+    const int64_t other = D % Q8_BLOCK == 0 ? Q8_BLOCK : D;
+    const int64_t g4 = kind == KIND_INT4 ? group : other, g8 = kind == KIND_INT8 ? group : other;
+    const int ways = m2c_threads();
+    uint8_t *scratch = m2c_scratch(ffn_scratch_bytes(T, D, g4, ways));
+    if (!scratch) return -2;
+    ffn_acts a;
+    const int64_t used = ffn_prepare(&a, h, T, D, g8, g4, parts, act, scratch);
+    const ffn_group g = {kind, pool, pool_rows, bundle_bytes, slots, n, gact};
+    ffn_run(&a, &g, 1, scratch + used, ways, out);
+    return 0;
+}
+
+int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots, int64_t n,
+                 const float *h, int64_t T, int64_t D, int act, int64_t parts, const float *gact, float *out) {
+    return ffn_entry(KIND_FP16, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, parts, gact, out);
+}
+
+int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots, int64_t n,
+                 const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts, const float *gact,
+                 float *out) {
+    return ffn_entry(KIND_INT8, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
+}
+
+int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots, int64_t n,
+                 const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts, const float *gact,
+                 float *out) {
+    return ffn_entry(KIND_INT4, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
+}
+
+/* ---- the gate policy's scores ------------------------------------------------------------------------- */
+
+typedef struct {
+    const ffn_acts *a;
     const uint8_t *gates;
-    const float *he, *ho, *xsum;
-    int64_t rows, T, half, ng, gh;
-    int act;
+    int64_t rows;
     float *out;
 } gate_task;
 
+void gate_rows(const ffn_acts *a, const uint8_t *gates, int64_t j0, int64_t j1, int64_t rows, float *out) {
+    const int64_t D = a->D, ng = D / a->g4, width = D / 2 + 4 * ng;
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *row = gates + j * width;
+        const f16 *meta = (const f16 *)(row + D / 2);
+        for (int64_t t = 0; t < a->T; t++) out[t * rows + j] = i4_dot(a, row, meta, t);
+    }
+    for (int64_t t = 0; t < a->T; t++) activate_all(out + t * rows + j0, j1 - j0, a->act);
+}
+
 static void gate_part(void *ctx, int part, int parts) {
     const gate_task *k = ctx;
-    const int64_t width = k->half + 4 * k->ng;
     int64_t j0, j1;
     m2c_share(k->rows, part, parts, &j0, &j1);
-    for (int64_t j = j0; j < j1; j++) {
-        const uint8_t *row = k->gates + j * width;
-        const f16 *meta = (const f16 *)(row + k->half);
-        for (int64_t t = 0; t < k->T; t++)
-            k->out[t * k->rows + j] = activate(dot_int4(row, meta, k->he + t * k->half, k->ho + t * k->half,
-                                                        k->xsum + t * k->ng, k->half, k->gh), k->act);
-    }
+    gate_rows(k->a, k->gates, j0, j1, k->rows, k->out);
+}
+
+void gate_run(const ffn_acts *a, const uint8_t *gates, int64_t rows, float *out) {
+    const int64_t width = a->D / 2 + 4 * (a->D / a->g4);
+    gate_task k = {a, gates, rows, out};
+    m2c_run(gate_part, &k, (int)(rows * width * a->T / M2C_MIN_PART_BYTES));
 }
 
 /* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
  * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
  * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]; the
- * rows shared among the kernels' threads. */
+ * rows shared among the kernels' threads, each computed whole by one. */
 int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
                   int act, float *out) {
-    if (T > MAX_T || group <= 0 || D % group || group % 2) return -1;
-    const int64_t half = D / 2, ng = D / group, gh = group / 2, width = half + 4 * ng;
-    float *he = malloc(sizeof(float) * T * half), *ho = malloc(sizeof(float) * T * half);
-    float *xsum = calloc(T * ng, sizeof(float));
-    if (!he || !ho || !xsum) {
-        free(he); free(ho); free(xsum);
-        return -2;
-    }
-    deinterleave(h, T, D, gh, he, ho, xsum);
-    gate_task k = {gates, he, ho, xsum, rows, T, half, ng, gh, act, out};
-    m2c_run(gate_part, &k, (int)(rows * width * T / M2C_MIN_PART_BYTES));
-    free(he); free(ho); free(xsum);
+    if (T < 0 || T > MAX_T || D <= 0 || group <= 0 || D % group || group % 2) return -1;
+    if (T == 0) return 0;
+    uint8_t *scratch = m2c_scratch(ffn_scratch_bytes(T, D, group, 0));
+    if (!scratch) return -2;
+    ffn_acts a;
+    ffn_prepare(&a, h, T, D, group, group, 1, act, scratch);
+    gate_run(&a, gates, rows, out);
     return 0;
 }
 
-/* The FFN of a precision group, its neurons shared among the pool's threads: each part adds into a zeroed
- * buffer of its own, added into out once every part has succeeded (the FFN is a sum over neurons; a part
- * that fails leaves out as it was). One part alone adds into out directly. */
-enum { KIND_FP16 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
-
-typedef struct {
-    int kind, act;
-    const uint8_t *pool;
-    int64_t pool_rows, bundle_bytes, n, T, D, group, parts;
-    const int64_t *slots;
-    const float *h, *gact;
-    float *out, *spare;  /* spare: [parts][T][D], or NULL for one part (into out) */
-    int rc[M2C_MAX_THREADS];
-} ffn_task;
-
-static void ffn_part(void *ctx, int part, int parts) {
-    ffn_task *k = ctx;
-    int64_t b, e;
-    m2c_share(k->n, part, parts, &b, &e);
-    float *out = k->spare ? k->spare + part * k->T * k->D : k->out;
-    const int64_t *slots = k->slots + b;
-    const float *gact = k->gact ? k->gact + b * k->T : NULL;
-    if (k->kind == KIND_INT4)
-        k->rc[part] = ffn_int4(k->pool, k->pool_rows, k->bundle_bytes, slots, e - b, k->h, k->T, k->D, k->group,
-                               k->act, k->parts, gact, out);
-    else
-        k->rc[part] = ffn_rows(k->kind == KIND_INT8, k->pool, k->pool_rows, k->bundle_bytes, slots, e - b, k->h,
-                               k->T, k->D, k->group, k->act, k->parts, gact, out);
-}
-
-static int ffn_shared(int kind, const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                      int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                      const float *gact, float *out) {
-    if (T > MAX_T || group <= 0 || D % group || parts != (gact ? 2 : 3)) return -1;
-    if (!slots_ok(slots, n, pool_rows)) return -3;  /* before any row is read, in any part */
-    int ways = (int)(n * bundle_bytes * T / M2C_MIN_PART_BYTES), pool_threads = m2c_threads();
-    ways = ways < pool_threads ? ways : pool_threads;
-    ways = ways > 1 ? ways : 1;
-    ffn_task k = {kind, act, pool, pool_rows, bundle_bytes, n, T, D, group, parts, slots, h, gact, out, NULL, {0}};
-    if (ways > 1 && !(k.spare = calloc((size_t)ways * T * D, sizeof(float)))) ways = 1;
-    m2c_run(ffn_part, &k, ways);
-    int rc = 0;
-    for (int i = 0; i < ways; i++) rc = rc ? rc : k.rc[i];
-    for (int i = 0; i < ways && rc == 0 && k.spare; i++)
-        for (int64_t j = 0; j < T * D; j++) out[j] += k.spare[i * T * D + j];
-    free(k.spare);
-    return rc;
-}
-
-int m2c_ffn_fp16(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int act, int64_t parts, const float *gact,
-                 float *out) {
-    return ffn_shared(KIND_FP16, pool, pool_rows, bundle_bytes, slots, n, h, T, D, D, act, parts, gact, out);
-}
-
-int m2c_ffn_int8(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                 const float *gact, float *out) {
-    return ffn_shared(KIND_INT8, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
-}
-
-int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, const int64_t *slots,
-                 int64_t n, const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts,
-                 const float *gact, float *out) {
-    return ffn_shared(KIND_INT4, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
-}
+/* ---- copies and plain reads --------------------------------------------------------------------------- */
 
 /* pool[dst[i]] = src[rows[i]] (rows NULL: src[i]) for i < n, rows of `width` bytes: the CPU's copy
  * of DRAM bundles into the device pool in one pass, with no staging buffer in between (torch needs
@@ -443,4 +358,48 @@ int m2c_copy_rows(uint8_t *pool, int64_t pool_rows, const int64_t *dst, const ui
     for (int64_t i = 0; i < n; i++)
         memcpy(pool + dst[i] * width, src + (rows ? rows[i] : i) * width, (size_t)width);
     return 0;
+}
+
+typedef struct {
+    const uint8_t *base;
+    const int64_t *rows;
+    int64_t n, width;
+    uint64_t sums[M2C_MAX_THREADS];
+} read_task;
+
+static void read_part(void *ctx, int part, int parts) {
+    read_task *k = ctx;
+    int64_t b, e;
+    m2c_share(k->n, part, parts, &b, &e);
+    uint64_t s = 0;
+#if M2C_AVX2
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+#endif
+    for (int64_t i = b; i < e; i++) {
+        const uint8_t *p = k->base + (k->rows ? k->rows[i] : i) * k->width;
+        int64_t j = 0;
+#if M2C_AVX2
+        for (; j + 64 <= k->width; j += 64) {
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(p + j)));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(p + j + 32)));
+        }
+#endif
+        for (; j < k->width; j++) s += p[j];
+    }
+#if M2C_AVX2
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(a0, a1));
+    s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+    k->sums[part] = s;
+}
+
+/* Reads rows[0..n) (NULL: 0..n) of `width` bytes at base, shared among the pool's threads as the FFN shares its
+ * rows, and returns a sum of their bytes: the ceiling a kernel over the same bytes is measured against. */
+uint64_t m2c_read_rows(const uint8_t *base, const int64_t *rows, int64_t n, int64_t width) {
+    read_task k = {base, rows, n, width, {0}};
+    m2c_run(read_part, &k, (int)(n * width / M2C_MIN_PART_BYTES));
+    uint64_t s = 0;
+    for (int i = 0; i < M2C_MAX_THREADS; i++) s += k.sums[i];
+    return s;
 }

@@ -252,13 +252,18 @@ class MemoryLimit:
                 "mem_available_before": self.available_before,
                 "balloon_bytes": self._balloon.nbytes if self._balloon else None}
 
-    def run(self, cmd: list[str], timeout: float | None, capture: bool = True) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], timeout: float | None, capture: bool = True,
+            forward_signals: bool = False) -> subprocess.CompletedProcess:
         """Runs ``cmd`` under the limit (its output captured, or passed through); ``last_run`` gets the
-        cgroup's figures. Raises TimeoutExpired."""
+        cgroup's figures. Raises TimeoutExpired. ``forward_signals``: SIGTERM and SIGINT sent to this process
+        go to the child, which ends on its own terms (a server drains), and the cgroup is still removed."""
         run_cg = CgroupRun(*self._cgroup, self.limit) if self._cgroup and self.limit else None
         preexec: Callable[[], None] | None = run_cg.join if run_cg else None
         try:
-            proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, preexec_fn=preexec)
+            if forward_signals:
+                proc = _run_forwarding(cmd, preexec)
+            else:
+                proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, preexec_fn=preexec)
             self.last_run = run_cg.figures() if run_cg else {}
             if proc.returncode == -signal.SIGKILL and self.limit:
                 self.last_run["killed"] = True
@@ -268,7 +273,19 @@ class MemoryLimit:
                 run_cg.remove()
 
 
-def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int) -> int:
+def _run_forwarding(cmd: list[str], preexec: Callable[[], None] | None) -> subprocess.CompletedProcess:
+    """``cmd`` to its end, its output passed through, SIGTERM and SIGINT forwarded to it."""
+    child = subprocess.Popen(cmd, preexec_fn=preexec)
+    forward = {sig: signal.signal(sig, lambda s, _f: child.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+    finally:
+        for sig, before in forward.items():
+            signal.signal(sig, before)
+    return subprocess.CompletedProcess(cmd, rc)
+
+
+def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int, forward_signals: bool = False) -> int:
     """``generate --memory`` (and ``demo``): runs this command again under the limit, the switch kept so the
     engine inside sizes itself from it (``UNDER_LIMIT_ENV`` stops a second rerun); its exit code."""
     limit = parse_memory(value, fp16_bytes)
@@ -278,7 +295,7 @@ def rerun_under_limit(argv: list[str], value: str, fp16_bytes: int) -> int:
         log.warning("running under a %s memory limit (%s)", format_size(limit), ml.mechanism)
         env_cmd = [sys.executable, "-m", "m2cache.cli.main", *argv]
         os.environ[UNDER_LIMIT_ENV] = "1"
-        return ml.run(env_cmd, None, capture=False).returncode
+        return ml.run(env_cmd, None, capture=False, forward_signals=forward_signals).returncode
 
 
 UNDER_LIMIT_ENV = "M2CACHE_UNDER_MEMORY_LIMIT"

@@ -1,7 +1,11 @@
-"""The bench's model and disk: the default 7B-shaped model (cached), the sizes each system needs, the disk's speed.
+"""The bench's models and disk: the grown real model and the random 7B shape (cached), the disk's speed.
 
-- :func:`bench_model`: 8 layers of LLaMA-2-7B (about 3.7 GB of FP16 with embeddings and head) from
-  ``m2cache synth``, with its HF folder and GGUF exports, written once under ``~/.cache/m2cache``.
+- :func:`grown_model` (the default, ``--model grown``): the demo model (SmolLM2-135M) grown 16-fold
+  (``m2cache grow``: hidden 9216, 5.2 GB of FP16, the demo model's function and activation statistics), its
+  split store, HF folder and GGUF files (F16, and llama.cpp's own Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0).
+- :func:`bench_model` (``--model 7b-random``): 8 layers of LLaMA-2-7B with random weights (about 3.7 GB of
+  FP16) from ``m2cache synth``, the worst case (no locality, no meaningful perplexity), the same files.
+Both are written once under ``~/.cache/m2cache``.
 - :func:`disk_bandwidth`: the disk's ``O_DIRECT`` read bandwidth, measured now (4 MiB reads, one
   thread): the floor of every system is its disk bytes per token over this.
 - :func:`evict` (the page cache before a cold run) and :func:`code_state` (the commit measured).
@@ -17,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 BENCH_SHAPE, BENCH_LAYERS = "llama2-7b", 8
-GGUF_TYPES = ("f16", "q8_0", "q4_0")
+GROWN_WIDTH = 16
+GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # export_gguf.ALL_TYPES
+RANDOM_GGUF_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")  # speed only on random weights: the types that decide it
+SPLIT = "store-split"  # where older versions wrote a split store beside the whole one (removed on upgrade)
 
 
 def bench_model_dir() -> Path:
@@ -26,8 +33,65 @@ def bench_model_dir() -> Path:
     return CACHE_DIR / f"synth-{BENCH_SHAPE}-L{BENCH_LAYERS}"
 
 
-def gguf_paths(root: Path) -> dict[str, Path]:
-    return {t: root / "gguf" / f"model-{t}.gguf" for t in GGUF_TYPES}
+def grown_model_dir() -> Path:
+    from m2cache.offline.convert import CACHE_DIR
+
+    return CACHE_DIR / f"grown-smollm2-x{GROWN_WIDTH}"
+
+
+def grown_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any]:
+    """``{"store", "split", "hf", "gguf"}`` of the grown model, writing what is missing (minutes; each step's
+    time is printed and kept in ``grown.json``)."""
+    from m2cache.offline.convert import fetch_demo
+    from m2cache.offline.grow import grow
+
+    root = root or grown_model_dir()
+    store, hf = root / "store", root / "hf"
+    if not ((store / "manifest.msgpack").is_file() and (hf / "config.json").is_file()):
+        t0 = time.monotonic()
+        print(f"[bench] growing the demo model x{GROWN_WIDTH} into {root} (once; minutes) ...", file=sys.stderr,
+              flush=True)
+        grow(fetch_demo(), root, GROWN_WIDTH)
+        print(f"[bench] grown model written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {"store": store, "split": ensure_split(store, root), "hf": hf, "gguf": {}}
+    if gguf:
+        out["gguf"] = ensure_ggufs(store, root)
+    return out
+
+
+def ensure_split(store: Path, root: Path) -> Path:
+    """The store the gate policies run from: ``store`` itself, laid out as format 3 (one store runs every
+    policy; an older one is upgraded in place once, and the split store older versions wrote beside it,
+    ``root/store-split``, removed)."""
+    import shutil
+
+    from m2cache.offline.upgrade import upgrade
+    from m2cache.storage.reader import Store
+
+    if Store(store).version < 3:
+        t0 = time.monotonic()
+        print(f"[bench] laying {store} out as one store for every policy (`m2cache upgrade`, once) ...",
+              file=sys.stderr, flush=True)
+        upgrade(store)
+        _record(root, "upgrade_seconds", time.monotonic() - t0)
+    old = root / SPLIT
+    if (old / "manifest.msgpack").is_file():
+        shutil.rmtree(old)
+    return store
+
+
+def _record(root: Path, key: str, value: Any) -> None:
+    """Keeps how long a model's files took to write in ``root/grown.json`` (what the bench's notes cite)."""
+    import json
+
+    path = root / "grown.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = round(value, 1) if isinstance(value, float) else value
+    path.write_text(json.dumps(data, indent=1))
+
+
+def gguf_paths(root: Path, types: tuple[str, ...] = GGUF_TYPES) -> dict[str, Path]:
+    return {t: root / "gguf" / f"model-{t}.gguf" for t in types}
 
 
 def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any]:
@@ -46,23 +110,27 @@ def bench_model(root: Path | None = None, *, gguf: bool = True) -> dict[str, Any
               "a few minutes) ...", file=sys.stderr, flush=True)
         synth(root, BENCH_SHAPE, layers=BENCH_LAYERS, device="cpu")
         print(f"[bench] bench model written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
-    out: dict[str, Any] = {"store": store, "hf": hf, "gguf": {}}
+    out: dict[str, Any] = {"store": store, "split": ensure_split(store, root), "hf": hf, "gguf": {}}
     if gguf:
-        out["gguf"] = ensure_ggufs(store, root)
+        out["gguf"] = ensure_ggufs(store, root, RANDOM_GGUF_TYPES)
     return out
 
 
-def ensure_ggufs(store: Path, root: Path) -> dict[str, Path]:
-    from m2cache.offline.export_gguf import export_gguf
+def ensure_ggufs(store: Path, root: Path, types: tuple[str, ...] = GGUF_TYPES) -> dict[str, Path]:
+    """The model's GGUF files, written once: F16 from the store, every other type from the F16 file by
+    llama.cpp's own quantizer (without llama-cpp-python: Q8_0 and Q4_0 by the gguf package, no K-quants)."""
+    from m2cache.offline.export_gguf import TYPES, export_gguf, have_llama_quantizer
 
-    paths = gguf_paths(root)
+    paths = gguf_paths(root, types)
     for kind, path in paths.items():
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            t0 = time.monotonic()
-            print(f"[bench] exporting {kind} GGUF for llama.cpp -> {path} (once) ...", file=sys.stderr, flush=True)
-            export_gguf(store, path, kind)
-            print(f"[bench] {kind} GGUF written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+        if path.is_file() or (kind not in TYPES and not have_llama_quantizer()):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        print(f"[bench] writing the {kind} GGUF for llama.cpp -> {path} (once) ...", file=sys.stderr, flush=True)
+        export_gguf(store, path, kind, f16=paths["f16"] if kind != "f16" and paths["f16"].is_file() else None)
+        _record(root, f"gguf_{kind}_seconds", time.monotonic() - t0)
+        print(f"[bench] {kind} GGUF written in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
     return paths
 
 

@@ -14,7 +14,8 @@ from m2cache.errors import require_extra
 
 MB, GB = 1e6, 1e9
 REFERENCE = ("hf-fp32", "hf-bf16", "llama-f16")  # token agreement is against the first of these that ran
-BASES = ("llama-f16", "hf-offload", "hf-bf16")  # ratios are given against each of these that ran
+BASES = ("llama-f16", "llama-q8_0", "hf-offload", "hf-bf16")  # ratios are given against each of these that ran
+W = 27  # the system column: "m2cache:gate:0.05,0.1,0.85" and "llama-q5_k_m (repack)"
 
 
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]
 
 def _fmt(v: float | None, spec: str) -> str:
     if v is None:  # keep the column's width: the digits before the point or the '%'
-        width = spec.split(".")[0].rstrip("%")
+        width = spec.split(".")[0].lstrip("+").rstrip("%")
         return "-".rjust(int(width)) if width.isdigit() else "-"
     return format(v, spec)
 
@@ -122,32 +123,38 @@ def print_limit(part: dict[str, Any], stream=sys.stdout) -> None:
     else:
         print(f"\n== no memory limit; disk O_DIRECT {_fmt(bw and bw / GB, '.2f')} GB/s", file=stream)
     bases = [k.removeprefix("vs_") for k in rat]
-    head = (f"{'system':<19} {'B/wt':>5} {'tok/s':>7} {'(min-max)':>11} {'TTFT s':>7} {'RSS MB':>7} "
-            f"{'cg peak':>7} {'seen MB':>7} {'disk MB/tok':>11} {'floor':>6} {'%floor':>6} "
+    head = (f"{'system':<{W}} {'B/wt':>5} {'Δppl':>7} {'fits':>4} {'tok/s':>7} {'(min-max)':>11} {'TTFT s':>7} "
+            f"{'RSS MB':>7} {'cg peak':>7} {'seen MB':>7} {'disk MB/tok':>11} {'floor':>6} {'%floor':>6} "
             + " ".join(f"{'x ' + b:>13}" for b in bases) + f" {'same tok':>8}")
     print(head, file=stream)
     print("-" * len(head), file=stream)
     for s, r in rows.items():
         bpw = _fmt(r.get("bytes_per_weight"), "5.2f")
+        dppl = _fmt(r.get("ppl_delta"), "+7.2%")
+        fits = {True: "yes", False: "no"}.get(r.get("fits"), "-")  # type: ignore[arg-type]
+        name = f"{s} ({r['llama_mode']})" if r.get("llama_mode") else s
         if r["status"] == "does not fit":
-            print(f"{s:<19} {bpw} does not fit: needs about {r['needs_bytes'] / GB:.2f} GB ({r['needs']})",
-                  file=stream)
+            print(f"{name:<{W}} {bpw} {dppl} {fits:>4} does not fit: needs about {r['needs_bytes'] / GB:.2f} GB "
+                  f"({r['needs']})", file=stream)
             continue
         if r["status"] == "skipped":
-            print(f"{s:<19} {bpw} skipped: {r['reason']}", file=stream)
+            print(f"{name:<{W}} {bpw} {dppl} {fits:>4} skipped: {r['reason']}", file=stream)
             continue
         rates = r["decode_tokens_per_s_all"]
         span = f"{min(rates):.2f}-{max(rates):.2f}" if rates else "-"
         agree = r.get("agreement", {}).get("prefix_match")
         mb = lambda v: _fmt(v and v / MB, "7.0f")  # noqa: E731
-        print(f"{s:<19} {bpw} {_fmt(r['decode_tokens_per_s'], '7.3f')} {span:>11} {_fmt(r['ttft_s'], '7.1f')} "
+        print(f"{name:<{W}} {bpw} {dppl} {fits:>4} {_fmt(r['decode_tokens_per_s'], '7.3f')} {span:>11} "
+              f"{_fmt(r['ttft_s'], '7.1f')} "
               f"{mb(r['peak_rss_bytes'])} {mb(r.get('cgroup_peak_bytes'))} {mb(r.get('available_seen_bytes'))} "
               f"{_fmt(r['disk_read_bytes_per_token'] and r['disk_read_bytes_per_token'] / MB, '11.1f')} "
               f"{_fmt(r.get('floor_tokens_per_s'), '6.2f')} {_fmt(r.get('share_of_floor'), '6.0%')} "
               + " ".join(f"{_fmt(rat['vs_' + b].get(s), '13.2f')}" for b in bases) + f" {_fmt(agree, '8.0%')}",
               file=stream)
         for err in r["errors"]:
-            print(f"{'':<19} failed: {err}", file=stream)
+            print(f"{'':<{W}} failed: {err}", file=stream)
+    for line in part.get("fastest_at", []):
+        print(f"fastest at {line}", file=stream)
     _print_details(rows, stream)
 
 
@@ -218,5 +225,50 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_frontier(report: dict[str, Any], path: str | Path) -> Path:
+    """Quality against speed, one panel per limit: Δ perplexity against decode tokens/s, a point per row
+    (filled where its weights fit the limit, hollow where it reads the disk per token), m2cache's policies
+    joined as one line and llama.cpp's types as another. Down and to the right is better."""
+    require_extra("bench", "matplotlib", what="the frontier plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = report["limits"]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        rows = {s: r for s, r in part["systems"].items()
+                if r.get("decode_tokens_per_s") and r.get("ppl_delta") is not None}
+        families = {"m2cache": [s for s in rows if s.startswith("m2cache") and s != "m2cache-dense-fp16"],
+                    "llama.cpp": [s for s in rows if s.startswith("llama-")]}
+        for label, members in families.items():
+            pts = sorted((rows[s]["decode_tokens_per_s"], 100 * rows[s]["ppl_delta"]) for s in members)
+            if pts:
+                ax.plot(*zip(*pts), linestyle="-", alpha=0.5, label=label)
+        for s, r in rows.items():
+            x, y = r["decode_tokens_per_s"], 100 * r["ppl_delta"]
+            filled = bool(r.get("fits"))
+            ax.plot([x], [y], marker="o", linestyle="none", color="black" if filled else "none",
+                    markeredgecolor="black")
+            ax.annotate(s.removeprefix("m2cache:").removeprefix("llama-"), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        lim = part["limit"]
+        ax.set_title(f"limit {lim['label']}" + (f" ({lim['limit_bytes'] / GB:.2f} GB)" if lim.get("limit_bytes") else ""),
+                     fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("decode tokens/s (log)")
+        ax.set_ylabel("Δ perplexity vs dense FP32, %")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(report["config"].get("title", "m2cache bench") + ": filled = fits the limit, hollow = reads the "
+                 "disk per token", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

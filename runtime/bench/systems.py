@@ -104,8 +104,8 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
                 decode += engine_counters(engine) - first
                 out["requests"].append(clock.result())
             st = engine.stats()
-        out["stats"] = {k: st[k] for k in ("policy", "bytes_per_token", "hit_ratio", "stall_fraction", "stall_s",
-                                           "peak_bytes", "budgets", "tiers", "predictor_recall") if k in st}
+        out["stats"] = {k: st[k] for k in ("policy", "resident_form", "bytes_per_token", "hit_ratio", "stall_fraction",
+                                           "stall_s", "peak_bytes", "budgets", "tiers", "predictor_recall") if k in st}
         # the engine's figures over decode alone: its tokens are the decode tokens
         dec = figures(decode, device=st["device"])
         out["stats"]["decode"] = {k: dec[k] for k in ("decode_tokens", "bytes_per_token", "stall_fraction",
@@ -305,10 +305,17 @@ def _names_in(path: Path) -> dict[str, Path]:
 
 
 RUNNERS: dict[str, Callable[[Job], dict[str, Any]]] = {
-    "m2cache": _run_m2cache, "m2cache-dense-fp16": _run_m2cache, "hf-bf16": _run_hf, "hf-fp32": _run_hf,
-    "hf-offload": _run_hf, "layer-stream": _run_layer_stream,
-    "llama-f16": _run_llama, "llama-q8_0": _run_llama, "llama-q4_0": _run_llama,
+    "m2cache": _run_m2cache, "hf-bf16": _run_hf, "hf-fp32": _run_hf, "hf-offload": _run_hf,
+    "layer-stream": _run_layer_stream, "llama": _run_llama,
 }
+
+
+def runner(system: str) -> Callable[[Job], dict[str, Any]]:
+    """m2cache rows (its policies, dense-fp16) share one runner, llama.cpp's types another."""
+    for family in ("m2cache", "llama"):
+        if system.startswith(family):
+            return RUNNERS[family]
+    return RUNNERS[system]
 
 
 def child_main(job_file: str, out_file: str) -> int:
@@ -317,7 +324,7 @@ def child_main(job_file: str, out_file: str) -> int:
     job = Job(**json.loads(Path(job_file).read_text()))
     res: dict[str, Any] = {"system": job.system, "seen": seen_by_this_process()}
     try:
-        res |= RUNNERS[job.system](job)
+        res |= runner(job.system)(job)
         res["ok"] = True
     except Exception as e:  # reported in the table; the other systems go on
         import traceback

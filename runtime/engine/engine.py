@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator
 import torch
 
 from m2cache.actors.dram import DRAMManager
-from m2cache.actors.executor import _DONE, Executor, Sequence
+from m2cache.actors.executor import Executor
+from m2cache.actors.sequence import _DONE, Sequence
 from m2cache.actors.layer_ffn import kernels_apply
 from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Stop
@@ -57,6 +58,9 @@ class RunStats:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    refused: int = 0  # waited longer than admit_timeout for room in the KV cache
+    step_retries: int = 0  # steps that failed and were run again sequence by sequence
+    batch_splits: int = 0  # steps whose batch's union did not fit the tiers, run in halves
     ttft: list[float] = field(default_factory=list)
 
 
@@ -74,6 +78,7 @@ class Engine:
         self._closed = False
         self._error: BaseException | None = None
         self.attention: AttentionStream | None = None  # resident="stream": the projections read per layer
+        self.resident_form = "full"  # the form the resident weights were loaded in (set at open)
         self.t_open = time.perf_counter()
 
     @classmethod
@@ -110,7 +115,7 @@ class Engine:
             torch.set_num_threads(threads)
             self._kernel_threads = cpu_kernels.set_threads(threads)  # the C kernels share each product too
         loop = asyncio.get_running_loop()
-        form = "full" if cfg.resident == "auto" else cfg.resident
+        form = self.resident_form = "full" if cfg.resident == "auto" else cfg.resident
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
         if self.memory is not None:
             return_freed_memory()  # the load's transients
@@ -145,7 +150,9 @@ class Engine:
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
                                  attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
-                                 dense_prefill=cfg.dense_prefill is not False)
+                                 dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
+                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout,
+                                 native=cfg.native_decode)
         self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))

@@ -1,10 +1,14 @@
 """Loads a store's resident weights and, for ``--dense``, every FFN weight into memory."""
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 import torch
 from safetensors import safe_open
 
 from m2cache.errors import ChecksumError, ConfigError
+from m2cache.model.families import NORM_FIELDS, layer_names
 from m2cache.model.int8 import Int8Weight
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
@@ -41,6 +45,10 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
         def get(name: str) -> torch.Tensor:
             return f.get_tensor(name).to(device=device, dtype=dtype).contiguous()
 
+        def norm(name: str) -> torch.Tensor:  # the family's (offset + w), added in float32 (Gemma: 1 + w)
+            w = f.get_tensor(name)
+            return (w.float() + cfg.norm_offset if cfg.norm_offset else w).to(device=device, dtype=dtype).contiguous()
+
         def matrix(*names: str, streamed: bool = False) -> torch.Tensor | Int8Weight:
             if streamed and form == "stream":
                 return torch.empty(0, dtype=dtype, device=device)
@@ -52,20 +60,23 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
         layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            layers.append(LayerWeights(
-                attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"), streamed=True),
-                wo=matrix(p + "self_attn.o_proj.weight", streamed=True),
-                ffn_norm=get(p + "post_attention_layernorm.weight"),
-            ))
+            parts: dict[str, Any] = {}
+            for key, names in layer_names(cfg).items():
+                if key in ("wqkv", "wo"):
+                    parts[key] = matrix(*(p + n for n in names), streamed=True)
+                elif key in NORM_FIELDS:
+                    parts[key] = norm(p + names[0])
+                else:  # biases: kept in the compute dtype in every form
+                    parts[key] = torch.cat([get(p + n) for n in names]).contiguous()
+            layers.append(LayerWeights(**parts))
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         if form == "full":
             embed = get("model.embed_tokens.weight")
             head = embed if cfg.tie_word_embeddings else get(head_name)
-            return ResidentWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight"), lm_head=head)
+            return ResidentWeights(embed=embed, layers=layers, final_norm=norm("model.norm.weight"), lm_head=head)
         rows = EmbeddingRows(path, "model.embed_tokens.weight", dtype, device)
         try:
-            return ResidentWeights(embed=rows, layers=layers, final_norm=get("model.norm.weight"),
+            return ResidentWeights(embed=rows, layers=layers, final_norm=norm("model.norm.weight"),
                                    lm_head=matrix(head_name))
         except BaseException:
             rows.close()
@@ -76,7 +87,7 @@ def resident_bytes(res: ResidentWeights) -> int:
     """Bytes the resident weights hold (a tensor shared by two fields counted once)."""
     seen: dict[int, int] = {}
     for t in [res.embed, res.final_norm, res.lm_head] + [
-        x for w in res.layers for x in (w.attn_norm, w.wqkv, w.wo, w.ffn_norm)
+        getattr(w, f.name) for w in res.layers for f in fields(w)
     ]:
         if isinstance(t, torch.Tensor):
             seen[id(t)] = t.numel() * t.element_size()

@@ -29,6 +29,7 @@ def engine_stats(engine) -> dict[str, Any]:
     counters = engine_counters(engine)
     out: dict[str, Any] = {
         "policy": engine.policy.name,
+        "resident_form": engine.resident_form,  # full, int8 or stream (what --resident / the memory plan chose)
         **figures(counters, device=engine.device.type),
         "requests": {"completed": rs.completed, "failed": rs.failed, "cancelled": rs.cancelled},
         "held_bytes": {"hbm": hbm["pool_bytes"], "dram": dram["bytes_held"]},

@@ -145,7 +145,7 @@ def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype,
         # the packed gate rows are one-part INT4 bundles
         gates.append(rows.to(device) if packed else
                      quant.decode("int4", rows, 1, dim, dtype, groups)[:, 0].contiguous().to(device))
-        norms.append(norm.to(device=device, dtype=dtype))
+        norms.append(norm.to(device=device, dtype=torch.float32))  # scores in float32: few ties
     return GatePolicy(cfg.num_layers, cfg.intermediate_size, shares, gates, norms, activation(cfg.hidden_act),
                       gate_copy_bytes(store), kernel_act=cfg.hidden_act if kernel else None, group=groups.int4,
                       dtype=dtype)

@@ -86,6 +86,24 @@ def min_tier_budgets(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_dir
     return _min_hbm(store, cfg, policy), min_dram
 
 
+def dram_to_keep_all(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> int:
+    """The smallest DRAM budget (with ``cfg.hbm_budget`` beside it) at which the plan keeps every layer of every
+    precision decode uses for good: nothing is read per token once they are in, and on the CPU computing from DRAM
+    decode tokens run natively (``EngineConfig.native_decode``). Every system holding all its weights, m2cache's DRAM
+    tier included: what the bench's in-RAM setting gives it."""
+    needs = _dram_needs(store, cfg, policy)
+    want = {(layer, p) for layer in range(store.config.num_layers) for p in needs.used}
+    budget = needs.staging + needs.per_layer * store.config.num_layers
+    lent = int(cfg.hbm_budget or 0) if cpu_direct and cfg.preload in ("auto", "layer", "hybrid") else 0
+    for _ in range(cfg.prefetch + 3):  # without O_DIRECT the preload ring keeps its layers too
+        dram = max(budget - lent, needs.min_dram)
+        plan = plan_tiers(store, cfg.replace(dram_budget=dram), policy, cpu_direct=cpu_direct)
+        if want <= set(plan.fixed_keys):
+            return dram
+        budget += needs.per_layer
+    raise AssertionError(f"no DRAM budget up to {format_size(budget)} keeps every layer for good")
+
+
 def staging_bytes(store: Store, cfg: EngineConfig, policy: Policy) -> int:
     """The DRAM reserve for neuron-level reads (0 when whole layers are always read)."""
     return _dram_needs(store, cfg, policy).staging

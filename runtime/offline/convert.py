@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from m2cache.errors import ConvertError, UnsupportedArchitectureError, require_extra
-from m2cache.model.llama import ModelConfig
+from m2cache.model.config import ModelConfig
+from m2cache.model.families import supported
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.layout import FORMAT_VERSION, MANIFEST
 from m2cache.storage.quant import Groups
@@ -131,15 +132,48 @@ def _open_gguf(src: Path):
 
     try:
         hf_cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
-    except ValueError as e:  # transformers refuses GGUF architectures it does not know
-        raise UnsupportedArchitectureError(f"{src}: {e}; m2cache runs LLaMA-family models") from e
-    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    except (ValueError, NotImplementedError) as e:  # transformers refuses GGUF architectures it does not know
+        raise UnsupportedArchitectureError(f"{src}: {e}; {supported()}") from e
+    _gguf_overrides(src, hf_cfg)
+    try:
+        cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"{src}: {e}") from e
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, config=hf_cfg, dtype=torch.float32)
     state = model.state_dict()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     spec = {"json": tok.backend_tokenizer.to_str(), "chat_template": tok.chat_template,
             "bos_token": tok.bos_token, "eos_token": tok.eos_token}
     return cfg, (lambda name: state[name]), spec
+
+
+def _gguf_overrides(src: Path, hf_cfg: Any) -> None:
+    """What transformers' GGUF reader leaves at its config defaults although the file says otherwise: the head
+    size (Qwen3's default is 128), LLaMA's attention biases, Gemma 3's per-layer sliding pattern, its sliding
+    layers' RoPE base and its query scale."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    fields = reader.fields
+    arch = fields["general.architecture"].contents()
+    if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        hf_cfg.attention_bias = True  # LLaMA with biases (transformers' reader does not look)
+
+    def value(key: str) -> Any:
+        f = fields.get(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    if (head := value("attention.key_length")) is not None and getattr(hf_cfg, "head_dim", head) != head:
+        hf_cfg.head_dim = int(head)
+    pattern = value("attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == hf_cfg.num_hidden_layers and hasattr(hf_cfg, "layer_types"):
+        hf_cfg.layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    if arch == "gemma3":  # the file has no query scale: llama.cpp's rule (head_dim, but hidden/heads on the 27B)
+        n = hf_cfg.num_hidden_layers
+        hf_cfg.query_pre_attn_scalar = hf_cfg.hidden_size // hf_cfg.num_attention_heads if n == 62 else hf_cfg.head_dim
+    params = getattr(hf_cfg, "rope_parameters", None)
+    if (base := value("rope.freq_base_swa")) is not None and isinstance(params, dict) and "sliding_attention" in params:
+        params["sliding_attention"]["rope_theta"] = float(base)
 
 
 # ---- the demo model -------------------------------------------------------------------------

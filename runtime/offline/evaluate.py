@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from m2cache.errors import ConfigError
 from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
 from m2cache.model.int8 import linear
-from m2cache.model.llama import DenseModel, attention_and_norm, attention_block, ffn_bundles, rms_norm
+from m2cache.model.llama import (DenseModel, attention_and_norm, attention_block, embed, ffn_bundles, ffn_residual,
+                                 rms_norm)
 from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, Shares, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
@@ -191,13 +192,13 @@ class QualityModel:
         m, cfg = self.dense, self.cfg
         scorer = self.scorer(policy)
         kv = m.new_cache()
-        x = m.res.embed[torch.tensor(window)]
+        x = embed(cfg, m.res, torch.tensor(window))
         before: torch.Tensor | None = None  # the previous layer's residual after its attention
         for layer, w in enumerate(m.res.layers):
             x = attention_block(cfg, w, x, layer, kv, 0, m.rope)
             h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
             if scorer is None:  # every neuron at FP16: the dense model's own code
-                x = x + ffn_bundles(h, m.ffn[layer], m.act)
+                x = ffn_residual(cfg, w, x, ffn_bundles(h, m.ffn[layer], m.act))
                 continue
             scores = scorer(layer, ranked_input(policy, h, before, w.ffn_norm, cfg.rms_norm_eps))
             before = x
@@ -205,7 +206,7 @@ class QualityModel:
             if recall is not None:
                 recall.append(kept_recall(masks, self.oracle_scores(layer, h)))
             weights = self.weights_for(policy)
-            x = x + ffn_masked(h, {p: weights[p][layer] for p in masks}, masks, m.act)
+            x = ffn_residual(cfg, w, x, ffn_masked(h, {p: weights[p][layer] for p in masks}, masks, m.act))
         hn = rms_norm(x, m.res.final_norm, cfg.rms_norm_eps)
         return linear(hn, m.res.lm_head).float()
 
@@ -226,7 +227,7 @@ class QualityModel:
         m, cfg = self.dense, self.cfg
         scorer = self.scorer(policy)
         pos = kv.length
-        x = m.res.embed[torch.tensor([token])]
+        x = embed(cfg, m.res, torch.tensor([token]))
         before: torch.Tensor | None = None
         for layer, w in enumerate(m.res.layers):
             x, h = attention_and_norm(cfg, w, x, layer, kv, pos, m.rope)  # as the dense reference and the engine
@@ -243,7 +244,7 @@ class QualityModel:
                 part = ffn_bundles(h, Wp, m.act)
                 y = part if y is None else y + part
             assert y is not None, "a policy keeps at least one neuron"
-            x = x + y
+            x = ffn_residual(cfg, w, x, y)
         kv.length = pos + 1
         return linear(rms_norm(x, m.res.final_norm, cfg.rms_norm_eps), m.res.lm_head)[-1].float()
 

@@ -20,14 +20,15 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.llama import ModelConfig
-from m2cache.storage.writer import RESIDENT_PER_LAYER, write_store
+from m2cache.model.families import layer_tensor_names
+from m2cache.storage.writer import tensor_shapes, write_store
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +55,6 @@ def synth_config(shape: str, layers: int | None = None) -> ModelConfig:
             raise ConfigError(f"--layers must be >= 1, got {layers}")
         kw["num_layers"] = layers
     return ModelConfig(bos_token_id=1, eos_token_ids=(2,), **kw)
-
-
-def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    D, F_, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, D)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                   p + "self_attn.q_proj.weight": (cfg.num_heads * hd, D),
-                   p + "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, D),
-                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, D),
-                   p + "self_attn.o_proj.weight": (D, cfg.num_heads * hd),
-                   p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
-                   p + "mlp.down_proj.weight": (D, F_)}
-    return shapes
 
 
 class RandomWeights:
@@ -108,27 +92,36 @@ def byte_tokenizer() -> dict[str, Any]:
     return {"json": tok.to_str(), "chat_template": CHAT_TEMPLATE, "bos_token": BOS, "eos_token": EOS}
 
 
-def write_hf_folder(dst: Path, cfg: ModelConfig, get: RandomWeights, tokenizer: dict[str, Any]) -> Path:
-    """config.json + one safetensors shard per layer (and one for the rest) + the index transformers reads."""
-    from safetensors.torch import save_file
+def write_hf_folder(dst: Path, cfg: ModelConfig, get: Callable[[str], torch.Tensor], tokenizer: dict[str, Any],
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """config.json + one FP16 safetensors shard per layer (and one for the rest) + the index transformers
+    reads, and the tokenizer (its chat template in tokenizer_config.json). Each tensor is made by ``get``
+    when written: memory is bounded by the largest tensor."""
+    from m2cache.storage.safetensors_stream import write_streamed
 
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    groups: dict[str, list[str]] = {"model-rest.safetensors": [n for n in get.shapes if ".layers." not in n]}
+    shapes = tensor_shapes(cfg)
+    groups: dict[str, list[str]] = {"model-rest.safetensors": [n for n in shapes if ".layers." not in n]}
     for i in range(cfg.num_layers):
-        groups[f"model-layer{i:03d}.safetensors"] = [f"model.layers.{i}.{n}" for n in RESIDENT_PER_LAYER + FFN_NAMES]
+        groups[f"model-layer{i:03d}.safetensors"] = layer_tensor_names(cfg, i) + [f"model.layers.{i}.{n}" for n in FFN_NAMES]
     weight_map: dict[str, str] = {}
     total = 0
-    for shard, names in groups.items():
-        tensors = {n: get(n).contiguous() for n in names}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+    for k, (shard, names) in enumerate(groups.items()):
+        total += write_streamed(tmp / shard, {n: (shapes[n], torch.float16) for n in names},
+                                lambda n: get(n).to(torch.float16))
         weight_map |= {n: shard for n in names}
+        if progress:
+            progress(k + 1, len(groups))
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf() | {"torch_dtype": "float16"}, indent=2))
     (tmp / "tokenizer.json").write_text(tokenizer["json"])
+    special = {k: tokenizer[k] for k in ("bos_token", "eos_token") if tokenizer.get(k)}
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+        | ({"chat_template": tokenizer["chat_template"]} if tokenizer.get("chat_template") else {}), indent=1))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.engine.loading import load_dense, load_tokenizer
-from m2cache.model.llama import DenseModel, attention_block, rms_norm
+from m2cache.model.llama import DenseModel, attention_block, embed, ffn_residual, rms_norm
 from m2cache.model.policy import GATE_PRESETS, Shares
 from m2cache.model.predictor import LowRankPredictors
 from m2cache.offline.progress import ProgressBar
@@ -100,7 +100,7 @@ def collect(model: DenseModel, windows: list[list[int]], bar: ProgressBar | None
     ys: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_layers)]
     for i, win in enumerate(windows):
         kv = model.new_cache()
-        x = model.res.embed[torch.tensor(win)]
+        x = embed(cfg, model.res, torch.tensor(win))
         for layer, w in enumerate(model.res.layers):
             x = attention_block(cfg, w, x, layer, kv, 0, model.rope)
             h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
@@ -108,7 +108,7 @@ def collect(model: DenseModel, windows: list[list[int]], bar: ProgressBar | None
             a = model.act(F.linear(h, W[:, 0])) * F.linear(h, W[:, 1])  # [T, F]
             xs[layer].append(h.clone())
             ys[layer].append((a.abs() * down_norms[layer]).half())
-            x = x + a @ W[:, 2]
+            x = ffn_residual(cfg, w, x, a @ W[:, 2])
         if bar:
             bar(i + 1)
     return [torch.cat(v) for v in xs], [torch.cat(v) for v in ys]

@@ -3,15 +3,22 @@
 
 What bad input and bad luck get: a body that is not JSON, or a field of the wrong type -> 400 with
 OpenAI's error body; a prompt plus ``max_tokens`` beyond the model's context -> 400 naming the limit;
-more than ``max_requests`` admitted -> 429 with ``Retry-After``; an SSD error -> 500 (or, mid-stream, an
-error event) naming the cause; the server draining -> 503 (mid-stream, an error event). A client that
-disconnects mid-stream cancels its request at the engine's next step.
+more than ``max_requests`` admitted -> 429 with ``Retry-After``; a request that waited ``admit_timeout``
+for room in the KV cache -> 503 with ``Retry-After``; an SSD error -> 500 (or, mid-stream, an error
+event) naming the cause; the server draining -> 503 (mid-stream, an error event). A streamed request's
+response starts with its first token, so each of those is still a status code until then. A client
+that disconnects mid-stream cancels its request at the engine's next step.
+
+With an API key (``--api-key``, or ``M2CACHE_API_KEY``), every ``/v1`` route answers 401 with OpenAI's
+error body unless the request carries ``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` too
+unless they are named public. The key is compared in constant time and never logged or echoed.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from m2cache.errors import ConfigError, EngineClosedError, M2CacheError
+from m2cache.errors import ConfigError, EngineClosedError, M2CacheError, OverloadedError
 from m2cache.serve import protocol as P
 from m2cache.serve.generation import Generation
 from m2cache.serve.metrics import ServeMetrics
@@ -38,11 +45,18 @@ class HTTPError(Exception):
         return JSONResponse(P.error_body(str(self), self.type, param=self.param), self.status, headers=self.headers)
 
 
-class Server:
-    """The app's state: the engine, admission, draining, metrics."""
+PUBLIC_ROUTES = ("health", "metrics")  # what stays open with an API key unless told otherwise (as vLLM's)
+RETRY_AFTER_S = "1"
 
-    def __init__(self, engine: Any, *, model_name: str, max_requests: int = 64) -> None:
+
+class Server:
+    """The app's state: the engine, admission, draining, metrics, the key."""
+
+    def __init__(self, engine: Any, *, model_name: str, max_requests: int = 64, api_key: str | None = None,
+                 public: tuple[str, ...] = PUBLIC_ROUTES) -> None:
         self.engine, self.model_name, self.max_requests = engine, model_name, max_requests
+        self._key = api_key.encode() if api_key else None
+        self.public = public
         self.context = int(engine.store.config.max_position_embeddings)
         self.metrics = ServeMetrics(engine)
         self.in_flight = 0
@@ -59,13 +73,24 @@ class Server:
         if self.in_flight >= self.max_requests:
             self.metrics.requests.labels(endpoint, "rejected").inc()
             raise HTTPError(429, f"{self.in_flight} requests are already running or waiting (max_requests "
-                                 f"{self.max_requests}); retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
+                                 f"{self.max_requests}); retry shortly", "rate_limit_error",
+                            headers={"Retry-After": RETRY_AFTER_S})
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
 
     def release(self) -> None:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
+
+    def authorized(self, request: Request) -> bool:
+        """No key, a public route, or ``Authorization: Bearer KEY`` (compared in constant time)."""
+        if self._key is None:
+            return True
+        route = request.url.path.strip("/").split("/")[0]
+        if route in self.public:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key)
 
     def generation(self, req: P._Sampling, prompt_ids: list[int], max_tokens: int | None) -> Generation:
         if not prompt_ids:
@@ -95,10 +120,21 @@ class _Ticket:
             self.srv.release()
 
 
-def create_app(engine: Any, *, model_name: str, max_requests: int = 64) -> FastAPI:
+def create_app(engine: Any, *, model_name: str, max_requests: int = 64, api_key: str | None = None,
+               public: tuple[str, ...] = PUBLIC_ROUTES) -> FastAPI:
     app = FastAPI(title="m2cache", docs_url=None, redoc_url=None, openapi_url=None)
-    srv = Server(engine, model_name=model_name, max_requests=max_requests)
+    srv = Server(engine, model_name=model_name, max_requests=max_requests, api_key=api_key, public=public)
     app.state.m2cache = srv
+
+    @app.middleware("http")
+    async def _key(request: Request, call_next: Any) -> Response:
+        if not srv.authorized(request):
+            srv.metrics.requests.labels("any", "unauthorized").inc()
+            return JSONResponse(P.error_body("a valid API key is needed: send the header 'Authorization: Bearer "
+                                             "KEY' with the key the server was started with",
+                                             code="invalid_api_key"), 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -137,7 +173,7 @@ def create_app(engine: Any, *, model_name: str, max_requests: int = 64) -> FastA
         ids = list(prompt) if isinstance(prompt, list) else tok.encode(prompt, raw=True)
         if any(not isinstance(i, int) or not 0 <= i < tok.vocab_size for i in ids):
             raise HTTPError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
-        return await _respond(srv, "completions", req, ids, req.max_tokens, chat=False)
+        return await _respond(srv, "completions", req, ids, req.limit(), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: P.ChatRequest) -> Response:
@@ -155,7 +191,21 @@ async def _respond(srv: Server, endpoint: str, req: P._Sampling, ids: list[int],
     ticket = srv.ticket(endpoint)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     if req.stream:
-        return StreamingResponse(_stream(srv, endpoint, gen, rid, chat, ticket), media_type="text/event-stream",
+        # the response starts with the first token: until then a failure (no room in time, an SSD error) is
+        # still a status code a client and a load balancer understand, not an event in a 200 stream
+        deltas = gen.deltas()
+        try:
+            first = await anext(deltas, None)
+        except M2CacheError as e:
+            ticket.release()
+            srv.metrics.observe(gen)
+            raise _failure(srv, endpoint, e) from e
+        except BaseException:
+            ticket.release()
+            await deltas.aclose()
+            raise
+        return StreamingResponse(_stream(srv, endpoint, gen, deltas, first, rid, chat, ticket),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(ticket.release))
     try:
@@ -173,6 +223,9 @@ async def _respond(srv: Server, endpoint: str, req: P._Sampling, ids: list[int],
 
 
 def _failure(srv: Server, endpoint: str, e: M2CacheError) -> HTTPError:
+    if isinstance(e, OverloadedError):
+        srv.metrics.requests.labels(endpoint, "overloaded").inc()
+        return HTTPError(503, f"the server is busy: {e}", "overloaded_error", headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(e, EngineClosedError):
         srv.metrics.requests.labels(endpoint, "shutdown").inc()
         if srv.draining:  # the engine's own words name its actors: for the log, not the client
@@ -192,14 +245,22 @@ def _sse(body: dict[str, Any] | str) -> bytes:
     return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(srv: Server, endpoint: str, gen: Generation, rid: str, chat: bool,
-                  ticket: _Ticket) -> AsyncIterator[bytes]:
+async def _stream(srv: Server, endpoint: str, gen: Generation, deltas: AsyncGenerator[str, None],
+                  first: str | None, rid: str, chat: bool, ticket: _Ticket) -> AsyncIterator[bytes]:
+    """The SSE events of a stream whose first delta (None: it had none) was already taken from ``deltas``."""
     name, outcome = srv.model_name, "disconnected"
+
+    async def all_deltas() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+            async for delta in deltas:
+                yield delta
+
     try:
         if chat:
             yield _sse(P.chat(rid, name, "", None, chunk=True, first=True))
         try:
-            async for delta in gen.deltas():
+            async for delta in all_deltas():
                 yield _sse(P.chat(rid, name, delta, None, chunk=True) if chat else P.completion(rid, name, delta, None))
         except M2CacheError as e:
             err = _failure(srv, endpoint, e)
@@ -214,6 +275,7 @@ async def _stream(srv: Server, endpoint: str, gen: Generation, rid: str, chat: b
         yield _sse("[DONE]")
         outcome = "ok"
     finally:  # also when the client went away (the engine's request is then already cancelled)
+        await deltas.aclose()  # a stream never iterated (the client left before its first byte) ends here
         ticket.release()
         srv.metrics.observe(gen)
         if outcome != "failed":

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from m2cache.model.tokenizer import StreamDecoder, Tokenizer
@@ -52,7 +52,7 @@ class Generation:
     ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)  # inter-token latencies
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncGenerator[str, None]:
         tok: Tokenizer = self.engine.tokenizer  # type: ignore[attr-defined]
         eos = set(self.engine.store.config.eos_token_ids)  # type: ignore[attr-defined]
         dec, stop = StreamDecoder(tok), StopText(self.stops)
@@ -67,10 +67,10 @@ class Generation:
                 else:
                     self.gaps_s.append(now - last)
                 last = now
-                self.completion_tokens += 1
-                if token in eos:
+                if token in eos:  # not a completion token (OpenAI's usage does not count it)
                     self.finish_reason = "stop"
                     break
+                self.completion_tokens += 1
                 # one delta per token, empty while a character or a possible stop string is held back:
                 # a stream shows every step's progress
                 yield stop.push(dec.push(token))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ErrorType = Literal["invalid_request_error", "rate_limit_error", "server_error", "server_shutdown",
-                    "context_length_exceeded"]
+                    "context_length_exceeded", "overloaded_error"]
 
 
 def error_body(message: str, type_: ErrorType = "invalid_request_error", *, param: str | None = None,
@@ -26,9 +26,10 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # what newer clients send instead
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -39,6 +40,18 @@ class _Sampling(BaseModel):
         if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
             raise ValueError("stop takes up to 4 non-empty strings")
         return v
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"n={v} is not supported: m2cache serve gives one choice per request; send {v} "
+                             "requests instead (each may have its own seed)")
+        return v
+
+    def limit(self) -> int | None:
+        """The completion's token limit: ``max_completion_tokens`` when given, else ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -84,10 +97,6 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-    def limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 def new_id(prefix: str) -> str:

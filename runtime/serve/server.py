@@ -23,14 +23,18 @@ log = logging.getLogger(__name__)
 
 async def serve(store_dir: str | Path, config: Any, *, host: str = "127.0.0.1", port: int = 8000,
                 max_requests: int = 64, model_name: str | None = None, graceful_s: int = 10,
-                on_ready: Callable[[str, int], None] | None = None, drain_s: float = 2.0) -> None:
-    """Serves until a signal; ``on_ready(host, port)`` once it accepts (``port`` 0 picks a free one)."""
+                on_ready: Callable[[str, int], None] | None = None, api_key: str | None = None,
+                public: tuple[str, ...] | None = None, drain_s: float = 2.0) -> None:
+    """Serves until a signal; ``on_ready(host, port)`` once it accepts (``port`` 0 picks a free one).
+    ``api_key``: every ``/v1`` route (and ``/health``, ``/metrics`` unless in ``public``) needs it."""
     from m2cache.engine.engine import Engine
-    from m2cache.serve.app import create_app
+    # imported before the engine opens: under ``memory`` the engine sizes itself from what the process holds
+    from m2cache.serve.app import PUBLIC_ROUTES, create_app
 
     async with Engine.open(store_dir, config) as engine:
         name = model_name or Path(store_dir).resolve().parent.name
-        app = create_app(engine, model_name=name, max_requests=max_requests)
+        app = create_app(engine, model_name=name, max_requests=max_requests, api_key=api_key,
+                         public=PUBLIC_ROUTES if public is None else public)
         state = app.state.m2cache
         # everything built so far (torch, the engine, the app) lives as long as the server: frozen out of
         # the collector, a full collection no longer walks it (measured: 30-70 ms gen-2 pauses on the loop)

@@ -551,15 +551,23 @@ def check_each_ffn(engine: Engine, store: Store, errors: list[float], also: Call
     from m2cache.model.llama import activation, ffn_bundles
     from m2cache.storage.reader import PlainBackend
 
+    from m2cache.model import cpu_kernels
+
     act = activation(store.config.hidden_act)
-    ffn = engine.executor.ffn.compute
+    ex = engine.executor.ffn
+    ffn = ex.compute
 
     def checked(h, ready, prefill: bool):
         out = ffn(h, ready, prefill)
         if also is not None:
             also(ready, prefill)
-        ref = sum(ffn_bundles(h.float(), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
-                                                       torch.float32)[torch.from_numpy(ids)], act)
+        kernels = ex.use_kernels and not (prefill and ex.dense_prefill)  # else torch's products, with h as it is
+
+        def meets(p: str):  # h as the products with precision p's rows meet it
+            return cpu_kernels.product_input(h.float(), p, store.hidden, store.groups) if kernels else h.float()
+
+        ref = sum(ffn_bundles(meets(p), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
+                                                     torch.float32)[torch.from_numpy(ids)], act)
                   for p, ids in ready.ids.items() if len(ids))
         errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
         return out
