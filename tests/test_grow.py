@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors import safe_open
 
 from m2cache.engine.loading import load_dense
 from m2cache.errors import ConfigError
-from m2cache.offline.grow import grow, grown_config, proportions
+from m2cache.offline.grow import grow, grown_config, grown_from, proportions
 from m2cache.offline.layerwise import layerwise_perplexity
 from m2cache.storage import quant
 from m2cache.storage.reader import PlainBackend, Store
@@ -71,6 +72,21 @@ def test_grow_refuses_a_split_store(tiny_store, tmp_path):
     split = write_version2_split(write_version2(tiny_store.store, tmp_path / "v2"), tmp_path / "split")
     with pytest.raises(ConfigError, match="split store"):
         grow(split, tmp_path / "g", WIDTH, progress=False)
+
+
+def test_a_grown_store_names_its_source_and_its_policies_measure_the_same_there(tiny_store, grown):
+    """The bench measures a grown model's policies on its source: the same perplexity, policy by policy."""
+    from m2cache.offline.layerwise import LayerwiseEval, variant
+    from m2cache.offline.train import split_text, token_windows
+
+    assert grown_from(Store(grown["store"])) == Path(tiny_store.store) and grown_from(Store(tiny_store.store)) is None
+    windows = token_windows(Store(tiny_store.store), split_text(None)[1], 128, window=64)
+    got = {}
+    for which in (tiny_store.store, grown["store"]):
+        runs = [variant(p, "full", torch.float32) for p in ("gate:0.1,0.2,0.7", "gate:0,0,1")]
+        LayerwiseEval(Store(which), windows).run(runs)
+        got[which] = [v.nll / v.count for v in runs]
+    assert got[tiny_store.store] == pytest.approx(got[grown["store"]], rel=1e-4)
 
 
 def test_proportions_add_up(grown):

@@ -365,8 +365,8 @@ def _policy_row(qm: QualityModel, data: EvalData, name: str, dense_logits: list[
         first.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)))
     ffn_fp16 = qm.bundle_bytes["fp16"] * qm.cfg.intermediate_size * qm.cfg.num_layers
     row = {"policy": name, "ppl": ppl, "dense_ppl": dense_ppl, "ppl_delta": ppl / dense_ppl - 1,
-           "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)),
-           "greedy_median": float(np.median(first)),
+           "top1": top1, "agreement": same / (greedy_tokens * len(data.prompts)) if greedy_tokens else None,
+           "greedy_median": float(np.median(first)) if greedy_tokens else None,
            "ffn_bytes_ratio": qm.bytes_ratio(pol), "kept": _kept(pol),
            "selector_bytes_ratio": qm.selector_bytes(pol) / ffn_fp16}
     if recall:

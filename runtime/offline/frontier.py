@@ -62,8 +62,9 @@ def format_table(rows: list[dict]) -> str:
         rec = f"{r['recall']:.3f}" if "recall" in r else "-"
         lines.append((f"{r.get('text', ''):<10} " if text else "") + (
             f"{r['policy']:<24} {r['kept']:5.2f} {r['ffn_bytes_ratio']:6.3f} {r['selector_bytes_ratio']:6.3f} "
-            f"{r['ppl']:8.3f} {r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} {r['agreement']:6.3f} "
-            f"{r['greedy_median']:5.0f} {rec:>6}"))
+            f"{r['ppl']:8.3f} {r['dense_ppl']:8.3f} {r['ppl_delta']:+7.1%} {r['top1']:6.3f} "
+            + (f"{r['agreement']:6.3f} {r['greedy_median']:5.0f} " if r.get("agreement") is not None else
+               f"{'-':>6} {'-':>5} ") + f"{rec:>6}"))
     lines.append("bytes: FFN bytes fetched per token / dense FP16; select: bytes the selection keeps resident / all "
                  "FFN FP16 bytes; greedy: share of the greedy tokens equal to dense; first: median tokens before the "
                  "first difference")

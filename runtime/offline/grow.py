@@ -109,6 +109,17 @@ def grow(src: str | Path, dst: str | Path, width: int = 16, *, progress: bool = 
     return {"store": store, "hf": hf}
 
 
+def grown_from(store: Store) -> Path | None:
+    """The store ``store`` was grown from (``m2cache grow`` names it in the manifest's source), if it is there:
+    the same function at a 16th of the width (``tools/grown_check.py``), so what only depends on the function
+    (a policy's perplexity) is measured on it."""
+    source = str(store.manifest.get("source", ""))
+    if not source.startswith("grow:x"):
+        return None
+    path = Path(source.split(":", 2)[2])
+    return path if (path / "manifest.msgpack").is_file() else None
+
+
 def _grow_predictors(source: Store, store: Store, width: int) -> None:
     """The source's predictors with their first layer tiled (w1 reads the FFN input): the same scores."""
     meta = source.manifest.get("predictors")
