@@ -330,8 +330,9 @@ def test_n_above_one_gets_a_400_saying_one_choice_per_request(server: Live) -> N
 
 def test_a_request_that_cannot_get_room_in_the_kv_cache_in_time_gets_503_with_retry_after(deep: S.Model) -> None:
     # a slow disk read at every step: the first request holds most of the KV cache for many seconds
+    # (nothing kept in DRAM for good: every step reads its neurons)
     live = Live(deep.store, "--policy", "dense-fp16", "--kv-tokens", "230", "--queue-timeout", "1",
-                "--ssd-sim", "latency=10ms", "--preload", "neuron")
+                "--ssd-sim", "latency=10ms", "--preload", "neuron", "--no-compute-from-dram", "--dram-budget", "5%")
     try:
         http, resp, lines = _open_stream(live, 200)
         _next_event(lines)

@@ -1,7 +1,7 @@
 """What ``m2cache bench`` runs: the model, its systems (one row each), what each needs, and its jobs.
 
-Rows: ``m2cache`` (the default policy of the model's m2cache store: its split store's when it has one),
-``m2cache:POLICY`` (m2cache along its frontier: ``--policies``, or :data:`FRONTIER` on a split store),
+Rows: ``m2cache`` (the default policy of the model's m2cache store, a gate policy from its split view),
+``m2cache:POLICY`` (m2cache along its frontier: ``--policies``, or :data:`FRONTIER` where gate policies run),
 ``m2cache-dense-fp16`` (tiering alone, exact), ``llama-TYPE`` (llama.cpp on its GGUF of that type),
 ``hf-bf16`` / ``hf-fp32`` (transformers, every weight resident), ``hf-offload`` (accelerate) and
 ``layer-stream`` (AirLLM's way).
@@ -21,7 +21,7 @@ LLAMA_SYSTEMS = tuple(f"llama-{t}" for t in GGUF_TYPES)
 SYSTEMS = ("m2cache", "m2cache-frontier", "m2cache-dense-fp16", *LLAMA_SYSTEMS, "hf-bf16", "hf-fp32", "hf-offload",
            "layer-stream")
 QUICK_SYSTEMS = ("m2cache", "llama-f16", "llama-q4_0", "hf-offload", "layer-stream")
-# m2cache's frontier on a split store, from every neuron at INT4 (0.21 of the dense FP16 FFN bytes a token on
+# m2cache's frontier where gate policies run (up and down fetched), from every neuron at INT4 (0.21 of the dense FP16 FFN bytes a token on
 # the grown model) through the default gate-40 (0.29) to more FP16 and INT8 (0.41)
 FRONTIER = ("gate:0,0,1", "gate:0,0.1,0.9", "gate:0.05,0.1,0.85", "gate:0.3,0.4,0.3")
 BYTES_PER_WEIGHT = {"hf-bf16": 2.0, "hf-fp32": 4.0, "hf-offload": 2.0, "layer-stream": 2.0, "m2cache-dense-fp16": 2.0}

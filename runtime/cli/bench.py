@@ -20,7 +20,8 @@ def add_commands(sub) -> None:
                         "7b-random: 8 layers of LLaMA-2-7B with random weights (the no-locality worst case; 7b is "
                         "its old name); demo: SmolLM2-135M in RAM")
     p.add_argument("--store", help="another store (its HF folder is its sibling 'hf', GGUFs in 'gguf')")
-    p.add_argument("--split", help="with --store: its split store (m2cache-gate policies run there)")
+    p.add_argument("--split", help="with --store of an older version: the split store written beside it (a format-3 store runs its "
+                        "gate policies itself)")
     p.add_argument("--random", action="store_true", help="with --store: random weights (no perplexity)")
     p.add_argument("--hf", help="the same model as a HF folder")
     p.add_argument("--memory", help="memory limit (RSS + page cache): a size, a share of the FP16 weights, or none; "
@@ -50,7 +51,7 @@ def add_commands(sub) -> None:
                    help="force llama.cpp's repacking (weights copied into its own buffers) on or off; default: on "
                         "where the GGUF file fits the limit, mmap where it does not (as its users run it)")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
-                   help=f"the m2cache-frontier rows' policies (default on a split store: {' '.join(FRONTIER)})")
+                   help=f"the m2cache-frontier rows' policies (default where the store runs gate policies from its split view: {' '.join(FRONTIER)})")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                    help="every row's perplexity beside its speed (measured once per model, kept beside it)")
     p.add_argument("--from-json", nargs="+", metavar="REPORT",
