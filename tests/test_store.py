@@ -404,3 +404,19 @@ def test_converting_a_checkpoint_of_another_architecture_raises_unsupported_arch
     assert str(hf / "config.json") in str(err.value) and "gpt2" in str(err.value)
     assert "llama" in str(err.value)
     assert not (tmp_path / "store").exists()
+
+
+def test_verify_names_a_damaged_int8_attention_file(store_copy: Path) -> None:
+    """`m2cache fetch` verifies a store it has: a flipped byte in the INT8 attention file is a ChecksumError
+    naming the file and the layer, with the fix."""
+    store = Store(store_copy)
+    entry = store.manifest.get("attention_int8")
+    if not entry:
+        pytest.skip("this store keeps no INT8 attention file")
+    path = store_copy / entry["path"]
+    data = bytearray(path.read_bytes())
+    data[entry["layer_bytes"] + 7] ^= 0x10  # inside layer 1's region
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="layer 1's INT8 attention") as err:
+        Store(store_copy).verify()
+    assert str(path) in str(err.value) and "m2cache" in str(err.value)
