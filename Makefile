@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo stress lint clean peers bench bench-quick
+.PHONY: install test demo stress lint clean peers bench bench-quick trace-pages
 
 install: $(STAMP)
 
@@ -62,3 +62,13 @@ trace-check: install
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	M2CACHE_REQUIRE_CHROMIUM=1 M2CACHE_TRACE_SCREENSHOT=docs/results/trace_step_html.png \
 		$(PY) -m pytest -q tests/test_trace_browser.py
+
+# the trace pages of two short demo runs (pages are built here, never committed): build/trace/demo.html with the
+# default policy, build/trace/prefetch.html with lookahead
+trace-pages: install
+	mkdir -p build/trace
+	S=$$($(VENV)/bin/m2cache fetch smollm2) && \
+	$(VENV)/bin/m2cache generate $$S "Why is the sky blue?" --max-new-tokens 16 --greedy --trace build/trace/demo.trace && \
+	$(VENV)/bin/m2cache trace build/trace/demo.trace --html build/trace/demo.html && \
+	$(VENV)/bin/m2cache generate $$S "Why is the sky blue?" --max-new-tokens 16 --greedy --lookahead --trace build/trace/prefetch.trace && \
+	$(VENV)/bin/m2cache trace build/trace/prefetch.trace --html build/trace/prefetch.html
