@@ -61,7 +61,7 @@ class Shares:
 # the neurons), and the default of a store written by this version. gate-40 keeps every neuron, 10% at FP16,
 # 20% INT8, 70% INT4, and fetches their up and down parts only: 0.29 of the dense FP16 FFN bytes, against
 # 0.43 for the predictor's mixed-40 at the same shares (`m2cache eval`, demo model, dense FP32 reference,
-# 1024 held-out tokens each of the pydoc prose and GPL-3, docs/results/eval_gate_split_issue14.txt):
+# 1024 held-out tokens each of the pydoc prose and GPL-3, docs/results/eval_gate_split_demo.txt):
 # +0.9% / +0.0% perplexity, top-1 0.974 / 0.953, where mixed-40 costs +1.4% / +1.0% (top-1 0.958 / 0.915).
 GATE_PRESETS: dict[str, Shares] = {"gate-40": Shares(0.1, 0.2, 0.7)}
 DEFAULT_POLICY = "gate-40"

@@ -35,7 +35,7 @@ VAL_WINDOWS = 2  # the last calibration windows measure recall, never train
 # predictor policies every trained store gets (FP16, INT8, INT4 shares); tune adds its own.
 # The default keeps every neuron and lets the predictor choose only each neuron's precision: on the
 # demo model skipping neurons by the predictor's ranking costs far more than INT4 does. Measured by
-# `m2cache eval --frontier` (demo, format 2 store, docs/results/eval_frontier_issue14.txt): mixed-40 fetches
+# `m2cache eval --frontier` (demo, format 2 store, docs/results/eval_frontier_demo.txt): mixed-40 fetches
 # 0.431 of dense FP16 FFN bytes for +1.4% perplexity on the pydoc tail and +1.0% on GPL-3 (top-1 0.958 /
 # 0.915); at 0.37 of the bytes (0.1/0.2/0.5) the predictor costs +14% / +89%. The sparse presets stay for
 # models that allow them.
