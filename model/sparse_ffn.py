@@ -9,7 +9,7 @@ set by precision changes nothing but each group's weights).
   policy "every neuron at FP16" reproduces the dense model bit for bit.
 - INT8 groups with one scale per row (stores of format version 1) use ``torch._weight_int8pack_mm``
   on the CPU when the compute dtype is BF16 (the kernel wants BF16 activations: with FP32 ones it is
-  ten times slower, DESIGN.md §6), or apply the scales to the products; INT8 in groups along D (the
+  ten times slower, docs/architecture.md §7), or apply the scales to the products; INT8 in groups along D (the
   kernel takes one scale per output row only) is dequantised and multiplied in the compute dtype.
 - INT4 groups use ``torch._weight_int4pack_mm_for_cpu`` for gate and up only when asked
   (``int4_kernel=True``): its packed layout differs from the store's, so each call repacks the gathered

@@ -76,7 +76,7 @@ class CarbonModel:
     # busy time: bytes read / ssd_bytes_per_s. An idle drive is not charged to the run.
     ssd_w: float = 5.0
     # Sustained SSD read bandwidth, to turn bytes into busy seconds: 3 GB/s, a mid-range NVMe drive
-    # (DESIGN.md section 6 measured 2.7-2.9 GB/s with O_DIRECT). 5 W / 3 GB/s is about 1.7 nJ/B.
+    # (docs/architecture.md §7: 2.7-2.9 GB/s measured with O_DIRECT). 5 W / 3 GB/s is about 1.7 nJ/B.
     ssd_bytes_per_s: float = 3.0e9
     # Moving a bit from the SSD into DRAM (PCIe link plus the DRAM write): about 10 pJ/bit, the
     # order of magnitude of PCIe SerDes and DDR access energy.
