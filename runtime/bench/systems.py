@@ -105,7 +105,7 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
                 out["requests"].append(clock.result())
             st = engine.stats()
         out["stats"] = {k: st[k] for k in ("policy", "resident_form", "bytes_per_token", "hit_ratio", "stall_fraction",
-                                           "stall_s", "peak_bytes", "budgets", "tiers", "predictor_recall") if k in st}
+                                           "stall_s", "peak_bytes", "budgets", "tiers") if k in st}
         # the engine's figures over decode alone: its tokens are the decode tokens
         dec = figures(decode, device=st["device"])
         out["stats"]["decode"] = {k: dec[k] for k in ("decode_tokens", "bytes_per_token", "stall_fraction",

@@ -57,8 +57,6 @@ def stats_lines(st: dict[str, Any]) -> list[str]:
                      f"KV {m['kv_tokens']} tokens {m['kv'] / MB:.0f}, device pool {m['hbm_budget'] / MB:.0f}, DRAM "
                      f"{m['dram_budget'] / MB:.0f} MB" + ("" if m["dense_prefill"] else "; prefill split by the policy")
                      + f"; held now: KV {held['kv'] / MB:.1f} MB")
-    if st.get("predictor_recall") is not None:
-        lines.append(f"predictor recall {st['predictor_recall']:.1%}")
     if "carbon_g_per_1k_tokens" in st:
         lines.append(f"carbon estimate: {st['carbon_g_per_1k_tokens']:.2f} gCO2 per 1000 tokens")
     return lines

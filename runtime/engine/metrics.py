@@ -46,7 +46,6 @@ def engine_stats(engine) -> dict[str, Any]:
                   "decode_read_bytes": engine.plan.decode_read_bytes,
                   "direct_from_dram": engine.plan.direct},
         "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
-        "predictor_recall": getattr(engine.policy, "recall", None),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
         # resident="stream": the attention projections read per layer (beside the FFN's SSD->DRAM bytes)
         "attention_stream_bytes": None if engine.attention is None else engine.attention.bytes_read,
