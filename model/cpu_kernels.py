@@ -4,7 +4,7 @@ attention block (``csrc/attention.c``), built on first use.
 On the CPU the device pool and DRAM are the same memory, so the fastest FFN reads each kept neuron's
 bundle where it sits in the pool, by slot, and widens INT8/INT4 values in registers: no gather into a
 contiguous buffer and no dequantised copy per token (docs/architecture.md §1, §6). torch has no such operator
-(its weight-only kernels want contiguous, specially packed weights), so m2cache ships ~150 lines of C.
+(its weight-only kernels want contiguous, specially packed weights), so m2cache ships its own kernels in C (csrc/).
 A decode position's attention block is ~35 small torch operators, each dearer than its arithmetic
 once the layer's weights have streamed through the caches; ``attention_decode`` is one call.
 
