@@ -181,5 +181,5 @@ def code_state() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage")
+    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage", "formats")
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty.splitlines()}

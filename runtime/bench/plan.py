@@ -162,7 +162,7 @@ class Plan:
     def shares(self, system: str):
         """The row's policy's shares (one per layer), without loading its predictors or gate rows."""
         from m2cache.engine.policies import parse_shares
-        from m2cache.model.policy import Shares
+        from m2cache.formats.shares import Shares
         from m2cache.model.predictor import shares_from_spec
 
         name, store = self.row_policy(system) or "dense-fp16", self.row_store(system)

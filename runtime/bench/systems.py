@@ -201,8 +201,8 @@ def _run_layer_stream(job: Job) -> dict[str, Any]:
     import torch.nn.functional as F
     from safetensors import safe_open
 
-    from m2cache.model.llama import (KVCache, LayerWeights, ModelConfig, Rotary, activation, attention_block,
-                                     rms_norm)
+    from m2cache.formats.config import ModelConfig
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, activation, attention_block, rms_norm
 
     hf = Path(job.hf)
     cfg = ModelConfig.from_hf(json.loads((hf / "config.json").read_text()))

@@ -31,7 +31,7 @@ from m2cache.errors import EngineClosedError
 from m2cache.engine.loading import load_resident, load_tokenizer
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel
-from m2cache.model.policy import PRECISION_ORDER
+from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import fetched_bytes, load_policy, store_for_policy
 from m2cache.model.sampling import check_sampling

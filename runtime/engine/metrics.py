@@ -61,7 +61,7 @@ def _ffn_bytes(engine) -> dict[str, int]:
     """What the policy's FFN takes a decode token (``m2cache policies``' figures): the bytes it computes
     from at its precisions, a dense FP16 FFN's, and what it keeps resident to choose its neurons."""
     from m2cache.engine.policies import fetched_bytes, resident_policy_bytes
-    from m2cache.storage import quant
+    from m2cache.formats import quant
 
     store = engine.store
     dense = quant.bundle_bytes("fp16", 3, store.hidden) * store.num_neurons * store.config.num_layers

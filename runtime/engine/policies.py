@@ -5,8 +5,9 @@ import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.llama import activation
-from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, Shares
-from m2cache.storage import quant
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import GatePolicy, OraclePolicy, Policy
+from m2cache.formats import quant
 from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store
 
 BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C")

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from m2cache.errors import ConvertError, UnsupportedArchitectureError, require_extra
-from m2cache.model.config import ModelConfig
-from m2cache.model.families import supported
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import supported
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.layout import FORMAT_VERSION, MANIFEST
-from m2cache.storage.quant import Groups
+from m2cache.formats.quant import Groups
 from m2cache.storage.writer import write_store
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from m2cache.errors import ConfigError
-from m2cache.model.llama import ModelConfig
+from m2cache.formats.config import ModelConfig
 from m2cache.storage.reader import Store
 from m2cache.storage.tensors import StoreTensors
 from m2cache.storage.writer import write_store

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from m2cache.errors import ConfigError
-from m2cache.model.llama import ModelConfig
-from m2cache.model.families import layer_tensor_names
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import layer_tensor_names
 from m2cache.storage.writer import tensor_shapes, write_store
 
 log = logging.getLogger(__name__)
