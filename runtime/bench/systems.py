@@ -81,7 +81,7 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
 
     from m2cache.engine.config import EngineConfig
     from m2cache.engine.engine import Engine
-    from m2cache.engine.figures import Counters, figures
+    from m2cache.figures import Counters, figures
     from m2cache.engine.metrics import engine_counters
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, memory=job.memory,

@@ -1,6 +1,6 @@
 """engine.stats(): what a run did — speed, bytes per edge, hit ratios, stalls, memory, carbon.
 
-The figures come from ``m2cache.engine.figures`` over ``engine_counters(engine)``; the counters ride
+The figures come from ``m2cache.figures`` over ``engine_counters(engine)``; the counters ride
 along under ``"counters"``, so a saved trace (whose metadata holds ``stats()``) gives the same figures.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from m2cache.engine.figures import Counters, figures
+from m2cache.figures import Counters, figures
 from m2cache.engine.loading import resident_bytes
 
 
