@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2cache.bench.memlimit import resolve_budget
 from m2cache.bench.model import GGUF_TYPES, RANDOM_GGUF_TYPES
 from m2cache.bench.report import GB
 from m2cache.bench.systems import Job
 
+# `m2cache demo`'s prompts; the bench's default is the first
+DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
 LLAMA_SYSTEMS = tuple(f"llama-{t}" for t in GGUF_TYPES)
 SYSTEMS = ("m2cache", "m2cache-frontier", "m2cache-dense-fp16", *LLAMA_SYSTEMS, "hf-bf16", "hf-fp32", "hf-offload",
            "layer-stream")
@@ -99,7 +102,6 @@ class Plan:
     """What every limit shares: the model, its sizes, the prompts, the systems."""
 
     def __init__(self, args, model: Model) -> None:
-        from m2cache.cli.main import DEMO_PROMPTS
         from m2cache.engine.loading import load_tokenizer
         from m2cache.engine.policies import default_policy_name
         from m2cache.storage.reader import SPLIT, Store
@@ -260,7 +262,6 @@ class Plan:
         """m2cache's budgets: the ones given; without a limit (in RAM: every system holds all its weights) a DRAM
         tier that keeps every layer the row's policy uses (``sizing.dram_to_keep_all``), else the defaults;
         under a limit None (the engine sizes them from ``memory``, the limit)."""
-        from m2cache.cli.main import resolve_budget
         from m2cache.engine.config import parse_size
 
         store = self.row_store(system)
