@@ -5,13 +5,16 @@ with counts, the arrows that point up against ``LAYERS``, the import cycles betw
 at any level: a function's import closes a circle as surely as one at the top, only later), and the
 imports inside functions, split into m2cache's own modules and third-party packages. With ``--check``
 it exits 1 when there is an upward arrow, a cycle, or an internal import inside a function with no
-comment saying why. The folders come from pyproject's ``package-dir`` (``runtime/`` is ``m2cache``,
+comment saying why (its own, or its module's ``# imports inside functions: WHY`` where the import does keep
+a heavy package out). The folders come from pyproject's ``package-dir`` (``runtime/`` is ``m2cache``,
 ``storage/`` is ``m2cache.storage``, ...). Standard library only.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import itertools
 import sys
 import tomllib
 from collections import Counter, defaultdict
@@ -37,6 +40,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("__init__",),          # the package's facade: ``from m2cache import Engine``
 ]
 
+# What an import inside a function may rightly keep out of its importer's own import: torch (a second
+# and some 300 MB), and the packages behind an extra (pyproject's optional-dependencies), imported where
+# they are used so that ``import m2cache`` neither needs nor loads them.
+HEAVY = {"torch"}
 # Packages behind an extra (pyproject's optional-dependencies), imported where they are used so that
 # ``import m2cache`` neither needs nor loads them.
 OPTIONAL = {"transformers", "accelerate", "matplotlib", "gguf", "fastapi", "uvicorn", "starlette",
@@ -147,14 +154,24 @@ class _Collector(ast.NodeVisitor):
             self.visit(child)
 
 
-def imports(known: dict[str, Path]) -> list[Import]:
+DECLARED = "# imports inside functions:"
+
+
+def imports(known: dict[str, Path]) -> tuple[list[Import], dict[str, str]]:
+    """Every import statement of the package, and each module's ``# imports inside functions: WHY``."""
     found: list[Import] = []
+    declared: dict[str, str] = {}
     for name, path in known.items():
         text = path.read_text()
-        collector = _Collector(name, path.name == "__init__.py", known, text.splitlines())
+        lines = text.splitlines()
+        collector = _Collector(name, path.name == "__init__.py", known, lines)
         collector.visit(ast.parse(text, str(path)))
         found += collector.found
-    return found
+        for n, line in enumerate(lines):
+            if line.startswith(DECLARED):
+                rest = [c.lstrip("# ") for c in itertools.takewhile(lambda c: c.startswith("#"), lines[n + 1:])]
+                declared[name] = " ".join([line[len(DECLARED):].strip(), *rest])
+    return found, declared
 
 
 def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
@@ -202,6 +219,29 @@ def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     return sorted(found)
 
 
+def heavy(found: list[Import], known: dict[str, Path]) -> dict[str, frozenset[str]]:
+    """Module -> the HEAVY and OPTIONAL packages importing it loads (its top-level imports, followed)."""
+    own: dict[str, set[str]] = defaultdict(set)
+    edges: dict[str, set[str]] = defaultdict(set)
+    for i in found:
+        if i.in_function or i.type_only:
+            continue
+        if i.target in known:
+            edges[i.source].add(i.target)
+        elif i.target.split(".")[0] in HEAVY | OPTIONAL:
+            own[i.source].add(i.target.split(".")[0])
+    loads: dict[str, frozenset[str]] = {}
+    for start in known:
+        seen, todo, got = {start}, [start], set()
+        while todo:
+            module = todo.pop()
+            got |= own[module]
+            todo += [m for m in edges[module] if m not in seen]
+            seen.update(edges[module])
+        loads[start] = frozenset(got)
+    return loads
+
+
 def _short(module: str) -> str:
     return module.removeprefix(PACKAGE + ".") or PACKAGE
 
@@ -209,7 +249,7 @@ def _short(module: str) -> str:
 def report(repo: Path) -> tuple[str, int]:
     """The report's text, and how many problems ``--check`` fails on."""
     known = modules(repo)
-    found = imports(known)
+    found, declared = imports(known)
     internal = [i for i in found if i.target in known and i.target != i.source]
     layer = {r: n for n, rooms in enumerate(LAYERS) for r in rooms}
     out: list[str] = []
@@ -257,13 +297,25 @@ def report(repo: Path) -> tuple[str, int]:
     for component in type_circles:
         out.append("  " + ", ".join(_short(m) for m in component))
 
+    loads = heavy(found, known)
     inside = [i for i in internal if i.in_function and not i.type_only]
+    # a module's declaration covers the imports that do keep something heavy out of it, and only those
+    inside = [i if i.reason or i.source not in declared or not loads[i.target] - loads[i.source]
+              else dataclasses.replace(i, reason="the module's, below") for i in inside]
     unexplained = [i for i in inside if not i.reason]
+    kept_out = [i for i in inside if loads[i.target] - loads[i.source]]
     out.append(f"\nimports inside functions, m2cache's own modules: {len(inside)} "
-               f"({len(unexplained)} without a comment saying why)")
+               f"({len(unexplained)} without a comment saying why; {len(kept_out)} keep a heavy package out of "
+               "their importer's own import, marked [loads ...])")
     for i in sorted(inside, key=lambda i: (i.source, i.line)):
+        extra = loads[i.target] - loads[i.source]
+        tag = f" [loads {', '.join(sorted(extra))}]" if extra else ""
         why = f"  # {i.reason}" if i.reason else ""
-        out.append(f"  {_short(i.source)}:{i.line} -> {_short(i.target)}{why}")
+        out.append(f"  {_short(i.source)}:{i.line} -> {_short(i.target)}{tag}{why}")
+    covering = sorted({i.source for i in inside if i.reason == "the module's, below"})
+    if covering:
+        out.append("  the modules' reasons (their ``# imports inside functions:``):")
+        out += [f"    {_short(m)}: {declared[m]}" for m in covering]
 
     third = [i for i in found if i.in_function and i.target.split(".")[0] != PACKAGE]
     kinds: dict[str, Counter[str]] = {"optional extras": Counter(), "core dependencies": Counter(),
