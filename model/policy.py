@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from m2cache.errors import ConfigError
 from m2cache.formats import quant
 from m2cache.formats.shares import PRECISION_ORDER, Shares
+from m2cache.model import cpu_kernels
 
 
 class Policy:
@@ -186,8 +187,6 @@ class GatePolicy(Policy):
         gate activations."""
         gates = self.gates[layer]
         if gates.dtype == torch.uint8 and self.kernel_act is not None and h.shape[0] <= GATE_KERNEL_MAX_ROWS:
-            from m2cache.model import cpu_kernels
-
             return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act)
         if gates.dtype == torch.uint8:  # packed, no kernel (CUDA) or many rows: the layer's rows dequantised
             dim = h.shape[-1]

@@ -5,6 +5,9 @@ from __future__ import annotations
 from m2cache.bench.args import HELP, add_arguments
 from m2cache.bench.harness import cmd_bench
 
+# imports inside functions: the offline commands' modules load torch: imported when the parser is built,
+# not with this module
+
 
 def add_commands(sub) -> None:
     from m2cache.offline.export_gguf import add_export_command

@@ -16,6 +16,9 @@ from m2cache.bench.plan import DEMO_PROMPTS
 from m2cache.cli.engine_args import engine_config, note_budgets, run_async, sampling, torch_dtype
 from m2cache.cli.figures import mb, print_stats
 
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
+
 DEMO_SEED = 0  # sampled, but the same text every run (and for both models)
 
 

@@ -17,6 +17,9 @@ from m2cache.cli.serve import add_commands as add_serve_commands
 from m2cache.cli.trace import add_commands as add_trace_commands
 from m2cache.errors import M2CacheError
 
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
+
 
 def cmd_fetch(args) -> int:
     from m2cache.offline.convert import fetch_demo

@@ -9,6 +9,9 @@ from m2cache.bench.memlimit import UNDER_LIMIT_ENV, ffn_fp16_bytes, rerun_under_
 from m2cache.cli.engine_args import add_engine_args, engine_config, run_async
 from m2cache.errors import ConfigError, require_extra
 
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
+
 READY = "m2cache serve: listening on http://{host}:{port}"  # on stderr once it accepts: scripts wait for it
 KEY_ENV = "M2CACHE_API_KEY"
 ROUTES = ("health", "metrics")
@@ -27,7 +30,7 @@ def cmd_serve(args) -> int:
         rc = rerun_under_limit(_without_key(args.argv), args.memory, fp16, forward_signals=True)
         if rc >= 0:
             return rc
-    from m2cache.serve.server import serve
+    from m2cache.serve.server import serve  # the serve extra (found above) and the engine
 
     config = engine_config(args, store).replace(admit_timeout=args.queue_timeout or None)
 
