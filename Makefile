@@ -45,7 +45,7 @@ stress: install
 
 lint: install
 	@if $(PY) -m mypy --version >/dev/null 2>&1; then \
-		$(PY) -m mypy runtime storage model actors; \
+		$(PY) -m mypy runtime formats storage model actors; \
 	else \
 		echo "mypy is not installed in $(VENV): $(PIP) install mypy"; \
 	fi

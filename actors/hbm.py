@@ -21,7 +21,7 @@ from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
 from m2cache.actors.uploads import Uploader
 from m2cache.errors import M2CacheError
-from m2cache.model.policy import PRECISION_ORDER
+from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.storage.device_cache import DeviceCache
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from m2cache.actors.messages import WeightsReady
-from m2cache.model.policy import PRECISION_ORDER
+from m2cache.formats.shares import PRECISION_ORDER
 
 Cut = dict[str, np.ndarray]  # per precision, ascending neuron ids
 

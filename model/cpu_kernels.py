@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from m2cache.model.cpu_build import available, library
-from m2cache.storage.quant import Groups, select_parts
+from m2cache.formats.quant import Groups, select_parts
 
 __all__ = ["available", "library"]  # built and loaded in cpu_build; the kernels' Python side is here
 
@@ -187,7 +187,7 @@ def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv,
     """One position's attention block (``csrc/attention.c``), in x's dtype (float32 or bfloat16): x +
     attention(x) [1, D], its keys and values written at ``pos`` of ``cache`` (one layer's [2, KV, cap, hd],
     contiguous), and with ``ffn_norm`` the FFN's input rms_norm(x_out) * ffn_norm. ``wqkv``/``wo``: matrices
-    in x's dtype or :class:`~m2cache.model.int8.Int8Weight`; ``decode_attention_applies`` says when."""
+    in x's dtype or :class:`~m2cache.formats.int8.Int8Weight`; ``decode_attention_applies`` says when."""
     lib = library()
     assert lib is not None, "attention_decode called without the kernels: check available() first"
     D, hd = x.shape[1], cache.shape[3]
@@ -218,7 +218,7 @@ def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv,
 
 def matvec_row(x: torch.Tensor, w, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """W · (rms_norm(x) * norm) [rows] float32 (without ``norm``: W · x) for one row x [1, D] float32 or
-    bfloat16, W [rows, D] in x's dtype or :class:`~m2cache.model.int8.Int8Weight`, sums in float32: the LM head
+    bfloat16, W [rows, D] in x's dtype or :class:`~m2cache.formats.int8.Int8Weight`, sums in float32: the LM head
     of the last position, as the native decode step computes it (``decode_attention_applies(x, w)`` says when)."""
     lib = library()
     assert lib is not None, "matvec_row called without the kernels: check available() first"

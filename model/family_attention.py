@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from m2cache.model.int8 import linear
+from m2cache.formats.int8 import linear
 from m2cache.model.rope import Rotary, StepRope, apply_rope, layer_rope
 
 if TYPE_CHECKING:
-    from m2cache.model.config import ModelConfig
+    from m2cache.formats.config import ModelConfig
     from m2cache.model.llama import KVCache, LayerWeights
 
 

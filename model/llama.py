@@ -1,6 +1,6 @@
 """The decoder in plain PyTorch: only the model, no I/O and no scheduling.
 
-LLaMA's block is written here; the other families (``m2cache.model.families``) share it but for their
+LLaMA's block is written here; the other families (``m2cache.formats.families``) share it but for their
 attention, which ``m2cache.model.family_attention`` computes, and a few hooks here: ``embed`` (scaled
 embeddings) and ``ffn_residual`` (a norm of the FFN's output), which every caller goes through.
 
@@ -12,21 +12,19 @@ numbers in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from m2cache.errors import UnsupportedArchitectureError
 from m2cache.model import cpu_kernels
-from m2cache.model.config import ModelConfig
+from m2cache.formats.config import ModelConfig
 from m2cache.model.family_attention import family_attention, takes_family_path
-from m2cache.model.families import SUPPORTED_ACTS, SUPPORTED_MODEL_TYPES
-from m2cache.model.int8 import Int8Weight, linear
+from m2cache.formats.int8 import Int8Weight, linear
 from m2cache.model.rope import LayerRopes, Rotary, StepRope, apply_rope, layer_rope, rope_inv_freq, rope_slice
-from m2cache.storage.rows import EmbeddingRows
 
-__all__ = ["ModelConfig", "SUPPORTED_ACTS", "SUPPORTED_MODEL_TYPES", "LayerRopes", "Rotary", "StepRope", "apply_rope",
-           "rope_inv_freq", "rope_slice"]
+__all__ = ["LayerRopes", "Rotary", "StepRope", "apply_rope", "rope_inv_freq", "rope_slice"]
 
 
 def activation(name: str):
@@ -53,7 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass(slots=True)
 class LayerWeights:
     """One decoder layer's resident weights (everything but the FFN neurons). The projections are
-    plain matrices in the compute dtype, or :class:`~m2cache.model.int8.Int8Weight` (``resident="int8"``)."""
+    plain matrices in the compute dtype, or :class:`~m2cache.formats.int8.Int8Weight` (``resident="int8"``)."""
 
     attn_norm: torch.Tensor  # [D]
     wqkv: torch.Tensor | Int8Weight  # [(H+2KV)*hd, D]: q, k and v fused for one product per token
@@ -68,9 +66,16 @@ class LayerWeights:
     post_ffn_norm: torch.Tensor | None = None  # [D]: the FFN's output, before the residual
 
 
+class Rows(Protocol):
+    """Embeddings held elsewhere: ``rows[ids]`` gives the rows of ``ids`` (the store's
+    ``m2cache.storage.rows.EmbeddingRows`` reads them from its file per call)."""
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(slots=True)
 class ResidentWeights:
-    embed: torch.Tensor | EmbeddingRows  # [V, D]: ``embed[ids]`` gives the rows; may be read from the store
+    embed: torch.Tensor | Rows  # [V, D]: ``embed[ids]`` gives the rows; may be read from the store
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [D]
     lm_head: torch.Tensor | Int8Weight  # [V, D]; the same tensor as embed when tied and resident

@@ -18,8 +18,9 @@ import ctypes
 import torch
 
 from m2cache.model import cpu_kernels
-from m2cache.model.int8 import Int8Weight
-from m2cache.model.policy import PRECISION_ORDER, GatePolicy
+from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.shares import PRECISION_ORDER
+from m2cache.model.policy import GatePolicy
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 

@@ -7,64 +7,14 @@ the predictor actor lives.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from m2cache.errors import ConfigError
-
-PRECISION_ORDER = ("fp16", "int8", "int4")
-
-
-@dataclass(frozen=True, slots=True)
-class Shares:
-    """Fractions of a layer's neurons kept at each precision (the rest are skipped)."""
-
-    fp16: float = 1.0
-    int8: float = 0.0
-    int4: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in PRECISION_ORDER:
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"share {name}={v} must lie in [0, 1]")
-        if self.fp16 + self.int8 + self.int4 > 1.0 + 1e-9:
-            raise ConfigError(f"shares add up to more than 1: {self}")
-        if self.fp16 + self.int8 + self.int4 <= 0:
-            raise ConfigError("a policy must keep some neurons")
-
-    def counts(self, num_neurons: int) -> dict[str, int]:
-        """Neurons per precision; rounding never drops a non-zero share to nothing."""
-        out, taken = {}, 0
-        for name in PRECISION_ORDER:
-            share = getattr(self, name)
-            n = 0 if share == 0 else max(1, int(round(share * num_neurons)))
-            n = min(n, num_neurons - taken)
-            out[name], taken = n, taken + n
-        return out
-
-    def bytes_ratio(self, bundle_bytes: dict[str, int]) -> float:
-        """FFN bytes per token relative to every neuron at FP16."""
-        return sum(getattr(self, p) * bundle_bytes[p] for p in PRECISION_ORDER) / bundle_bytes["fp16"]
-
-    def to_dict(self) -> dict[str, float]:
-        return {p: getattr(self, p) for p in PRECISION_ORDER}
-
-    def astuple(self) -> tuple[float, float, float]:
-        return (self.fp16, self.int8, self.int4)
-
-
-# The gate policies every store offers (no predictor to train: a resident INT4 copy of every gate row ranks
-# the neurons), and the default of a store written by this version. gate-40 keeps every neuron, 10% at FP16,
-# 20% INT8, 70% INT4, and fetches their up and down parts only: 0.29 of the dense FP16 FFN bytes, against
-# 0.43 for the predictor's mixed-40 at the same shares (`m2cache eval`, demo model, dense FP32 reference,
-# 1024 held-out tokens each of the pydoc prose and GPL-3, docs/results/eval_gate_split_demo.txt):
-# +0.9% / +0.0% perplexity, top-1 0.974 / 0.953, where mixed-40 costs +1.4% / +1.0% (top-1 0.958 / 0.915).
-GATE_PRESETS: dict[str, Shares] = {"gate-40": Shares(0.1, 0.2, 0.7)}
-DEFAULT_POLICY = "gate-40"
+from m2cache.formats import quant
+from m2cache.formats.shares import PRECISION_ORDER, Shares
+from m2cache.model import cpu_kernels
 
 
 class Policy:
@@ -237,12 +187,8 @@ class GatePolicy(Policy):
         gate activations."""
         gates = self.gates[layer]
         if gates.dtype == torch.uint8 and self.kernel_act is not None and h.shape[0] <= GATE_KERNEL_MAX_ROWS:
-            from m2cache.model import cpu_kernels
-
             return cpu_kernels.gate_int4(gates, h, h.shape[-1], self.group, self.kernel_act)
         if gates.dtype == torch.uint8:  # packed, no kernel (CUDA) or many rows: the layer's rows dequantised
-            from m2cache.storage import quant
-
             dim = h.shape[-1]
             gates = quant.decode("int4", gates, 1, dim, self.dtype, quant.Groups(int4=self.group))[:, 0]
         return self.act(F.linear(h.to(gates.dtype), gates))

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.errors import PredictorMissingError, StoreError
-from m2cache.model.policy import Policy, Shares
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import Policy
 
 PREDICTOR_TENSORS = ("w1", "b1", "w2", "b2")
 

@@ -13,7 +13,7 @@ from typing import Union
 
 import torch
 
-from m2cache.model.config import ModelConfig
+from m2cache.formats.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:

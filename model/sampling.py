@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from m2cache.errors import ConfigError
+
 # the sampling settings a store's ``generation`` entry may hold (the model's generation_config.json's)
 GENERATION_KEYS = ("temperature", "top_p", "repetition_penalty")
 
@@ -39,8 +41,6 @@ def penalise(logits: torch.Tensor, history: Sequence[int], penalty: float) -> to
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, repetition_penalty: float = 1.0) -> None:
-    from m2cache.errors import ConfigError
-
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.model.llama import ffn_bundles
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 GATED_PARTS = 3
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from m2cache.errors import ChecksumError
-from m2cache.model.int8 import Int8Weight
-from m2cache.model.llama import ModelConfig
+from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.config import ModelConfig
 from m2cache.storage.layout import ALIGN, CHECKSUM, checksum_fn, round_up
 from m2cache.storage.bundle_files import FIX_HINT, read_checked
 from m2cache.storage.rows import tensor_extent

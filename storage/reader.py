@@ -31,9 +31,10 @@ from m2cache.errors import (
     ChecksumError, ConfigError, StoreError, StoreNotFoundError, StoreVersionError, TruncatedStoreError,
     UnsupportedArchitectureError,
 )
-from m2cache.model.config import ModelConfig
-from m2cache.model.families import SUPPORTED_MODEL_TYPES, supported
-from m2cache.storage import quant
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import SUPPORTED_MODEL_TYPES, supported
+from m2cache.formats import quant
+from m2cache.storage.attention_stream import Int8AttentionLayout, verify_int8_file
 from m2cache.storage.bundle_files import (  # noqa: F401  (the read helpers' home; imported from here too)
     CORRUPT_READS, FIX_HINT, MERGE_GAP_BYTES, PERSISTENT_READS, TRANSIENT_RETRIES, Backend, BundleFiles, PlainBackend, first_bad_block, merge_gap,
     read_checked, read_planned, read_with_retries,
@@ -136,8 +137,6 @@ class Store:
         attention = self.manifest.get("attention_int8")
         if attention:  # optional: stores written before it stream BF16/FP16 attention instead
             self._check_file(self.path / attention["path"], attention["size"], "the INT8 attention weights")
-            from m2cache.storage.attention_stream import Int8AttentionLayout
-
             n = self.config.num_layers
             if (attention["layer_bytes"] != Int8AttentionLayout.of(self.config).stride
                     or len(attention["crc32"]) != 4 * n or attention["size"] != n * attention["layer_bytes"]):
@@ -273,8 +272,6 @@ class Store:
                 raise ChecksumError(f"{self.path / entry['path']} ({what}) does not match its checksum; {FIX_HINT}")
         attention = self.manifest.get("attention_int8")
         if attention:
-            from m2cache.storage.attention_stream import verify_int8_file
-
             verify_int8_file(self.path, attention, self.config.num_layers)
 
     def decode(self, precision: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from m2cache.model.config import ModelConfig
-from m2cache.model.families import layer_tensor_names, layer_tensor_shapes
-from m2cache.model.policy import DEFAULT_POLICY, GATE_PRESETS
-from m2cache.storage import quant
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import layer_tensor_names, layer_tensor_shapes
+from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.shares import DEFAULT_POLICY, GATE_PRESETS
+from m2cache.formats import quant
+from m2cache.storage.attention_stream import ATTENTION_INT8, Int8AttentionLayout
 from m2cache.storage.layout import (
     CHECKSUM, FORMAT_NAME, FORMAT_VERSION, GATE, GATE_NORMS, MANIFEST, RESIDENT, UPDOWN, BlockGeometry,
     block_checksums, checksum_fn, ffn_file_name, file_checksum,
@@ -131,7 +133,7 @@ def write_store(
 
 def default_policies() -> dict[str, Any]:
     """The manifest's policies of a new store: the gate presets (no predictor to train), the best measured
-    one its default (``m2cache.model.policy.DEFAULT_POLICY``)."""
+    one its default (``m2cache.formats.shares.DEFAULT_POLICY``)."""
     return {"policies": {name: {"shares": s.to_dict(), "kind": "gate"} for name, s in GATE_PRESETS.items()},
             "default_policy": DEFAULT_POLICY}
 
@@ -178,9 +180,6 @@ class FFNWriter:
 def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig) -> dict[str, Any]:
     """Writes ``attention-int8.bin`` (every layer's attention projections in INT8, quantised from the
     resident file's values: ``get`` reads them) and returns its manifest entry, one checksum a layer."""
-    from m2cache.model.int8 import Int8Weight
-    from m2cache.storage.attention_stream import ATTENTION_INT8, Int8AttentionLayout
-
     layout, fn, crcs = Int8AttentionLayout.of(cfg), checksum_fn(CHECKSUM), []
     with open(store / ATTENTION_INT8, "wb") as f:
         for i in range(cfg.num_layers):

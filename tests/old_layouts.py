@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.layout import BlockGeometry, GATE_NORMS, ffn_file_name, file_checksum
 from m2cache.storage.reader import PlainBackend, Store
 from m2cache.storage.writer import write_bundle_file, write_manifest

@@ -19,7 +19,8 @@ from m2cache.actors.rows import row_view, split_rows
 from m2cache.actors.messages import WeightsReady
 from m2cache.engine.engine import Engine
 from m2cache.errors import M2CacheError
-from m2cache.model.policy import Policy, Shares
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import Policy
 from stress.scenarios import Model, build_tiny, one_torch_thread, tokens_of
 
 TOKENS = 8

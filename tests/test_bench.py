@@ -132,7 +132,7 @@ def test_a_gate_policy_row_needs_its_gate_copy_beside_what_its_shares_need(tiny_
     plan = Plan(build_args(["--store", str(tiny_synth["store"])]), Model(tiny_synth["store"], tiny_synth["hf"]))
     copy = plan.gate_copy_bytes("gate:0.1,0.2,0.7")
     store = plan.store
-    from m2cache.storage import quant
+    from m2cache.formats import quant
 
     # the packed INT4 gate rows and a float32 norm, every neuron of every layer
     assert copy == (quant.bundle_bytes("int4", 1, store.hidden, store.groups) + 4) * store.num_neurons \

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2cache.engine.carbon import CarbonModel
+from m2cache.carbon import CarbonModel
 from m2cache.errors import ConfigError
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from m2cache.cli.main import build_parser, main, sampling
+from m2cache.cli.engine_args import sampling
+from m2cache.cli.main import build_parser, main
 from m2cache.offline.convert import convert
 from m2cache.storage.reader import Store
 

@@ -13,7 +13,7 @@ from m2cache import Engine, EngineConfig
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import activation, ffn_bundles
 from m2cache.model.sparse_ffn import ffn_groups
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the torch path serves")
 
@@ -198,7 +198,7 @@ async def test_with_compute_from_dram_off_the_cpu_copies_into_the_pool_as_cuda_d
 
 def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_store) -> None:
     from m2cache.engine.policies import gate_policy
-    from m2cache.model.policy import Shares
+    from m2cache.formats.shares import Shares
     from m2cache.storage.reader import PlainBackend, Store
 
     store = Store(tiny_store.store)
@@ -216,7 +216,8 @@ def test_the_gate_policy_keeps_its_int4_copy_packed_and_scores_from_it(tiny_stor
 def test_the_gate_policy_scores_a_batch_in_one_pass_off_the_kernels_or_from_the_packed_copy(tiny_store,
                                                                                             float_activations) -> None:
     from m2cache.engine.policies import gate_policy
-    from m2cache.model.policy import GatePolicy, Shares
+    from m2cache.formats.shares import Shares
+    from m2cache.model.policy import GatePolicy
     from m2cache.storage.reader import Store
 
     store = Store(tiny_store.store)
@@ -265,8 +266,9 @@ def test_kernel_over_split_bundles_with_gate_activations_given_matches_the_whole
 def attention_layer(weights: str, seed: int = 0):
     """A LLaMA config with grouped heads (6 query heads over 2 KV heads, head dim 16) and one layer's
     resident weights in float32 or INT8 rows."""
-    from m2cache.model.int8 import Int8Weight
-    from m2cache.model.llama import LayerWeights, ModelConfig
+    from m2cache.formats.int8 import Int8Weight
+    from m2cache.formats.config import ModelConfig
+    from m2cache.model.llama import LayerWeights
     cfg = ModelConfig.from_hf(dict(model_type="llama", hidden_size=96, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=6, num_key_value_heads=2, vocab_size=32, rms_norm_eps=1e-5,
                                    hidden_act="silu", max_position_embeddings=512, rope_theta=10000.0))
@@ -282,7 +284,7 @@ def attention_layer(weights: str, seed: int = 0):
 def test_attention_kernel_agrees_with_the_torch_operators(weights: str, float_activations) -> None:
     """Forty decode positions (the cache growing past its first capacity): the kernel's residual, FFN input and
     cache equal torch's ~35 operators to float32 rounding (INT8 rows with float32 activations)."""
-    from m2cache.model.int8 import linear
+    from m2cache.formats.int8 import linear
     from m2cache.model.llama import KVCache, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
     cfg, w = attention_layer(weights)
     assert cpu_kernels.decode_attention_applies(torch.zeros(1, 96), w.wqkv, w.wo, w.attn_norm, w.ffn_norm)
@@ -306,7 +308,7 @@ def test_attention_kernel_in_bfloat16_is_as_close_to_float32_as_torch_operators_
     """A bfloat16 engine's positions: the kernel sums in float32 and rounds once where it stores, torch's operators
     round after each; measured against the float32 product of the same weights and inputs, the kernel's residual,
     FFN input and cache are within bfloat16 rounding and no farther than torch's path."""
-    from m2cache.model.int8 import Int8Weight, linear
+    from m2cache.formats.int8 import Int8Weight, linear
     from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
     cfg, w32 = attention_layer("float32")
     if weights == "int8":  # INT8 rows with bfloat16 scales, as a bfloat16 engine's int8 resident form holds them
@@ -342,7 +344,7 @@ def test_int8_rows_of_the_attention_and_the_head_meet_the_int8_values_of_their_i
     """INT8 weights with INT8 activations (the default): a row's product is the dequantised rows' product with the
     INT8 values of the normed input, to float32 rounding; the attention block built on it stays within 1% of the
     float32 truth."""
-    from m2cache.model.int8 import Int8Weight
+    from m2cache.formats.int8 import Int8Weight
     from m2cache.model.llama import KVCache, LayerWeights, Rotary, _attend, _qkv, attention_and_norm, rms_norm, rope_slice
     g = torch.Generator().manual_seed(11)
     w, norm, x = torch.randn(300, 96, generator=g) * 0.1, torch.rand(96, generator=g) + 0.5, torch.randn(1, 96, generator=g)
@@ -406,7 +408,8 @@ def test_kernels_shared_among_threads_agree_with_one_thread(kernel_threads, prec
 def test_gate_scores_and_attention_shared_among_threads_equal_one_thread(kernel_threads) -> None:
     """Row-wise products: each row is computed whole by one thread, so the values are one thread's to the bit
     (the gate copy 4000 rows, 1.1 MB; the attention's projections 384 x 256 and 256 x 256 float32: shared)."""
-    from m2cache.model.llama import KVCache, LayerWeights, ModelConfig, Rotary, attention_and_norm, rope_slice
+    from m2cache.formats.config import ModelConfig
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, attention_and_norm, rope_slice
     _, bundles = pool_of("int4", 4000, 128, 32, seed=6)
     gates = cpu_kernels.gate_rows_int4(bundles, 128, 32)
     h = torch.randn(2, 128)

@@ -140,7 +140,7 @@ def _linear_ppl(sensitivity: list[float], base):
 
 
 def test_per_layer_tune_pays_for_the_sensitive_layers_with_the_insensitive_ones() -> None:
-    from m2cache.model.policy import Shares
+    from m2cache.formats.shares import Shares
     from m2cache.offline.tune import tune_layers
 
     base = Shares(0.1, 0.2, 0.7)

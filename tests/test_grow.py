@@ -13,7 +13,7 @@ from m2cache.engine.loading import load_dense
 from m2cache.errors import ConfigError
 from m2cache.offline.grow import grow, grown_config, grown_from, proportions
 from m2cache.offline.layerwise import layerwise_perplexity
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.reader import PlainBackend, Store
 from m2cache.storage.safetensors_stream import write_streamed
 

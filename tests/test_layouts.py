@@ -18,7 +18,7 @@ from m2cache.engine.policies import load_policy, store_for_policy
 from m2cache.errors import ChecksumError, ConfigError, StoreNotFoundError
 from m2cache.model.llama import activation
 from m2cache.offline.upgrade import upgrade
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.layout import GATE_NORMS
 from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store
 from m2cache.storage.writer import write_manifest

@@ -16,7 +16,7 @@ from m2cache.engine.memory import plan_memory, process_rss, resident_bytes_of
 from m2cache.engine.policies import load_policy
 from m2cache.errors import BudgetError, ChecksumError, ConfigError, StoreNotFoundError, TruncatedStoreError
 from m2cache.model import cpu_kernels
-from m2cache.model.int8 import Int8Weight
+from m2cache.formats.int8 import Int8Weight
 from m2cache.model.llama import DenseModel
 from m2cache.storage.reader import Store
 from m2cache.storage.rows import EmbeddingRows

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from m2cache import Engine, EngineConfig
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.model.llama import ffn_bundles
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 SHAPES = (
     "1,0,0", "0,1,0", "0,0,1",  # one group, every neuron

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2cache.model.policy import DEFAULT_POLICY, Shares
+from m2cache.formats.shares import DEFAULT_POLICY, Shares
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.engine.policies import load_policy
 from m2cache.storage.reader import Store

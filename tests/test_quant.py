@@ -30,7 +30,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.writer import ffn_bundles_of
 
 DEMO_LAYERS = (0, 15, 29)

@@ -8,7 +8,8 @@ import pytest
 
 from m2cache.engine.config import EngineConfig
 from m2cache.errors import BudgetError
-from m2cache.model.policy import PRECISION_ORDER, Policy, Shares
+from m2cache.formats.shares import PRECISION_ORDER, Shares
+from m2cache.model.policy import Policy
 from m2cache.engine.sizing import plan_tiers
 from m2cache.storage.reader import Store
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.model.llama import ffn_bundles
-from m2cache.model.policy import Policy, Shares
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import Policy
 from m2cache.model.sparse_ffn import ffn_groups, ffn_masked
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 D, N, GROUP = 128, 96, quant.Groups(int8=32, int4=32)
 # BF16 activations round h and the intermediate products to 8 bits of mantissa: a few parts in a

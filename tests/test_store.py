@@ -20,7 +20,7 @@ from m2cache.errors import (
     UnsupportedArchitectureError,
 )
 from m2cache.engine.loading import load_resident
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.bundle_files import BundleFiles
 from m2cache.storage.layout import ALIGN, GATE, MANIFEST, RESIDENT, UPDOWN, coalesce, ffn_file_name
 from m2cache.storage.reader import CORRUPT_READS, PERSISTENT_READS, SPLIT, WHOLE, PlainBackend, Store, merge_gap

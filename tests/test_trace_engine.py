@@ -13,7 +13,7 @@ import pytest
 from m2cache.cli.main import print_stats
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.engine import Engine
-from m2cache.engine.figures import FIGURE_KEYS
+from m2cache.figures import FIGURE_KEYS
 from m2cache.trace.export import flows, steps, summary, summary_line, to_chrome, to_html, to_png
 from m2cache.trace.recorder import TraceRecorder
 from stress.scenarios import SLOW_SSD, Model, build_tiny, one_torch_thread

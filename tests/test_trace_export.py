@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m2cache.engine.figures import Counters, figures
+from m2cache.figures import Counters, figures
 from m2cache.errors import ConfigError
 from m2cache.trace.export import assign_lanes, summary, summary_line, to_chrome, to_html, to_png
 from m2cache.trace.html import page_data

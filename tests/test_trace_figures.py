@@ -1,8 +1,8 @@
-"""The one definition of the run's figures (m2cache.engine.figures), which the stats and the trace share."""
+"""The one definition of the run's figures (m2cache.figures), which the stats and the trace share."""
 from __future__ import annotations
 
-from m2cache.engine.carbon import CarbonModel
-from m2cache.engine.figures import FIGURE_KEYS, Counters, figures
+from m2cache.carbon import CarbonModel
+from m2cache.figures import FIGURE_KEYS, Counters, figures
 
 RUN = Counters(tokens=10, decode_tokens=8, first_tokens=2, prefill_s=1.0, decode_s=4.0, stall_s=2.0,
                ttft_s_sum=3.0, ssd_to_dram_bytes=5000, dram_to_hbm_bytes=2500, hbm_hits=30, hbm_misses=10,

@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 from m2cache import Engine, EngineConfig
-from m2cache.cli.main import DEMO_PROMPTS, resolve_budget
+from m2cache.bench.memlimit import resolve_budget
+from m2cache.bench.plan import DEMO_PROMPTS
 from m2cache.storage.reader import Store
 
 

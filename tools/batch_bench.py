@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--direct-io", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
-    from m2cache.cli.main import resolve_budget
+    from m2cache.bench.memlimit import resolve_budget
     from m2cache.engine.config import EngineConfig
     from m2cache.storage.reader import Store
 

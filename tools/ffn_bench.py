@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import ffn_bundles
-from m2cache.model.policy import Policy, Shares
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import Policy
 from m2cache.model.sparse_ffn import ffn_groups
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 SHAPES = {"demo": (576, 1536), "7b": (4096, 11008)}  # (hidden, FFN neurons)
 GROUPS = quant.Groups()  # the store's defaults

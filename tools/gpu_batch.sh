@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/batch_log.txt") 2>&1
 PKG="$WORK/pkg"; rm -rf "$PKG" && mkdir -p "$PKG/m2cache"
 for f in "$REPO"/runtime/*; do ln -s "$f" "$PKG/m2cache/"; done
-for sub in actors storage model; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
+for sub in actors storage model formats; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
 for mod in crc32c zstandard; do
   if ! python3 -c "import $mod" 2>/dev/null && ls "$REPO"/.whl/$mod-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$PKG" "$REPO"/.whl/$mod-*.whl

@@ -56,7 +56,7 @@ stamp "setup"
 PKG="$WORK/pkg"
 rm -rf "$PKG" && mkdir -p "$PKG/m2cache"
 for f in "$REPO"/runtime/*; do ln -s "$f" "$PKG/m2cache/"; done
-for sub in actors storage model; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
+for sub in actors storage model formats; do ln -s "$REPO/$sub" "$PKG/m2cache/$sub"; done
 # packages the image lacks come as carried wheels (.whl/, see the device README): crc32c (store
 # checksums), gguf (reading the demo's .gguf), zstandard (trace files)
 for mod in crc32c gguf zstandard; do

@@ -48,7 +48,7 @@ def llama_greedy(gguf: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def main() -> int:
-    from m2cache.cli.main import DEMO_PROMPTS
+    from m2cache.bench.plan import DEMO_PROMPTS
     from m2cache.engine.loading import load_dense, load_tokenizer
     from m2cache.offline.evaluate import PROMPTS
     from m2cache.offline.layerwise import LayerwiseEval, Variant

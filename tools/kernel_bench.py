@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from m2cache.model import cpu_kernels
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 SHAPES = {"demo": dict(D=576, F=1536, rows=960, vocab=49152), "7b": dict(D=4096, F=11008, rows=12288, vocab=32000)}
 SHARES = {"fp16": 0.1, "int8": 0.2, "int4": 0.7}
@@ -129,7 +129,7 @@ def matvec_case(name: str, form: str, rows: int, D: int, mb: int) -> Case:
     w = torch.randn(rows, D, generator=torch.Generator().manual_seed(3)) * 0.02
     x, y = torch.randn(1, D, dtype=torch.bfloat16), torch.empty(rows)
     if form == "int8":
-        from m2cache.model.int8 import Int8Weight
+        from m2cache.formats.int8 import Int8Weight
 
         q = Int8Weight.quantize(w, torch.float32)
         data, scale = q.q.view(torch.uint8), q.scale.float().contiguous()

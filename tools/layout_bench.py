@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from m2cache import Engine, EngineConfig
-from m2cache.cli.main import resolve_budget
+from m2cache.bench.memlimit import resolve_budget
 from m2cache.engine.policies import store_for_policy
 from m2cache.storage.reader import PlainBackend, Store
 

@@ -35,7 +35,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 async def engine_tokens(store: str, prompts: list[list[int]], n: int) -> list[list[int]]:
-    from m2cache.cli.main import ffn_fp16_bytes
+    from m2cache.bench.memlimit import ffn_fp16_bytes
     from m2cache.engine.engine import Engine, EngineConfig
     from m2cache.storage.reader import Store
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from m2cache.cli.main import resolve_budget
+from m2cache.bench.memlimit import resolve_budget
 from m2cache.engine.config import EngineConfig
 from m2cache.offline.convert import demo_paths
 from m2cache.engine.engine import Engine

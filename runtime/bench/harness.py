@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -42,10 +43,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2cache.bench.model import code_state, evict
+from m2cache.bench import quality
+from m2cache.bench.args import parser
+from m2cache.bench.memlimit import MemoryLimit, parse_memory
+from m2cache.bench.model import code_state, disk_bandwidth, evict
 from m2cache.bench.plan import Plan, resolve_model
 from m2cache.bench.report import GB, add_floor, aggregate, plot, plot_frontier, print_report, ratios, summarise
 from m2cache.bench.systems import Job, _plain, child_main  # the child side: one system, one run
+from m2cache.errors import M2CacheError
 
 def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="m2cache-bench-") as d:
@@ -66,9 +71,6 @@ def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
 
 def run_limit(plan: Plan, value: str, limit: int | None, t_start: float) -> dict[str, Any]:
     """Every system at one memory limit: the part of the report for it."""
-    from m2cache.bench.model import disk_bandwidth
-    from m2cache.bench.memlimit import MemoryLimit
-
     args = plan.args
     jobs, not_run = plan.jobs(limit)
     disk_files = sorted(plan.model.hf.glob("*.safetensors")) or sorted((plan.model.store / "ffn").glob("*"))
@@ -129,16 +131,12 @@ def _normalise(args) -> None:
 
 def build_args(argv: list[str]):
     """``m2cache bench`` switches as parsed and completed (for embedding and tests)."""
-    from m2cache.cli.main import build_parser
-
-    args = build_parser().parse_args(["bench", *argv])
+    args = parser().parse_args(argv)
     _normalise(args)
     return args
 
 
 def cmd_bench(args) -> int:
-    from m2cache.bench.memlimit import parse_memory
-
     t_start = time.monotonic()
     _normalise(args)
     model = resolve_model(args)
@@ -202,8 +200,6 @@ def _save(args, report: dict[str, Any]) -> None:
 def add_quality(plan: Plan, parts: list[dict[str, Any]], notes: list[str]) -> None:
     """Every row's perplexity (measured once per model, kept in its quality.json) and the fastest row at each
     quality level under each limit."""
-    from m2cache.bench import quality
-
     cache = quality.QualityCache((plan.model.root or plan.model.store.parent) / quality.QUALITY_FILE,
                                  quality.windows_of(plan.model.store))
     keys_by_part = []
@@ -231,13 +227,24 @@ def _mean_shares(plan: Plan, system: str) -> tuple[float, float, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m m2cache.bench ...`` is ``m2cache bench ...``: the same switches, messages and exit codes
+    (``m2cache.cli.main.main``'s)."""
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--child"]:
         return child_main(argv[1], argv[2])
-    from m2cache.cli.main import main as cli_main
-
-    return cli_main(["bench", *argv])
+    args = build_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return cmd_bench(args)
+    except M2CacheError as e:
+        print(f"m2cache: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("m2cache: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def parse_memory(value: str | None, fp16_bytes: int) -> int | None:
     return parse_size(v, "--memory")
 
 
+def ffn_fp16_bytes(store) -> int:
+    return store.layer_bytes("fp16") * store.config.num_layers
+
+
+def resolve_budget(value: str, store) -> int | str:
+    """``"20%"`` means 20% of the store's FP16 FFN bytes; anything else is a size for EngineConfig."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return int(float(value.strip()[:-1]) / 100 * ffn_fp16_bytes(store))
+    return value
+
+
 def mem_available() -> int:
     """``MemAvailable`` of /proc/meminfo, in bytes."""
     with open("/proc/meminfo") as f:

@@ -20,6 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from m2cache.storage.ssd import FileBackend
+
+# imports inside functions: they load torch; the bench's children import this module (through
+# m2cache.bench.harness), and a child holds torch only when its system runs on it
+
 BENCH_SHAPE, BENCH_LAYERS = "llama2-7b", 8
 GROWN_WIDTH = 16
 GGUF_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # export_gguf.ALL_TYPES
@@ -28,7 +33,7 @@ SPLIT = "store-split"  # where older versions wrote a split store beside the who
 
 
 def bench_model_dir() -> Path:
-    from m2cache.offline.convert import CACHE_DIR  # imports torch: not at the top, the bench's children import this module
+    from m2cache.offline.convert import CACHE_DIR
 
     return CACHE_DIR / f"synth-{BENCH_SHAPE}-L{BENCH_LAYERS}"
 
@@ -163,8 +168,6 @@ def disk_bandwidth(files: list[Path], nbytes: int = 1 << 30, block: int = 4 << 2
 
 
 def evict(paths: list[Path]) -> None:
-    from m2cache.storage.ssd import FileBackend
-
     files = [f for p in paths if p.exists() for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file()]
     for d in [p for p in paths if p.is_dir()]:  # a store may link to its files (follow one level)
         files += [f for link in d.iterdir() if link.is_symlink() and link.is_dir() for f in link.rglob("*")]
@@ -181,5 +184,5 @@ def code_state() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage")
+    dirty = git("status", "--porcelain", "--", "runtime", "actors", "model", "storage", "formats")
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty.splitlines()}

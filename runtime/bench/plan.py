@@ -13,10 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2cache.bench.model import GGUF_TYPES, RANDOM_GGUF_TYPES
+from m2cache.bench.memlimit import resolve_budget
+from m2cache.bench.model import (GGUF_TYPES, RANDOM_GGUF_TYPES, bench_model, ensure_ggufs, ensure_split, gguf_paths,
+                                 grown_model)
 from m2cache.bench.report import GB
 from m2cache.bench.systems import Job
+from m2cache.engine.config import EngineConfig, parse_size
+from m2cache.formats.shares import Shares
 
+# imports inside functions: they load torch; the bench's children import this module (through
+# m2cache.bench.harness), and a child holds torch only when its system runs on it
+
+# `m2cache demo`'s prompts; the bench's default is the first
+DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
 LLAMA_SYSTEMS = tuple(f"llama-{t}" for t in GGUF_TYPES)
 SYSTEMS = ("m2cache", "m2cache-frontier", "m2cache-dense-fp16", *LLAMA_SYSTEMS, "hf-bf16", "hf-fp32", "hf-offload",
            "layer-stream")
@@ -48,8 +57,6 @@ class Model:
 
 
 def resolve_model(args) -> Model:
-    from m2cache.bench.model import bench_model, ensure_ggufs, gguf_paths, grown_model
-
     want_gguf = any(s.startswith("llama") for s in expand_systems(args)) and have_llama()
     if args.store:
         store = Path(args.store)
@@ -58,7 +65,6 @@ def resolve_model(args) -> Model:
         return Model(store, hf, gg, store.parent.name, split=Path(args.split) if args.split else None,
                      random=args.random, root=store.parent)
     if args.model == "demo":  # in RAM: its default gate-40, as a user gets it
-        from m2cache.bench.model import ensure_split
         from m2cache.offline.convert import fetch_demo
 
         store = fetch_demo()
@@ -99,7 +105,6 @@ class Plan:
     """What every limit shares: the model, its sizes, the prompts, the systems."""
 
     def __init__(self, args, model: Model) -> None:
-        from m2cache.cli.main import DEMO_PROMPTS
         from m2cache.engine.loading import load_tokenizer
         from m2cache.engine.policies import default_policy_name
         from m2cache.storage.reader import SPLIT, Store
@@ -162,7 +167,6 @@ class Plan:
     def shares(self, system: str):
         """The row's policy's shares (one per layer), without loading its predictors or gate rows."""
         from m2cache.engine.policies import parse_shares
-        from m2cache.model.policy import Shares
         from m2cache.model.predictor import shares_from_spec
 
         name, store = self.row_policy(system) or "dense-fp16", self.row_store(system)
@@ -220,7 +224,6 @@ class Plan:
     def _m2cache_needs(self, system: str) -> tuple[int, str]:
         """The engine's own smallest ``memory`` (:func:`m2cache.engine.memory.smallest_memory`), for a child
         holding M2CACHE_RUNTIME when the engine opens (the child measures its own and decides for real)."""
-        from m2cache.engine.config import EngineConfig
         from m2cache.engine.memory import smallest_memory
         from m2cache.model.policy import Policy
 
@@ -260,9 +263,6 @@ class Plan:
         """m2cache's budgets: the ones given; without a limit (in RAM: every system holds all its weights) a DRAM
         tier that keeps every layer the row's policy uses (``sizing.dram_to_keep_all``), else the defaults;
         under a limit None (the engine sizes them from ``memory``, the limit)."""
-        from m2cache.cli.main import resolve_budget
-        from m2cache.engine.config import parse_size
-
         store = self.row_store(system)
         if limit is None or not self.sizes_itself():
             hbm = parse_size(resolve_budget(self.args.hbm_budget, store), "--hbm-budget")
@@ -273,7 +273,6 @@ class Plan:
         return None, None
 
     def _dram_to_keep_all(self, system: str, hbm: int) -> int:
-        from m2cache.engine.config import EngineConfig
         from m2cache.engine.sizing import dram_to_keep_all
         from m2cache.model.policy import Policy
 

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# imports inside functions: they load torch; the bench's children import this module (through
+# m2cache.bench.harness), and a child holds torch only when its system runs on it
+
 QUALITY_TOKENS, WINDOW = 1024, 512
 QUALITY_FILE = "quality.json"
 LEVELS = (0.005, 0.01, 0.03, 0.1)  # the "fastest at this quality" lines: Δppl at most +0.5%, +1%, +3%, +10%

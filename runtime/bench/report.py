@@ -163,7 +163,7 @@ def _print_details(rows: dict[str, dict[str, Any]], stream) -> None:
         st = r.get("m2cache_stats")
         if not st:
             continue
-        # the engine's figures (m2cache.engine.figures) over the decode part of the requests; a report
+        # the engine's figures (m2cache.figures) over the decode part of the requests; a report
         # written before they were kept there has the whole run's stall and hit ratios
         decode = st.get("decode") or {"bytes_per_token": st["decode_bytes_per_token"],
                                       "stall_fraction": st["stall_fraction"], "hit_ratio": st["hit_ratio"]}

@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from m2cache.bench.memlimit import seen_by_this_process
+from m2cache.engine.config import EngineConfig
+from m2cache.figures import Counters, figures
+from m2cache.formats.config import ModelConfig
+
+# imports inside functions: each system imports what it runs, so a child holds torch only when its system
+# runs on it
+
 MB = 1e6
 
 @dataclass
@@ -79,9 +87,7 @@ class _Clock:
 def _run_m2cache(job: Job) -> dict[str, Any]:
     import asyncio
 
-    from m2cache.engine.config import EngineConfig
     from m2cache.engine.engine import Engine
-    from m2cache.engine.figures import Counters, figures
     from m2cache.engine.metrics import engine_counters
 
     cfg = EngineConfig(hbm_budget=job.hbm_budget, dram_budget=job.dram_budget, memory=job.memory,
@@ -201,8 +207,7 @@ def _run_layer_stream(job: Job) -> dict[str, Any]:
     import torch.nn.functional as F
     from safetensors import safe_open
 
-    from m2cache.model.llama import (KVCache, LayerWeights, ModelConfig, Rotary, activation, attention_block,
-                                     rms_norm)
+    from m2cache.model.llama import KVCache, LayerWeights, Rotary, activation, attention_block, rms_norm
 
     hf = Path(job.hf)
     cfg = ModelConfig.from_hf(json.loads((hf / "config.json").read_text()))
@@ -319,8 +324,6 @@ def runner(system: str) -> Callable[[Job], dict[str, Any]]:
 
 
 def child_main(job_file: str, out_file: str) -> int:
-    from m2cache.bench.memlimit import seen_by_this_process
-
     job = Job(**json.loads(Path(job_file).read_text()))
     res: dict[str, Any] = {"system": job.system, "seen": seen_by_this_process()}
     try:

@@ -11,23 +11,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from m2cache.bench.memlimit import UNDER_LIMIT_ENV
+from m2cache.bench.memlimit import UNDER_LIMIT_ENV, ffn_fp16_bytes, rerun_under_limit
+from m2cache.bench.plan import DEMO_PROMPTS
+from m2cache.cli.engine_args import engine_config, note_budgets, run_async, sampling, torch_dtype
 from m2cache.cli.figures import mb, print_stats
 
-DEMO_PROMPTS = ("Why is the sky blue?", "Write a haiku about a cache.")
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
+
 DEMO_SEED = 0  # sampled, but the same text every run (and for both models)
 
 
 def cmd_demo(args) -> int:
-    from m2cache.cli.main import ffn_fp16_bytes, run_async
     from m2cache.offline.convert import fetch_demo
     from m2cache.storage.reader import Store
 
     store_dir = fetch_demo()
     store = Store(store_dir)
     if getattr(args, "memory", None) and not os.environ.get(UNDER_LIMIT_ENV):  # the whole demo, once, inside it
-        from m2cache.bench.memlimit import rerun_under_limit
-
         rc = rerun_under_limit(args.argv, args.memory, int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store))
         if rc >= 0:
             return rc
@@ -46,7 +47,6 @@ def cmd_demo(args) -> int:
 
 
 async def _tiered(args, store) -> dict[str, Any]:
-    from m2cache.cli.main import engine_config, note_budgets, sampling
     from m2cache.engine.engine import Engine
 
     async with Engine.open(args.store, engine_config(args, store)) as engine:
@@ -69,11 +69,10 @@ def _dense(args, store) -> dict[str, Any]:
     does) and the weight bytes it holds."""
     import torch
 
-    from m2cache.cli.main import _dtype, sampling
     from m2cache.engine.dense import DenseGenerator
     from m2cache.engine.loading import resident_bytes
 
-    gen = DenseGenerator(args.store, dtype=_dtype(args.dtype))
+    gen = DenseGenerator(args.store, dtype=torch_dtype(args.dtype))
     decode_tokens, decode_s = 0, 0.0
     for prompt in DEMO_PROMPTS:
         ids = gen.tokenizer.encode(prompt, raw=args.raw)

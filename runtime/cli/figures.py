@@ -1,13 +1,13 @@
 """The run's figures for people (``generate --stats``, the demo): each one with what it means.
 
-The numbers are ``engine.stats()``' (``m2cache.engine.figures``, the trace summary's too); this module
+The numbers are ``engine.stats()``' (``m2cache.figures``, the trace summary's too); this module
 only words them.
 """
 from __future__ import annotations
 
 from typing import Any, TextIO
 
-from m2cache.engine.figures import PER_TOKEN
+from m2cache.figures import PER_TOKEN
 
 MB = 1e6
 

@@ -6,6 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from m2cache.engine.config import format_size
+from m2cache.offline.frontier import format_table, frontier_policies, plot_frontier
+from m2cache.offline.progress import ProgressBar
+
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
+
 
 def _read_text(path: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8") if path else None
@@ -60,8 +67,6 @@ def cmd_policies(args) -> int:
 
 
 def _mb(n: float) -> str:
-    from m2cache.engine.config import format_size
-
     return format_size(n) if n else "0"
 
 
@@ -80,14 +85,9 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from m2cache.offline.frontier import format_table
-    from m2cache.engine.policies import default_policy_name
-    from m2cache.storage.reader import SPLIT, Store
-
+    from m2cache.engine.policies import default_policy_name, parse_shares
     from m2cache.offline.evaluate import evaluate_texts
-    from m2cache.offline.frontier import frontier_policies, plot_frontier
-    from m2cache.offline.progress import ProgressBar
-    from m2cache.engine.policies import parse_shares
+    from m2cache.storage.reader import SPLIT, Store
 
     if args.frontier:
         shares = tuple(parse_shares("x:" + spec).astuple() for spec in args.shares.split("/")) if args.shares else None

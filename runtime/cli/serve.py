@@ -5,7 +5,12 @@ import argparse
 import os
 import sys
 
+from m2cache.bench.memlimit import UNDER_LIMIT_ENV, ffn_fp16_bytes, rerun_under_limit
+from m2cache.cli.engine_args import add_engine_args, engine_config, run_async
 from m2cache.errors import ConfigError, require_extra
+
+# imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
+# runs; importing this module loads none of them
 
 READY = "m2cache serve: listening on http://{host}:{port}"  # on stderr once it accepts: scripts wait for it
 KEY_ENV = "M2CACHE_API_KEY"
@@ -14,22 +19,18 @@ ROUTES = ("health", "metrics")
 
 def cmd_serve(args) -> int:
     require_extra("serve", "fastapi", "uvicorn", "prometheus_client", what="m2cache serve")
-    from m2cache.bench.memlimit import UNDER_LIMIT_ENV
-    from m2cache.cli.main import engine_config, ffn_fp16_bytes, run_async
     from m2cache.storage.reader import Store
 
     store = Store(args.store)
     key = args.api_key or os.environ.get(KEY_ENV) or None
     if args.memory and not os.environ.get(UNDER_LIMIT_ENV):  # the server itself runs under the limit, as bench's
-        from m2cache.bench.memlimit import rerun_under_limit
-
         if key:  # to the server through its environment, never on a command line others can read (ps)
             os.environ[KEY_ENV] = key
         fp16 = int(store.manifest["resident"]["size"]) + ffn_fp16_bytes(store)
         rc = rerun_under_limit(_without_key(args.argv), args.memory, fp16, forward_signals=True)
         if rc >= 0:
             return rc
-    from m2cache.serve.server import serve
+    from m2cache.serve.server import serve  # the serve extra (found above) and the engine
 
     config = engine_config(args, store).replace(admit_timeout=args.queue_timeout or None)
 
@@ -63,8 +64,6 @@ def _without_key(argv: list[str]) -> list[str]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from m2cache.cli.main import add_engine_args
-
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)")
     p.add_argument("store")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")

@@ -14,6 +14,9 @@ import json
 import sys
 
 from m2cache.errors import M2CacheError
+from m2cache.trace.browser import check_page
+from m2cache.trace.export import summary_line, to_chrome, to_html, to_png
+from m2cache.trace.recorder import TraceRecorder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, prog: str = "m2cache trace") -> int:
-    from m2cache.trace.browser import check_page
-    from m2cache.trace.export import summary_line, to_chrome, to_html, to_png
-    from m2cache.trace.recorder import TraceRecorder
-
     if args.screenshot and not args.html:
         print(f"{prog}: --screenshot renders the --html page: give --html too", file=sys.stderr)
         return 2

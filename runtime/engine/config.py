@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from m2cache.errors import ConfigError
+from m2cache.storage.ssd_sim import SimulatedSSD
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "k": 10**3, "m": 10**6, "g": 10**9}
@@ -197,8 +198,6 @@ class EngineConfig:
         if self.max_queued_tokens < 1:
             raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
         if self.ssd_sim is not None:
-            from m2cache.storage.ssd_sim import SimulatedSSD
-
             SimulatedSSD.parse(self.ssd_sim)  # raises ConfigError naming the bad key
 
     def replace(self, **changes: Any) -> "EngineConfig":

@@ -27,11 +27,12 @@ from m2cache.actors.messages import Stop
 from m2cache.actors.predictor import PredictorActor
 from m2cache.actors.ssd_reader import SSDReader
 from m2cache.engine.config import EngineConfig
-from m2cache.errors import EngineClosedError
+from m2cache.engine.metrics import engine_stats
+from m2cache.errors import ConfigError, EngineClosedError
 from m2cache.engine.loading import load_resident, load_tokenizer
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel
-from m2cache.model.policy import PRECISION_ORDER
+from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.model.tokenizer import StreamDecoder
 from m2cache.engine.policies import fetched_bytes, load_policy, store_for_policy
 from m2cache.model.sampling import check_sampling
@@ -90,8 +91,6 @@ class Engine:
     async def _start(self) -> None:
         cfg = self.config
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            from m2cache.errors import ConfigError
-
             raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use device='cpu'")
         # the tiers hold the bundles the policy fetches: a gate policy's up and down only, where the store
         # keeps its gate rows apart
@@ -244,8 +243,6 @@ class Engine:
             raise EngineClosedError(f"the engine is closed{f' ({self._error!r})' if self._error else ''}; "
                                     "open a new one")
         if not prompt_ids:
-            from m2cache.errors import ConfigError
-
             raise ConfigError("the prompt is empty: give at least one token")
         if max_new_tokens == 0:
             return
@@ -269,8 +266,6 @@ class Engine:
 
     # ---- figures -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        from m2cache.engine.metrics import engine_stats
-
         return engine_stats(self)
 
     def save_trace(self, path: str | Path) -> None:

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from m2cache.errors import ChecksumError, ConfigError
-from m2cache.model.families import NORM_FIELDS, layer_names
-from m2cache.model.int8 import Int8Weight
+from m2cache.formats.families import NORM_FIELDS, layer_names
+from m2cache.formats.int8 import Int8Weight
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
 from m2cache.storage.layout import file_checksum

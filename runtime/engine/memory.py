@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from m2cache.engine.config import EngineConfig, format_size
-from m2cache.engine.sizing import min_tier_budgets, staging_bytes
+from m2cache.engine.sizing import min_tier_budgets, plan_tiers, staging_bytes
 from m2cache.errors import BudgetError
 from m2cache.model.policy import Policy
+from m2cache.storage.attention_stream import Int8AttentionLayout
 from m2cache.storage.reader import Store
 
 MARGIN_MIN = 64 << 20  # activations of a step, one layer's transients, allocator slack
@@ -141,8 +142,6 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     # the resident file, the matrices in the compute dtype and the largest one as read (2 bytes a weight)
     # before it is converted
     if store.manifest.get("attention_int8"):
-        from m2cache.storage.attention_stream import Int8AttentionLayout
-
         return (STREAM_DEPTH + 1) * Int8AttentionLayout.of(cfg).held_bytes(dtype_bytes) + head + norms
     largest = max(cfg.num_heads * hd, cfg.num_kv_heads * hd) * D * 2
     return (STREAM_DEPTH + 1) * attn * dtype_bytes + largest + head + norms
@@ -186,8 +185,6 @@ def plan_memory(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: 
     # otherwise the form that reads least per token once warm (ties: the first, full before int8): on the 7B
     # shape at 3.87 GB the full resident part left DRAM 1.2 GB and 720 MB of reads a token. Streamed
     # attention counts at STREAM_READ_WEIGHT of its bytes (see there)
-    from m2cache.engine.sizing import plan_tiers
-
     def reads(plan: MemoryPlan) -> float:
         tier_cfg = cfg.replace(hbm_budget=plan.hbm_budget, dram_budget=plan.dram_budget,
                                dense_prefill=plan.dense_prefill, resident=plan.resident_form)

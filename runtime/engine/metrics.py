@@ -1,6 +1,6 @@
 """engine.stats(): what a run did — speed, bytes per edge, hit ratios, stalls, memory, carbon.
 
-The figures come from ``m2cache.engine.figures`` over ``engine_counters(engine)``; the counters ride
+The figures come from ``m2cache.figures`` over ``engine_counters(engine)``; the counters ride
 along under ``"counters"``, so a saved trace (whose metadata holds ``stats()``) gives the same figures.
 """
 from __future__ import annotations
@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from m2cache.engine.figures import Counters, figures
+from m2cache.engine.policies import fetched_bytes, resident_policy_bytes
+from m2cache.figures import Counters, figures
 from m2cache.engine.loading import resident_bytes
+from m2cache.formats import quant
 
 
 def engine_counters(engine) -> Counters:
@@ -59,9 +61,6 @@ def engine_stats(engine) -> dict[str, Any]:
 def _ffn_bytes(engine) -> dict[str, int]:
     """What the policy's FFN takes a decode token (``m2cache policies``' figures): the bytes it computes
     from at its precisions, a dense FP16 FFN's, and what it keeps resident to choose its neurons."""
-    from m2cache.engine.policies import fetched_bytes, resident_policy_bytes
-    from m2cache.storage import quant
-
     store = engine.store
     dense = quant.bundle_bytes("fp16", 3, store.hidden) * store.num_neurons * store.config.num_layers
     return {"fetched_per_token": fetched_bytes(store, engine.policy), "dense_fp16_per_token": dense,

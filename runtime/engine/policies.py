@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 
 from m2cache.errors import ConfigError
+from m2cache.model import cpu_kernels
 from m2cache.model.llama import activation
-from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, Shares
-from m2cache.storage import quant
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import GatePolicy, OraclePolicy, Policy
+from m2cache.formats import quant
+from m2cache.model.predictor import PredictorPolicy, shares_from_spec
 from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store
 
 BUILTIN = ("dense-fp16", "oracle", "oracle:A,B,C", "predictor:A,B,C", "gate:A,B,C")
@@ -74,19 +77,13 @@ def load_policy(store: Store, name: str | None, dtype: torch.dtype, device: str 
         raise ConfigError(f"{name!r} is measured by `m2cache eval` only; a store of format version 3 runs "
                           "gate:A,B,C that way (`m2cache upgrade STORE` lays an older one out so)")
     if name.startswith("predictor:"):  # ad-hoc shares over the store's trained predictors
-        from m2cache.model.predictor import PredictorPolicy
-
         spec = {"shares": parse_shares(name).to_dict(), "kind": "predictor"}
         return PredictorPolicy.from_store(store, name, spec, dtype, device)
     if name in stored and stored[name].get("kind") == "gate":
-        from m2cache.model.predictor import shares_from_spec
-
         policy = gate_policy(store, shares_from_spec(stored[name], cfg.num_layers), dtype, device, kernels=kernels)
         policy.name = name
         return policy
     if name in stored:
-        from m2cache.model.predictor import PredictorPolicy  # only stores with predictors need it
-
         return PredictorPolicy.from_store(store, name, stored[name], dtype, device)
     known = ", ".join(list(BUILTIN) + sorted(stored))
     raise ConfigError(f"unknown policy {name!r}; this store has: {known} (see `m2cache policies STORE`)")
@@ -132,8 +129,6 @@ def gate_policy(store: Store, shares: Shares | list[Shares], dtype: torch.dtype,
     each layer's rows are dequantised on the device when scored (device memory is the scarce tier there:
     on the 7B shape 28 MB a layer instead of 90). Only the CPU without the kernels holds it dequantised
     to ``dtype``."""
-    from m2cache.model import cpu_kernels
-
     cfg, dim, groups = store.config, store.hidden, store.groups
     dev = torch.device(device)
     kernel = (kernels and dev.type == "cpu" and cpu_kernels.available()
@@ -160,8 +155,6 @@ def policy_figures(store: Store) -> list[dict]:
     """Per policy the store offers (those it cannot run left out): its mean shares, the FFN bytes a decode
     token computes from (``fetched_bytes`` over the view it fetches), what it keeps resident, and its quality
     where measured at build time: what ``m2cache policies`` prints."""
-    from m2cache.model.predictor import shares_from_spec
-
     cfg, quality = store.config, store.manifest.get("quality") or {}
     rows = []
     for name, spec in list_policies(store).items():

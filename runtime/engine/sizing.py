@@ -17,7 +17,8 @@ import numpy as np
 
 from m2cache.engine.config import EngineConfig, format_size
 from m2cache.errors import BudgetError
-from m2cache.model.policy import PRECISION_ORDER, Policy
+from m2cache.formats.shares import PRECISION_ORDER
+from m2cache.model.policy import Policy
 from m2cache.storage.reader import Store
 
 

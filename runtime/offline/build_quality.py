@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from m2cache.engine.policies import default_policy_name
 from m2cache.model.policy import Policy
 from m2cache.offline.evaluate import QualityModel, eval_data, perplexity
 from m2cache.storage.reader import Store
+from m2cache.storage.writer import write_manifest
 
 BUILD_TOKENS = 1024  # held-out tokens the quality measured when a store is built takes (two windows)
 
@@ -18,9 +20,6 @@ def measure_at_build(store_dir: str | Path, policies: list[str] | None = None, *
     ``tokens`` held-out tokens of the pydoc prose, and their teacher-forced top-1 agreement with it; kept
     in the manifest's ``quality`` (what ``m2cache policies`` and the demo print). A policy measured before
     is not measured again unless ``again``. Returns the manifest's ``quality``."""
-    from m2cache.engine.policies import default_policy_name
-    from m2cache.storage.writer import write_manifest
-
     store = Store(store_dir)
     quality = dict(store.manifest.get("quality") or {})
     names = [n for n in (policies or [default_policy_name(store)]) if again or n not in quality]

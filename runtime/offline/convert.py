@@ -13,13 +13,17 @@ from typing import Any
 
 import torch
 
-from m2cache.errors import ConvertError, UnsupportedArchitectureError, require_extra
-from m2cache.model.config import ModelConfig
-from m2cache.model.families import supported
+from m2cache.errors import ConvertError, M2CacheError, StoreError, UnsupportedArchitectureError, require_extra
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import supported
+from m2cache.model.sampling import GENERATION_KEYS
+from m2cache.offline.build_quality import measure_at_build
 from m2cache.offline.progress import ProgressBar
+from m2cache.offline.upgrade import upgrade
 from m2cache.storage.layout import FORMAT_VERSION, MANIFEST
-from m2cache.storage.quant import Groups
-from m2cache.storage.writer import write_store
+from m2cache.formats.quant import Groups
+from m2cache.storage.reader import Store
+from m2cache.storage.writer import write_manifest, write_store
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,6 @@ def convert(src: str | Path, dst: str | Path, *, progress: bool = True, int4_gro
 def _generation_config(folder: Path) -> dict[str, Any]:
     """The sampling a model's ``generation_config.json`` asks for (``GENERATION_KEYS``): temperature and top_p
     where it samples (``do_sample``), the repetition penalty either way; {} without one (greedy)."""
-    from m2cache.model.sampling import GENERATION_KEYS
-
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}
@@ -206,8 +208,6 @@ def fetch_demo(*, progress: bool = True, force: bool = False, measure: bool = Tr
     else:
         _verify(store)
     if measure:
-        from m2cache.offline.build_quality import measure_at_build
-
         measure_at_build(store, progress=progress)  # once: a store that has the figure keeps it
     return store
 
@@ -223,11 +223,6 @@ def _write_generation_config(hf: Path) -> None:
 def _refresh(paths: dict[str, Path], version: Any, progress: bool) -> None:
     """The demo's store written by an older m2cache: laid out anew in place (its predictors kept) with the
     model's sampling, or, from a version this one cannot upgrade, written again."""
-    from m2cache.errors import M2CacheError
-    from m2cache.offline.upgrade import upgrade
-    from m2cache.storage.reader import Store
-    from m2cache.storage.writer import write_manifest
-
     store = paths["store"]
     print(f"the demo store has format version {version}; laying it out as version {FORMAT_VERSION} ...",
           file=sys.stderr)
@@ -243,9 +238,6 @@ def _refresh(paths: dict[str, Path], version: Any, progress: bool) -> None:
 
 def _verify(store: Path) -> None:
     """Every file of the cached store checked against its checksums (a damaged one says how to rewrite it)."""
-    from m2cache.errors import M2CacheError, StoreError
-    from m2cache.storage.reader import Store
-
     try:
         Store(store).verify()
     except M2CacheError as e:

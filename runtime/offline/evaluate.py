@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from m2cache.errors import ConfigError
 from m2cache.engine.loading import load_dense, load_resident, load_tokenizer
-from m2cache.model.int8 import linear
+from m2cache.formats.int8 import linear
 from m2cache.model.llama import (DenseModel, attention_and_norm, attention_block, embed, ffn_bundles, ffn_residual,
                                  rms_norm)
-from m2cache.model.policy import PRECISION_ORDER, GatePolicy, OraclePolicy, Policy, Shares, contributions
+from m2cache.formats.shares import PRECISION_ORDER, Shares
+from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.engine.policies import gate_policy, parse_oracle, parse_shares

@@ -26,6 +26,8 @@ import torch
 
 from m2cache.errors import ConvertError, require_extra
 from m2cache.offline.gguf_arch import add_arch_metadata, arch_of, gguf_names
+from m2cache.offline.progress import ProgressBar
+from m2cache.storage.reader import Store
 from m2cache.storage.tensors import StoreTensors
 
 log = logging.getLogger(__name__)
@@ -222,9 +224,6 @@ def quantize_gguf(src: str | Path, out: str | Path, kind: str, threads: int | No
 
 
 def _export(store_dir: str | Path, out: str | Path, kind: str, workers: int | None, progress: bool) -> Path:
-    from m2cache.offline.progress import ProgressBar
-    from m2cache.storage.reader import Store
-
     store = Store(store_dir)
     if store.split:
         raise ConvertError(f"{store.path} is a split store (its FFN has no FP16 gate rows): export the store it "

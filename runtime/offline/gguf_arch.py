@@ -15,7 +15,7 @@ import logging
 from typing import Any, Iterator
 
 from m2cache.errors import ConvertError
-from m2cache.model.families import NORM_FIELDS, layer_names
+from m2cache.formats.families import NORM_FIELDS, layer_names
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,13 @@ from typing import Any
 import torch
 
 from m2cache.errors import ConfigError
-from m2cache.model.llama import ModelConfig
+from m2cache.formats.config import ModelConfig
+from m2cache.model.predictor import LowRankPredictors
+from m2cache.offline.progress import ProgressBar
+from m2cache.offline.synth import write_hf_folder
 from m2cache.storage.reader import Store
 from m2cache.storage.tensors import StoreTensors
-from m2cache.storage.writer import write_store
+from m2cache.storage.writer import write_manifest, write_store
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,6 @@ class GrownWeights:
 
 def grow(src: str | Path, dst: str | Path, width: int = 16, *, progress: bool = True) -> dict[str, Path]:
     """Writes ``dst/store`` and ``dst/hf`` (the same FP16 values) of ``src`` grown ``width``-fold; returns both."""
-    from m2cache.offline.progress import ProgressBar
-    from m2cache.offline.synth import write_hf_folder
-
     source = Store(src)
     if source.split:
         raise ConfigError(f"{source.path} is a split store (no FP16 gate rows): grow the store it was split from")
@@ -125,8 +125,6 @@ def _grow_predictors(source: Store, store: Store, width: int) -> None:
     meta = source.manifest.get("predictors")
     if not meta:
         return
-    from m2cache.model.predictor import LowRankPredictors
-    from m2cache.storage.writer import write_manifest
 
     p = LowRankPredictors.load(source.path / meta["path"], torch.float32)
     grown = LowRankPredictors(p.w1.repeat(1, 1, width), p.b1, p.w2, p.b2)

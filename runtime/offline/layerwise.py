@@ -28,9 +28,10 @@ from safetensors import safe_open
 from m2cache.engine.loading import verify_resident
 from m2cache.engine.policies import gate_policy, parse_shares
 from m2cache.errors import ConfigError
-from m2cache.model.int8 import Int8Weight, linear
+from m2cache.formats.int8 import Int8Weight, linear
 from m2cache.model.llama import KVCache, LayerWeights, Rotary, activation, attention_block, rms_norm
-from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, Shares, contributions
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import GatePolicy, OraclePolicy, Policy, contributions
 from m2cache.model.predictor import LowRankPredictors, PredictorPolicy, predictor_path, shares_from_spec
 from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.offline.evaluate import AHEAD, SplitGatePolicy, rank_masks, ranked_input

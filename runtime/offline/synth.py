@@ -25,9 +25,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from m2cache.engine.loading import load_dense
 from m2cache.errors import ConfigError
-from m2cache.model.llama import ModelConfig
-from m2cache.model.families import layer_tensor_names
+from m2cache.formats.config import ModelConfig
+from m2cache.formats.families import layer_tensor_names
+from m2cache.model.predictor import LowRankPredictors
+from m2cache.offline.progress import ProgressBar
+from m2cache.offline.train import (PRESET_DEFAULT, PRESET_POLICIES, collect, recall_at, register_predictors, split_text,
+                                   targets, token_windows)
+from m2cache.storage.layout import PREDICTORS
+from m2cache.storage.reader import Store
+from m2cache.storage.safetensors_stream import write_streamed
 from m2cache.storage.writer import tensor_shapes, write_store
 
 log = logging.getLogger(__name__)
@@ -97,8 +105,6 @@ def write_hf_folder(dst: Path, cfg: ModelConfig, get: Callable[[str], torch.Tens
     """config.json + one FP16 safetensors shard per layer (and one for the rest) + the index transformers
     reads, and the tokenizer (its chat template in tokenizer_config.json). Each tensor is made by ``get``
     when written: memory is bounded by the largest tensor."""
-    from m2cache.storage.safetensors_stream import write_streamed
-
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -131,8 +137,6 @@ def synth(dst: str | Path, shape: str = "llama2-7b", *, layers: int | None = Non
           predictors: bool = True, train_tokens: int = 1024, device: str | None = None,
           progress: bool = True) -> dict[str, Path]:
     """Writes ``dst/store`` and ``dst/hf`` (same random weights); returns both paths."""
-    from m2cache.offline.progress import ProgressBar
-
     cfg = synth_config(shape, layers)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -153,13 +157,6 @@ def train_synth_predictors(store_dir: str | Path, *, tokens: int = 1024, device:
     """Brief predictor training on the random model's own activations, on ``device`` (cuda when there is
     one). It follows ``m2cache.offline.train`` (same corpus, targets, recall, presets), but keeps every tensor on
     one device: ``train.train_layer`` makes its initial weights with a CPU generator. Returns recall."""
-    from m2cache.engine.loading import load_dense
-    from m2cache.storage.reader import Store
-    from m2cache.offline.train import (PRESET_DEFAULT, PRESET_POLICIES, collect, recall_at, register_predictors,
-                               split_text, token_windows)
-    from m2cache.model.predictor import LowRankPredictors
-    from m2cache.storage.layout import PREDICTORS
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     store = Store(store_dir)
     cfg = store.config
@@ -192,8 +189,6 @@ def train_synth_predictors(store_dir: str | Path, *, tokens: int = 1024, device:
 def _fit_layer(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, rank: int, keep: int, epochs: int,
                seed: int, batch: int = 256, lr: float = 2e-3) -> list[torch.Tensor]:
     """``train.train_layer``'s recipe (SVD-spanned W1, BCE on top-keep membership, Adam, one-cycle) on X's device."""
-    from m2cache.offline.train import targets
-
     dev = X.device
     g = torch.Generator(device=dev).manual_seed(seed)
     F_, _, D = W.shape

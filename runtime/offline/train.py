@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from m2cache.engine.loading import load_dense, load_tokenizer
 from m2cache.model.llama import DenseModel, attention_block, embed, ffn_residual, rms_norm
-from m2cache.model.policy import GATE_PRESETS, Shares
+from m2cache.formats.shares import GATE_PRESETS, Shares
 from m2cache.model.predictor import LowRankPredictors
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.layout import PREDICTORS
@@ -48,7 +48,7 @@ PRESET_POLICIES: dict[str, Shares] = {
 # here too for stores of format 2 and before, where convert wrote none. gate-40 is more exact than mixed-40
 # at the same shares (+0.9% / -0.0%, top-1 0.975 / 0.949) and, on a store that keeps its gate rows apart
 # (format 3), fetches 0.29 of the FP16 FFN bytes to mixed-40's 0.43: such a store's default, which training
-# predictors leaves as it is (``m2cache.model.policy.DEFAULT_POLICY``). mixed-40 becomes the default only
+# predictors leaves as it is (``m2cache.formats.shares.DEFAULT_POLICY``). mixed-40 becomes the default only
 # of an older store that had none.
 PRESET_GATE_POLICIES: dict[str, Shares] = dict(GATE_PRESETS)
 PRESET_DEFAULT = "mixed-40"

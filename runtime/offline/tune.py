@@ -26,7 +26,8 @@ from pathlib import Path
 
 from m2cache.errors import ConfigError
 from m2cache.offline.evaluate import QualityModel, mean_entropy, perplexity
-from m2cache.model.policy import Policy, Shares
+from m2cache.formats.shares import Shares
+from m2cache.model.policy import Policy
 from m2cache.model.predictor import PredictorPolicy
 from m2cache.offline.progress import ProgressBar
 from m2cache.storage.reader import Store

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 from m2cache.errors import ConfigError
-from m2cache.model.policy import DEFAULT_POLICY, GATE_PRESETS
+from m2cache.formats.shares import DEFAULT_POLICY, GATE_PRESETS
 from m2cache.offline.progress import ProgressBar
-from m2cache.storage import quant
+from m2cache.formats import quant
 from m2cache.storage.layout import CHECKSUM, FORMAT_VERSION, file_checksum
 from m2cache.storage.reader import WHOLE, PlainBackend, Store
 from m2cache.storage.writer import FFNWriter, write_manifest

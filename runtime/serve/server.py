@@ -18,6 +18,9 @@ from typing import Any
 
 import uvicorn
 
+from m2cache.engine.engine import Engine
+from m2cache.serve.app import PUBLIC_ROUTES, create_app
+
 log = logging.getLogger(__name__)
 
 
@@ -27,10 +30,6 @@ async def serve(store_dir: str | Path, config: Any, *, host: str = "127.0.0.1", 
                 public: tuple[str, ...] | None = None, drain_s: float = 2.0) -> None:
     """Serves until a signal; ``on_ready(host, port)`` once it accepts (``port`` 0 picks a free one).
     ``api_key``: every ``/v1`` route (and ``/health``, ``/metrics`` unless in ``public``) needs it."""
-    from m2cache.engine.engine import Engine
-    # imported before the engine opens: under ``memory`` the engine sizes itself from what the process holds
-    from m2cache.serve.app import PUBLIC_ROUTES, create_app
-
     async with Engine.open(store_dir, config) as engine:
         name = model_name or Path(store_dir).resolve().parent.name
         app = create_app(engine, model_name=name, max_requests=max_requests, api_key=api_key,

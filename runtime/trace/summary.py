@@ -1,7 +1,7 @@
 """A trace's headline numbers: the run's figures, computed as ``engine.stats()`` computes them.
 
 The figures come from the counters the engine saved with the trace (``Engine.save_trace`` marks its
-``stats()``, whose ``"counters"`` they are) through ``m2cache.engine.figures`` — the one definition
+``stats()``, whose ``"counters"`` they are) through ``m2cache.figures`` — the one definition
 of every figure — so the summary of a run's trace says exactly what ``engine.stats()`` said at the
 end of that run. A trace without those counters (hand-built, or from another recorder) gets only
 what its spans show: their count, wall time, steps and the bytes they record per edge.
@@ -15,8 +15,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from m2cache.engine.carbon import CarbonModel
-from m2cache.engine.figures import PER_TOKEN, Counters, figures
+from m2cache.carbon import CarbonModel
+from m2cache.figures import PER_TOKEN, Counters, figures
 from m2cache.errors import ConfigError
 from m2cache.trace.layout import ordered, steps
 from m2cache.trace.recorder import Span
@@ -59,7 +59,7 @@ def span_bytes(spans: Iterable[Span]) -> dict[str, int]:
 
 
 def summary(recorded: Iterable[Span], metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The figures of ``m2cache.engine.figures`` (under their names there) when the trace holds the
+    """The figures of ``m2cache.figures`` (under their names there) when the trace holds the
     engine's counters, plus, always: ``figures_from`` ("engine counters" or None), ``spans``,
     ``wall_seconds``, ``steps`` and ``span_bytes`` (bytes the spans record per edge)."""
     spans = ordered(recorded)

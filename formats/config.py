@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from m2cache.model.families import SLIDING, family_fields
+from m2cache.formats.families import SLIDING, family_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     model_type: str = "llama"
-    # the families' differences from the LLaMA block (``m2cache.model.families``)
+    # the families' differences from the LLaMA block (``m2cache.formats.families``)
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     o_bias: bool = False  # a bias on the output projection (attention_bias=True)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3, Gemma 3)

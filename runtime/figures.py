@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from m2cache.engine.carbon import CarbonModel
+from m2cache.carbon import CarbonModel
 from m2cache.errors import ConfigError
 
 logger = logging.getLogger(__name__)
