@@ -16,11 +16,25 @@ from m2cache.errors import EngineClosedError
 log = logging.getLogger(__name__)
 
 
+class Inbox(asyncio.Queue):
+    """An actor's bounded inbox. ``received`` counts the messages put in (Stop aside): the hops the actor
+    was sent, whoever put them (``engine.stats()["messages"]``)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.received = 0
+
+    def put_nowait(self, item: Any) -> None:  # ``put`` ends here too, once there is room
+        super().put_nowait(item)
+        if not isinstance(item, Stop):
+            self.received += 1
+
+
 class Actor:
     name = "actor"
 
     def __init__(self, inbox_size: int) -> None:
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(inbox_size, 1))
+        self.inbox: Inbox = Inbox(max(inbox_size, 1))
         self.ready = asyncio.Event()
         self.handled = 0
         self._tasks: set[asyncio.Task] = set()  # helper tasks this actor owns (awaits of replies)

@@ -52,10 +52,18 @@ def engine_stats(engine) -> dict[str, Any]:
         # resident="stream": the attention projections read per layer (beside the FFN's SSD->DRAM bytes)
         "attention_stream_bytes": None if engine.attention is None else engine.attention.bytes_read,
         "device": engine.device.type,
+        "messages": _messages(engine),
         "counters": counters.to_dict(),
     }
     return out
 
+
+
+def _messages(engine) -> dict[str, int]:
+    """Messages each actor's inbox was sent so far (Stop aside), and all of them: the hops between actors
+    (``tools/hops.py`` turns them into hops per layer of a decode token)."""
+    got = {a.name: a.inbox.received for a in engine.actors}
+    return {**got, "total": sum(got.values())}
 
 
 def _ffn_bytes(engine) -> dict[str, int]:
