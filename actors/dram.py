@@ -19,6 +19,7 @@ import torch
 
 from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Fetch, FetchReply, Progress, ReadRequest, Release
+from m2cache.actors.precisions import serve_higher
 from m2cache.errors import BudgetError, ChecksumError, EngineClosedError, M2CacheError, PermanentSSDError
 from m2cache.storage.fifo import LayerFIFO
 
@@ -26,6 +27,11 @@ from m2cache.storage.fifo import LayerFIFO
 log = logging.getLogger(__name__)
 
 FIXED_AHEAD = 2  # layers ahead whose entries kept for good are read before the executor asks
+
+
+def _int8_from_fp16(low: str, high: str, req: np.ndarray) -> np.ndarray | None:
+    """A whole FP16 entry serves every INT8 neuron of its layer (``_upgraded`` decides that it is there)."""
+    return np.ones(req.size, dtype=bool) if (low, high) == ("int8", "fp16") else None
 
 
 class DRAMManager(Actor):
@@ -210,8 +216,8 @@ class DRAMManager(Actor):
             log.warning("layer %d %s is not read whole any more (%s); its neurons are read by block", *key, error)
 
     def _upgraded(self, msg: Fetch) -> dict[str, np.ndarray]:
-        """The ids per precision to serve: a layer's INT8 ids go to its FP16 entry when DRAM keeps that one
-        (or holds it) and neither holds nor keeps the INT8 one: no read, and more exact."""
+        """The ids per precision to serve: a layer's INT8 ids go to its FP16 entry (``precisions.serve_higher``)
+        when DRAM keeps that one (or holds it) and neither holds nor keeps the INT8 one: no read, and more exact."""
         low, high = (msg.layer, "int8"), (msg.layer, "fp16")
         int8 = msg.ids.get("int8")
         if int8 is None or not len(int8) or low in self.fixed_keys:
@@ -222,11 +228,9 @@ class DRAMManager(Actor):
         elif low in self.data or low in self.loading or not (
                 high in self.fixed_keys or high in self.data or high in self.loading):
             return msg.ids
-        out = {p: v for p, v in msg.ids.items() if p != "int8"}
-        fp16 = out.get("fp16")
-        # a batch's union may keep a neuron at FP16 and INT8 both: union1d keeps the ids unique and sorted
-        out["fp16"] = int8 if fp16 is None or not len(fp16) else np.union1d(fp16, int8)
-        self.counts["upgraded"] += len(int8)
+        out, moved = serve_higher(msg.ids, _int8_from_fp16)
+        del out["int8"]  # every INT8 id moved
+        self.counts["upgraded"] += moved
         return out
 
     def _release(self, keys: tuple, staged: int) -> None:

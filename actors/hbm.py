@@ -19,9 +19,9 @@ import torch
 
 from m2cache.actors.base import Actor, fail, resolve
 from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
+from m2cache.actors.precisions import serve_higher
 from m2cache.actors.uploads import Uploader
 from m2cache.errors import M2CacheError
-from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.storage.device_cache import DeviceCache
 
 
@@ -84,27 +84,15 @@ class HBMManager(Actor):
 
     def _upgrade(self, layer: int, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Neurons asked for at a lower precision but already held at a higher one are served from
-        the higher one: more exact, and no bytes moved. Under a mixed policy a neuron's rank moves a
-        little from token to token, so it often changes precision group; without this its copy at
-        the old precision would be a miss (measured on the demo: device hits 69% -> see the note)."""
-        out = dict(ids)
-        held = [p for p in PRECISION_ORDER if p in self.pools]
-        for i, low in enumerate(PRECISION_ORDER):
-            req = out.get(low)
-            if req is None or not req.size:
-                continue
-            for high in held:
-                if PRECISION_ORDER.index(high) >= i:
-                    break
-                found = self.cache.lru(layer, high).slot_of[req] >= 0
-                if found.any():
-                    up = req[found]
-                    # the policy's groups are disjoint, so a sort keeps the ids unique
-                    out[high] = np.sort(np.concatenate((out[high], up))) if high in out else up
-                    req = req[~found]
-                    self.upgraded += int(up.size)
-            out[low] = req
-        return {p: v for p, v in out.items() if v.size or p in ids}
+        the higher one (``precisions.serve_higher``): more exact, and no bytes moved. Under a mixed policy a
+        neuron's rank moves a little from token to token, so it often changes precision group; without this
+        its copy at the old precision would be a miss."""
+        def held(_low: str, high: str, req: np.ndarray) -> np.ndarray | None:
+            return self.cache.lru(layer, high).slot_of[req] >= 0 if high in self.pools else None
+
+        out, moved = serve_higher(ids, held)
+        self.upgraded += moved
+        return out
 
     async def _direct(self, msg: NeuronRequest) -> WeightsReady:
         """On the CPU with whole layers preloaded, the pool and DRAM are the same memory and the layer

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from m2cache.actors.messages import WeightsReady
-from m2cache.formats.shares import PRECISION_ORDER
+from m2cache.actors.precisions import served_at
 
 Cut = dict[str, np.ndarray]  # per precision, ascending neuron ids
 
@@ -48,13 +48,6 @@ def split_rows(policy: Any, layer: int, orders: list[np.ndarray | None]) -> RowC
     return RowCuts(union, cuts)
 
 
-def _served_at(p: str) -> tuple[str, ...]:
-    """Where a neuron asked for at ``p`` may be served: ``p``, then the precisions above it, nearest first
-    (the DRAM tier serves INT8 neurons from an FP16 entry it keeps for good)."""
-    i = PRECISION_ORDER.index(p)
-    return (p, *reversed(PRECISION_ORDER[:i]))
-
-
 def row_view(ready: WeightsReady, cut: Cut) -> WeightsReady:
     """``ready`` restricted to one sequence's ``cut``: its neurons' slots (or DRAM rows), per precision in
     the order ``ready`` serves them and ascending by id, exactly what ``ready`` would hold had the sequence
@@ -64,7 +57,7 @@ def row_view(ready: WeightsReady, cut: Cut) -> WeightsReady:
     mine: dict[str, list[np.ndarray]] = {q: [] for q in served}
     for p, wanted in cut.items():
         left = wanted
-        for q in _served_at(p):
+        for q in served_at(p):
             if q not in served or not left.size:
                 continue
             hit = np.isin(left, served[q], assume_unique=True)
