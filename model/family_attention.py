@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 
 def takes_family_path(cfg: ModelConfig, w: LayerWeights, layer: int, pos: int, T: int) -> bool:
     """Whether this layer's chunk [pos, pos+T) needs this module's attention rather than LLaMA's."""
-    if (w.qkv_bias is not None or w.o_bias is not None or w.q_norm is not None or w.post_attn_norm is not None
-            or cfg.attn_scale is not None):
+    if family_block(cfg, w):
         return True
     window = cfg.layer_window(layer)
     return window is not None and pos + T > window
+
+
+def family_block(cfg: ModelConfig, w: LayerWeights) -> bool:
+    """Whether the layer differs from LLaMA's block at every position (biases, extra norms, a query scale)."""
+    return (w.qkv_bias is not None or w.o_bias is not None or w.q_norm is not None or w.post_attn_norm is not None
+            or cfg.attn_scale is not None)
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from m2cache.errors import UnsupportedArchitectureError
 from m2cache.model import cpu_kernels
 from m2cache.formats.config import ModelConfig
-from m2cache.model.family_attention import family_attention, takes_family_path
+from m2cache.model.family_attention import family_attention, family_block, takes_family_path
 from m2cache.formats.int8 import Int8Weight, linear
 from m2cache.model.rope import LayerRopes, Rotary, StepRope, apply_rope, layer_rope, rope_inv_freq, rope_slice
 
@@ -107,6 +107,45 @@ class KVCache:
             self.data = grown
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionRoute:
+    """Which code computes a layer's attention, decided once from its weights, the compute dtype and the device
+    (``attention_route``); ``path`` then takes a chunk's place alone. The dense reference and the tiered engine
+    go by the same route, so both take the same kernel and agree to the bit."""
+
+    family: bool  # another family's block at every position (``family_attention``)
+    window: int | None  # a sliding window: a chunk reaching past it takes the family's block too
+    kernel: bool  # one position runs in the C attention kernel (``cpu_kernels.attention_decode``)
+    fused_norm: bool  # ... which then gives the FFN's input as well (the layer's FFN norm taken by it)
+
+    def path(self, pos: int, T: int) -> str:
+        """``family``, ``kernel`` or ``torch``, for the chunk [pos, pos+T)."""
+        if self.family or (self.window is not None and pos + T > self.window):
+            return "family"
+        return "kernel" if self.kernel and T == 1 else "torch"
+
+
+def attention_route(cfg: ModelConfig, w: LayerWeights, layer: int, row: torch.Tensor) -> AttentionRoute:
+    """Layer ``layer``'s route for inputs like ``row`` ([1, D]: the compute dtype, on the compute device). The
+    kernel takes one float32 or bfloat16 position on the CPU, its weights in that dtype or INT8."""
+    applies = cpu_kernels.decode_attention_applies
+    return AttentionRoute(family=family_block(cfg, w), window=cfg.layer_window(layer),
+                          kernel=applies(row, w.wqkv, w.wo, w.attn_norm),
+                          fused_norm=applies(row, w.wqkv, w.wo, w.attn_norm, w.ffn_norm))
+
+
+def attend_as(path: str, cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
+              rope: Rotary | StepRope, fused_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x + attention(norm(x)) by ``path`` (``AttentionRoute.path``; nothing is checked again here), its keys and
+    values written at [pos, pos+T); with ``fused_norm`` on the kernel's path, the FFN's input beside it (else
+    None). x: [T, D]."""
+    if path == "kernel":
+        return _attention_kernel(cfg, w, x, layer, kv, pos, rope, w.ffn_norm if fused_norm else None)
+    if path == "family":
+        return family_attention(cfg, w, x, layer, kv, pos, rope), None
+    return x + linear(_attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype), w.wo), None
+
+
 def attention_block(
     cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
     rope: Rotary | StepRope,
@@ -114,30 +153,21 @@ def attention_block(
     """x + attention(norm(x)); writes this chunk's keys/values at [pos, pos+T). x: [T, D].
 
     ``rope``: the Rotary tables, or this step's (cos, sin) from ``rope_slice`` (computed once per step).
-    One float32 or bfloat16 position on the CPU, its weights in that dtype or INT8, runs as one call of the
-    attention kernel (``cpu_kernels.attention_decode``). A layer with another family's differences takes
-    ``family_attention``."""
-    if takes_family_path(cfg, w, layer, pos, x.shape[0]):
-        return family_attention(cfg, w, x, layer, kv, pos, rope)
-    if cpu_kernels.decode_attention_applies(x, w.wqkv, w.wo, w.attn_norm):
-        return _attention_kernel(cfg, w, x, layer, kv, pos, rope, None)[0]
-    out = _attend(cfg, _qkv(cfg, w, x), layer, kv, pos, rope, x.dtype)
-    return x + linear(out, w.wo)
+    The layer's route (``attention_route``) picks the code: one float32 or bfloat16 position on the CPU runs
+    as one call of the attention kernel; a layer with another family's differences takes ``family_attention``."""
+    route = attention_route(cfg, w, layer, x[:1])
+    return attend_as(route.path(pos, x.shape[0]), cfg, w, x, layer, kv, pos, rope)[0]
 
 
 def attention_and_norm(
     cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
     rope: Rotary | StepRope,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention_block`` and the FFN's input (its output under the layer's FFN norm): the decode path of
-    the dense reference and of the tiered engine, so both take the same kernel and agree to the bit."""
-    if not takes_family_path(cfg, w, layer, pos, x.shape[0]) and cpu_kernels.decode_attention_applies(
-            x, w.wqkv, w.wo, w.attn_norm, w.ffn_norm):
-        x, h = _attention_kernel(cfg, w, x, layer, kv, pos, rope, w.ffn_norm)
-        assert h is not None
-        return x, h
-    x = attention_block(cfg, w, x, layer, kv, pos, rope)
-    return x, rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
+    """``attention_block`` and the FFN's input (its output under the layer's FFN norm): the dense reference's
+    decode path, by the route the tiered engine plans its steps with (``m2cache.actors.step_plan``)."""
+    route = attention_route(cfg, w, layer, x[:1])
+    x, h = attend_as(route.path(pos, x.shape[0]), cfg, w, x, layer, kv, pos, rope, route.fused_norm)
+    return x, h if h is not None else rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)
 
 
 def _attention_kernel(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, layer: int, kv: KVCache, pos: int,
@@ -157,6 +187,14 @@ def attention_rows(
     (the layer's attention weights read once), attention itself per sequence over its own cache."""
     if any(takes_family_path(cfg, w, layer, p, x.shape[0]) for x, p in zip(xs, pos)):
         return [attention_block(cfg, w, x, layer, c, p, r) for x, c, p, r in zip(xs, kvs, pos, ropes)]
+    return attention_rows_torch(cfg, w, xs, layer, kvs, pos, ropes)
+
+
+def attention_rows_torch(
+    cfg: ModelConfig, w: LayerWeights, xs: list[torch.Tensor], layer: int, kvs: list[KVCache], pos: list[int],
+    ropes: list[StepRope],
+) -> list[torch.Tensor]:
+    """``attention_rows`` of a LLaMA block (no family difference at any of the chunks: the caller knows)."""
     sizes = [x.shape[0] for x in xs]
     x = torch.cat(xs)  # [sum T, D]
     qkvs = _qkv(cfg, w, x).split(sizes)
@@ -238,7 +276,17 @@ def lm_head(cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Te
     """Logits for the last position. x: [T, D] -> [V] (float32). One float32 or bfloat16 row on the CPU goes
     through the kernels (``cpu_kernels.matvec_row``: norm and product summed in float32, as the native decode
     step computes them), in the dense reference as in the engine."""
-    if cpu_kernels.decode_attention_applies(x[-1:], res.lm_head, res.final_norm):
+    return lm_head_as(head_kernel(res, x[-1:]), cfg, res, x)
+
+
+def head_kernel(res: ResidentWeights, row: torch.Tensor) -> bool:
+    """Whether the LM head of rows like ``row`` ([1, D]) runs in the kernels (``cpu_kernels.matvec_row``)."""
+    return cpu_kernels.decode_attention_applies(row, res.lm_head, res.final_norm)
+
+
+def lm_head_as(kernel: bool, cfg: ModelConfig, res: ResidentWeights, x: torch.Tensor) -> torch.Tensor:
+    """``lm_head`` through the kernels or torch, as ``kernel`` says (``head_kernel``; nothing is checked again)."""
+    if kernel:
         return cpu_kernels.matvec_row(x[-1:], res.lm_head, res.final_norm, cfg.rms_norm_eps)
     h = rms_norm(x[-1:], res.final_norm, cfg.rms_norm_eps)
     return linear(h, res.lm_head)[0].float()
