@@ -5,7 +5,9 @@ It keeps ``(layer, precision)`` entries — a whole layer's bundles at one preci
 area), the next ones in a ring filled from the SSD ``prefetch`` layers ahead of the executor.
 Fetches of bundles the device lacks are served from those entries; a layer not in DRAM is read
 whole (``layer``) or just its missing bundles are read (``neuron``, and ``hybrid`` for a layer whose
-preload has not started). Entries are pinned while a copy up still needs them.
+preload has not started). Entries are pinned while a copy up still needs them. It reads through the
+channel it was given to the SSD reader (``reader``); the executor learns once, by ``KeptLayers``, when the
+entries kept for good are all in.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2cache.actors.base import Actor, fail, resolve
-from m2cache.actors.messages import Fetch, FetchReply, Progress, ReadRequest, Release
+from m2cache.actors.base import Actor, Channel, fail, resolve
+from m2cache.actors.messages import Fetch, FetchReply, KeptLayers, Progress, ReadRequest, Release
 from m2cache.actors.precisions import serve_higher
 from m2cache.errors import BudgetError, ChecksumError, EngineClosedError, M2CacheError, PermanentSSDError
 from m2cache.storage.fifo import LayerFIFO
@@ -39,7 +41,7 @@ class DRAMManager(Actor):
 
     def __init__(self, *, num_layers: int, num_neurons: int, layer_bytes: dict[str, int], budget: int, staging_reserve: int,
                  preload: str, prefetch: int, fixed_keys: tuple[tuple[int, str], ...], precisions: tuple[str, ...],
-                 reader, recorder, pin_memory: bool = False, inbox_size: int = 64) -> None:
+                 reader: Channel, recorder, pin_memory: bool = False, inbox_size: int = 64) -> None:
         super().__init__(inbox_size)
         self.num_layers, self.num_neurons, self.layer_bytes = num_layers, num_neurons, layer_bytes
         self.preload, self.prefetch, self.precisions = preload, prefetch, precisions
@@ -59,6 +61,7 @@ class DRAMManager(Actor):
         # (layer, precision) entries whose whole read hit a damaged block: served by neuron-level reads from
         # then on, so only the requests that need the damaged block's neurons fail
         self.damaged: set[tuple[int, str]] = set()
+        self.kept_waiters: list[KeptLayers] = []  # asked for entries kept for good not all in yet
 
     # ---- messages ------------------------------------------------------------------------------
     async def handle(self, msg: Any) -> None:
@@ -71,6 +74,11 @@ class DRAMManager(Actor):
                 reply, EngineClosedError(f"the engine closed while layer {layer} was being fetched")))
         elif isinstance(msg, Release):
             self._release(msg.keys, msg.staged_bytes)
+        elif isinstance(msg, KeptLayers):
+            if not set(msg.keys) <= self.fixed_keys:
+                raise RuntimeError("KeptLayers asked for entries DRAM does not keep for good (never evicted)")
+            self.kept_waiters.append(msg)
+            self._answer_kept()
         else:
             raise RuntimeError(f"DRAM manager got an unknown message {type(msg).__name__}")
 
@@ -114,10 +122,10 @@ class DRAMManager(Actor):
         loaded.add_done_callback(lambda _f: self.recorder.add(
             "dram", "preload" if preload else "load", t0, time.perf_counter_ns(), layer=key[0], step=step,
             nbytes=self.layer_bytes[key[1]]))
-        if self.reader.inbox.full():
+        try:
+            self.reader.send_nowait(request)
+        except asyncio.QueueFull:
             self.spawn(self.reader.send(request))
-        else:
-            self.reader.inbox.put_nowait(request)
         self.spawn(self._finish_load(key, read, loaded))
         return True
 
@@ -139,6 +147,14 @@ class DRAMManager(Actor):
             self.loading.pop(key, None)
         self.fifo.unpin(key)
         resolve(loaded, None)
+        if self.kept_waiters:
+            self._answer_kept()
+
+    def _answer_kept(self) -> None:
+        """``KeptLayers`` asked for entries that are now all held in the fixed area: their tensors (never evicted)."""
+        for msg in [m for m in self.kept_waiters if all(k in self.data and self.fifo.is_fixed(k) for k in m.keys)]:
+            self.kept_waiters.remove(msg)
+            resolve(msg.reply, {k: self.data[k] for k in msg.keys})
 
     async def _serve(self, msg: Fetch) -> None:
         try:
@@ -248,6 +264,8 @@ class DRAMManager(Actor):
     async def teardown(self, error: BaseException | None) -> None:
         for fut in self.loading.values():
             fail(fut, M2CacheError("the engine closed while a layer was loading"))
+        for msg in self.kept_waiters:
+            fail(msg.reply, EngineClosedError("the engine closed before DRAM held every layer kept for good"))
         self.data.clear()
 
     def held_bytes(self) -> int:

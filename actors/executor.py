@@ -1,9 +1,12 @@
 """Layer executor: runs sequences step by step, layer by layer, on one compute thread.
 
-The event loop never computes: every tensor operation runs in ``compute`` (one worker thread; on
-CUDA that thread launches kernels on the compute stream, after the event of the copies the HBM manager
-made on its copy stream). One job per layer computes the FFN of layer L, then attention of layer L+1 and
-its predictor scores, so a layer costs one thread hop (the message flow: ``m2cache.actors``). What those
+An actor like the others (``base.Actor``): requests arrive as messages on its inbox (``Submit``; ``Cancel`` and
+``Resume`` wake it about one), and between messages it does its own work, one step at a time (``work``),
+sending each layer's ranking to the predictor and the DRAM manager's hints and releases through the channels it
+was given. The event loop never computes: every tensor operation runs in ``compute`` (one worker
+thread; on CUDA that thread launches kernels on the compute stream, after the event of the copies the HBM
+manager made on its copy stream). One job per layer computes the FFN of layer L, then attention of layer L+1
+and its predictor scores, so a layer costs one thread hop (the message flow: ``m2cache.actors``). What those
 jobs compute is :mod:`m2cache.actors.step_math`; this module schedules them.
 
 Batched decode: the sequences past their prefill step together, up to ``max_batch`` of them (rotating
@@ -33,9 +36,9 @@ from typing import Any
 
 import torch
 
-from m2cache.actors.base import Actor
+from m2cache.actors.base import Actor, Channel
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
-from m2cache.actors.messages import LayerInput, Progress, Release, Stop, WeightsReady
+from m2cache.actors.messages import Cancel, KeptLayers, LayerInput, Progress, Release, Resume, Submit, WeightsReady
 from m2cache.actors.native_step import NativeSteps
 from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
 from m2cache.actors.step_math import StepMath
@@ -48,15 +51,16 @@ CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
 class Executor(StepMath, Actor):
     name = "executor"
 
-    def __init__(self, *, model, res, policy, predictor, dram, hbm, store, dtype: torch.dtype, device: torch.device,
-                 recorder, stats, max_queued: int, max_pending: int = 1024, kernels: bool = True,
-                 max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
+    def __init__(self, *, model, res, policy, predictor: Channel, dram: Channel, pools: dict[str, torch.Tensor],
+                 direct_from_dram: bool, fixed_keys: tuple[tuple[int, str], ...], store, dtype: torch.dtype,
+                 device: torch.device, recorder, stats, max_queued: int, max_pending: int = 1024,
+                 kernels: bool = True, max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
                  attention: AttentionStream | None = None, lookahead: bool = False, compute_stream=None,
                  batch_invariant: bool = True, prefill_chunk: int | None = None,
-                 admit_timeout: float | None = None, native: bool = True) -> None:
-        super().__init__(1)
+                 admit_timeout: float | None = None, native: bool = True, inbox_size: int = 64) -> None:
+        super().__init__(inbox_size)
         self.cfg, self.res, self.rope = model.cfg, res, model.rope
-        self.policy, self.predictor, self.dram, self.hbm = policy, predictor, dram, hbm
+        self.policy, self.predictor, self.dram = policy, predictor, dram  # the predictor's and DRAM manager's channels
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -73,8 +77,7 @@ class Executor(StepMath, Actor):
         self.union_cap, self._at_cap = max_batch, 0  # sequences whose union the tiers held (``_halve``)
         self.lookahead = lookahead and policy.needs_scores  # decode asks for layer L+1 before layer L computes
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps per batch size
-        self.wake = asyncio.Event()
-        self.stopping = False
+        self.turn, self.prefill_next = 0, True  # the decode batch's rotation; a prefill step's turn is next
         self.worker: ThreadPoolExecutor | None = None
         self.step_no = 0
         self.eos = set(self.cfg.eos_token_ids)
@@ -82,35 +85,40 @@ class Executor(StepMath, Actor):
         # decode FFNs through the C kernels: CPU, a gated FFN, and a policy that is not the exact
         # every-neuron-FP16 one (whose tokens must equal the dense model's, so it keeps torch's code)
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
-        self.ffn = LayerFFN(store=store, policy=policy, pools=hbm.pools, act=model.act, dtype=dtype,
+        self.ffn = LayerFFN(store=store, policy=policy, pools=pools, act=model.act, dtype=dtype,
                             use_kernels=self.use_kernels, dense_prefill=dense_prefill)
         # a decode token of one sequence in one native call once DRAM holds every layer it needs (native_step)
         self.native = NativeSteps.build(cfg=model.cfg, res=res, policy=policy, store=store, dtype=dtype,
-                                        device=device, dram=dram, predictor=predictor, recorder=recorder,
-                                        embed=res.embed, rope=model.rope) \
-            if native and self.use_kernels and hbm.direct_from_dram and attention is None and not self.lookahead else None
+                                        device=device, fixed_keys=fixed_keys, predictor=predictor.actor,
+                                        recorder=recorder, embed=res.embed, rope=model.rope) \
+            if native and self.use_kernels and direct_from_dram and attention is None and not self.lookahead else None
 
-    # ---- requests ------------------------------------------------------------------------------
-    def submit(self, seq: Sequence) -> None:
-        if self.stopping:
-            raise EngineClosedError("the engine is closed; open a new one")
+    # ---- messages ------------------------------------------------------------------------------
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, Submit):
+            self._admit(msg.seq)
+        elif isinstance(msg, Cancel):
+            msg.seq.cancelled = True  # dropped by the next pass (``work``)
+        elif not isinstance(msg, Resume):  # Resume: the next pass finds the sequence runnable again
+            raise RuntimeError(f"executor got an unknown message {type(msg).__name__}")
+
+    def _admit(self, seq: Sequence) -> None:
         if len(self.pending) >= self.max_pending:
-            raise M2CacheError(f"{self.max_pending} requests are already waiting; try again later")
+            return finish(seq, M2CacheError(f"{self.max_pending} requests are already waiting; try again later"))
         if self.kv_tokens is not None and kv_need(seq) > self.kv_tokens:
-            raise ConfigError(
+            return finish(seq, ConfigError(
                 f"this request needs {kv_need(seq)} tokens of KV cache (a prompt of {len(seq.prompt)} + "
                 f"max_new_tokens {seq.max_new_tokens}); the engine holds at most {self.kv_tokens} (kv_tokens): "
-                "ask for fewer tokens, or give a larger kv_tokens")
+                "ask for fewer tokens, or give a larger kv_tokens"))
         self.pending.append(seq)
-        self.wake.set()
-
-    def cancel(self, seq: Sequence) -> None:
-        seq.cancelled = True
-        self.wake.set()
 
     # ---- the loop ------------------------------------------------------------------------------
     async def setup(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="m2cache-compute")
+        if self.native is not None:  # the DRAM manager answers once every layer the native step reads is in
+            answer = asyncio.get_running_loop().create_future()
+            await self.dram.send(KeptLayers(tuple(self.native.needed), answer))
+            self.native.in_dram = answer
 
     async def teardown(self, error: BaseException | None) -> None:
         exc = EngineClosedError(f"the engine closed ({error!r})" if error else "the engine closed")
@@ -118,61 +126,42 @@ class Executor(StepMath, Actor):
             finish(seq, exc)
         self.active.clear()
         self.pending.clear()
+        if self.native is not None and self.native.in_dram is not None:
+            self.native.in_dram.cancel()  # nobody waits for it any more
         if self.worker is not None:  # a job in flight finishes in a helper thread, not on the loop
             await asyncio.get_running_loop().run_in_executor(None, self.worker.shutdown, True)
 
-    async def run(self) -> None:
-        error: BaseException | None = None
-        try:
-            await self.setup()
-            self.ready.set()
-            await self._schedule()
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            self.stopping = True
-            await self.teardown(error)
+    def idle_timeout(self) -> float | None:
+        """Seconds until the oldest waiting request is overdue (None: nothing to refuse)."""
+        if self.admit_timeout is None or not self.pending:
+            return None
+        return max(0.0, self.pending[0].t_submit + self.admit_timeout - time.perf_counter()) + 1e-3
 
-    async def _schedule(self) -> None:
-        turn, prefill_next = 0, True
-        while True:
-            while not self.inbox.empty():
-                if isinstance(self.inbox.get_nowait(), Stop):
-                    return
-            self.pending = collections.deque(s for s in self.pending if not self._drop_if_cancelled(s))
-            while self.pending and self._kv_fits(self.pending[0]):  # in order: none overtakes a waiting one
-                self.active.append(self.pending.popleft())
-            self._refuse_overdue()
-            self.active = [s for s in self.active if not self._drop_if_cancelled(s)]
-            runnable = [s for s in self.active if s.out.qsize() < self.max_queued]
-            if not runnable:
-                self.wake.clear()
-                waiter = asyncio.ensure_future(self.inbox.get())
-                woken = asyncio.ensure_future(self.wake.wait())
-                done, _ = await asyncio.wait({waiter, woken}, timeout=self._until_overdue(),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                if waiter in done:
-                    if isinstance(waiter.result(), Stop):
-                        return
-                else:
-                    waiter.cancel()
-                    await asyncio.gather(waiter, woken, return_exceptions=True)
-                continue
-            cap = min(self.max_batch, self.union_cap)
-            newcomers = prefill_batch([s for s in runnable if not s.prefilled], cap, self.prefill_chunk)
-            decoding = [s for s in runnable if s.prefilled]
-            if newcomers and (prefill_next or not decoding):
-                await self._advance(newcomers, prefill=True)
-                prefill_next = False
-                continue
-            start = turn % len(decoding)  # more ready than max_batch: each waits its turn
-            batch = (decoding[start:] + decoding[:start])[:cap]
-            turn += len(batch)
-            self.batch_sizes[len(batch)] += 1
-            await self._advance(batch, prefill=False)
-            prefill_next = True
+    async def work(self) -> bool:
+        """One pass between messages: admission, then one step (a prefill chunk or a decode batch); False when no
+        sequence can step (none waits, or each waits for its consumer)."""
+        self.pending = collections.deque(s for s in self.pending if not self._drop_if_cancelled(s))
+        while self.pending and self._kv_fits(self.pending[0]):  # in order: none overtakes a waiting one
+            self.active.append(self.pending.popleft())
+        self._refuse_overdue()
+        self.active = [s for s in self.active if not self._drop_if_cancelled(s)]
+        runnable = [s for s in self.active if s.out.qsize() < self.max_queued]
+        if not runnable:
+            return False
+        cap = min(self.max_batch, self.union_cap)
+        newcomers = prefill_batch([s for s in runnable if not s.prefilled], cap, self.prefill_chunk)
+        decoding = [s for s in runnable if s.prefilled]
+        if newcomers and (self.prefill_next or not decoding):
+            await self._advance(newcomers, prefill=True)
+            self.prefill_next = False
+            return True
+        start = self.turn % len(decoding)  # more ready than max_batch: each waits its turn
+        batch = (decoding[start:] + decoding[:start])[:cap]
+        self.turn += len(batch)
+        self.batch_sizes[len(batch)] += 1
+        await self._advance(batch, prefill=False)
+        self.prefill_next = True
+        return True
 
     async def _halve(self, batch: list[Sequence], prefill: bool) -> None:
         """The tiers could not hold the union of the batch's cuts (a budget sized for one cut): the batch is
@@ -221,12 +210,6 @@ class Executor(StepMath, Actor):
                 f"{self.kv_tokens} tokens held by {len(self.active)} running requests; this one needs "
                 f"{kv_need(seq)}): try again shortly"))
 
-    def _until_overdue(self) -> float | None:
-        """Seconds until the oldest waiting request is overdue (None: nothing to refuse)."""
-        if self.admit_timeout is None or not self.pending:
-            return None
-        return max(0.0, self.pending[0].t_submit + self.admit_timeout - time.perf_counter()) + 1e-3
-
     async def _advance(self, batch: list[Sequence], *, prefill: bool, again: bool = False) -> None:
         """One step: a prefill chunk of each newcomer of the batch, or one decode token of each sequence.
 
@@ -240,9 +223,9 @@ class Executor(StepMath, Actor):
             logits = await self._step(batch, tokens, prefill)
             chosen = await self._compute(self._sample, batch, logits)
         except M2CacheError as e:
-            if isinstance(e, BudgetError) and len(batch) > 1 and not self.stopping:
+            if isinstance(e, BudgetError) and len(batch) > 1 and not self.stopped:
                 return await self._halve(batch, prefill)
-            if self.stopping or isinstance(e, EngineClosedError) or (len(batch) == 1 and again):
+            if self.stopped or isinstance(e, EngineClosedError) or (len(batch) == 1 and again):
                 return self._fail(batch, e)
             if len(batch) == 1 and not isinstance(e, TransientSSDError):
                 return self._fail(batch, e)
@@ -322,8 +305,10 @@ class Executor(StepMath, Actor):
         """Layer ``layer``'s weights, ranked by ``order``: the future of its WeightsReady (``ahead``: asked
         while the layer before may still compute)."""
         # the DRAM manager preloads ahead of the layer computing: asked ahead, that is the one before
-        if not self.dram.inbox.full():
-            self.dram.inbox.put_nowait(Progress(layer - 1 if ahead else layer, step))
+        try:  # a hint, skipped when the DRAM manager's inbox is full
+            self.dram.send_nowait(Progress(layer - 1 if ahead else layer, step))
+        except asyncio.QueueFull:
+            pass
         fut = asyncio.get_running_loop().create_future()
         await self.predictor.send(LayerInput(layer, step, order, prefill, fut, ahead))
         return fut

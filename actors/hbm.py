@@ -4,7 +4,8 @@ For each layer and step it looks the requested (neuron, precision) pairs up, kee
 slots for the misses (``m2cache.storage.lru.DeviceCache`` decides what to evict), asks the DRAM
 manager for the missing bundles, copies them up into the pool on its copy thread and answers the
 executor with where everything sits (on CUDA with the event of the copies). The pool tensors themselves
-are preallocated once, one per precision.
+are preallocated once, one per precision; the executor's compute thread reads them at the slots it is told.
+It talks to the DRAM manager through the channel it was given (``dram``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2cache.actors.base import Actor, fail, resolve
+from m2cache.actors.base import Actor, Channel, fail, resolve
 from m2cache.actors.messages import Copy, Fetch, NeuronRequest, Release, WeightsReady
 from m2cache.actors.precisions import serve_higher
 from m2cache.actors.uploads import Uploader
@@ -29,7 +30,7 @@ class HBMManager(Actor):
     name = "hbm"
 
     def __init__(self, *, num_layers: int, num_neurons: int, slots: dict[str, int], bundle_bytes: dict[str, int],
-                 device: torch.device, dram, recorder, inbox_size: int = 8, upgrade: bool = True,
+                 device: torch.device, dram: Channel, recorder, inbox_size: int = 8, upgrade: bool = True,
                  direct_from_dram: bool = False, compute_stream: Any = None,
                  kernels: bool = True) -> None:
         super().__init__(inbox_size)

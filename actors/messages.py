@@ -2,7 +2,8 @@
 
 Request/reply pairs carry an ``asyncio.Future`` that the receiver completes (with a result, or a
 typed exception from ``m2cache.errors`` when the data could not be had), so a failure reaches exactly
-the requests that depended on it.
+the requests that depended on it. A request answered another way (``Submit``: through the sequence's
+output) says in ``refuse`` how it is failed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,33 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from m2cache.actors.sequence import Sequence, finish
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Engine -> executor: a new request; its tokens, or its error, come out of ``seq.out``."""
+
+    seq: Sequence
+
+    def refuse(self, exc: BaseException) -> None:
+        finish(self.seq, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Engine -> executor: the request's consumer is gone (``seq.cancelled`` is set, as a future is cancelled
+    by whoever waits on it); the executor drops it at its next pass."""
+
+    seq: Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Engine -> executor: the consumer took a token from a full output: the sequence may step again."""
+
+    seq: Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +149,16 @@ class ReadRequest:
     reply: asyncio.Future  # -> torch.Tensor uint8 [n, bundle_bytes]
     kind: str = "read_layer"
     step: int = -1  # the executor step it is for (a preload: the step that will use it), for the trace
+
+
+@dataclass(frozen=True, slots=True)
+class KeptLayers:
+    """Executor -> DRAM manager, once: answered with the tensor of every listed ``(layer, precision)`` entry
+    once DRAM holds them all. They are entries kept for good (never evicted), so the native decode step
+    (``native_step``) reads them from then on without a message a layer."""
+
+    keys: tuple[tuple[int, str], ...]
+    reply: asyncio.Future  # -> dict[(layer, precision), torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)

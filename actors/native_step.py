@@ -8,12 +8,16 @@ event-loop turns a layer); here a token of one sequence is one job on the comput
 layers. The actors keep reading, keeping and planning ahead where the weights are not all there: until every
 entry is loaded, and for batches of several sequences, steps take the layer-by-layer path.
 
-The figures stay what the layer-by-layer step would count: each layer's precisions served by DRAM, the
+The executor learns that every entry is in by one message: its ``KeptLayers`` request, sent at its start, which
+the DRAM manager answers with the entries' tensors once it holds them all (kept for good: never evicted, so
+they serve every later token without a message). The figures stay what the layer-by-layer step would count:
+each layer's precisions served by DRAM (``served``, added to the DRAM manager's by the engine's figures), the
 predictor's kept neurons; with a trace, each layer's ``attention``, ``select`` (gate scores and choice) and
 ``ffn`` spans from the call's own clock.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import torch
@@ -23,39 +27,44 @@ from m2cache.model.native_decode import STAMPS, NativeDecoder, applies
 
 
 class NativeSteps:
-    def __init__(self, decoder: NativeDecoder, *, dram, predictor, recorder, embed, rope, dtype: torch.dtype) -> None:
-        self.decoder, self.dram, self.predictor, self.recorder = decoder, dram, predictor, recorder
+    def __init__(self, decoder: NativeDecoder, *, predictor, recorder, embed, rope, dtype: torch.dtype) -> None:
+        self.decoder, self.predictor, self.recorder = decoder, predictor, recorder
         self.embed, self.rope, self.dtype = embed, rope, dtype
         policy, n = decoder.policy, decoder.n
         self.needed = [(L, p) for L in range(n) for p in decoder.used if policy.counts(L)[p]]
         self.kept = sum(sum(policy.counts(L).values()) for L in range(n))
         self.tokens = 0  # decode tokens computed here
+        self.served = 0  # DRAM entries the tokens computed here read (what the DRAM manager would have served)
+        self.in_dram: asyncio.Future | None = None  # the DRAM manager's answer to ``KeptLayers(needed)``
+        self._tables: list[dict[str, torch.Tensor]] | None = None
 
     @classmethod
-    def build(cls, *, cfg, res, policy, store, dtype: torch.dtype, device: torch.device, dram, predictor, recorder,
-              embed, rope) -> "NativeSteps | None":
+    def build(cls, *, cfg, res, policy, store, dtype: torch.dtype, device: torch.device,
+              fixed_keys: tuple[tuple[int, str], ...], predictor, recorder, embed, rope) -> "NativeSteps | None":
         """The native step for this engine, or None where it never applies (the model or policy outside what
         the call takes, or a DRAM tier that does not keep every entry the policy uses for good)."""
         if not applies(cfg, res, policy, device=device, dtype=dtype, parts=store.parts):
             return None
         decoder = NativeDecoder(cfg, res, policy, parts=store.parts, groups=store.groups,
                                 bundle_bytes={p: store.bundle_bytes(p) for p in store.geometry}, dtype=dtype)
-        steps = cls(decoder, dram=dram, predictor=predictor, recorder=recorder, embed=embed, rope=rope, dtype=dtype)
-        return steps if set(steps.needed) <= dram.fixed_keys else None
+        steps = cls(decoder, predictor=predictor, recorder=recorder, embed=embed, rope=rope, dtype=dtype)
+        return steps if set(steps.needed) <= set(fixed_keys) else None
 
     def tables(self) -> list[dict[str, torch.Tensor]] | None:
-        """On the event loop: every layer's whole-layer tensors per precision once DRAM holds them all (else None),
-        counted as the layer-by-layer step's serves and requests would be."""
-        data = self.dram.data
-        if not all(k in data for k in self.needed):
-            return None
-        tables: list[dict[str, torch.Tensor]] = [{} for _ in range(self.decoder.n)]
-        for L, p in self.needed:
-            tables[L][p] = data[L, p]
-        self.dram.counts["served"] += len(self.needed)
+        """On the event loop: every layer's whole-layer tensors per precision once the DRAM manager has answered
+        that it holds them all (else None), counted as the layer-by-layer step's serves and requests would be."""
+        if self._tables is None:
+            answer = self.in_dram
+            if answer is None or not answer.done() or answer.cancelled() or answer.exception() is not None:
+                return None
+            held = answer.result()
+            self._tables = [{} for _ in range(self.decoder.n)]
+            for L, p in self.needed:
+                self._tables[L][p] = held[L, p]
+        self.served += len(self.needed)
         self.predictor.requests += self.decoder.n
         self.predictor.kept += self.kept
-        return tables
+        return self._tables
 
     def token(self, seq, tables: list[dict[str, torch.Tensor]], step: int) -> list[torch.Tensor]:
         """On the compute thread: the sequence's next token's logits ([V] float32), its KV cache moved on."""

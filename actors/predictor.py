@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from m2cache.actors.base import Actor
+from m2cache.actors.base import Actor, Channel
 from m2cache.actors.messages import LayerInput, NeuronRequest
 from m2cache.actors.rows import RowCuts
 from m2cache.model.policy import Policy
@@ -21,9 +21,11 @@ from m2cache.model.policy import Policy
 class PredictorActor(Actor):
     name = "predictor"
 
-    def __init__(self, policy: Policy, hbm, recorder, inbox_size: int = 8, dense_prefill: bool = True) -> None:
+    def __init__(self, policy: Policy, hbm: Channel, bundle_bytes: dict[str, int], recorder, inbox_size: int = 8,
+                 dense_prefill: bool = True) -> None:
         super().__init__(inbox_size)
         self.policy, self.hbm, self.recorder, self.dense_prefill = policy, hbm, recorder, dense_prefill
+        self.bundle_bytes = bundle_bytes
         self._all = np.arange(policy.num_neurons, dtype=np.int64)
         self.kept = 0
         self.requests = 0
@@ -44,7 +46,7 @@ class PredictorActor(Actor):
         self.requests += 1
         self.kept += sum(len(v) for v in ids.values())
         if not msg.prefill:
-            self.decode_bytes += sum(len(v) * self.hbm.bundle_bytes[p] for p, v in ids.items())
+            self.decode_bytes += sum(len(v) * self.bundle_bytes[p] for p, v in ids.items())
         self.recorder.add("predictor", "predict", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step)
         await self.hbm.send(NeuronRequest(msg.layer, msg.step, ids, msg.reply, msg.ahead, rows))
 

@@ -1,5 +1,9 @@
 """A request as the executor runs it (``Sequence``), and the scheduling arithmetic on it: which prompt
-tokens its next prefill chunk takes, which newcomers share a prefill step, how much KV cache it holds."""
+tokens its next prefill chunk takes, which newcomers share a prefill step, how much KV cache it holds.
+
+A sequence is the request's handle on both sides: the executor writes its tokens into ``out`` (bounded: it
+steps a sequence only while its consumer keeps up) and ends it with ``finish``; the consumer reads them with
+``receive`` and, giving up, sets ``cancelled`` (as a future is cancelled by whoever waits on it)."""
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +38,15 @@ class Sequence:
     t_first: float | None = None
     repetition_penalty: float = 1.0
     history: list[int] = field(default_factory=list)  # prompt and generated tokens, for the penalty (else empty)
+
+    async def receive(self) -> int | None:
+        """The request's next token (the consumer's side of ``out``); None once it ended; its error raised."""
+        item = await self.out.get()
+        if item is _DONE:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     @property
     def prefilled(self) -> bool:

@@ -20,10 +20,10 @@ import torch
 
 from m2cache.actors.dram import DRAMManager
 from m2cache.actors.executor import Executor
-from m2cache.actors.sequence import _DONE, Sequence
+from m2cache.actors.sequence import Sequence
 from m2cache.actors.layer_ffn import kernels_apply
 from m2cache.actors.hbm import HBMManager
-from m2cache.actors.messages import Stop
+from m2cache.actors.messages import Cancel, Resume, Submit
 from m2cache.actors.predictor import PredictorActor
 from m2cache.actors.ssd_reader import SSDReader
 from m2cache.engine.config import EngineConfig
@@ -129,30 +129,7 @@ class Engine:
                             "resident file's 16-bit projections, twice the bytes; convert the model again", store.path)
             self.attention = AttentionStream(store.path / store.manifest["resident"]["path"], store.config,
                                              self.dtype, self.backend, depth=STREAM_DEPTH, int8=int8 or None)
-        n, F = store.config.num_layers, store.num_neurons
-        self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
-        self.dram = DRAMManager(
-            num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in PRECISION_ORDER},
-            budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
-            prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
-            reader=self.reader, recorder=self.recorder, pin_memory=self.device.type == "cuda")
-        # CUDA: the executor computes on one stream, the HBM manager copies up on another and tells it when
-        compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
-                              bundle_bytes={p: store.bundle_bytes(p) for p in PRECISION_ORDER},
-                              device=self.device, dram=self.dram, recorder=self.recorder,
-                              direct_from_dram=self.plan.direct, compute_stream=compute_stream,
-                              kernels=cfg.cpu_kernels)
-        self.predictor = PredictorActor(self.policy, self.hbm, self.recorder, dense_prefill=cfg.dense_prefill is not False)
-        self.executor = Executor(model=self.model, res=self.res, policy=self.policy, predictor=self.predictor,
-                                 dram=self.dram, hbm=self.hbm, store=store, dtype=self.dtype, device=self.device,
-                                 recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
-                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
-                                 attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
-                                 dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
-                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout,
-                                 native=cfg.native_decode)
-        self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
+        self._wire_actors(store, cfg)
         self._supervisor = asyncio.create_task(self._supervise(), name="m2cache-engine")
         ready = asyncio.gather(*(a.ready.wait() for a in self.actors))
         done, _ = await asyncio.wait({ready, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
@@ -161,6 +138,38 @@ class Engine:
             await asyncio.gather(ready, return_exceptions=True)
             self._supervisor.result()  # raises the actor's setup error
             raise EngineClosedError("the engine's actors stopped during start-up")
+
+    def _wire_actors(self, store: Store, cfg: EngineConfig) -> None:
+        """The five actors, each given the channels of the actors it sends to, and the engine's own to the executor."""
+        n, F = store.config.num_layers, store.num_neurons
+        self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
+        self.dram = DRAMManager(
+            num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in PRECISION_ORDER},
+            budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
+            prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
+            reader=self.reader.channel("dram"), recorder=self.recorder, pin_memory=self.device.type == "cuda")
+        # CUDA: the executor computes on one stream, the HBM manager copies up on another and tells it when
+        compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,
+                              bundle_bytes={p: store.bundle_bytes(p) for p in PRECISION_ORDER},
+                              device=self.device, dram=self.dram.channel("hbm"), recorder=self.recorder,
+                              direct_from_dram=self.plan.direct, compute_stream=compute_stream,
+                              kernels=cfg.cpu_kernels)
+        self.predictor = PredictorActor(self.policy, self.hbm.channel("predictor"),
+                                        {p: store.bundle_bytes(p) for p in PRECISION_ORDER}, self.recorder,
+                                        dense_prefill=cfg.dense_prefill is not False)
+        self.executor = Executor(model=self.model, res=self.res, policy=self.policy,
+                                 predictor=self.predictor.channel("executor"), dram=self.dram.channel("executor"),
+                                 pools=self.hbm.pools, direct_from_dram=self.plan.direct,
+                                 fixed_keys=self.plan.fixed_keys, store=store, dtype=self.dtype, device=self.device,
+                                 recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
+                                 kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
+                                 attention=self.attention, lookahead=cfg.lookahead, compute_stream=compute_stream,
+                                 dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
+                                 prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout,
+                                 native=cfg.native_decode)
+        self.requests = self.executor.channel("engine")  # Submit, Cancel and Resume
+        self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
 
     async def _supervise(self) -> None:
         """Runs every actor in one task group; an actor that crashes closes the engine with its cause."""
@@ -184,12 +193,7 @@ class Engine:
         sup = self._supervisor
         if not sup.done():
             for actor in (self.executor, self.predictor, self.hbm, self.dram, self.reader):
-                try:
-                    actor.inbox.put_nowait(Stop())
-                except asyncio.QueueFull:
-                    await actor.inbox.put(Stop())
-                if actor is self.executor:
-                    actor.wake.set()
+                await actor.stop()
         await asyncio.gather(sup, return_exceptions=True)
         self._restore_threads()  # once no kernel runs: resizing the kernels' pool waits for a run in flight
         self._release()
@@ -250,19 +254,24 @@ class Engine:
         seq = Sequence(list(prompt_ids), max_new_tokens, temperature, top_p, gen,
                        asyncio.Queue(self.config.max_queued_tokens + 1), repetition_penalty=repetition_penalty,
                        history=list(prompt_ids) if repetition_penalty != 1.0 else [])
-        self.executor.submit(seq)
+        await self.requests.send(Submit(seq))
         try:
-            while True:
-                item = await seq.out.get()
-                self.executor.wake.set()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while (tok := await seq.receive()) is not None:
+                if seq.out.qsize() + 1 >= self.config.max_queued_tokens:  # it was full: the executor waits for it
+                    self._tell_executor(Resume(seq))
+                yield tok
         finally:
             if not seq.out.empty() or seq.generated < max_new_tokens:
-                self.executor.cancel(seq)
+                seq.cancelled = True
+                self._tell_executor(Cancel(seq))
+
+    def _tell_executor(self, msg: Cancel | Resume) -> None:
+        """A wake-up for the executor about ``msg.seq``, which carries the news itself (its output, its
+        ``cancelled``): when the inbox is full the executor is busy, and its next pass sees it anyway."""
+        try:
+            self.requests.send_nowait(msg)
+        except asyncio.QueueFull:
+            pass
 
     # ---- figures -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -22,12 +22,13 @@ def engine_counters(engine) -> Counters:
         tokens=rs.decode_tokens + len(rs.ttft), decode_tokens=rs.decode_tokens, first_tokens=len(rs.ttft),
         prefill_s=rs.prefill_s, decode_s=rs.decode_s, stall_s=rs.stall_s, ttft_s_sum=sum(rs.ttft),
         ssd_to_dram_bytes=reader.bytes_read, dram_to_hbm_bytes=hbm.bytes_copied, hbm_hits=hbm.hits,
-        hbm_misses=hbm.misses, dram_served=dram.counts["served"], dram_neuron_reads=dram.counts["neuron_reads"])
+        hbm_misses=hbm.misses, dram_served=_dram_served(engine), dram_neuron_reads=dram.counts["neuron_reads"])
 
 
 def engine_stats(engine) -> dict[str, Any]:
     rs = engine.run_stats
-    reader, dram, hbm = engine.reader.stats(), engine.dram.stats(), engine.hbm.stats()
+    reader, hbm = engine.reader.stats(), engine.hbm.stats()
+    dram = {**engine.dram.stats(), "served": _dram_served(engine)}
     counters = engine_counters(engine)
     out: dict[str, Any] = {
         "policy": engine.policy.name,
@@ -60,10 +61,16 @@ def engine_stats(engine) -> dict[str, Any]:
 
 
 def _messages(engine) -> dict[str, int]:
-    """Messages each actor's inbox was sent so far (Stop aside), and all of them: the hops between actors
-    (``tools/hops.py`` turns them into hops per layer of a decode token)."""
-    got = {a.name: a.inbox.received for a in engine.actors}
-    return {**got, "total": sum(got.values())}
+    """Messages sent so far on each channel between the actors, ``sender->receiver`` (Stop aside: it is the
+    engine's), and all of them: the hops (``tools/hops.py`` turns them into hops per layer of a decode token)."""
+    sent = {ch.edge: ch.sent for a in engine.actors for ch in a.channels}
+    return {**sent, "total": sum(sent.values())}
+
+
+def _dram_served(engine) -> int:
+    """Layers served from DRAM: the DRAM manager's serves, and the entries the native step read from it."""
+    native = engine.executor.native
+    return engine.dram.counts["served"] + (native.served if native is not None else 0)
 
 
 def _ffn_bytes(engine) -> dict[str, int]:
