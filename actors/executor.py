@@ -2,12 +2,13 @@
 
 An actor like the others (``base.Actor``): requests arrive as messages on its inbox (``Submit``; ``Cancel`` and
 ``Resume`` wake it about one), and between messages it does its own work, one step at a time (``work``),
-sending each layer's ranking to the predictor and the DRAM manager's hints and releases through the channels it
-was given. The event loop never computes: every tensor operation runs in ``compute`` (one worker
+sending each layer's neuron request to the HBM manager and the DRAM manager's hints and releases through the
+channels it was given. The event loop never computes: every tensor operation runs in ``compute`` (one worker
 thread; on CUDA that thread launches kernels on the compute stream, after the event of the copies the HBM
 manager made on its copy stream). One job per layer computes the FFN of layer L, then attention of layer L+1
-and its predictor scores, so a layer costs one thread hop (the message flow: ``m2cache.actors``). What those
-jobs compute is :mod:`m2cache.actors.step_math`; this module schedules them.
+and the predictor's choice of its neurons (``predictor.py``: the predictor is the executor's, for the data it
+reads), so a layer costs one thread hop (the message flow: ``m2cache.actors``). What those jobs compute is
+:mod:`m2cache.actors.step_math`, along a path decided once per step (``step_plan``); this module schedules them.
 
 Batched decode: the sequences past their prefill step together, up to ``max_batch`` of them (rotating
 when more are ready), layer by layer, with one plan and one fetch per layer for all of them, so one
@@ -38,11 +39,14 @@ import torch
 
 from m2cache.actors.base import Actor, Channel
 from m2cache.actors.layer_ffn import LayerFFN, kernels_apply
-from m2cache.actors.messages import Cancel, KeptLayers, LayerInput, Progress, Release, Resume, Submit, WeightsReady
+from m2cache.actors.messages import Cancel, KeptLayers, NeuronRequest, Progress, Release, Resume, Submit, WeightsReady
 from m2cache.actors.native_step import NativeSteps
+from m2cache.actors.predictor import Choice, Predictor
 from m2cache.actors.sequence import Sequence, finish, kv_need, prefill_batch, prefill_tokens
 from m2cache.actors.step_math import StepMath
+from m2cache.actors.step_plan import Planner
 from m2cache.errors import BudgetError, ConfigError, EngineClosedError, M2CacheError, OverloadedError, TransientSSDError
+from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.storage.attention_stream import AttentionStream
 
 CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
@@ -51,7 +55,7 @@ CAP_PROBE = 64  # steps at a lowered batch cap before it is raised by one again
 class Executor(StepMath, Actor):
     name = "executor"
 
-    def __init__(self, *, model, res, policy, predictor: Channel, dram: Channel, pools: dict[str, torch.Tensor],
+    def __init__(self, *, model, res, policy, dram: Channel, hbm: Channel, pools: dict[str, torch.Tensor],
                  direct_from_dram: bool, fixed_keys: tuple[tuple[int, str], ...], store, dtype: torch.dtype,
                  device: torch.device, recorder, stats, max_queued: int, max_pending: int = 1024,
                  kernels: bool = True, max_batch: int = 16, kv_tokens: int | None = None, dense_prefill: bool = True,
@@ -60,7 +64,7 @@ class Executor(StepMath, Actor):
                  admit_timeout: float | None = None, native: bool = True, inbox_size: int = 64) -> None:
         super().__init__(inbox_size)
         self.cfg, self.res, self.rope = model.cfg, res, model.rope
-        self.policy, self.predictor, self.dram = policy, predictor, dram  # the predictor's and DRAM manager's channels
+        self.policy, self.dram, self.hbm = policy, dram, hbm  # the DRAM and HBM managers' channels
         self.dtype, self.device, self.recorder, self.run_stats = dtype, device, recorder, stats
         self.pending: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -87,9 +91,14 @@ class Executor(StepMath, Actor):
         self.use_kernels = kernels and kernels_apply(policy, store, model.cfg, device)
         self.ffn = LayerFFN(store=store, policy=policy, pools=pools, act=model.act, dtype=dtype,
                             use_kernels=self.use_kernels, dense_prefill=dense_prefill)
+        self.predictor = Predictor(policy, self.ffn, {p: store.bundle_bytes(p) for p in PRECISION_ORDER}, recorder,
+                                   invariant=self.invariant)
+        self.planner = Planner(model.cfg, res, dtype=dtype, device=device, streamed=attention is not None,
+                               per_row=self.per_row, invariant=self.invariant, exact=self.exact,
+                               dense_prefill=dense_prefill, needs_scores=policy.needs_scores, lookahead=self.lookahead)
         # a decode token of one sequence in one native call once DRAM holds every layer it needs (native_step)
         self.native = NativeSteps.build(cfg=model.cfg, res=res, policy=policy, store=store, dtype=dtype,
-                                        device=device, fixed_keys=fixed_keys, predictor=predictor.actor,
+                                        device=device, fixed_keys=fixed_keys, predictor=self.predictor,
                                         recorder=recorder, embed=res.embed, rope=model.rope) \
             if native and self.use_kernels and direct_from_dram and attention is None and not self.lookahead else None
 
@@ -273,16 +282,16 @@ class Executor(StepMath, Actor):
         return out
 
     async def _layers(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool, step: int) -> Any:
-        """The step layer by layer through the actors."""
-        ahead = self.lookahead and not prefill
-        first = await self._compute(self._begin, batch, tokens, prefill)
+        """The step layer by layer through the actors: each layer's job (its FFN, the next attention and the
+        predictor's choice) on the compute thread, each layer's neurons asked of the HBM manager."""
+        plan, first = await self._compute(self._begin, batch, tokens, prefill)
         n = self.cfg.num_layers
         out: Any = None
         asked: dict[int, asyncio.Future] = {}
         try:
-            for layer, order in enumerate(first):  # layer 0's ranking, and layer 1's when looking ahead
+            for layer, choice in enumerate(first):  # layer 0's choice, and layer 1's when looking ahead
                 if layer < n:
-                    asked[layer] = await self._ask(layer, step, order, prefill, ahead and layer > 0)
+                    asked[layer] = await self._ask(layer, step, choice, plan.ahead and layer > 0)
             for layer in range(n):
                 t0 = time.perf_counter_ns()
                 ready: WeightsReady = await asked.pop(layer)
@@ -290,27 +299,29 @@ class Executor(StepMath, Actor):
                 self.recorder.add("executor", "stall", t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
                 self.run_stats.stall_s += (t1 - t0) / 1e9
                 try:
-                    out = await self._compute(self._layer, batch, layer, ready, prefill, step)
+                    out = await self._compute(self._layer, batch, plan, layer, ready, step)
                 finally:
                     await self._release(ready)
-                nxt = layer + 2 if ahead else layer + 1
+                nxt = layer + 2 if plan.ahead else layer + 1
                 if nxt < n:
-                    asked[nxt] = await self._ask(nxt, step, out, prefill, ahead)
+                    asked[nxt] = await self._ask(nxt, step, out, plan.ahead)
         finally:
             for fut in asked.values():  # a step that failed: what was asked ahead goes back
                 await self._drop(fut)
         return out
 
-    async def _ask(self, layer: int, step: int, order, prefill: bool, ahead: bool = False) -> asyncio.Future:
-        """Layer ``layer``'s weights, ranked by ``order``: the future of its WeightsReady (``ahead``: asked
-        while the layer before may still compute)."""
-        # the DRAM manager preloads ahead of the layer computing: asked ahead, that is the one before
-        try:  # a hint, skipped when the DRAM manager's inbox is full
+    async def _ask(self, layer: int, step: int, choice: Choice, ahead: bool = False) -> asyncio.Future:
+        """Layer ``layer``'s neurons, as the predictor chose them: the future of their WeightsReady (``ahead``:
+        asked while the layer before may still compute)."""
+        # the DRAM manager preloads ahead of the layer computing: asked ahead, that is the one before; a hint,
+        # skipped when its inbox is full
+        try:
             self.dram.send_nowait(Progress(layer - 1 if ahead else layer, step))
         except asyncio.QueueFull:
             pass
+        ids, rows = choice
         fut = asyncio.get_running_loop().create_future()
-        await self.predictor.send(LayerInput(layer, step, order, prefill, fut, ahead))
+        await self.hbm.send(NeuronRequest(layer, step, ids, fut, ahead, rows))
         return fut
 
     async def _drop(self, fut: asyncio.Future) -> None:

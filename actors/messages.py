@@ -43,22 +43,9 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
-class LayerInput:
-    """Executor -> predictor: a layer's neuron ranking for this step (None: not input-dependent)."""
-
-    layer: int
-    step: int
-    # neuron ids, best first (scored on the compute thread); a batch-invariant step: each sequence's cut and
-    # their union (``rows.RowCuts``), cut on the compute thread too
-    order: Any
-    prefill: bool
-    reply: asyncio.Future  # -> WeightsReady
-    ahead: bool = False  # asked for while the layer before still computes (lookahead decode)
-
-
-@dataclass(frozen=True, slots=True)
 class NeuronRequest:
-    """Predictor -> HBM manager: the ids this layer needs at each precision, each sorted ascending."""
+    """Executor -> HBM manager: the ids this layer needs at each precision, each sorted ascending (the predictor's
+    choice, made on the compute thread)."""
 
     layer: int
     step: int

@@ -1,11 +1,12 @@
-"""What a step computes, on the executor's compute thread: embedding, attention, the neuron ranking, the
-FFN over the fetched neurons, the LM head and sampling (:class:`StepMath`, mixed into
+"""What a step computes, on the executor's compute thread: embedding, attention, the predictor's choice of
+neurons, the FFN over the fetched neurons, the LM head and sampling (:class:`StepMath`, mixed into
 :class:`m2cache.actors.executor.Executor`). It changes with the model's arithmetic; the executor's own module
 changes with scheduling (admission, batching, chunked prefill, retries) and the message flow.
 
-A method here reads the executor's model, policy and tier state (``cfg``, ``res``, ``rope``, ``policy``,
-``ffn``, ``recorder``, ``step_no``, the batching flags) and never awaits: the executor hops to the compute
-thread once per layer and calls one of them.
+A step's path is decided once, at its start (``step_plan.StepPlan``, from the routes decided when the weights
+were known and the step's batch); the methods here run what it says. A method here reads the executor's model,
+predictor and tier state (``cfg``, ``res``, ``rope``, ``ffn``, ``predictor``, ``planner``, ``recorder``,
+``step_no``) and never awaits: the executor hops to the compute thread once per layer and calls one of them.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any
 
 import torch
 
-from m2cache.actors.rows import split_rows
-from m2cache.actors.sequence import Sequence
 from m2cache.actors.messages import WeightsReady
-from m2cache.model.llama import (KVCache, LayerWeights, attention_and_norm, attention_rows, embed, ffn_residual, lm_head,
-                                 lm_head_rows, rms_norm, rope_slice)
+from m2cache.actors.predictor import Choice
+from m2cache.actors.sequence import Sequence
+from m2cache.actors.step_plan import StepPlan, layer_step
+from m2cache.model.llama import (KVCache, LayerWeights, attend_as, attention_rows_torch, embed, ffn_residual,
+                                 lm_head_as, lm_head_rows, rms_norm, rope_slice)
 from m2cache.model.sampling import sample
 
 
@@ -29,21 +31,19 @@ class StepMath:
     cfg: Any
     res: Any
     rope: Any
-    policy: Any
     ffn: Any
+    predictor: Any
+    planner: Any
     recorder: Any
     attention: Any
     compute_stream: Any
     dtype: torch.dtype
     device: torch.device
-    lookahead: bool
-    dense_prefill: bool
-    invariant: bool
-    per_row: bool
-    exact: bool
     step_no: int
 
-    def _begin(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool):
+    def _begin(self, batch: list[Sequence], tokens: list[list[int]], prefill: bool
+               ) -> tuple[StepPlan, list[Choice | None]]:
+        """The step's plan, attention 0, and the first layers' choices: layer 0's (and layer 1's, looking ahead)."""
         self.ffn.forget()
         with self._streams():
             t0 = time.perf_counter_ns()
@@ -55,52 +55,43 @@ class StepMath:
                 seq.x = embed(self.cfg, self.res, ids)  # [T, D]
                 assert seq.kv is not None
                 seq.cos_sin = rope_slice(self.rope, seq.kv.length, len(toks), self.dtype)
-            order = self._attend(batch, 0, prefill, t0)
-            if not (self.lookahead and not prefill):
-                return [order]
-            # looking ahead, attention 0 ranked layer 1; layer 0 is ranked from its own input
-            return [self._rank(0, batch, [s.h for s in batch]), order]  # type: ignore[misc]
+            plan = self.planner.step([(s.kv.length, len(t)) for s, t in zip(batch, tokens)],  # type: ignore[union-attr]
+                                     [len(s.prompt) for s in batch], prefill)
+            choice = self._attend(batch, plan, 0, t0)
+            if not plan.ahead:
+                return plan, [choice]
+            # looking ahead, attention 0 chose layer 1's neurons; layer 0's come from its own input
+            own = self.predictor.choose(plan.predict, 0, [s.h for s in batch], self.step_no, decode=True)
+            return plan, [own, choice]
 
-    def _attend(self, batch: list[Sequence], layer: int, prefill: bool, t0: int):
-        """Attention of `layer` per sequence, the FFN inputs, and (when the policy scores) the batch's
-        neuron ranking."""
+    def _attend(self, batch: list[Sequence], plan: StepPlan, layer: int, t0: int) -> Choice | None:
+        """Attention of `layer` per sequence, the FFN inputs, and the predictor's choice for the layer (looking
+        ahead: for the layer after, None past the last)."""
         w = self._weights(layer)
-        if len(batch) == 1 or self.per_row:  # as the dense reference computes it
-            for seq in batch:
-                assert seq.kv is not None and seq.x is not None
-                seq.x, seq.h = attention_and_norm(self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin)
-        else:  # the projections as one product for the batch: the attention weights read once
-            xs = attention_rows(self.cfg, w, [s.x for s in batch], layer, [s.kv for s in batch],  # type: ignore[misc]
-                                [s.kv.length for s in batch], [s.cos_sin for s in batch])  # type: ignore[union-attr, misc]
+        ls = plan.layers[layer]
+        if ls is None:  # streamed projections: routed by the weights they arrived as
+            ls = layer_step(self.planner.route(layer, w), plan.chunks, plan.alone)
+        eps = self.cfg.rms_norm_eps
+        if ls.paths is None:  # the projections as one product for the batch: the attention weights read once
+            xs = attention_rows_torch(self.cfg, w, [s.x for s in batch], layer, [s.kv for s in batch],  # type: ignore[misc]
+                                      [s.kv.length for s in batch], [s.cos_sin for s in batch])  # type: ignore[union-attr, misc]
             for seq, x in zip(batch, xs):
-                seq.x, seq.h = x, rms_norm(x, w.ffn_norm, self.cfg.rms_norm_eps)
-        order = None
-        if self.lookahead and not prefill:  # the ranking of layer + 1, from this layer's residual
-            order = self._rank_ahead(batch, layer + 1)
-        elif self.policy.needs_scores and not (prefill and self.dense_prefill):
-            order = self._rank(layer, batch, [s.h for s in batch])  # type: ignore[misc]
+                seq.x, seq.h = x, rms_norm(x, w.ffn_norm, eps)
+        else:  # each sequence as the dense reference computes it
+            for seq, path in zip(batch, ls.paths):
+                assert seq.kv is not None and seq.x is not None
+                x, h = attend_as(path, self.cfg, w, seq.x, layer, seq.kv, seq.kv.length, seq.cos_sin, ls.fused)  # type: ignore[arg-type]
+                seq.x, seq.h = x, h if h is not None else rms_norm(x, w.ffn_norm, eps)
         # steps run one at a time (``_schedule`` awaits each), so step_no is this attention's step
         self.recorder.add("executor", "attention", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
-        return order
-
-    def _rank_ahead(self, batch: list[Sequence], layer: int):
-        """Layer ``layer``'s ranking from the residual the previous layer has after its attention, under
-        this layer's FFN norm (None past the last layer)."""
-        if layer >= self.cfg.num_layers:
-            return None
-        norm = self.res.layers[layer].ffn_norm
-        hs = [rms_norm(s.x, norm, self.cfg.rms_norm_eps) for s in batch]  # type: ignore[arg-type]
-        return self._rank(layer, batch, hs, keep=False)
-
-    def _rank(self, layer: int, batch: list[Sequence], hs: list[torch.Tensor], keep: bool = True):
-        """The layer's neuron ranking from the sequences' FFN inputs ``hs`` (decode: each one row; a sparse
-        prefill: every row of its chunk, the largest score kept): batch-invariant, one ranking per sequence
-        from its own rows alone; else one for the batch, the largest score any row gives."""
-        if self.invariant:  # cut here too: the event loop only routes the request
-            orders = [self.policy.rank(layer, sc) for sc in self.ffn.score_rows(layer, hs, keep)]
-            return split_rows(self.policy, layer, orders)
-        rows = [row for h in hs for row in h.split(1)] if any(h.shape[0] > 1 for h in hs) else hs
-        return self.policy.rank(layer, self.ffn.score(layer, rows, keep))
+        if plan.ahead:  # the choice for layer + 1, from this layer's residual under that layer's FFN norm
+            if layer + 1 >= self.cfg.num_layers:
+                return None
+            norm = self.res.layers[layer + 1].ffn_norm
+            hs = [rms_norm(s.x, norm, eps) for s in batch]  # type: ignore[arg-type]
+            return self.predictor.choose(plan.predict, layer + 1, hs, self.step_no, decode=True, keep=False)
+        return self.predictor.choose(plan.predict, layer, [s.h for s in batch], self.step_no,  # type: ignore[misc]
+                                     decode=not plan.prefill)
 
     def _weights(self, layer: int) -> LayerWeights:
         """The layer's resident weights; streamed projections are waited for here (a stall, recorded)."""
@@ -112,7 +103,8 @@ class StepMath:
         self.recorder.add("executor", "attention_wait", t0, time.perf_counter_ns(), layer=layer, step=self.step_no)
         return dataclasses.replace(w, wqkv=wqkv, wo=wo)
 
-    def _layer(self, batch: list[Sequence], layer: int, ready: WeightsReady, prefill: bool, step: int):
+    def _layer(self, batch: list[Sequence], plan: StepPlan, layer: int, ready: WeightsReady, step: int):
+        """Layer ``layer``'s FFN, then attention of the next layer and its choice (after the last: the logits)."""
         with self._streams():
             if ready.copied is not None:  # the HBM manager's copies up, on its copy stream
                 assert self.compute_stream is not None
@@ -120,10 +112,10 @@ class StepMath:
             t0 = time.perf_counter_ns()
             hs = [s.h for s in batch]
             assert all(h is not None for h in hs), "attention ran before this layer's FFN"
-            if self.invariant:  # each sequence over its own cut, as alone
-                outs = self.ffn.each_row(hs, ready, prefill)  # type: ignore[arg-type]
-            elif len(batch) == 1 or not self.exact:  # one product for the batch's rows: [sum T, D]
-                out = self.ffn.compute(torch.cat(hs) if len(hs) > 1 else hs[0], ready, prefill)  # type: ignore[arg-type]
+            if plan.ffn == "rows":  # each sequence over its own cut, as alone
+                outs = self.ffn.each_row(hs, ready, plan.prefill)  # type: ignore[arg-type]
+            elif plan.ffn == "batch":  # one product for the batch's rows: [sum T, D]
+                out = self.ffn.compute(torch.cat(hs) if len(hs) > 1 else hs[0], ready, plan.prefill)  # type: ignore[arg-type]
                 outs = out.split([h.shape[0] for h in hs])  # type: ignore[union-attr]
             else:  # exact: each sequence's product as it would run alone
                 outs = self.ffn.each(hs, ready)  # type: ignore[arg-type]
@@ -131,23 +123,23 @@ class StepMath:
             for seq, o in zip(batch, outs):
                 seq.x = ffn_residual(self.cfg, w, seq.x, o)  # type: ignore[arg-type]
             t1 = time.perf_counter_ns()
-            kind = "prefill" if prefill else "ffn"
+            kind = "prefill" if plan.prefill else "ffn"
             self.recorder.add("executor", kind, t0, t1, layer=layer, step=step, flow=step * 1000 + layer)
             if layer + 1 < self.cfg.num_layers:
-                return self._attend(batch, layer + 1, prefill, t1)
-            logits = self._lm_head(batch)
+                return self._attend(batch, plan, layer + 1, t1)
+            logits = self._lm_head(batch, plan)
             self.recorder.add("executor", "lm_head", t1, time.perf_counter_ns(), step=step)
             return logits
 
-    def _lm_head(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
+    def _lm_head(self, batch: list[Sequence], plan: StepPlan) -> list[torch.Tensor | None]:
         """Each sequence's logits of its last position ([V] float32, on the host); None for a prefill chunk
         before the prompt's last (no token follows it)."""
         for seq in batch:
             assert seq.kv is not None and seq.x is not None
             seq.kv.length += seq.x.shape[0]
         wanted = [s for s in batch if s.kv.length >= len(s.prompt)]  # type: ignore[union-attr]
-        if len(wanted) == 1 or self.per_row:
-            logits = [lm_head(self.cfg, self.res, s.x) for s in wanted]  # type: ignore[arg-type]
+        if plan.head == "each":
+            logits = [lm_head_as(plan.head_kernel, self.cfg, self.res, s.x) for s in wanted]  # type: ignore[arg-type]
         elif wanted:
             last = torch.cat([s.x[-1:] for s in wanted])  # type: ignore[index]
             logits = list(lm_head_rows(self.cfg, self.res, last))

@@ -2,8 +2,8 @@
 
 A policy ranks a layer's neurons (by a predictor's score, or exactly for the oracle) and cuts the
 ranking into shares: the top share in FP16, the next in INT8, the next in INT4, the rest skipped.
-Scoring is tensor work and runs on the compute thread; cutting a ranking is cheap and runs wherever
-the predictor actor lives.
+Scoring is tensor work and runs on the compute thread; cutting a ranking is cheap and runs there too
+(``m2cache.actors.predictor``).
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from m2cache.actors.sequence import Sequence
 from m2cache.actors.layer_ffn import kernels_apply
 from m2cache.actors.hbm import HBMManager
 from m2cache.actors.messages import Cancel, Resume, Submit
-from m2cache.actors.predictor import PredictorActor
 from m2cache.actors.ssd_reader import SSDReader
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.metrics import engine_stats
@@ -140,7 +139,8 @@ class Engine:
             raise EngineClosedError("the engine's actors stopped during start-up")
 
     def _wire_actors(self, store: Store, cfg: EngineConfig) -> None:
-        """The five actors, each given the channels of the actors it sends to, and the engine's own to the executor."""
+        """The four actors (the predictor is the executor's: ``m2cache.actors``), each given the channels of the
+        actors it sends to, and the engine's own to the executor."""
         n, F = store.config.num_layers, store.num_neurons
         self.reader = SSDReader(store, self.backend, cfg.io_threads, self.recorder)
         self.dram = DRAMManager(
@@ -155,12 +155,8 @@ class Engine:
                               device=self.device, dram=self.dram.channel("hbm"), recorder=self.recorder,
                               direct_from_dram=self.plan.direct, compute_stream=compute_stream,
                               kernels=cfg.cpu_kernels)
-        self.predictor = PredictorActor(self.policy, self.hbm.channel("predictor"),
-                                        {p: store.bundle_bytes(p) for p in PRECISION_ORDER}, self.recorder,
-                                        dense_prefill=cfg.dense_prefill is not False)
-        self.executor = Executor(model=self.model, res=self.res, policy=self.policy,
-                                 predictor=self.predictor.channel("executor"), dram=self.dram.channel("executor"),
-                                 pools=self.hbm.pools, direct_from_dram=self.plan.direct,
+        self.executor = Executor(model=self.model, res=self.res, policy=self.policy, dram=self.dram.channel("executor"),
+                                 hbm=self.hbm.channel("executor"), pools=self.hbm.pools, direct_from_dram=self.plan.direct,
                                  fixed_keys=self.plan.fixed_keys, store=store, dtype=self.dtype, device=self.device,
                                  recorder=self.recorder, stats=self.run_stats, max_queued=cfg.max_queued_tokens,
                                  kernels=cfg.cpu_kernels, max_batch=cfg.max_batch, kv_tokens=cfg.kv_tokens,
@@ -168,8 +164,9 @@ class Engine:
                                  dense_prefill=cfg.dense_prefill is not False, batch_invariant=cfg.batch_invariant,
                                  prefill_chunk=cfg.prefill_chunk, admit_timeout=cfg.admit_timeout,
                                  native=cfg.native_decode)
+        self.predictor = self.executor.predictor
         self.requests = self.executor.channel("engine")  # Submit, Cancel and Resume
-        self.actors = [self.reader, self.dram, self.hbm, self.predictor, self.executor]
+        self.actors = [self.reader, self.dram, self.hbm, self.executor]
 
     async def _supervise(self) -> None:
         """Runs every actor in one task group; an actor that crashes closes the engine with its cause."""
@@ -192,7 +189,7 @@ class Engine:
         self._closed = True
         sup = self._supervisor
         if not sup.done():
-            for actor in (self.executor, self.predictor, self.hbm, self.dram, self.reader):
+            for actor in (self.executor, self.hbm, self.dram, self.reader):
                 await actor.stop()
         await asyncio.gather(sup, return_exceptions=True)
         self._restore_threads()  # once no kernel runs: resizing the kernels' pool waits for a run in flight

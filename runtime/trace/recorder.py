@@ -14,7 +14,7 @@ Actors and the span kinds the runtime records (the actor is a span's category, t
 | `hbm`       | `plan` (LRU lookup, slot assignment)                                   | event loop     |
 | `hbm`       | `direct` (on the CPU from DRAM: the fetch, to its reply)               | event loop (*) |
 | `hbm`       | `copy` (the batched copy up)                                           | compute        |
-| `predictor` | `predict` (pick the active set and precisions)                         | event loop     |
+| `predictor` | `predict` (pick the active set and precisions)                         | compute        |
 | `executor`  | `attention`, `ffn`, `prefill` (a prefill step's FFN), `lm_head`        | compute        |
 | `executor`  | `stall` (waiting for the layer's weights)                              | event loop (*) |
 
