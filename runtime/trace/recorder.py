@@ -13,7 +13,7 @@ Actors and the span kinds the runtime records (the actor is a span's category, t
 | `dram`      | `serve` (a fetch, to its reply), `preload` / `load` (a layer, to held) | event loop (*) |
 | `hbm`       | `plan` (LRU lookup, slot assignment)                                   | event loop     |
 | `hbm`       | `direct` (on the CPU from DRAM: the fetch, to its reply)               | event loop (*) |
-| `hbm`       | `copy` (the batched copy up)                                           | compute        |
+| `hbm`       | `copy` (the batched copy up)                                           | copy           |
 | `predictor` | `predict` (pick the active set and precisions)                         | compute        |
 | `executor`  | `attention`, `ffn`, `prefill` (a prefill step's FFN), `lm_head`        | compute        |
 | `executor`  | `stall` (waiting for the layer's weights)                              | event loop (*) |
