@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "sparse_ffn.c", CSRC / "attention.c", CSRC / "decode.c", CSRC / "threads.c")
-HEADERS = (CSRC / "m2cache.h", CSRC / "kernels.h", CSRC / "simd.h", CSRC / "threads.h")
+HEADERS = (CSRC / "m2cache.h", CSRC / "kernels.h", CSRC / "simd.h", CSRC / "threads.h", CSRC / "block_down.h")
 # No -ffast-math: with gcc < 13 it links crtfastmath into the library, whose constructor turns on
 # flush-to-zero for the whole process when it loads (torch's denormals included); the kernels' loops are
 # vectorised by hand (simd.h), so float sums keep the order written. -fno-math-errno: libm calls may
@@ -39,6 +39,7 @@ ABI: dict[str, tuple[list, type | None]] = {
     "m2c_set_spin_ns": ([_I64], _I64),
     "m2c_set_int8_activations": ([_I32], _I32),
     "m2c_int8_activations": ([], _I32),
+    "m2c_block_down": ([], _I32),
     "m2c_ffn_fp16": ([*_FFN, _I32, _I64, _P, _P], _I32),  # act, parts, gact, out
     "m2c_ffn_int8": ([*_FFN, _I64, _I32, _I64, _P, _P], _I32),  # the group size first
     "m2c_ffn_int4": ([*_FFN, _I64, _I32, _I64, _P, _P], _I32),

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from m2cache import Engine, EngineConfig
-from m2cache.model import cpu_kernels
-from m2cache.model.llama import activation, ffn_bundles
+from m2cache.model import cpu_kernels, kernel_reference
+from m2cache.model.llama import activation
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.formats import quant
 
@@ -33,10 +33,9 @@ def pool_of(precision: str, n: int, dim: int, group: int, seed: int = 0) -> tupl
 
 def reference(precision: str, pool: torch.Tensor, slots: torch.Tensor, h: torch.Tensor, dim: int, group: int,
               act: str) -> torch.Tensor:
-    """The dequantised rows' FFN, their gate and up products with h as the kernels meet it (``product_input``:
-    its INT8 values for INT8/INT4 rows while INT8 activations are on)."""
-    w = quant.decode(precision, pool[slots], 3, dim, torch.float32, G(group))
-    return ffn_bundles(cpu_kernels.product_input(h, precision, dim, G(group)), w, activation(act))
+    """The rows' FFN as the kernels round it (``kernel_reference.ffn``: INT8 activations for INT8/INT4 rows while
+    they are on, INT4 down columns in blocks where the kernels add them so), in torch."""
+    return kernel_reference.ffn(h, precision, pool[slots], 3, dim, G(group), activation(act))
 
 
 @pytest.fixture(params=["int8", "float32"])
@@ -159,8 +158,8 @@ async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[
             def checked(h: torch.Tensor, ready, prefill: bool) -> torch.Tensor:
                 out = kernel_ffn(h, ready, prefill)
                 ref = ffn_groups(h, ex.raw_rows(ready), ex.parts, ex.dim, ex.groups, ex.act, ex.dtype) if not kernels \
-                    else sum(ffn_groups(cpu_kernels.product_input(h, p, ex.dim, ex.groups), {p: rows}, ex.parts, ex.dim,
-                                        ex.groups, ex.act, ex.dtype) for p, rows in ex.raw_rows(ready).items())
+                    else sum(kernel_reference.ffn(h, p, rows, ex.parts, ex.dim, ex.groups, ex.act)
+                             for p, rows in ex.raw_rows(ready).items())
                 errors.append(float((out - ref).abs().max() / ref.abs().max()))
                 return out
 
@@ -169,8 +168,14 @@ async def decode(store, *, kernels: bool, preload: str, **config) -> tuple[list[
     return errors, engine
 
 
+# INT4 rows' down coefficients round to int8 steps in blocks (csrc/block_down.h): where the kernel's activation and
+# torch's differ in their last bits, a coefficient on the boundary between two steps rounds either way, and one
+# step (1/127 of the block's largest) moves the output by ~1e-3 of its largest value at most
+ENGINE_RTOL = 2e-3
+
+
 def same_as_torch(errors: list[float]) -> bool:
-    return len(errors) >= 3 * 12 and max(errors) < RTOL  # 3 layers, a prefill and 11 decode steps
+    return len(errors) >= 3 * 12 and max(errors) < ENGINE_RTOL  # 3 layers, a prefill and 11 decode steps
 
 
 async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store, _no_task_left_behind) -> None:

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block_down.h"
 #include "kernels.h"
 #include "m2cache.h"
 #include "threads.h"
@@ -29,6 +30,8 @@ int m2c_set_int8_activations(int on) {
 
 int m2c_int8_activations(void) { return __atomic_load_n(&int8_acts, __ATOMIC_RELAXED); }
 
+int m2c_block_down(void) { return M2C_AVX2 && m2c_int8_activations(); }
+
 /* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
 static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
     int bad = 0;
@@ -38,7 +41,7 @@ static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
 
 static int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
-#define ROW_BLOCK 16 /* rows whose dot products run before their down columns (group_span) */
+#define ROW_BLOCK DOWN_BLOCK /* rows whose dot products run before their down columns (group_span) */
 
 /* one part's accumulators: out [T][D], and for INT4 rows ye, yo [T][D/2] and ymin [T][D/g4] */
 static int64_t part_floats(int64_t T, int64_t D, int64_t g4) { return round64(T * (2 * D + D / g4)); }
@@ -166,6 +169,31 @@ static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t
             prefetch_row(g, i + PREFETCH_ROWS, e);
             for (int64_t t = 0; t < T; t++) act[t][i - i0] = row_act(a, g, row, i, t);
         }
+#if M2C_AVX2
+        if (g->kind == KIND_INT4 && a->dd4 && down_i4_block_fits(D, a->g4)) { /* block_down.h */
+            const uint8_t *rows[DOWN_BLOCK];
+            const f16 *sm[DOWN_BLOCK];
+            for (int64_t i = i0; i < i1; i++) {
+                const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+                rows[i - i0] = row + down * (D / 2);
+                sm[i - i0] = (const f16 *)(row + P * (D / 2)) + 2 * down * ng4;
+            }
+            for (int64_t t = 0; t < T; t++)
+                down_i4_block(rows, sm, act[t], (int)(i1 - i0), D, ye + t * (D / 2), yo + t * (D / 2), ymin + t * ng4);
+            continue;
+        }
+        if (g->kind == KIND_INT8 && a->q8_i8 && down_i8_block_fits(D, a->g8)) {
+            const int8_t *rows[DOWN_BLOCK];
+            const float *sc[DOWN_BLOCK];
+            for (int64_t i = i0; i < i1; i++) {
+                const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
+                rows[i - i0] = (const int8_t *)row + down * D;
+                sc[i - i0] = (const float *)(row + P * D) + down * (D / a->g8);
+            }
+            for (int64_t t = 0; t < T; t++) down_i8_block(rows, sc, act[t], (int)(i1 - i0), D, a->g8, acc + t * D);
+            continue;
+        }
+#endif
         for (int64_t i = i0; i < i1; i++) {
             const uint8_t *row = g->pool + g->slots[i] * g->bundle_bytes;
             for (int64_t t = 0; t < T; t++) {
@@ -192,6 +220,11 @@ typedef struct {
     float *accs;   /* [parts][part_floats] */
 } ffn_task;
 
+static int64_t block_end(int64_t i, int64_t n) {
+    i = (i + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK;
+    return i < n ? i : n;
+}
+
 /* Part `part` takes the rows whose bytes fall in its share of all the groups' bytes, in order. */
 static void ffn_part(void *ctx, int part, int parts) {
     const ffn_task *k = ctx;
@@ -205,8 +238,10 @@ static void ffn_part(void *ctx, int part, int parts) {
         const int64_t bytes = g->n * g->bundle_bytes;
         if (at + bytes > lo && at < hi && g->n) {
             /* rows whose first byte lies in [lo, hi) */
-            const int64_t b = lo <= at ? 0 : (lo - at + g->bundle_bytes - 1) / g->bundle_bytes;
-            const int64_t e = hi >= at + bytes ? g->n : (hi - at + g->bundle_bytes - 1) / g->bundle_bytes;
+            /* ... rounded up to whole blocks of ROW_BLOCK rows (a part's first row, and the next part's, by the same
+             * rule), so that the blocks, and with them block_down.h's rounding, do not depend on the parts */
+            const int64_t b = lo <= at ? 0 : block_end((lo - at + g->bundle_bytes - 1) / g->bundle_bytes, g->n);
+            const int64_t e = hi >= at + bytes ? g->n : block_end((hi - at + g->bundle_bytes - 1) / g->bundle_bytes, g->n);
             if (b < e) group_span(a, g, b, e, acc);
         }
         at += bytes;
