@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from m2cache.model import cpu_kernels
-from m2cache.storage import quant
+from m2cache.formats import quant
 
 DOWN_BLOCK = 16  # csrc/block_down.h: rows a block; blocks start at every 16th row of a group, in the order given
 DOWN_GROUPS = 1024
