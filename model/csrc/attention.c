@@ -9,7 +9,7 @@
  *
  * The activations, norms, RoPE tables and cache are float32 or bfloat16 (`is_bf16`), the engine's compute
  * dtype; the weights float32 or bfloat16 rows as the activations are, or INT8 rows with one float32
- * scale each (W ≈ q * scale[row]): the resident forms "full" and "int8" (m2cache.model.int8). Every sum
+ * scale each (W ≈ q * scale[row]): the resident forms "full" and "int8" (m2cache.formats.int8). Every sum
  * is taken in float32 and a bfloat16 result is rounded once, where it is stored (the cache, x_out, h),
  * so a bfloat16 engine's values differ from torch's operators (which round after each) by bfloat16
  * rounding; float32 ones by float32 rounding. INT8 rows meet the normed activations quantised to INT8 in

@@ -4,7 +4,7 @@
  * Each kept neuron (a row of the pool, found by its slot) gives the gate and up dot products with each token's
  * input, the activation, and its down column added into the output. Weights are read once per call for all
  * tokens and never dequantised into a buffer (simd.h). Row layouts are the store's bundles
- * (m2cache.storage.quant):
+ * (m2cache.formats.quant):
  *   fp16: [P][D] halves
  *   int8: [P][D] int8, then [P][D/group] float32 scales (group = D: one per part, format version 1)
  *   int4: [P][D/2] bytes (value 2k in the low nibble of byte k, 2k+1 in the high one), then
