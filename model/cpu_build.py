@@ -5,6 +5,14 @@ The sources are compiled once per machine with the system C compiler (``cc``, or
 loaded with ctypes. Where no compiler is found, or ``M2CACHE_KERNELS=0``, ``library()`` is None and callers use
 the torch path; the first failure is logged once with its reason. ``ABI`` is every function of
 ``csrc/m2cache.h`` with its argument and result types (a test reads the header against it).
+
+Why at first use and not at install (a setuptools extension): the kernels are built for the CPU that runs them
+(``-march=native``: AVX2/F16C here, whatever the next machine has there), which a wheel built elsewhere cannot
+know; a machine without a compiler still installs and runs m2cache, on the torch path; and the build key
+includes the CPU's flags, so a home directory shared between machines keeps one build per CPU. The cost is
+one compile (about 10 s) the first time. The flags are fixed below: warnings on (``-Wall -Wextra``; the test
+build adds ``-Werror``), no ``-ffast-math`` (see FLAGS), and the kernels' rounding, where it differs from
+float32 products, is written down and mirrored in torch for the tests (``model/kernel_reference.py``).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from m2cache import Engine, EngineConfig
-from m2cache.model import cpu_kernels, kernel_reference
+from m2cache.model import cpu_build, cpu_kernels, kernel_reference
 from m2cache.model.llama import activation
 from m2cache.model.sparse_ffn import ffn_groups
 from m2cache.formats import quant
@@ -510,3 +510,33 @@ def test_loading_the_kernels_leaves_the_process_s_denormals_alone() -> None:
     assert cpu_kernels.library() is not None
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     assert (tiny * 1.0).item() > 0 and (torch.tensor([1e-39]) / 10).item() > 0
+
+
+def test_the_kernels_compile_without_a_warning() -> None:
+    """The build's flags (-Wall -Wextra) with -Werror: a warning fails here before a user's first-use build
+    logs it."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = [f for f in cpu_build.FLAGS if f != "-shared"] + ["-Werror", "-fsyntax-only"]
+    for source in cpu_build.SOURCES:
+        done = subprocess.run([cc, *flags, str(source)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{source.name}: {done.stderr}"
+
+
+def test_a_kernel_refuses_shapes_it_does_not_take() -> None:
+    """The attention block checks its own shapes (heads a multiple of the KV heads, a position inside the cache)
+    and returns an error instead of reading past its arrays."""
+    lib = cpu_kernels.library()
+    assert lib is not None
+    x = torch.zeros(64)
+    cache = torch.zeros(2, 4, 8, 16)
+    args = dict(x=x.data_ptr(), norm=None, eps=1e-5, wqkv=x.data_ptr(), sqkv=None, wo=x.data_ptr(), so=None)
+    for H, KV, cap, pos in [(6, 4, 4, 0), (4, 2, 4, 4), (4, 2, 4, -1), (0, 1, 4, 0)]:
+        rc = lib.m2c_attn_decode(args["x"], args["norm"], args["eps"], args["wqkv"], args["sqkv"], args["wo"],
+                                 args["so"], 64, H, KV, 16, x.data_ptr(), x.data_ptr(), cache.data_ptr(), cap, pos,
+                                 None, x.data_ptr(), x.data_ptr(), 0)
+        assert rc == -1, (H, KV, cap, pos)
