@@ -10,7 +10,7 @@ Why at first use and not at install (a setuptools extension): the kernels are bu
 (``-march=native``: AVX2/F16C here, whatever the next machine has there), which a wheel built elsewhere cannot
 know; a machine without a compiler still installs and runs m2cache, on the torch path; and the build key
 includes the CPU's flags, so a home directory shared between machines keeps one build per CPU. The cost is
-one compile (about 10 s) the first time. The flags are fixed below: warnings on (``-Wall -Wextra``; the test
+one compile (a few seconds on 2 cores) the first time. The flags are fixed below: warnings on (``-Wall -Wextra``; the test
 build adds ``-Werror``), no ``-ffast-math`` (see FLAGS), and the kernels' rounding, where it differs from
 float32 products, is written down and mirrored in torch for the tests (``model/kernel_reference.py``).
 """
