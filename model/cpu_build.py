@@ -55,9 +55,10 @@ ABI: dict[str, tuple[list, type | None]] = {
     "m2c_gate_int4": ([_P, _I64, _P, _I64, _I64, _I64, _I32, _P], _I32),
     "m2c_copy_rows": ([_P, _I64, _P, _P, _I64, _P, _I64, _I64], _I32),
     "m2c_read_rows": ([_P, _P, _I64, _I64], _U64),
-    "m2c_attn_decode": ([_P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P, _I32],
+    "m2c_attn_decode": ([_P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P,
+                         _I32],
                         _I32),
-    "m2c_matvec": ([_P, _P, _F32, _P, _P, _I64, _I64, _I32, _P], _I32),
+    "m2c_matvec": ([_P, _P, _F32, _P, _P, _I64, _I64, _I64, _I32, _P], _I32),
     "m2c_decode": ([_P, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P], _I32),
 }
 

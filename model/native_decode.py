@@ -29,7 +29,7 @@ class Layer(ctypes.Structure):
     """``m2c_layer`` (csrc/m2cache.h)."""
 
     _fields_ = [("attn_norm", _P), ("wqkv", _P), ("wo", _P), ("ffn_norm", _P), ("sqkv", _P), ("so", _P),
-                ("gates", _P), ("norms", _P), ("ffn", _P * 3), ("counts", _I64 * 3)]
+                ("wgroup", _I64), ("gates", _P), ("norms", _P), ("ffn", _P * 3), ("counts", _I64 * 3)]
 
 
 class Model(ctypes.Structure):
@@ -38,7 +38,7 @@ class Model(ctypes.Structure):
     _fields_ = [("D", _I64), ("H", _I64), ("KV", _I64), ("hd", _I64), ("F", _I64), ("g8", _I64), ("g4", _I64),
                 ("parts", _I64), ("vocab", _I64), ("bundle_bytes", _I64 * 3), ("eps", ctypes.c_float),
                 ("act", ctypes.c_int), ("is_bf16", ctypes.c_int), ("final_norm", _P), ("head", _P),
-                ("head_scale", _P)]
+                ("head_scale", _P), ("head_group", _I64)]
 
 
 STAMPS = 4  # per layer: start, attention done, neurons chosen, FFN done
@@ -63,6 +63,10 @@ def _plain_llama(cfg) -> bool:
         and cfg.attn_scale in (None, cfg.head_dim ** -0.5)
 
 
+def _group(m) -> int:
+    return m.group if isinstance(m, Int8Weight) else 0
+
+
 def _takes(m, dtype: torch.dtype) -> bool:
     t = m.q if isinstance(m, Int8Weight) else m
     want = torch.int8 if isinstance(m, Int8Weight) else dtype
@@ -84,13 +88,14 @@ class NativeDecoder:
                            groups.int8, groups.int4, parts, cfg.vocab_size,
                            (_I64 * 3)(*(bundle_bytes[p] for p in PRECISION_ORDER)), cfg.rms_norm_eps,
                            cpu_kernels.ACTIVATIONS[cfg.hidden_act], int(dtype == torch.bfloat16),
-                           self._ptr(res.final_norm), head, head_scale)
+                           self._ptr(res.final_norm), head, head_scale, _group(res.lm_head))
         self.layers = (Layer * self.n)()
         for L, w in enumerate(res.layers):
             (wqkv, sqkv), (wo, so) = self._matrix(w.wqkv), self._matrix(w.wo)
+            assert _group(w.wqkv) == _group(w.wo), "a layer's INT8 projections share one group"
             norms = policy.norms[L].float().contiguous()
             counts = policy.counts(L)
-            self.layers[L] = Layer(self._ptr(w.attn_norm), wqkv, wo, self._ptr(w.ffn_norm), sqkv, so,
+            self.layers[L] = Layer(self._ptr(w.attn_norm), wqkv, wo, self._ptr(w.ffn_norm), sqkv, so, _group(w.wqkv),
                                    self._ptr(policy.gates[L]), self._ptr(norms), (_P * 3)(),
                                    (_I64 * 3)(*(counts[p] for p in PRECISION_ORDER)))
         self.used = tuple(p for p in PRECISION_ORDER if any(policy.counts(L)[p] for L in range(self.n)))

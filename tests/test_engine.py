@@ -15,6 +15,7 @@ import pytest
 
 from m2cache.engine.engine import Engine
 from m2cache.errors import BudgetError, EngineClosedError, SSDError
+from m2cache.model import kernel_reference
 from stress.scenarios import (
     SLOW_SSD, Model, Watchdog, build_tiny, check_each_ffn, consume, load_model, one_torch_thread, tokens_of,
 )
@@ -230,5 +231,6 @@ async def test_lookahead_computes_each_ffn_exactly_over_the_rows_it_was_given(ti
             outs = await asyncio.gather(one([1, 2, 3]), one([4, 5]))  # batched decode steps too
             st = engine.stats()
     assert all(len(o) == 6 for o in outs)
-    assert len(errors) >= 2 * 5 * store.config.num_layers // 2 and max(errors) < 1e-4
+    rtol = kernel_reference.BOUNDARY_RTOL if kernels else 1e-4  # kernels: their own activations' rounding
+    assert len(errors) >= 2 * 5 * store.config.num_layers // 2 and max(errors) < rtol
     assert st["bytes_per_token"]["dram_to_hbm"] > 0  # the copies up ran

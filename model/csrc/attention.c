@@ -39,7 +39,7 @@ typedef struct {
     const void *w;
     const float *scale, *x;
     const q8_row *xq; /* INT8 rows with INT8 activations, else NULL */
-    int64_t rows, cols;
+    int64_t rows, cols, group; /* group: INT8 values per scale (cols: one a row) */
     int kind;
     float *y;
 } matvec_task;
@@ -51,8 +51,8 @@ static void matvec_part(void *ctx, int part, int parts) {
     for (int64_t r = r0; r < r1; r++) {
         if (k->kind == W_INT8) {
             const int8_t *row = (const int8_t *)k->w + r * k->cols;
-            k->y[r] = k->xq ? dot_i8_q8(row, k->scale + r, k->cols, k->xq, k->cols)
-                            : dot_i8_f32(row, k->scale + r, k->cols, k->x, k->cols);
+            const float *s = k->scale + r * (k->cols / k->group);
+            k->y[r] = k->xq ? dot_i8_q8(row, s, k->group, k->xq, k->cols) : dot_i8_f32(row, s, k->group, k->x, k->cols);
         } else if (k->kind == W_BF16) {
             k->y[r] = dot_bf16((const bf16 *)k->w + r * k->cols, k->x, k->cols);
         } else {
@@ -63,15 +63,18 @@ static void matvec_part(void *ctx, int part, int parts) {
 
 int64_t matvec_scratch_bytes(int64_t cols) { return q8_bytes(cols) + 64; }
 
-void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y,
-            void *scratch) {
+int wgroup_ok(int64_t group, int64_t cols) { return group == 0 || (group > 0 && cols % group == 0); }
+
+void matvec(const void *w, const float *scale, int64_t group, int kind, const float *x, int64_t rows, int64_t cols,
+            float *y, void *scratch) {
     q8_row xq;
-    const int q8 = kind == W_INT8 && m2c_int8_activations() && cols % Q8_BLOCK == 0;
+    group = group ? group : cols;
+    const int q8 = kind == W_INT8 && m2c_int8_activations() && cols % Q8_BLOCK == 0 && group % Q8_BLOCK == 0;
     if (q8) {
         xq = q8_at(scratch, cols);
         q8_quantise(x, cols, &xq);
     }
-    matvec_task k = {w, scale, x, q8 ? &xq : NULL, rows, cols, kind, y};
+    matvec_task k = {w, scale, x, q8 ? &xq : NULL, rows, cols, group, kind, y};
     const int64_t bytes = rows * cols * (kind == W_INT8 ? 1 : kind == W_BF16 ? 2 : 4);
     m2c_run(matvec_part, &k, (int)(bytes / M2C_MIN_PART_BYTES));
 }
@@ -116,7 +119,7 @@ void attn_block(const attn_args *g, void *scratch, float *y, float *hn) {
     widen(g->cos, bf, hd, cs);
     widen(g->ssin, bf, hd, sn);
     rms_norm(xf, norm, g->eps, D, xn);
-    matvec(g->wqkv, g->sqkv, g->sqkv ? W_INT8 : wkind, xn, rows, D, qkv, mv);
+    matvec(g->wqkv, g->sqkv, g->wgroup, g->sqkv ? W_INT8 : wkind, xn, rows, D, qkv, mv);
     float *q = qkv, *k = qkv + H * hd, *v = k + KV * hd;
     for (int64_t h = 0; h < H; h++) rope(q + h * hd, cs, sn, hd, tmp);
     for (int64_t j = 0; j < KV; j++) rope(k + j * hd, cs, sn, hd, tmp);
@@ -152,7 +155,7 @@ void attn_block(const attn_args *g, void *scratch, float *y, float *hn) {
         for (int64_t t = 0; t < L; t++)
             axpy_cache(p[t] / sum, (const uint8_t *)g->cache + (half_cache + base + t * hd) * esize, bf, out, hd);
     }
-    matvec(g->wo, g->so, g->so ? W_INT8 : wkind, att, D, H * hd, y, mv);
+    matvec(g->wo, g->so, g->wgroup, g->so ? W_INT8 : wkind, att, D, H * hd, y, mv);
     for (int64_t i = 0; i < D; i++) y[i] += xf[i];
     if (g->ffn_norm) {
         widen(g->ffn_norm, bf, D, norm);
@@ -166,16 +169,17 @@ void attn_block(const attn_args *g, void *scratch, float *y, float *hn) {
  * cache and outputs are bfloat16 (else float32); wqkv/wo are INT8 rows where sqkv/so are not NULL, else
  * rows of the activations' type. */
 int m2c_attn_decode(const void *x, const void *attn_norm, float eps, const void *wqkv, const float *sqkv,
-                    const void *wo, const float *so, int64_t D, int64_t H, int64_t KV, int64_t hd,
+                    const void *wo, const float *so, int64_t wgroup, int64_t D, int64_t H, int64_t KV, int64_t hd,
                     const void *cos, const void *ssin, void *cache, int64_t cap, int64_t pos,
                     const void *ffn_norm, void *x_out, void *h_out, int is_bf16) {
     if (D <= 0 || H <= 0 || KV <= 0 || H % KV || hd <= 0 || hd % 2 || pos < 0 || pos >= cap) return -1;
+    if (!wgroup_ok(wgroup, D) || !wgroup_ok(wgroup, H * hd)) return -1;
     const int64_t work = attn_scratch_bytes(D, H, KV, hd, pos + 1);
     float *buf = m2c_scratch(work + (int64_t)sizeof(float) * 2 * D);
     if (!buf) return -2;
     float *y = buf, *hn = y + D;
-    const attn_args g = {x, attn_norm, eps, wqkv, sqkv, wo, so, D, H, KV, hd, cos, ssin, cache, cap, pos, ffn_norm,
-                         is_bf16};
+    const attn_args g = {x, attn_norm, eps, wqkv, sqkv, wo, so, wgroup, D, H, KV, hd, cos, ssin, cache, cap, pos,
+                         ffn_norm, is_bf16};
     attn_block(&g, hn + D, y, hn);
     for (int64_t i = 0; i < D; i++) {
         if (is_bf16) {
@@ -192,9 +196,9 @@ int m2c_attn_decode(const void *x, const void *attn_norm, float eps, const void 
 /* y[rows] (float32) = W · rms_norm(x) * norm (norm NULL: W · x) for one row x[cols] of the activations' type
  * (float32 or bfloat16), W float32/bfloat16 rows as x, or INT8 rows with a float32 scale each (scale not NULL):
  * the LM head over the last position. -1 for shapes it does not take, -2 when out of memory. */
-int m2c_matvec(const void *x, const void *norm, float eps, const void *w, const float *scale, int64_t rows,
-               int64_t cols, int is_bf16, float *y) {
-    if (rows < 0 || cols <= 0) return -1;
+int m2c_matvec(const void *x, const void *norm, float eps, const void *w, const float *scale, int64_t group,
+               int64_t rows, int64_t cols, int is_bf16, float *y) {
+    if (rows < 0 || cols <= 0 || !wgroup_ok(group, cols)) return -1;
     float *buf = m2c_scratch((int64_t)sizeof(float) * 2 * cols + matvec_scratch_bytes(cols) + 64);
     if (!buf) return -2;
     float *xf = buf, *nf = xf + cols;
@@ -204,6 +208,6 @@ int m2c_matvec(const void *x, const void *norm, float eps, const void *w, const 
         widen(norm, is_bf16, cols, nf);
         rms_norm(xf, nf, eps, cols, xf);
     }
-    matvec(w, scale, scale ? W_INT8 : is_bf16 ? W_BF16 : W_F32, xf, rows, cols, y, mv);
+    matvec(w, scale, group, scale ? W_INT8 : is_bf16 ? W_BF16 : W_F32, xf, rows, cols, y, mv);
     return 0;
 }

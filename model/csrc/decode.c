@@ -115,7 +115,7 @@ static void layer_step(const m2c_model *m, const m2c_layer *l, void *x, void *ca
     const int64_t D = m->D, F = m->F;
     const int bf = m->is_bf16;
     if (times) times[0] = now_ns();
-    const attn_args g = {x, l->attn_norm, m->eps, l->wqkv, l->sqkv, l->wo, l->so, D, m->H, m->KV, m->hd, cos, ssin,
+    const attn_args g = {x, l->attn_norm, m->eps, l->wqkv, l->sqkv, l->wo, l->so, l->wgroup, D, m->H, m->KV, m->hd, cos, ssin,
                          cache, cap, pos, l->ffn_norm, bf};
     attn_block(&g, s->attn, s->y, s->hn);
     for (int64_t i = 0; i < D; i++) {
@@ -161,7 +161,9 @@ int m2c_decode(const m2c_model *m, const m2c_layer *layers, int64_t n_layers, vo
             return -1;
         for (int c = 0; c < 3; c++)
             if (l->counts[c] && !l->ffn[c]) return -1;
+        if (!wgroup_ok(l->wgroup, m->D) || !wgroup_ok(l->wgroup, m->H * m->hd)) return -1;
     }
+    if (!wgroup_ok(m->head_group, m->D)) return -1;
     const int parts = m2c_threads();
     uint8_t *mem = m2c_scratch(scratch_bytes(m, pos + 1, parts));
     if (!mem) return -2;
@@ -174,7 +176,8 @@ int m2c_decode(const m2c_model *m, const m2c_layer *layers, int64_t n_layers, vo
     int rc = 0;
     if (logits) {
         if (times) times[4 * n_layers] = now_ns();
-        rc = m2c_matvec(x, m->final_norm, m->eps, m->head, m->head_scale, m->vocab, m->D, m->is_bf16, logits);
+        rc = m2c_matvec(x, m->final_norm, m->eps, m->head, m->head_scale, m->head_group, m->vocab, m->D, m->is_bf16,
+                        logits);
         if (times) times[4 * n_layers + 1] = now_ns();
     }
     m2c_spin(0);

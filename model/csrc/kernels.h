@@ -63,6 +63,7 @@ typedef struct {
     const float *sqkv;
     const void *wo;
     const float *so;
+    int64_t wgroup; /* INT8 rows' values per scale (sqkv, so: a scale per group of a row); 0: one a row */
     int64_t D, H, KV, hd;
     const void *cos, *ssin;
     void *cache;
@@ -77,11 +78,13 @@ int64_t attn_scratch_bytes(int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t
 /* y[D] = x + attention (float32, the cache written), hn[D] = rms_norm(y) * ffn_norm where ffn_norm is given. */
 void attn_block(const attn_args *g, void *scratch, float *y, float *hn);
 
-/* y[rows] = W · x (kind W_*, INT8 rows with scale[rows]), shared among the pool's threads; scratch:
- * matvec_scratch_bytes(cols) of it (the INT8 activations). */
+/* y[rows] = W · x (kind W_*; INT8 rows with scale[rows][cols / group], group 0: one a row), shared among the
+ * pool's threads; scratch: matvec_scratch_bytes(cols) of it (the INT8 activations). */
 int64_t matvec_scratch_bytes(int64_t cols);
-void matvec(const void *w, const float *scale, int kind, const float *x, int64_t rows, int64_t cols, float *y,
-            void *scratch);
+void matvec(const void *w, const float *scale, int64_t group, int kind, const float *x, int64_t rows, int64_t cols,
+            float *y, void *scratch);
+/* 1 when an INT8 matrix's group fits rows of cols values (0, or a positive divisor of cols) */
+int wgroup_ok(int64_t group, int64_t cols);
 
 /* 1 when INT8/INT4 rows take INT8 activations (the default; m2c_set_int8_activations) */
 int m2c_int8_activations(void);

@@ -54,20 +54,23 @@ int m2c_copy_rows(uint8_t *pool, int64_t pool_rows, const int64_t *dst, const ui
  * read a kernel's bandwidth is measured against (tools/kernel_bench.py). */
 uint64_t m2c_read_rows(const uint8_t *base, const int64_t *rows, int64_t n, int64_t width);
 
-/* One decode position's attention block (attention.c). */
+/* One decode position's attention block (attention.c). INT8 wqkv/wo (sqkv/so given): a float32 scale per wgroup
+ * values of a row ([rows][cols / wgroup]), or per row (wgroup 0). */
 int m2c_attn_decode(const void *x, const void *attn_norm, float eps, const void *wqkv, const float *sqkv,
-                    const void *wo, const float *so, int64_t D, int64_t H, int64_t KV, int64_t hd,
+                    const void *wo, const float *so, int64_t wgroup, int64_t D, int64_t H, int64_t KV, int64_t hd,
                     const void *cos, const void *ssin, void *cache, int64_t cap, int64_t pos,
                     const void *ffn_norm, void *x_out, void *h_out, int is_bf16);
 
-/* y[rows] = W · (rms_norm(x) * norm), or W · x without a norm: the LM head of one row. */
-int m2c_matvec(const void *x, const void *norm, float eps, const void *w, const float *scale, int64_t rows,
-               int64_t cols, int is_bf16, float *y);
+/* y[rows] = W · (rms_norm(x) * norm), or W · x without a norm: the LM head of one row. INT8 W (scale given): a
+ * float32 scale per `group` values of a row, or per row (group 0). */
+int m2c_matvec(const void *x, const void *norm, float eps, const void *w, const float *scale, int64_t group,
+               int64_t rows, int64_t cols, int is_bf16, float *y);
 
 /* A decode token of one sequence with every weight in memory (decode.c): the layers' tables and the model's. */
 typedef struct {
     const void *attn_norm, *wqkv, *wo, *ffn_norm; /* compute dtype; wqkv/wo INT8 rows where sqkv/so are given */
     const float *sqkv, *so;
+    int64_t wgroup;        /* INT8 wqkv/wo: values per scale along a row (0: one scale a row) */
     const uint8_t *gates;  /* the gate policy's packed INT4 copy of the layer's gate rows [F][D/2 + 4 D/g4] */
     const float *norms;    /* ||up_j||·||down_j|| [F]: a neuron's score is |act(gate_j · h)| * norms[j] */
     const uint8_t *ffn[3]; /* the layer's every neuron at FP16, INT8, INT4 (row j: neuron j); NULL where unused */
@@ -81,6 +84,7 @@ typedef struct {
     int act, is_bf16;
     const void *final_norm, *head; /* the LM head, compute dtype or INT8 rows with head_scale */
     const float *head_scale;
+    int64_t head_group; /* INT8 head: values per scale along a row (0: one scale a row) */
 } m2c_model;
 
 /* x [D] (compute dtype): in, the token's embedding; out, the last layer's residual. cache: the sequence's KV

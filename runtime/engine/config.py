@@ -53,11 +53,13 @@ class EngineConfig:
         holds at open and splits the rest into resident weights, KV cache and tiers
         (:mod:`m2cache.engine.memory`); refused at open, with the smallest that works, when too small.
     resident: the form of attention, embeddings and LM head: "full" (the compute dtype: what the dense
-        reference holds), "int8" (INT8 rows with a scale each, embeddings read per token from the store:
-        about half the bytes, at a small quality cost ``m2cache eval --resident int8`` measures),
+        reference holds), "int8" (INT8, embeddings read per token from the store: about half the bytes; on the
+        CPU with its kernels a scale per 32 values, measured as good as full on held-out text, else a scale a
+        row, at a small quality cost; ``m2cache eval --resident int8`` measures it),
         "stream" (CPU: the LM head as int8, the attention projections read per layer from the store a few
         layers ahead, in the compute dtype) or "auto" (under a memory limit, of the forms that fit the one
-        that reads least per token; else full).
+        that reads least per token; without one int8 where it comes in groups of 32, else full, and full for
+        the exact dense-fp16 policy).
     dense_prefill: prefill with every neuron at FP16 (True: a long prompt activates nearly all of them), or
         with the policy's split, as decode (False: a layer's staging shrinks from a whole FP16 layer to the
         policy's bytes; teacher-forced ``m2cache eval`` measures exactly this). None: True, unless a memory

@@ -28,7 +28,7 @@ from m2cache.actors.ssd_reader import SSDReader
 from m2cache.engine.config import EngineConfig
 from m2cache.engine.metrics import engine_stats
 from m2cache.errors import ConfigError, EngineClosedError
-from m2cache.engine.loading import load_resident, load_tokenizer
+from m2cache.engine.loading import auto_form, load_resident, load_tokenizer
 from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel
 from m2cache.formats.shares import PRECISION_ORDER
@@ -113,7 +113,8 @@ class Engine:
             torch.set_num_threads(threads)
             self._kernel_threads = cpu_kernels.set_threads(threads)  # the C kernels share each product too
         loop = asyncio.get_running_loop()
-        form = self.resident_form = "full" if cfg.resident == "auto" else cfg.resident
+        form = self.resident_form = (auto_form(self.policy.exact, self.device) if cfg.resident == "auto"
+                                     else cfg.resident)
         self.res = await loop.run_in_executor(None, load_resident, store, self.dtype, self.device, form)
         if self.memory is not None:
             return_freed_memory()  # the load's transients

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from m2cache.errors import ChecksumError, ConfigError
 from m2cache.formats.families import NORM_FIELDS, layer_names
-from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.int8 import RESIDENT_GROUP, Int8Weight
+from m2cache.model import cpu_kernels
 from m2cache.model.llama import DenseModel, LayerWeights, ResidentWeights
 from m2cache.model.tokenizer import Tokenizer
 from m2cache.storage.layout import file_checksum
@@ -25,6 +26,19 @@ def verify_resident(store: Store) -> None:
 
 
 RESIDENT_FORMS = ("full", "int8", "stream")
+
+
+def int8_group(device: str | torch.device) -> int:
+    """Values per scale of the resident INT8 form: groups of 32 on the CPU with its kernels (as good as the
+    compute dtype's weights on held-out text, ``formats/int8.py``), else one scale a row (torch's INT8 kernel
+    takes no groups)."""
+    return RESIDENT_GROUP if torch.device(device).type == "cpu" and cpu_kernels.available() else 0
+
+
+def auto_form(exact: bool, device: str | torch.device) -> str:
+    """The resident form ``auto`` takes without a memory limit: int8 where it comes in groups (half the bytes of
+    full at its quality), else full; full for an exact policy (``dense-fp16``: the dense model token for token)."""
+    return "int8" if int8_group(device) and not exact else "full"
 
 
 def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -55,7 +69,7 @@ def load_resident(store: Store, dtype: torch.dtype, device: str | torch.device =
             if form == "full":  # one fused matrix for one product per token
                 return torch.cat([get(n) for n in names]).contiguous() if len(names) > 1 else get(names[0])
             parts = [f.get_tensor(n).to(device) for n in names]  # the file's dtype: no float copy of all
-            return Int8Weight.quantize(torch.cat(parts) if len(parts) > 1 else parts[0], dtype)
+            return Int8Weight.quantize(torch.cat(parts) if len(parts) > 1 else parts[0], dtype, int8_group(device))
 
         layers = []
         for i in range(cfg.num_layers):

@@ -26,6 +26,7 @@ from typing import Any
 from m2cache.engine.config import EngineConfig, format_size
 from m2cache.engine.sizing import min_tier_budgets, plan_tiers, staging_bytes
 from m2cache.errors import BudgetError
+from m2cache.formats.int8 import RESIDENT_GROUP
 from m2cache.model.policy import Policy
 from m2cache.storage.attention_stream import Int8AttentionLayout
 from m2cache.storage.reader import Store
@@ -134,10 +135,11 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     if form == "full":
         tables = table * (1 if cfg.tie_word_embeddings else 2)
         return cfg.num_layers * attn * dtype_bytes + tables * dtype_bytes + norms
-    # int8: one byte a weight and a scale a row; the embeddings are read from the store per token
-    head = table + cfg.vocab_size * dtype_bytes
+    # int8: one byte a weight and a scale a row, or a float32 one per RESIDENT_GROUP values (counted: the larger);
+    # the embeddings are read from the store per token
+    head = table + max(cfg.vocab_size * dtype_bytes, 4 * table // RESIDENT_GROUP)
     if form == "int8":
-        return cfg.num_layers * (attn + attn_rows * dtype_bytes) + head + norms
+        return cfg.num_layers * (attn + max(attn_rows * dtype_bytes, 4 * attn // RESIDENT_GROUP)) + head + norms
     # stream: the layers held (the one computing and those read ahead), from the store's INT8 file; or from
     # the resident file, the matrices in the compute dtype and the largest one as read (2 bytes a weight)
     # before it is converted

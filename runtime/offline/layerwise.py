@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from m2cache.engine.loading import verify_resident
+from m2cache.engine.loading import int8_group, verify_resident
 from m2cache.engine.policies import gate_policy, parse_shares
 from m2cache.errors import ConfigError
 from m2cache.formats.int8 import Int8Weight, linear
@@ -137,7 +137,7 @@ class LayerwiseEval:
 
     def _matrix(self, names: list[str], form: str, dtype: torch.dtype) -> torch.Tensor | Int8Weight:
         t = torch.cat([self._tensor(n) for n in names]) if len(names) > 1 else self._tensor(names[0])
-        return t.to(dtype).contiguous() if form == "full" else Int8Weight.quantize(t, dtype)
+        return t.to(dtype).contiguous() if form == "full" else Int8Weight.quantize(t, dtype, int8_group("cpu"))
 
     def _layer(self, layer: int, variants: list[Variant]) -> _Layer:
         p = f"model.layers.{layer}."

@@ -551,7 +551,7 @@ def check_each_ffn(engine: Engine, store: Store, errors: list[float], also: Call
     from m2cache.model.llama import activation, ffn_bundles
     from m2cache.storage.reader import PlainBackend
 
-    from m2cache.model import cpu_kernels
+    from m2cache.model import kernel_reference
 
     act = activation(store.config.hidden_act)
     ex = engine.executor.ffn
@@ -563,12 +563,13 @@ def check_each_ffn(engine: Engine, store: Store, errors: list[float], also: Call
             also(ready, prefill)
         kernels = ex.use_kernels and not (prefill and ex.dense_prefill)  # else torch's products, with h as it is
 
-        def meets(p: str):  # h as the products with precision p's rows meet it
-            return cpu_kernels.product_input(h.float(), p, store.hidden, store.groups) if kernels else h.float()
+        def product(p: str, ids):  # the rows' FFN as torch computes it, or as the kernels round it
+            raw = store.read_layer(ready.layer, p, PlainBackend())[torch.from_numpy(ids)]
+            if kernels:
+                return kernel_reference.ffn(h.float(), p, raw, store.parts, store.hidden, store.groups, act)
+            return ffn_bundles(h.float(), store.decode(p, raw, torch.float32), act)
 
-        ref = sum(ffn_bundles(meets(p), store.decode(p, store.read_layer(ready.layer, p, PlainBackend()),
-                                                     torch.float32)[torch.from_numpy(ids)], act)
-                  for p, ids in ready.ids.items() if len(ids))
+        ref = sum(product(p, ids) for p, ids in ready.ids.items() if len(ids))
         errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
         return out
 
