@@ -59,7 +59,8 @@ def row_key(system: str, row: dict[str, Any], policy: str | None, split: bool, d
         name = "dense-fp16" if system == "m2cache-dense-fp16" else policy
         if name is None or (split and name != "dense-fp16" and shares is None):
             return None
-        return f"m2cache|{as_whole_store_policy(name, split, shares)}|{'int8' if form == 'stream' else form}|{dtype}"
+        # int8g: the int8 form in groups of 32 (older caches' "int8" rows had a scale a row: not reused)
+        return f"m2cache|{as_whole_store_policy(name, split, shares)}|{'int8g' if form == 'int8' else form}|{dtype}"
     return None
 
 
@@ -93,7 +94,7 @@ def measure(cache: QualityCache, keys: set[str], *, whole_store: Path, hf: Path,
     todo = sorted(k for k in keys if k not in cache.rows)
     m2 = [k for k in todo if k.startswith("m2cache|")]
     if m2 or "dense" not in cache.rows:
-        variants = [k.split("|")[1:] for k in m2]
+        variants = [[p, "int8" if form == "int8g" else form, d] for p, form, d in (k.split("|")[1:] for k in m2)]
         t0 = time.monotonic()
         # a grown model computes its source's function exactly (rows tiled: the same codes at every precision,
         # the same perplexity; tools/grown_check.py), so its policies are measured on the source, 16x cheaper

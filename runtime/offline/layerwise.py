@@ -8,7 +8,8 @@ variant measured beside it. Memory is one layer's weights at the precisions in u
 the positions (per variant), the LM head and one window's logits.
 
 A *variant* is a policy with the resident form it runs under ("full": attention and LM head in the compute
-dtype; "int8": INT8 rows with a scale each, as ``--resident int8`` and ``stream`` hold them). The reference
+dtype; "int8": INT8 as ``--resident int8`` holds them, a scale per 32 values where the CPU kernels read it;
+"stream": the attention's INT8 rows with a scale each, as the store's streamed file holds them, the head as int8's). The reference
 is the dense FP32 model on the same windows. Each variant's neurons are chosen per position as the engine
 does per token (``rank_masks`` over the policy's scores, ``ffn_masked``); ``gate-split:A,B,C`` computes as a
 split store does (every kept neuron's gate from the resident INT4 copy).
@@ -37,7 +38,7 @@ from m2cache.model.sparse_ffn import ffn_masked
 from m2cache.offline.evaluate import AHEAD, SplitGatePolicy, rank_masks, ranked_input
 from m2cache.storage.reader import SPLIT, PlainBackend, Store
 
-RESIDENT_FORMS = ("full", "int8")
+RESIDENT_FORMS = ("full", "int8", "stream")
 
 
 @dataclass
@@ -135,9 +136,12 @@ class LayerwiseEval:
     def _tensor(self, name: str) -> torch.Tensor:
         return self.res.get_tensor(name)
 
-    def _matrix(self, names: list[str], form: str, dtype: torch.dtype) -> torch.Tensor | Int8Weight:
+    def _matrix(self, names: list[str], form: str, dtype: torch.dtype, head: bool = False) -> torch.Tensor | Int8Weight:
         t = torch.cat([self._tensor(n) for n in names]) if len(names) > 1 else self._tensor(names[0])
-        return t.to(dtype).contiguous() if form == "full" else Int8Weight.quantize(t, dtype, int8_group("cpu"))
+        if form == "full":
+            return t.to(dtype).contiguous()
+        # stream: the attention as the store's INT8 file holds it (a scale a row); the head as the int8 form's
+        return Int8Weight.quantize(t, dtype, int8_group("cpu") if form == "int8" or head else 0)
 
     def _layer(self, layer: int, variants: list[Variant]) -> _Layer:
         p = f"model.layers.{layer}."
@@ -234,7 +238,7 @@ class LayerwiseEval:
         for k, v in enumerate(variants):
             key = f"{v.resident}|{v.dtype}"
             if key not in heads:
-                heads[key] = self._matrix([head_name], v.resident, v.dtype)
+                heads[key] = self._matrix([head_name], v.resident, v.dtype, head=True)
             assert v.x is not None
             for i in range(W):
                 hn = rms_norm(v.x[i * T:(i + 1) * T - 1], final.to(v.dtype), cfg.rms_norm_eps)
@@ -311,7 +315,7 @@ def layerwise_perplexity(store_dir: str | Path, variants: list[tuple[str, str, t
     ev = LayerwiseEval(store, windows)
     for _, form, _ in variants:
         if form not in RESIDENT_FORMS:
-            raise ConfigError(f"resident form {form!r}: one of {', '.join(RESIDENT_FORMS)} (stream computes int8's values)")
+            raise ConfigError(f"resident form {form!r}: one of {', '.join(RESIDENT_FORMS)}")
     ref = Variant("dense-fp16", "full", torch.float32)
     runs = [ref] + [variant(n, f, d) for n, f, d in variants]
     t0 = time.monotonic()
