@@ -68,7 +68,9 @@ def build_at(rev: str, out_dir: Path) -> ctypes.CDLL:
     lib.m2c_gate_int4.argtypes = [p, i64, p, i64, i64, i64, i32, p]
     lib.m2c_set_threads.argtypes = [i32]
     # m2c_matvec took no INT8 group before the grouped resident form
-    grouped = "int64_t group" in (src / "m2cache.h").read_text()
+    header = (src / "m2cache.h").read_text()
+    decl = header[header.index("int m2c_matvec("):]
+    grouped = "int64_t group" in decl[:decl.index(";")]
     lib.m2c_matvec.argtypes = [p, p, ctypes.c_float, p, p] + ([i64] if grouped else []) + [i64, i64, i32, p]
     lib.m2c_matvec_grouped = grouped
     return lib
@@ -78,8 +80,8 @@ class Case:
     """One kernel over ``copies`` copies of its weights; ``call(lib, i)`` runs it on copy i."""
 
     def __init__(self, name: str, weights: torch.Tensor, rows: torch.Tensor | None, width: int, copies: int, run,
-                 fn: str):
-        self.name, self.rows, self.width, self.run, self.fn = name, rows, width, run, fn
+                 fn: str, takes: Callable[[ctypes.CDLL], bool] = lambda lib: True):
+        self.name, self.rows, self.width, self.run, self.fn, self.takes = name, rows, width, run, fn, takes
         self.copies = [weights.clone() for _ in range(copies)]
         n = weights.shape[0] if rows is None else rows.numel()
         self.bytes = n * width
@@ -145,12 +147,12 @@ def matvec_case(name: str, form: str, rows: int, D: int, mb: int) -> Case:
     def run(lib, case: Case, i: int) -> None:
         m = case.copies[i]
         grouped = getattr(lib, "m2c_matvec_grouped", True)
-        if group and not grouped:  # that build has no INT8 groups: nothing to compare
-            return
         args = [x.data_ptr(), None, 0.0, m.data_ptr(), None if scale is None else scale.data_ptr()]
         assert lib.m2c_matvec(*args, *([group] if grouped else []), rows, D, 1, y.data_ptr()) == 0
 
-    return Case(f"{name}-{form}", data, None, data.shape[1], copies, run, "m2c_matvec")
+    # a build from before the grouped INT8 form has no such case to compare
+    return Case(f"{name}-{form}", data, None, data.shape[1], copies, run, "m2c_matvec",
+                lambda lib: not group or getattr(lib, "m2c_matvec_grouped", True))
 
 
 def cases(shape: str, mb: int) -> list[Case]:
@@ -171,7 +173,7 @@ def timed(fn, case: Case, i: int) -> float:
 def measure(case: Case, libs: dict[str, ctypes.CDLL | None], new: ctypes.CDLL, reps: int) -> dict[str, float]:
     """Seconds per call of each kernel and of the plain read: in each pass every runner is called once per copy,
     alternated call by call; a runner's time is its best pass (on a shared machine the least disturbed one)."""
-    libs = {k: lib for k, lib in libs.items() if hasattr(lib, case.fn)}  # an older build may lack the kernel
+    libs = {k: lib for k, lib in libs.items() if hasattr(lib, case.fn) and case.takes(lib)}  # an older build may lack it
     passes: dict[str, list[float]] = {k: [] for k in [*libs, "read"]}
     def kernel(lib) -> Callable[[Case, int], None]:
         return lambda c, i: c.run(lib, c, i)
