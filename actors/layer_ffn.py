@@ -4,9 +4,11 @@ Its reasons to change are the FFN's own (bundle layouts, kernels, precisions), n
 scheduling. The rows sit in the device pool at ``ready.slots``, or, on the CPU computing from DRAM
 (``HBMManager._direct``), in DRAM tensors at ``ready.direct``'s rows (None: the tensor holds exactly the
 requested bundles). Decode steps on the CPU run the C kernels straight over those rows (no gather, no
-dequantised copy), and so does a prefill split by the policy; a dense prefill, CUDA and the exact
-``dense-fp16`` policy gather the rows and use torch (the FP16 torch path is the dense model's own code,
-bit for bit).
+dequantised copy), and so do a prefill split by the policy and a dense prefill of up to
+``cpu_kernels.MAX_TOKENS`` positions (one call reads the layer's FP16 rows once for all of them: on the 7B
+shape a short prompt's FFN costs its bytes instead of torch's bfloat16 products over a dequantised layer);
+a longer dense prefill, CUDA and the exact ``dense-fp16`` policy gather the rows and use torch (the FP16
+torch path is the dense model's own code, bit for bit).
 
 A split store's bundles hold up and down only: the gate policy's activations for the layer's rows, the
 ones that ranked its neurons (``score``), are kept until its FFN takes the kept neurons' share of them.
@@ -76,12 +78,16 @@ class LayerFFN:
         """The layer's FFN. h: [T, D] -> [T, D]."""
         gacts = self._gate_acts(h, ready) if self.split else None
         # a prefill split by the policy runs the kernels too: no layer dequantised
-        if self.use_kernels and not (prefill and self.dense_prefill):
+        if self.kernels_for(h.shape[0], prefill):
             out = cpu_kernels.ffn_sources(self._sources(ready), h.float().contiguous(), self.dim, self.groups,
                                           self.act_name, gacts)
             return out.to(self.dtype)
         return ffn_groups(h, self.raw_rows(ready), self.parts, self.dim, self.groups, self.act, self.dtype,
                           gacts=gacts)
+
+    def kernels_for(self, rows: int, prefill: bool) -> bool:
+        """Whether the FFN of ``rows`` positions runs through the C kernels (see the module's docstring)."""
+        return self.use_kernels and not (prefill and self.dense_prefill and rows > cpu_kernels.MAX_TOKENS)
 
     def each(self, hs: list[torch.Tensor], ready: WeightsReady) -> list[torch.Tensor]:
         """The exact policy's FFN for a batch: the rows gathered once, each sequence's product alone."""

@@ -67,10 +67,14 @@ class Int8Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> x @ W.T: [T, out], in x's dtype."""
         if self.group:  # torch has no kernel for groups: a block of rows dequantised at a time
+            # in float32 on the CPU: torch's bfloat16 products there (no AVX-512 BF16) are several times slower
+            # than its float32 ones, and a block's float32 copy is small (1024 rows)
+            work = torch.float32 if x.device.type == "cpu" else x.dtype
+            xw = x.to(work)
             out = torch.empty(x.shape[0], self.q.shape[0], dtype=x.dtype, device=x.device)
             for start in range(0, self.q.shape[0], _ROWS_PER_CHUNK):
                 ids = torch.arange(start, min(start + _ROWS_PER_CHUNK, self.q.shape[0]), device=self.q.device)
-                out[:, start:start + len(ids)] = F.linear(x, self.rows(ids, x.dtype))
+                out[:, start:start + len(ids)] = F.linear(xw, self.rows(ids, work))
             return out
         key = (x.device.type, x.dtype)
         if _KERNEL.get(key, True):

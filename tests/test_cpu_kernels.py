@@ -175,7 +175,9 @@ def same_as_torch(errors: list[float]) -> bool:
 async def test_engine_decodes_with_the_kernels_as_the_torch_path_does(tiny_store, _no_task_left_behind) -> None:
     errors, engine = await decode(tiny_store.store, kernels=True, preload="neuron")
     assert engine.executor.use_kernels and not engine.hbm.direct_from_dram  # the kernels over the pool
-    assert same_as_torch(errors)
+    assert same_as_torch(errors)  # the prompt's dense prefill (4 positions) through the kernels too
+    ffn = engine.executor.ffn
+    assert ffn.dense_prefill and ffn.kernels_for(4, True) and not ffn.kernels_for(cpu_kernels.MAX_TOKENS + 1, True)
     _, engine = await decode(tiny_store.store, kernels=False, preload="neuron")
     assert not engine.executor.use_kernels
 

@@ -561,7 +561,7 @@ def check_each_ffn(engine: Engine, store: Store, errors: list[float], also: Call
         out = ffn(h, ready, prefill)
         if also is not None:
             also(ready, prefill)
-        kernels = ex.use_kernels and not (prefill and ex.dense_prefill)  # else torch's products, with h as it is
+        kernels = ex.kernels_for(h.shape[0], prefill)  # else torch's products, with h as it is
 
         def product(p: str, ids):  # the rows' FFN as torch computes it, or as the kernels round it
             raw = store.read_layer(ready.layer, p, PlainBackend())[torch.from_numpy(ids)]
