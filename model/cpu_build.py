@@ -30,7 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "sparse_ffn.c", CSRC / "attention.c", CSRC / "decode.c", CSRC / "threads.c")
+SOURCES = (CSRC / "sparse_ffn.c", CSRC / "gate.c", CSRC / "attention.c", CSRC / "decode.c", CSRC / "threads.c")
 HEADERS = (CSRC / "m2cache.h", CSRC / "kernels.h", CSRC / "simd.h", CSRC / "threads.h", CSRC / "block_down.h")
 # No -ffast-math: with gcc < 13 it links crtfastmath into the library, whose constructor turns on
 # flush-to-zero for the whole process when it loads (torch's denormals included); the kernels' loops are

@@ -35,6 +35,17 @@ typedef struct {
                        * [T][2*D/32] (0, group sum) pairs (simd.h dot_i4_q8_g32); else NULL */
 } ffn_acts;
 
+/* token t's INT4 dot product (gate copy rows and bundles' parts alike) */
+static inline float i4_dot(const ffn_acts *a, const uint8_t *b, const f16 *m, int64_t t) {
+    const int64_t D = a->D, ng = D / a->g4;
+    const float *xs = a->xs4 + t * ng;
+#if M2C_AVX2
+    if (a->dd4) return dot_i4_q8_g32(b, m, &a->r[t], a->dd4 + t * (D / Q8_BLOCK) * 4, a->xs2 + t * 2 * ng, D);
+#endif
+    return a->q8_i4 ? dot_i4_q8(b, m, a->g4, &a->r[t], xs, D)
+                    : dot_i4_f32(b, m, a->g4, a->he + t * (D / 2), a->ho + t * (D / 2), xs, D);
+}
+
 /* Bytes of scratch ffn_prepare and ffn_run need together for `parts` parts. */
 int64_t ffn_scratch_bytes(int64_t T, int64_t D, int64_t g4, int parts);
 

@@ -1,5 +1,5 @@
-/* The sparse mixed-precision FFN of a few tokens, read straight from the neuron pool, and the gate policy's
- * scores from a resident INT4 copy of the gate rows.
+/* The sparse mixed-precision FFN of a few tokens, read straight from the neuron pool (the gate policy's scores
+ * from its resident INT4 copy of the gate rows: gate.c).
  *
  * Each kept neuron (a row of the pool, found by its slot) gives the gate and up dot products with each token's
  * input, the activation, and its down column added into the output. Weights are read once per call for all
@@ -109,17 +109,6 @@ int64_t ffn_prepare(ffn_acts *a, const float *h, int64_t T, int64_t D, int64_t g
             }
     }
     return p - (uint8_t *)scratch;
-}
-
-/* token t's INT4 dot product (gate copy rows and bundles' parts alike) */
-static float i4_dot(const ffn_acts *a, const uint8_t *b, const f16 *m, int64_t t) {
-    const int64_t D = a->D, ng = D / a->g4;
-    const float *xs = a->xs4 + t * ng;
-#if M2C_AVX2
-    if (a->dd4) return dot_i4_q8_g32(b, m, &a->r[t], a->dd4 + t * (D / Q8_BLOCK) * 4, a->xs2 + t * 2 * ng, D);
-#endif
-    return a->q8_i4 ? dot_i4_q8(b, m, a->g4, &a->r[t], xs, D)
-                    : dot_i4_f32(b, m, a->g4, a->he + t * (D / 2), a->ho + t * (D / 2), xs, D);
 }
 
 /* The dot product of part `part` of a row with token t's activations. */
@@ -332,61 +321,6 @@ int m2c_ffn_int4(const uint8_t *pool, int64_t pool_rows, int64_t bundle_bytes, c
                  const float *h, int64_t T, int64_t D, int64_t group, int act, int64_t parts, const float *gact,
                  float *out) {
     return ffn_entry(KIND_INT4, pool, pool_rows, bundle_bytes, slots, n, h, T, D, group, act, parts, gact, out);
-}
-
-/* ---- the gate policy's scores ------------------------------------------------------------------------- */
-
-typedef struct {
-    const ffn_acts *a;
-    const uint8_t *gates;
-    int64_t rows;
-    float *out;
-} gate_task;
-
-#ifndef GATE_AHEAD
-#define GATE_AHEAD 4
-#endif
-
-void gate_rows(const ffn_acts *a, const uint8_t *gates, int64_t j0, int64_t j1, int64_t rows, float *out) {
-    const int64_t D = a->D, ng = D / a->g4, width = D / 2 + 4 * ng;
-    for (int64_t j = j0; j < j1; j++) {
-        const uint8_t *row = gates + j * width;
-        const f16 *meta = (const f16 *)(row + D / 2);
-        if (j + GATE_AHEAD < j1) /* the rows are contiguous, but the hardware's prefetchers alone leave a core at ~half
-                                  * its bandwidth here: each row's lines asked for GATE_AHEAD rows before its use */
-            for (int64_t off = 0; off < width; off += 64) __builtin_prefetch(row + GATE_AHEAD * width + off, 0, 3);
-        for (int64_t t = 0; t < a->T; t++) out[t * rows + j] = i4_dot(a, row, meta, t);
-    }
-    for (int64_t t = 0; t < a->T; t++) activate_all(out + t * rows + j0, j1 - j0, a->act);
-}
-
-static void gate_part(void *ctx, int part, int parts) {
-    const gate_task *k = ctx;
-    int64_t j0, j1;
-    m2c_share(k->rows, part, parts, &j0, &j1);
-    gate_rows(k->a, k->gates, j0, j1, k->rows, k->out);
-}
-
-void gate_run(const ffn_acts *a, const uint8_t *gates, int64_t rows, float *out) {
-    const int64_t width = a->D / 2 + 4 * (a->D / a->g4);
-    gate_task k = {a, gates, rows, out};
-    m2c_run(gate_part, &k, (int)(rows * width * a->T / M2C_MIN_PART_BYTES));
-}
-
-/* act(gate . h) of every row of a resident INT4 copy of the gate rows, for each of T tokens: the gate
- * policy's score, computed without dequantising the copy. A row is the gate part of an INT4 bundle:
- * [D/2] bytes of nibbles, then [D/group] (scale, min) float16 pairs. out: float32 [T][rows]; the
- * rows shared among the kernels' threads, each computed whole by one. */
-int m2c_gate_int4(const uint8_t *gates, int64_t rows, const float *h, int64_t T, int64_t D, int64_t group,
-                  int act, float *out) {
-    if (T < 0 || T > MAX_T || D <= 0 || group <= 0 || D % group || group % 2) return -1;
-    if (T == 0) return 0;
-    uint8_t *scratch = m2c_scratch(ffn_scratch_bytes(T, D, group, 0));
-    if (!scratch) return -2;
-    ffn_acts a;
-    ffn_prepare(&a, h, T, D, group, group, 1, act, scratch);
-    gate_run(&a, gates, rows, out);
-    return 0;
 }
 
 /* ---- copies and plain reads --------------------------------------------------------------------------- */
