@@ -85,6 +85,12 @@ class Int8Weight:
         return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
 
 
+def scale_group(w: torch.Tensor | Int8Weight) -> int:
+    """Values a scale covers along a row of a resident matrix: an INT8 one's group (0: one scale a row); 0 for a
+    matrix in the compute dtype."""
+    return w.group if isinstance(w, Int8Weight) else 0
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``F.linear(x, w)`` for a resident weight in either form."""
     return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)

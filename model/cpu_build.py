@@ -47,7 +47,7 @@ ABI: dict[str, tuple[list, type | None]] = {
     "m2c_set_spin_ns": ([_I64], _I64),
     "m2c_set_int8_activations": ([_I32], _I32),
     "m2c_int8_activations": ([], _I32),
-    "m2c_block_down": ([], _I32),
+    "m2c_block_down": ([_I32, _I64, _I64], _I32),
     "m2c_ffn_fp16": ([*_FFN, _I32, _I64, _P, _P], _I32),  # act, parts, gact, out
     "m2c_ffn_int8": ([*_FFN, _I64, _I32, _I64, _P, _P], _I32),  # the group size first
     "m2c_ffn_int4": ([*_FFN, _I64, _I32, _I64, _P, _P], _I32),

@@ -19,6 +19,7 @@ import weakref
 import torch
 
 from m2cache.model.cpu_build import available, library
+from m2cache.formats.int8 import scale_group
 from m2cache.formats.quant import Groups, select_parts
 
 __all__ = ["available", "library"]  # built and loaded in cpu_build; the kernels' Python side is here
@@ -207,9 +208,9 @@ def attention_decode(x: torch.Tensor, attn_norm: torch.Tensor, eps: float, wqkv,
     x_out = torch.empty_like(x)
     h = torch.empty_like(x) if ffn_norm is not None else None
     (qkv_w, qkv_s), (o_w, o_s) = _matrix(wqkv), _matrix(wo)  # the scales stay referenced through the call
-    group = _group(wqkv)
-    if _group(wo) != group:
-        raise ValueError(f"attention_decode: wqkv's INT8 group {group} and wo's {_group(wo)} differ")
+    group = scale_group(wqkv)
+    if scale_group(wo) != group:
+        raise ValueError(f"attention_decode: wqkv's INT8 group {group} and wo's {scale_group(wo)} differ")
     rc = lib.m2c_attn_decode(x.data_ptr(), attn_norm.data_ptr(), eps, qkv_w.data_ptr(), _ptr(qkv_s), o_w.data_ptr(),
                              _ptr(o_s), group, D, heads, kv_heads, hd, cos.data_ptr(), ssin.data_ptr(), cache.data_ptr(),
                              cache.shape[2], pos, _ptr(ffn_norm), x_out.data_ptr(), _ptr(h),
@@ -233,7 +234,7 @@ def matvec_row(x: torch.Tensor, w, norm: torch.Tensor | None = None, eps: float 
         raise ValueError("matvec_row: the norm must be contiguous, in x's dtype")
     mat, scale = _matrix(w)
     y = torch.empty(rows, dtype=torch.float32)
-    rc = lib.m2c_matvec(x.data_ptr(), _ptr(norm), eps, mat.data_ptr(), _ptr(scale), _group(w), rows, cols,
+    rc = lib.m2c_matvec(x.data_ptr(), _ptr(norm), eps, mat.data_ptr(), _ptr(scale), scale_group(w), rows, cols,
                         int(x.dtype == torch.bfloat16), y.data_ptr())
     if rc != 0:
         raise RuntimeError(f"m2c_matvec failed with code {rc} ({rows} x {cols})")
@@ -282,11 +283,6 @@ _SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id of an INT8 matri
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _group(w) -> int:
-    """An INT8 matrix's values per scale along a row (0: one scale a row, and for 16-bit matrices)."""
-    return 0 if isinstance(w, torch.Tensor) else w.group
 
 
 def _matrix(w) -> tuple[torch.Tensor, torch.Tensor | None]:

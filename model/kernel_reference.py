@@ -17,7 +17,6 @@ from m2cache.model import cpu_kernels
 from m2cache.formats import quant
 
 DOWN_BLOCK = 16  # csrc/block_down.h: rows a block; blocks start at every 16th row of a group, in the order given
-DOWN_GROUPS = 1024
 # Where the activations a kernel rounds differ from torch's in their last bits (another order of sums, the
 # kernels' own exp), a coefficient on the boundary between two int8 steps rounds either way: one step (1/127 of
 # the block's largest) moves the FFN's output by ~1e-3 of its largest value at most. An engine's FFN, whose
@@ -26,14 +25,10 @@ BOUNDARY_RTOL = 2e-3
 
 
 def block_down(precision: str, dim: int, groups: quant.Groups) -> bool:
-    """Whether the kernels add ``precision`` rows' down columns in blocks (built with AVX2, INT8 activations on;
-    INT4: groups of 32, D a multiple of 64; INT8: groups and D multiples of 32, as INT8 activations need)."""
+    """Whether the kernels add ``precision`` rows' down columns in blocks (the C side's rule, ``m2c_block_down``)."""
     lib = cpu_kernels.library()
-    if lib is None or not lib.m2c_block_down():
-        return False
-    if precision == "int4":
-        return groups.int4 == 32 and dim % 64 == 0 and dim // 32 <= DOWN_GROUPS
-    return precision == "int8" and groups.int8 % 32 == 0 and dim % 32 == 0 and dim // groups.int8 <= DOWN_GROUPS
+    group = {"int8": groups.int8, "int4": groups.int4}.get(precision)
+    return lib is not None and group is not None and bool(lib.m2c_block_down(cpu_kernels.KINDS[precision], dim, group))
 
 
 def _rounded(c: torch.Tensor, steps: float) -> torch.Tensor:

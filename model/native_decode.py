@@ -18,7 +18,7 @@ import ctypes
 import torch
 
 from m2cache.model import cpu_kernels
-from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.int8 import Int8Weight, scale_group
 from m2cache.formats.shares import PRECISION_ORDER
 from m2cache.model.policy import GatePolicy
 
@@ -63,10 +63,6 @@ def _plain_llama(cfg) -> bool:
         and cfg.attn_scale in (None, cfg.head_dim ** -0.5)
 
 
-def _group(m) -> int:
-    return m.group if isinstance(m, Int8Weight) else 0
-
-
 def _takes(m, dtype: torch.dtype) -> bool:
     t = m.q if isinstance(m, Int8Weight) else m
     want = torch.int8 if isinstance(m, Int8Weight) else dtype
@@ -88,14 +84,14 @@ class NativeDecoder:
                            groups.int8, groups.int4, parts, cfg.vocab_size,
                            (_I64 * 3)(*(bundle_bytes[p] for p in PRECISION_ORDER)), cfg.rms_norm_eps,
                            cpu_kernels.ACTIVATIONS[cfg.hidden_act], int(dtype == torch.bfloat16),
-                           self._ptr(res.final_norm), head, head_scale, _group(res.lm_head))
+                           self._ptr(res.final_norm), head, head_scale, scale_group(res.lm_head))
         self.layers = (Layer * self.n)()
         for L, w in enumerate(res.layers):
             (wqkv, sqkv), (wo, so) = self._matrix(w.wqkv), self._matrix(w.wo)
-            assert _group(w.wqkv) == _group(w.wo), "a layer's INT8 projections share one group"
+            assert scale_group(w.wqkv) == scale_group(w.wo), "a layer's INT8 projections share one group"
             norms = policy.norms[L].float().contiguous()
             counts = policy.counts(L)
-            self.layers[L] = Layer(self._ptr(w.attn_norm), wqkv, wo, self._ptr(w.ffn_norm), sqkv, so, _group(w.wqkv),
+            self.layers[L] = Layer(self._ptr(w.attn_norm), wqkv, wo, self._ptr(w.ffn_norm), sqkv, so, scale_group(w.wqkv),
                                    self._ptr(policy.gates[L]), self._ptr(norms), (_P * 3)(),
                                    (_I64 * 3)(*(counts[p] for p in PRECISION_ORDER)))
         self.used = tuple(p for p in PRECISION_ORDER if any(policy.counts(L)[p] for L in range(self.n)))

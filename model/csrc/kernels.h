@@ -28,6 +28,7 @@ typedef struct {
     const float *h;
     int64_t T, D, g8, g4, parts;
     int act, q8_i8, q8_i4; /* INT8 rows, INT4 rows meet INT8 activations (simd.h) */
+    int block8, block4;    /* INT8, INT4 rows' down columns in blocks (m2c_block_down) */
     q8_row r[MAX_T];       /* where either does */
     float *he, *ho;  /* [T][D/2] even and odd positions (INT4 rows, float32 activations) */
     float *xs4;      /* [T][D/g4] sums per INT4 group (the minimums' term) */

@@ -20,9 +20,9 @@ int64_t m2c_set_spin_ns(int64_t ns);
  * products (simd.h); 0: float32 activations. Returns the setting before. */
 int m2c_set_int8_activations(int on);
 int m2c_int8_activations(void);
-/* 1 where INT8 and INT4 rows' down columns go in blocks of rows in integers (block_down.h: AVX2, INT8
- * activations on) */
-int m2c_block_down(void);
+/* 1 where rows of `kind` (1 INT8, 2 INT4) of D values in groups of `group` add their down columns in blocks of
+ * rows in integers (block_down.h: AVX2, INT8 activations on, shapes its loops take) */
+int m2c_block_down(int kind, int64_t D, int64_t group);
 
 /* out[T][D] += the FFN of pool rows slots[0..n) (one precision; sparse_ffn.c), parts 3 (gate, up, down) or 2
  * (up, down; gact[n][T] the gate activations). */

@@ -30,7 +30,17 @@ int m2c_set_int8_activations(int on) {
 
 int m2c_int8_activations(void) { return __atomic_load_n(&int8_acts, __ATOMIC_RELAXED); }
 
-int m2c_block_down(void) { return M2C_AVX2 && m2c_int8_activations(); }
+/* Whether `kind` rows of D values in groups of `group` add their down columns in blocks (block_down.h): AVX2,
+ * INT8 activations on and the shapes its loops take. The one rule: ffn_prepare and the Python side ask it. */
+int m2c_block_down(int kind, int64_t D, int64_t group) {
+#if M2C_AVX2
+    if (!m2c_int8_activations() || D <= 0 || D % Q8_BLOCK || group <= 0) return 0;
+    if (kind == KIND_INT4) return group == Q8_BLOCK && down_i4_block_fits(D, group);
+    if (kind == KIND_INT8) return group % Q8_BLOCK == 0 && down_i8_block_fits(D, group);
+#endif
+    (void)kind, (void)D, (void)group;
+    return 0;
+}
 
 /* Every slot must name a row of the pool: checked before any row is read (-3 otherwise). */
 static int slots_ok(const int64_t *slots, int64_t n, int64_t pool_rows) {
@@ -60,6 +70,8 @@ int64_t ffn_prepare(ffn_acts *a, const float *h, int64_t T, int64_t D, int64_t g
     const int q8 = m2c_int8_activations() && D % Q8_BLOCK == 0;
     a->q8_i8 = q8 && g8 % Q8_BLOCK == 0;
     a->q8_i4 = q8 && g4 % Q8_BLOCK == 0;
+    a->block8 = m2c_block_down(KIND_INT8, D, g8);
+    a->block4 = m2c_block_down(KIND_INT4, D, g4);
     const int64_t qb = q8_bytes(D);
     for (int64_t t = 0; t < T && (a->q8_i8 || a->q8_i4); t++) {
         a->r[t] = q8_at(p + t * qb, D);
@@ -159,7 +171,7 @@ static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t
             for (int64_t t = 0; t < T; t++) act[t][i - i0] = row_act(a, g, row, i, t);
         }
 #if M2C_AVX2
-        if (g->kind == KIND_INT4 && a->dd4 && down_i4_block_fits(D, a->g4)) { /* block_down.h */
+        if (g->kind == KIND_INT4 && a->block4) { /* block_down.h */
             const uint8_t *rows[DOWN_BLOCK];
             const f16 *sm[DOWN_BLOCK];
             for (int64_t i = i0; i < i1; i++) {
@@ -171,7 +183,7 @@ static void group_span(const ffn_acts *a, const ffn_group *g, int64_t b, int64_t
                 down_i4_block(rows, sm, act[t], (int)(i1 - i0), D, ye + t * (D / 2), yo + t * (D / 2), ymin + t * ng4);
             continue;
         }
-        if (g->kind == KIND_INT8 && a->q8_i8 && down_i8_block_fits(D, a->g8)) {
+        if (g->kind == KIND_INT8 && a->block8) {
             const int8_t *rows[DOWN_BLOCK];
             const float *sc[DOWN_BLOCK];
             for (int64_t i = i0; i < i1; i++) {
