@@ -4,6 +4,9 @@ A broken invariant inside m2cache is a bug and raises AssertionError/RuntimeErro
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class M2CacheError(Exception):
     """Base class of every error m2cache raises for a condition the user can meet."""
@@ -87,3 +90,18 @@ def require_extra(extra: str, *modules: str, what: str) -> None:
     if missing:
         raise MissingExtraError(f"{what} needs {', '.join(missing)} (the '{extra}' extra): "
                                 f"pip install 'm2cache[{extra}]' (or `make install` in a checkout)")
+
+
+def command_exit(run: Callable[[], int]) -> int:
+    """A command's exit code, as the ``m2cache`` commands end: its own on success; an m2cache error printed as
+    ``m2cache: ...`` on stderr, 1; interrupted, 130; a closed pipe (``| head``), 0."""
+    try:
+        return run()
+    except M2CacheError as e:
+        print(f"m2cache: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("m2cache: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -50,7 +50,7 @@ from m2cache.bench.model import code_state, disk_bandwidth, evict
 from m2cache.bench.plan import Plan, resolve_model
 from m2cache.bench.report import GB, add_floor, aggregate, plot, plot_frontier, print_report, ratios, summarise
 from m2cache.bench.systems import Job, _plain, child_main  # the child side: one system, one run
-from m2cache.errors import M2CacheError
+from m2cache.errors import command_exit
 
 def run_child(job: Job, limiter, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="m2cache-bench-") as d:
@@ -235,16 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(argv[1], argv[2])
     args = build_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return cmd_bench(args)
-    except M2CacheError as e:
-        print(f"m2cache: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("m2cache: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return command_exit(lambda: cmd_bench(args))
 
 
 if __name__ == "__main__":

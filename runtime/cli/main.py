@@ -15,7 +15,7 @@ from m2cache.cli.figures import print_stats
 from m2cache.cli.quality import add_commands as add_quality_commands
 from m2cache.cli.serve import add_commands as add_serve_commands
 from m2cache.cli.trace import add_commands as add_trace_commands
-from m2cache.errors import M2CacheError
+from m2cache.errors import command_exit
 
 # imports inside functions: a command imports the store, the engine and the offline tools (torch) when it
 # runs; importing this module loads none of them
@@ -174,16 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except M2CacheError as e:
-        print(f"m2cache: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("m2cache: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return command_exit(lambda: args.func(args))
 
 
 if __name__ == "__main__":
