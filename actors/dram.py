@@ -8,6 +8,12 @@ whole (``layer``) or just its missing bundles are read (``neuron``, and ``hybrid
 preload has not started). Entries are pinned while a copy up still needs them. It reads through the
 channel it was given to the SSD reader (``reader``); the executor learns once, by ``KeptLayers``, when the
 entries kept for good are all in.
+
+The window (``window_slots``; the CPU computing from DRAM under a limit): neurons read one by one are kept, at
+the precision they were read at, in one pool per precision of the DRAM budget, by the device cache's rules
+(``storage.device_cache``: per-layer LRU, the layers in use protected), so a token reads only the neurons the
+last few did not; a neuron asked for at INT8 and held at FP16 is served from FP16. The executor computes from
+the pool's rows, which stay in use until it releases the layer (``(layer, WINDOW)`` among the keys).
 """
 from __future__ import annotations
 
@@ -23,12 +29,14 @@ from m2cache.actors.base import Actor, Channel, fail, resolve
 from m2cache.actors.messages import Fetch, FetchReply, KeptLayers, Progress, ReadRequest, Release
 from m2cache.actors.precisions import serve_higher
 from m2cache.errors import BudgetError, ChecksumError, EngineClosedError, M2CacheError, PermanentSSDError
+from m2cache.storage.device_cache import DeviceCache
 from m2cache.storage.fifo import LayerFIFO
 
 
 log = logging.getLogger(__name__)
 
 FIXED_AHEAD = 2  # layers ahead whose entries kept for good are read before the executor asks
+WINDOW = "window"  # (layer, WINDOW) in a reply's release keys: the window's rows of that layer are in use
 
 
 def _int8_from_fp16(low: str, high: str, req: np.ndarray) -> np.ndarray | None:
@@ -41,7 +49,8 @@ class DRAMManager(Actor):
 
     def __init__(self, *, num_layers: int, num_neurons: int, layer_bytes: dict[str, int], budget: int, staging_reserve: int,
                  preload: str, prefetch: int, fixed_keys: tuple[tuple[int, str], ...], precisions: tuple[str, ...],
-                 reader: Channel, recorder, pin_memory: bool = False, inbox_size: int = 64) -> None:
+                 reader: Channel, recorder, pin_memory: bool = False, window_slots: dict[str, int] | None = None,
+                 inbox_size: int = 64) -> None:
         super().__init__(inbox_size)
         self.num_layers, self.num_neurons, self.layer_bytes = num_layers, num_neurons, layer_bytes
         self.preload, self.prefetch, self.precisions = preload, prefetch, precisions
@@ -49,14 +58,21 @@ class DRAMManager(Actor):
         self.budget, self.staging_reserve = budget, staging_reserve
         self.fixed_keys = frozenset(fixed_keys)  # (layer, precision) entries kept for good, read whole when first used
         fixed_bytes = sum(layer_bytes[p] for _, p in self.fixed_keys)
-        self.fifo = LayerFIFO(budget - staging_reserve, 0, fixed_budget_bytes=fixed_bytes, fixed_keys=self.fixed_keys)
+        slots = {p: n for p, n in (window_slots or {}).items() if n > 0}
+        self.window = DeviceCache(num_layers, num_neurons, slots) if slots else None
+        # allocated now, filled as neurons are read (untouched pages cost nothing until then)
+        self.window_pools = {p: torch.empty((n, layer_bytes[p] // num_neurons), dtype=torch.uint8) for p, n in slots.items()}
+        self.window_bytes = sum(t.numel() for t in self.window_pools.values())
+        self.window_busy: dict[int, int] = {}  # layer -> replies whose window rows the executor still reads
+        self.fifo = LayerFIFO(budget - staging_reserve - self.window_bytes, 0, fixed_budget_bytes=fixed_bytes,
+                              fixed_keys=self.fixed_keys)
         self.data: dict[tuple[int, str], torch.Tensor] = {}
         self.loading: dict[tuple[int, str], asyncio.Future] = {}
         self.staged = 0  # bytes of neuron-level reads held until their copies are applied
         self.peak_staged = 0
         self.peak_total = 0
         self.counts = {"served": 0, "waited": 0, "neuron_reads": 0, "layer_reads": 0, "preloads": 0, "upgraded": 0,
-                       "preload_skipped": 0}
+                       "preload_skipped": 0, "window_upgraded": 0, "window_bypassed": 0}
         self.wait_s = 0.0
         # (layer, precision) entries whose whole read hit a damaged block: served by neuron-level reads from
         # then on, so only the requests that need the damaged block's neurons fail
@@ -179,6 +195,23 @@ class DRAMManager(Actor):
         staged = 0
         t0 = time.perf_counter_ns()
         asked = self._upgraded(msg) if msg.upgrade else msg.ids
+        windowed: dict[str, np.ndarray] = {}
+
+        async def read_plain(p: str, ids: np.ndarray, failed: M2CacheError | None = None) -> None:
+            """A neuron-level read of just the missing bundles, awaited with the others below."""
+            nonlocal staged
+            nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
+            if self.staged + staged + nbytes > self.staging_reserve:
+                if failed is not None:
+                    raise failed
+                raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
+                                  f"{self.staging_reserve}: raise dram_budget")
+            fut = asyncio.get_running_loop().create_future()
+            await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons", msg.step))
+            reads[p] = fut  # awaited together below: the precisions' reads run in parallel
+            staged += nbytes
+            self.counts["neuron_reads"] += 1
+
         try:
             for p, ids in asked.items():
                 key = (msg.layer, p)
@@ -199,18 +232,19 @@ class DRAMManager(Actor):
                     pinned.append(key)
                     sources[p] = (self.data[key], torch.from_numpy(np.ascontiguousarray(ids)))
                     self.counts["served"] += 1
-                else:  # neuron-level read of just the missing bundles
-                    nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
-                    if self.staged + staged + nbytes > self.staging_reserve:
-                        if failed is not None:
-                            raise failed
-                        raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
-                                          f"{self.staging_reserve}: raise dram_budget")
-                    fut = asyncio.get_running_loop().create_future()
-                    await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons", msg.step))
-                    reads[p] = fut  # awaited together below: the precisions' reads run in parallel
-                    staged += nbytes
-                    self.counts["neuron_reads"] += 1
+                elif p in self.window_pools and failed is None:
+                    windowed[p] = ids  # through the window, below: the neurons the last tokens did not read
+                else:
+                    await read_plain(p, ids, failed)
+            if windowed:
+                through = await self._through_window(msg, asked, windowed)
+                if through is None:  # more than the window can hold now (a prefill's): read as without it
+                    for p, ids in windowed.items():
+                        await read_plain(p, ids)
+                else:
+                    asked, got = through
+                    sources.update(got)
+                    pinned.append((msg.layer, WINDOW))
             for p, fut in reads.items():
                 sources[p] = (await fut, None)
         except BaseException:
@@ -225,6 +259,61 @@ class DRAMManager(Actor):
         self.recorder.add("dram", "serve", t0, time.perf_counter_ns(), layer=msg.layer, step=msg.step,
                           nbytes=staged)
         return FetchReply(sources, tuple(pinned), staged, ids=asked if asked is not msg.ids else None)
+
+    async def _through_window(self, msg: Fetch, asked: dict[str, np.ndarray], windowed: dict[str, np.ndarray]
+                              ) -> tuple[dict[str, np.ndarray], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
+        """``windowed``'s neurons from the window: the ones held there as they are (an INT8 one held at FP16 from
+        FP16, unless the plan alone decides: ``Fetch.planned_only``), the others read off the store into the slots
+        the window's rules give them. (the ids as served, {precision: (pool, rows)}); the layer's rows stay in
+        use (``window_busy``) until released. None when the window cannot hold them now: more than a third of a
+        pool (a prefill's), or the layers in use hold the slots they would need."""
+        assert self.window is not None
+        if any(3 * len(ids) > self.window.capacity[p] for p, ids in windowed.items()):
+            self.counts["window_bypassed"] += 1
+            return None
+        if not msg.planned_only and {"fp16", "int8"} <= windowed.keys():
+            fp16 = self.window.lru(msg.layer, "fp16")
+            moved, n = serve_higher({p: windowed[p] for p in ("fp16", "int8")},
+                                    lambda low, high, req: fp16.slot_of[req] >= 0 if high == "fp16" else None)
+            if n:
+                windowed = {**windowed, **moved}
+                asked = {**asked, **moved}
+                self.counts["window_upgraded"] += n
+        busy = frozenset(layer for layer, n in self.window_busy.items() if n) | {msg.layer}
+        try:
+            plan = self.window.plan(msg.layer, max(msg.step, 0), windowed, protected=busy)
+        except BudgetError:  # nothing changed (DeviceCache.plan checks before it moves anything)
+            self.counts["window_bypassed"] += 1
+            return None
+        self.window_busy[msg.layer] = self.window_busy.get(msg.layer, 0) + 1
+        reads: dict[str, asyncio.Future] = {}
+        staged = 0  # the reads' bytes, held until copied into the window
+        try:
+            for p, pp in plan.precisions.items():
+                if pp.miss_ids.size:
+                    nbytes = pp.miss_ids.size * self.window_pools[p].shape[1]
+                    if self.staged + nbytes > self.staging_reserve:
+                        raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
+                                          f"{self.staging_reserve}: raise dram_budget")
+                    fut = asyncio.get_running_loop().create_future()
+                    await self.reader.send(ReadRequest(msg.layer, p, pp.miss_ids, fut, "read_neurons", msg.step))
+                    reads[p] = fut
+                    staged += nbytes
+                    self.staged += nbytes
+                    self.counts["neuron_reads"] += 1
+            self._note_peak()
+            for p, fut in reads.items():  # each read's bundles into the slots the window gave them
+                self.window_pools[p][torch.from_numpy(plan.precisions[p].miss_slots)] = await fut
+        except BaseException:
+            for fut in reads.values():
+                if not fut.done():
+                    fut.cancel()
+            for p, pp in plan.precisions.items():  # slots promised to bytes that may never have come
+                self.window.forget(msg.layer, p, pp.miss_ids)
+            self._release(((msg.layer, WINDOW),), staged)
+            raise
+        self._release((), staged)
+        return asked, {p: (self.window_pools[p], torch.from_numpy(pp.slots)) for p, pp in plan.precisions.items()}
 
     def _mark_damaged(self, key: tuple[int, str], error: M2CacheError) -> None:
         if key not in self.damaged:
@@ -251,13 +340,16 @@ class DRAMManager(Actor):
 
     def _release(self, keys: tuple, staged: int) -> None:
         for key in keys:
-            if key in self.fifo:
+            if key[1] == WINDOW:
+                self.window_busy[key[0]] -= 1
+                assert self.window_busy[key[0]] >= 0, "window rows released more often than served"
+            elif key in self.fifo:
                 self.fifo.unpin(key)
         self.staged -= staged
         assert self.staged >= 0, "DRAM staging accounting went negative"
 
     def _note_peak(self) -> None:
-        total = self.fifo.bytes_held + self.staged
+        total = self.held_bytes()
         assert total <= self.budget, f"DRAM tier holds {total} bytes over its budget {self.budget}"
         self.peak_total = max(self.peak_total, total)
 
@@ -269,9 +361,15 @@ class DRAMManager(Actor):
         self.data.clear()
 
     def held_bytes(self) -> int:
-        return self.fifo.bytes_held + self.staged
+        return self.fifo.bytes_held + self.staged + self.window_bytes
 
     def stats(self) -> dict:
         return {**super().stats(), **self.counts, "bytes_held": self.held_bytes(), "peak_bytes": self.peak_total,
                 "fifo_peak": self.fifo.peak_bytes, "staged_peak": self.peak_staged, "budget": self.budget,
-                "wait_s": self.wait_s, "layers_held": len(self.data)}
+                "wait_s": self.wait_s, "layers_held": len(self.data), "window_bytes": self.window_bytes,
+                "window": self.window.stats() if self.window is not None else {}}
+
+    def window_counts(self) -> tuple[int, int]:
+        """(hits, misses) of the window's lookups so far, every precision together."""
+        st = self.window.stats() if self.window is not None else {}
+        return sum(c["hits"] for c in st.values()), sum(c["misses"] for c in st.values())

@@ -12,7 +12,10 @@ What the figures mean:
   the whole run) over the tokens generated in it;
 - ``stall_fraction`` is the time the executor waited for a layer's weights over the time its steps
   (prefill and decode) took;
-- ``decode_tokens_per_s`` is decode tokens over the time decode steps took (the prefill left out).
+- ``decode_tokens_per_s`` is decode tokens over the time decode steps took (the prefill left out);
+- ``reads_per_token`` and ``bytes_per_read`` are the store's read calls (every run of blocks, whole file and
+  streamed attention layer: what a disk bound by its reads a second pays for) per token, and their mean size;
+- ``hit_ratio["window"]`` is the share of the neurons read one by one that DRAM's window already held.
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ class Counters:
     hbm_misses: int = 0
     dram_served: int = 0  # fetches served from a layer held in DRAM
     dram_neuron_reads: int = 0  # fetches that needed a neuron-level SSD read
+    disk_reads: int = 0  # read calls the store's backend made (a run of blocks, a whole file, a layer's attention)
+    disk_bytes: int = 0  # the bytes those calls read
+    window_hits: int = 0  # neurons DRAM's window already held when a layer asked (``actors.dram``)
+    window_misses: int = 0  # neurons it read off the store for a layer
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name)
@@ -92,7 +99,10 @@ def figures(counters: Counters, *, device: str = "cpu", carbon: CarbonModel | No
         "bytes": moved,
         "bytes_per_token": {edge: _ratio(n, c.tokens) for edge, n in moved.items()},
         "hit_ratio": {"hbm": _ratio(c.hbm_hits, c.hbm_hits + c.hbm_misses),
-                      "dram": _ratio(c.dram_served, c.dram_served + c.dram_neuron_reads)},
+                      "dram": _ratio(c.dram_served, c.dram_served + c.dram_neuron_reads),
+                      "window": _ratio(c.window_hits, c.window_hits + c.window_misses)},
+        "reads_per_token": _ratio(c.disk_reads, c.tokens),
+        "bytes_per_read": _ratio(c.disk_bytes, c.disk_reads),
         "stall_fraction": _ratio(c.stall_s, busy_s),
         "stall_s": c.stall_s,
     }
@@ -106,4 +116,4 @@ def figures(counters: Counters, *, device: str = "cpu", carbon: CarbonModel | No
 
 
 FIGURE_KEYS = ("tokens", "decode_tokens", "decode_tokens_per_s", "ttft_s", "prefill_s", "decode_s", "bytes",
-               "bytes_per_token", "hit_ratio", "stall_fraction", "stall_s", "carbon_g_per_1k_tokens")
+               "bytes_per_token", "hit_ratio", "reads_per_token", "bytes_per_read", "stall_fraction", "stall_s", "carbon_g_per_1k_tokens")

@@ -23,7 +23,10 @@ def test_decode_speed_counts_decode_tokens_over_decode_time_only() -> None:
 
 def test_hit_ratios_and_time_to_first_token_come_from_their_counts() -> None:
     f = figures(RUN)
-    assert f["hit_ratio"] == {"hbm": 0.75, "dram": 0.9} and f["ttft_s"] == 1.5
+    assert f["hit_ratio"] == {"hbm": 0.75, "dram": 0.9, "window": 0.0} and f["ttft_s"] == 1.5
+    g = figures(Counters(tokens=4, window_hits=30, window_misses=10, disk_reads=20, disk_bytes=2_000_000))
+    assert g["hit_ratio"]["window"] == 0.75
+    assert g["reads_per_token"] == 5.0 and g["bytes_per_read"] == 100_000.0
 
 
 def test_a_difference_of_snapshots_counts_what_happened_in_between() -> None:

@@ -95,10 +95,26 @@ def expand_systems(args) -> list[str]:
     """``--systems`` (or the default set) with ``m2cache-frontier`` left for the Plan to expand."""
     spec = args.systems or ",".join(QUICK_SYSTEMS if args.quick else SYSTEMS)
     systems = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS and not s.startswith("m2cache:")]
+    unknown = [s for s in systems if row_options(s)[0] not in SYSTEMS and not s.startswith("m2cache:")]
     if unknown:
-        raise SystemExit(f"m2cache bench: unknown systems {unknown}; known: {', '.join(SYSTEMS)}, m2cache:POLICY")
+        raise SystemExit(f"m2cache bench: unknown systems {unknown}; known: {', '.join(SYSTEMS)}, m2cache:POLICY, and "
+                         f"a m2cache row with options: ROW@{'=V@'.join(ROW_OPTIONS)}=V (one lever on or off beside the others)")
     return systems
+
+
+ROW_OPTIONS = ("window", "lookahead", "store")
+
+
+def row_options(system: str) -> tuple[str, dict[str, str]]:
+    """A row's system and its options: ``m2cache@window=0`` is the ``m2cache`` row with ``EngineConfig.window`` 0,
+    ``@lookahead=1`` turns the lookahead on, ``@store=PATH`` runs it on another store of the same model (a
+    placed one: ``m2cache place``); so one run measures a lever on and off side by side."""
+    base, *parts = system.split("@")
+    opts = dict(part.partition("=")[::2] for part in parts)
+    bad = [k for k in opts if k not in ROW_OPTIONS]
+    if bad or parts and not base.startswith("m2cache"):
+        raise SystemExit(f"m2cache bench: {system}: options are for m2cache rows, of: {', '.join(ROW_OPTIONS)}")
+    return base, opts
 
 
 class Plan:
@@ -149,6 +165,7 @@ class Plan:
 
     # ---- per row ---------------------------------------------------------------------------------
     def row_policy(self, system: str) -> str | None:
+        system = row_options(system)[0]
         if system == "m2cache":
             return self.policy
         if system == "m2cache-dense-fp16":
@@ -159,7 +176,12 @@ class Plan:
         """The store a m2cache row runs on: the split store for gate policies when there is one."""
         from m2cache.engine.policies import is_gate_policy
 
-        name = self.row_policy(system)
+        name, store = self.row_policy(system), row_options(system)[1].get("store")
+        if store:
+            from m2cache.storage.reader import SPLIT, Store
+
+            other = Store(Path(store).expanduser())
+            return other.with_view(SPLIT) if SPLIT in other.views and name and is_gate_policy(other, name) else other
         if self.split is not None and name is not None and is_gate_policy(self.split, name):
             return self.split
         return self.store
@@ -323,16 +345,17 @@ class Plan:
             m_hbm, m_dram = self.budgets("m2cache", None)
             offload = self.resident_fp16 + (m_hbm or 0) + (0 if self.cuda else m_dram or 0)
         m2 = s.startswith("m2cache")
-        a = self.args
+        a, opts = self.args, row_options(s)[1]
         return Job(system=s, store=str(self.row_store(s).path if m2 else self.model.store), hf=str(self.model.hf),
                    prompts=self.prompts, tokens=a.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
                    memory=limit if m2 and self.sizes_itself() else None,
                    resident="full" if s == "m2cache-dense-fp16" else a.resident, device=a.device,
                    m2cache_dtype=self.dtype, policy=self.row_policy(s) if m2 else None, direct_io=a.direct_io,
                    preload=a.preload, io_threads=a.io_threads, compute_from_dram=a.compute_from_dram,
-                   lookahead=a.lookahead, gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")),
+                   lookahead=bool(int(opts.get("lookahead", a.lookahead))),
+                   window=float(opts["window"]) if "window" in opts else None, gguf=str(self.model.gguf.get(s.removeprefix("llama-"), "")),
                    threads=a.threads, llama_repack=self.llama_repack(s, limit),
-                   trace=f"{a.m2cache_trace}.{s}" if a.m2cache_trace and m2 else None)
+                   trace=f"{a.m2cache_trace}.{s.replace('/', '_')}" if a.m2cache_trace and m2 else None)
 
     def llama_repack(self, system: str, limit: int | None) -> bool:
         """llama.cpp as its users run it in each setting: with its repacking (weights copied into its own

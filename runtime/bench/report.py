@@ -172,7 +172,11 @@ def _print_details(rows: dict[str, dict[str, Any]], stream) -> None:
               f" stall {decode['stall_fraction']:.1%} of decode step time; per decode token SSD->DRAM "
               f"{_fmt(dec['ssd_to_dram'] and dec['ssd_to_dram'] / MB, '.1f')} MB, DRAM->device "
               f"{_fmt(dec['dram_to_hbm'] and dec['dram_to_hbm'] / MB, '.1f')} MB; hit ratio device "
-              f"{hit['hbm']:.1%}, DRAM {hit['dram']:.1%}; tiers {st['tiers']}", file=stream)
+              f"{hit['hbm']:.1%}, DRAM {hit['dram']:.1%}"
+              + (f", window {hit['window']:.1%}" if "window" in hit else "")
+              + (f"; the store's reads per decode token {decode['reads_per_token']:.0f}, "
+                 f"{decode['bytes_per_read'] / 1e3:.0f} KB each" if decode.get("reads_per_token") else "")
+              + f"; tiers {st['tiers']}", file=stream)
     for r in rows.values():
         if "device_map_bytes" in r:
             dm = r["device_map_bytes"]

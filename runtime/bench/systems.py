@@ -45,6 +45,7 @@ class Job:
     io_threads: int = 4  # m2cache rows: threads serving SSD reads
     compute_from_dram: bool = True  # m2cache rows, CPU: False keeps the device pool's copy path (CUDA's)
     lookahead: bool = False  # m2cache rows: EngineConfig.lookahead
+    window: float | None = None  # m2cache rows: EngineConfig.window (None: its default)
     trace: str | None = None  # m2cache rows: write the run's trace here
     gguf: str | None = None  # llama.cpp rows: the GGUF file
     threads: int = 2  # llama.cpp rows: n_threads
@@ -94,7 +95,7 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
                        resident=job.resident, policy=job.policy,
                        device=job.device, dtype=job.m2cache_dtype, direct_io=job.direct_io, preload=job.preload,
                        io_threads=job.io_threads, trace=job.trace, compute_from_dram=job.compute_from_dram,
-                       lookahead=job.lookahead)
+                       lookahead=job.lookahead, **({} if job.window is None else {"window": job.window}))
 
     async def go() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def _run_m2cache(job: Job) -> dict[str, Any]:
         # the engine's figures over decode alone: its tokens are the decode tokens
         dec = figures(decode, device=st["device"])
         out["stats"]["decode"] = {k: dec[k] for k in ("decode_tokens", "bytes_per_token", "stall_fraction",
-                                                       "hit_ratio")}
+                                                       "hit_ratio", "reads_per_token", "bytes_per_read")}
         per_token = dec["bytes_per_token"] if decode.tokens else {e: None for e in dec["bytes_per_token"]}
         out["stats"]["decode_bytes_per_token"] = per_token
         out["moved_bytes_per_token"] = per_token["dram_to_hbm"]

@@ -1,5 +1,5 @@
 """``m2cache bench`` (its switches are ``m2cache.bench.args``', its harness ``m2cache.bench.harness``), and
-``synth`` / ``export-gguf`` / ``grow`` / ``locality``."""
+``synth`` / ``export-gguf`` / ``grow`` / ``locality`` / ``place``."""
 from __future__ import annotations
 
 from m2cache.bench.args import HELP, add_arguments
@@ -13,6 +13,7 @@ def add_commands(sub) -> None:
     from m2cache.offline.export_gguf import add_export_command
     from m2cache.offline.grow import add_grow_command
     from m2cache.offline.locality import add_locality_command
+    from m2cache.offline.place import add_place_command
     from m2cache.offline.synth import add_synth_command
 
     p = sub.add_parser("bench", help=HELP)
@@ -22,3 +23,4 @@ def add_commands(sub) -> None:
     add_export_command(sub)
     add_grow_command(sub)
     add_locality_command(sub)
+    add_place_command(sub)

@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from m2cache.bench.memlimit import ffn_fp16_bytes, parse_memory, resolve_budget
-from m2cache.engine.config import DEFAULT_PREFILL_CHUNK, EngineConfig, format_size
+from m2cache.engine.config import DEFAULT_PREFILL_CHUNK, DEFAULT_WINDOW, EngineConfig, format_size
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="CPU: decode layer by layer through the actors even when DRAM holds every layer (the native "
                         "step runs a token in one call then)")
+    p.add_argument("--window", type=float, default=DEFAULT_WINDOW,
+                   help="CPU under --memory: DRAM room for the FP16/INT8 neurons of this many decode tokens, kept at "
+                        f"the precision they were read at, so a token reads only what the last ones did not (default "
+                        f"{DEFAULT_WINDOW:g}; 0: off)")
     p.add_argument("--lookahead", action="store_true",
                    help="decode ranks layer L+1's neurons from layer L's residual, so its weights move while layer "
                         "L computes (a small quality cost: `m2cache eval --policy NAME@ahead`)")
@@ -69,7 +73,7 @@ def engine_config(args, store):
         compute_threads=args.compute_threads, cpu_kernels=args.cpu_kernels,
         compute_from_dram=args.compute_from_dram, lookahead=args.lookahead,
         prefill_chunk=args.prefill_chunk or None, batch_invariant=args.batch_invariant,
-        native_decode=getattr(args, "native_decode", True))
+        native_decode=getattr(args, "native_decode", True), window=getattr(args, "window", DEFAULT_WINDOW))
 
 
 def _threads(value: str) -> int | str:

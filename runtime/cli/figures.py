@@ -45,6 +45,13 @@ def stats_lines(st: dict[str, Any]) -> list[str]:
                      f"{st['hit_ratio']['hbm']:.1%} of the neurons a step needed were there already (device hit ratio)")
         lines.append(f"DRAM: holds at most {mb(st['peak_bytes']['dram'])} of {mb(budgets['dram'])}; it served "
                      f"{st['hit_ratio']['dram']:.1%} of the fetches without a neuron-level read")
+    window = tiers.get("window_slots") or {}
+    if window:
+        lines.append(f"DRAM's window of neurons read one by one: {', '.join(f'{n} {p}' for p, n in window.items())} "
+                     f"slots; it held {st['hit_ratio']['window']:.1%} of the neurons the layers asked it for")
+    if st.get("reads_per_token"):
+        lines.append(f"the store's reads: {st['reads_per_token']:.0f} {PER_TOKEN}, {st['bytes_per_read'] / 1e3:.0f} KB "
+                     f"each on average (a disk bound by its reads a second pays for their count)")
     lines.append(f"resident weights (embeddings, attention, norms, LM head): {mb(st['peak_bytes']['resident'])}")
     lines.append(f"stall: the compute waited for weights {st['stall_fraction']:.1%} of step time")
     if st.get("attention_stream_bytes") is not None and st["tokens"]:

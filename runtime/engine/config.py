@@ -19,6 +19,7 @@ DEVICES = ("cpu", "cuda")
 # docs/results/serve_chunked_prefill_itl.txt). Whole-layer prefill reads repeat per chunk: on a slow disk a
 # larger chunk trades latency for bytes.
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_WINDOW = 1.0  # decode tokens of FP16/INT8 neurons the DRAM window holds (EngineConfig.window)
 
 
 def parse_size(value: int | float | str, what: str = "size") -> int:
@@ -119,6 +120,10 @@ class EngineConfig:
         FFN still computes exactly over the rows it was given. Costs some quality (``m2cache eval`` with a
         policy name ending in ``@ahead`` measures it). Policies that score nothing (``dense-fp16``) and
         prefills are unchanged. False ranks every layer from its own FFN input.
+    window: on the CPU computing from DRAM, room in the DRAM budget for the FP16 and INT8 neurons of this many
+        decode tokens (all layers), kept at the precision they were read at (``actors.dram``'s window): a token
+        reads off the store only the neurons the last ones did not. Taken from what would otherwise keep whole
+        layers of those precisions for good, after the layers of the precision most neurons take; 0 turns it off.
     native_decode: on the CPU, once the DRAM tier holds every layer of every precision the gate policy uses
         for good (the whole store fits its budget), a decode token of one sequence runs as one native call
         (every layer's attention, neuron choice and FFN, then the LM head: ``m2cache.actors.native_step``)
@@ -152,6 +157,7 @@ class EngineConfig:
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     admit_timeout: float | None = None
     native_decode: bool = True
+    window: float = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         if self.memory is not None:
@@ -191,6 +197,8 @@ class EngineConfig:
             raise ConfigError(f"compute_threads must be 'auto', a whole number >= 1, or None; got {self.compute_threads!r}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
+        if not isinstance(self.window, (int, float)) or not 0 <= self.window <= 64:
+            raise ConfigError(f"window must be a number of decode tokens from 0 (off) to 64, got {self.window!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):

@@ -148,7 +148,8 @@ class Engine:
             num_layers=n, num_neurons=F, layer_bytes={p: store.layer_bytes(p) for p in PRECISION_ORDER},
             budget=self.plan.dram_budget, staging_reserve=self.plan.staging_reserve, preload=self.plan.preload,
             prefetch=self.plan.prefetch, fixed_keys=self.plan.fixed_keys, precisions=self.plan.dram_precisions,
-            reader=self.reader.channel("dram"), recorder=self.recorder, pin_memory=self.device.type == "cuda")
+            reader=self.reader.channel("dram"), recorder=self.recorder, pin_memory=self.device.type == "cuda",
+            window_slots=self.plan.window_slots)
         # CUDA: the executor computes on one stream, the HBM manager copies up on another and tells it when
         compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.hbm = HBMManager(num_layers=n, num_neurons=F, slots=self.plan.hbm_slots,

@@ -18,11 +18,19 @@ def engine_counters(engine) -> Counters:
     """A snapshot of the counters the actors keep (subtract two for what happened in between)."""
     rs = engine.run_stats
     reader, dram, hbm = engine.reader, engine.dram, engine.hbm
+    window_hits, window_misses = dram.window_counts()
     return Counters(
         tokens=rs.decode_tokens + len(rs.ttft), decode_tokens=rs.decode_tokens, first_tokens=len(rs.ttft),
         prefill_s=rs.prefill_s, decode_s=rs.decode_s, stall_s=rs.stall_s, ttft_s_sum=sum(rs.ttft),
         ssd_to_dram_bytes=reader.bytes_read, dram_to_hbm_bytes=hbm.bytes_copied, hbm_hits=hbm.hits,
-        hbm_misses=hbm.misses, dram_served=_dram_served(engine), dram_neuron_reads=dram.counts["neuron_reads"])
+        hbm_misses=hbm.misses, dram_served=_dram_served(engine), dram_neuron_reads=dram.counts["neuron_reads"],
+        disk_reads=engine.backend.reads, disk_bytes=_backend_bytes(engine.backend), window_hits=window_hits,
+        window_misses=window_misses)
+
+
+def _backend_bytes(backend) -> int:
+    """Bytes the store's backend read (a simulated SSD counts them as ``bytes``)."""
+    return int(getattr(backend, "bytes_read", getattr(backend, "bytes", 0)))
 
 
 def engine_stats(engine) -> dict[str, Any]:
@@ -47,7 +55,7 @@ def engine_stats(engine) -> dict[str, Any]:
                   "fixed_layers": engine.plan.fixed_layers, "preload": engine.plan.preload,
                   "kept_for_good": _kept_for_good(engine.plan.fixed_keys),
                   "decode_read_bytes": engine.plan.decode_read_bytes,
-                  "direct_from_dram": engine.plan.direct},
+                  "direct_from_dram": engine.plan.direct, "window_slots": engine.plan.window_slots},
         "memory": _memory(engine, dram["peak_bytes"], hbm["pool_bytes"]),
         "actors": {"ssd": reader, "dram": dram, "hbm": {k: v for k, v in hbm.items() if k != "cache"}},
         # resident="stream": the attention projections read per layer (beside the FFN's SSD->DRAM bytes)

@@ -11,7 +11,7 @@ reserve for neuron-level reads (``neuron``/``hybrid``); the ring holds the curre
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class TierPlan:
     direct: bool = False  # CPU: decode computes from DRAM's whole layers; the HBM budget is lent to DRAM
     fixed_keys: tuple[tuple[int, str], ...] = ()  # (layer, precision) entries DRAM keeps for good
     decode_read_bytes: int = -1  # what a decode token reads off the store once warm (-1: not estimated)
+    window_slots: dict[str, int] = field(default_factory=dict)  # DRAM's window of neurons read one by one
 
 
 def plan_tiers(store: Store, cfg: EngineConfig, policy: Policy, *, cpu_direct: bool = False) -> TierPlan:
@@ -193,17 +194,58 @@ def _plan_dram(store: Store, cfg: EngineConfig, policy: Policy, upgrade: bool = 
     # budgets, store in the page cache, 2-core CPU, docs/results/read_plan_demo_ab.txt): 101 MB read a token for
     # 1.05x the tokens/s of whole layers ahead's 154 MB. Elsewhere from the page cache (the device pool copying
     # up, dense-fp16) whole-layer reads checked in one pass measured faster
+    window: dict[str, int] = {}
     if (cfg.direct_io or upgrade) and cfg.fixed_layers is None and preload != "layer":
-        by_share = _fixed_by_share(store, policy, used, dram_budget - staging)
-        if upgrade:  # every layer's FP16 entry serving its INT8 neurons too, when that reads less
-            by_share = min(by_share, _fixed_by_share(store, policy, used, dram_budget - staging, upgrade=True),
-                           key=lambda k: _read_bytes(store, policy, used, k, 0, upgrade))
+        room = dram_budget - staging
+
+        def kept_by_share(room: int) -> tuple[tuple[int, str], ...]:
+            by_share = _fixed_by_share(store, policy, used, room)
+            if upgrade:  # every layer's FP16 entry serving its INT8 neurons too, when that reads less
+                by_share = min(by_share, _fixed_by_share(store, policy, used, room, upgrade=True),
+                               key=lambda k: _read_bytes(store, policy, used, k, 0, upgrade))
+            return by_share
+
+        by_share = kept_by_share(room)
+        # the window where whole entries leave reads a token: its room comes from the entries kept after the
+        # layers of the precision most neurons take
+        window_bytes = (_window_bytes(store, cfg, policy, used, room)
+                        if upgrade and _read_bytes(store, policy, used, by_share, 0, upgrade) else 0)
+        if window_bytes:
+            by_share = kept_by_share(room - window_bytes)
         if _read_bytes(store, policy, used, by_share, 0, upgrade) < _read_bytes(store, policy, used, keys, prefetch,
                                                                                   upgrade):
             keys, prefetch, fixed = by_share, 0, 0
+            window = _window_slots(store, policy, used, keys, window_bytes)
     whole = {"layer": 1, "hybrid": prefetch}.get(preload, 0)  # entries not kept: read whole, or their neurons
     return TierPlan({}, 0, dram_budget, staging, used, prefetch, fixed, preload, fixed_keys=keys,
-                    decode_read_bytes=_read_bytes(store, policy, used, keys, whole, upgrade))
+                    decode_read_bytes=_read_bytes(store, policy, used, keys, whole, upgrade), window_slots=window)
+
+
+def _window_bytes(store: Store, cfg: EngineConfig, policy: Policy, used: tuple[str, ...], room: int) -> int:
+    """DRAM's window (``EngineConfig.window``): room for ``cfg.window`` decode tokens' neurons of the precisions
+    other than the one most neurons take, whose layers are kept for good first. Per byte held it saves more reads than whole layers of those precisions kept for good: a whole
+    INT8 layer saves the 20% of its neurons a token reads, a window of one token's neurons the share of them the
+    next token takes again (on the grown SmolLM2 45% of the top 10% and more of the rest; ``m2cache locality``)."""
+    counts, n_layers, F = policy.max_counts(), store.config.num_layers, store.num_neurons
+    if cfg.window <= 0 or len(used) < 2:
+        return 0
+    first = max(used, key=lambda p: counts[p] / F)
+    per_token = sum(counts[p] * store.bundle_bytes(p) for p in used if p != first) * n_layers
+    return max(0, min(int(cfg.window * per_token), room - store.layer_bytes(first) * n_layers))
+
+
+def _window_slots(store: Store, policy: Policy, used: tuple[str, ...], kept: tuple[tuple[int, str], ...],
+                  window_bytes: int) -> dict[str, int]:
+    """``window_bytes`` in slots per precision, in proportion to the bytes a token reads of each one one by one
+    (the layers not kept whole); a precision whose share would not hold three layers' neurons gets none (a
+    request the window cannot take is read as without it)."""
+    counts, n_layers = policy.max_counts(), store.config.num_layers
+    held = set(kept)
+    reads = {p: counts[p] * store.bundle_bytes(p) * sum((layer, p) not in held for layer in range(n_layers))
+             for p in used}
+    total = sum(reads.values())
+    slots = {p: int(window_bytes * reads[p] / total) // store.bundle_bytes(p) if total else 0 for p in used}
+    return {p: n for p, n in slots.items() if n >= 3 * counts[p] and reads[p]}
 
 
 def _fixed_by_share(store: Store, policy: Policy, used: tuple[str, ...], room: int,
