@@ -302,8 +302,9 @@ class DRAMManager(Actor):
                     self.staged += nbytes
                     self.counts["neuron_reads"] += 1
             self._note_peak()
-            for p, fut in reads.items():  # each read's bundles into the slots the window gave them
-                self.window_pools[p][torch.from_numpy(plan.precisions[p].miss_slots)] = await fut
+            for p, fut in reads.items():  # each read's bundles into the slots the window gave them (numpy's
+                # row copy: torch's index_put of uint8 rows measured 10x slower, 3-5 ms for 5.5 MB, on the loop)
+                self.window_pools[p].numpy()[plan.precisions[p].miss_slots] = (await fut).numpy()
         except BaseException:
             for fut in reads.values():
                 if not fut.done():

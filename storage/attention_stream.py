@@ -19,6 +19,7 @@ Synchronous on purpose, like the rest of ``storage``: ``weights(layer)`` blocks 
 from __future__ import annotations
 
 import math
+import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,12 @@ class AttentionStream:
                          for i in range(self.num_layers)] if int8 is None else []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="m2cache-attn")
         self._held: dict[int, Future] = {}
+        # INT8 layers are read into buffers reused from layer to layer (a fresh mapping a read made each 14 MB
+        # region of the grown SmolLM2 take 25 ms instead of 13: ``storage.ssd``'s SCRATCH_MAX); a layer's goes
+        # back to ``_free`` when it leaves the window, once the executor is past it (``weights`` is called on
+        # its compute thread, one layer after another), and its reads run one after another on one thread
+        self._buffers: dict[int, mmap.mmap] = {}
+        self._free: list[mmap.mmap] = []
         self.bytes_read = 0
 
     @property
@@ -118,17 +125,32 @@ class AttentionStream:
     def weights(self, layer: int) -> tuple[torch.Tensor | Int8Weight, torch.Tensor | Int8Weight]:
         window = [(layer + j) % self.num_layers for j in range(self.depth + 1)]
         for old in [k for k in self._held if k not in window]:
-            del self._held[old]  # the oldest first: room before the next read starts
+            self._drop(old)  # the oldest first: room before the next read starts
         for k in window:
             if k not in self._held:
-                self._held[k] = self._pool.submit(self._read_int8 if self.int8 is not None else self._read, k)
+                if self.int8 is None:
+                    self._held[k] = self._pool.submit(self._read, k)
+                else:
+                    buf = self._buffers[k] = self._free.pop() if self._free else mmap.mmap(-1, self._span())
+                    self._held[k] = self._pool.submit(self._read_int8, k, buf)
         try:
             return self._held[layer].result()
         except BaseException:
-            del self._held[layer]  # a failed read is not kept: the next step that needs the layer reads again
+            self._drop(layer)  # a failed read is not kept: the next step that needs the layer reads again
             raise
 
-    def _read_int8(self, layer: int) -> tuple[Int8Weight, Int8Weight]:
+    def _drop(self, layer: int) -> None:
+        del self._held[layer]
+        buf = self._buffers.pop(layer, None)
+        if buf is not None:
+            self._free.append(buf)
+
+    def _span(self) -> int:
+        """A buffer that takes a layer's region with the alignment O_DIRECT reads round it to on both sides."""
+        assert self.int8 is not None
+        return self.int8[1].stride + 2 * mmap.PAGESIZE
+
+    def _read_int8(self, layer: int, buf: mmap.mmap | None = None) -> tuple[Int8Weight, Int8Weight]:
         """One layer's region, checked: transient SSD errors retried, a region whose checksum fails read
         again (``read_checked``: the same wrong bytes three times is a damaged file)."""
         assert self.int8 is not None
@@ -138,7 +160,7 @@ class AttentionStream:
         def bad_region(data: bytes) -> tuple[str, bytes] | None:
             return None if checksum(data) == int(crcs[layer]) else ("the region", bytes(data))
 
-        data = read_checked(self.backend, path, layer * layout.stride, layout.stride, what, bad_region)
+        data = read_checked(self.backend, path, layer * layout.stride, layout.stride, what, bad_region, into=buf)
         if isinstance(data, bytes):  # a buffered read: torch wants a writable buffer
             data = bytearray(data)
         self.bytes_read += layout.stride
@@ -166,6 +188,8 @@ class AttentionStream:
     def close(self) -> None:
         self._held.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._buffers.clear()  # the mappings go when the last tensor viewing them does
+        self._free.clear()
 
 
 def verify_int8_file(store: Path, entry: dict[str, Any], num_layers: int) -> None:

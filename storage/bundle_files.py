@@ -43,7 +43,7 @@ CORRUPT_BACKOFF_MAX_S = 0.08
 
 
 class Backend(Protocol):
-    def read(self, path: str | Path, offset: int, length: int) -> bytes: ...
+    def read(self, path: str | Path, offset: int, length: int) -> bytes | memoryview: ...
 
 
 class PlainBackend:
@@ -269,10 +269,14 @@ def first_bad_block(data: bytes, crcs: np.ndarray, block_bytes: int, checksum,
     return None
 
 
-def read_with_retries(backend: Backend, path: str | Path, offset: int, length: int, what: object) -> bytes:
-    """Reads, retrying transient SSD errors with bounded exponential backoff (we are in an I/O thread)."""
+def read_with_retries(backend: Backend, path: str | Path, offset: int, length: int, what: object,
+                      into: Any = None) -> bytes:
+    """Reads, retrying transient SSD errors with bounded exponential backoff (we are in an I/O thread).
+    ``into``: a buffer of the caller's for the backend to read into (``FileBackend.read``)."""
     for attempt in range(TRANSIENT_RETRIES + 1):
         try:
+            if into is not None:
+                return backend.read(path, offset, length, into=into)  # type: ignore[call-arg]
             return backend.read(path, offset, length)
         except TransientSSDError as e:
             if attempt == TRANSIENT_RETRIES:
@@ -282,7 +286,7 @@ def read_with_retries(backend: Backend, path: str | Path, offset: int, length: i
 
 
 def read_checked(backend: Backend, path: str | Path, offset: int, length: int, what: object,
-                 find_bad: Callable[[bytes], tuple[str, bytes] | None]) -> bytes:
+                 find_bad: Callable[[bytes], tuple[str, bytes] | None], into: Any = None) -> bytes:
     """``length`` bytes at ``offset`` that ``find_bad`` finds nothing wrong with: transient SSD errors are
     retried (``read_with_retries``); a range whose checksum fails is read again with backoff.
 
@@ -292,7 +296,7 @@ def read_checked(backend: Backend, path: str | Path, offset: int, length: int, w
     controller): read up to ``CORRUPT_READS`` times, then ``UnstableReadError``, which does not blame the file."""
     seen: list[tuple[str, bytes]] = []
     for attempt in range(CORRUPT_READS):
-        data = read_with_retries(backend, path, offset, length, what)
+        data = read_with_retries(backend, path, offset, length, what, into)
         bad = find_bad(data)
         if bad is None:
             if seen:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from m2cache.errors import ConfigError, PermanentSSDError, SSDError, TransientSSDError
 from m2cache.storage.ssd import SSDBackend, _where
@@ -198,7 +199,7 @@ class SimulatedSSD:
             return TransientSSDError(f"simulated transient SSD error: read of {where}")
         return None
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+    def read(self, path: str | Path, offset: int, length: int, into: Any = None) -> bytes | memoryview:
         # Interned: the attempt table holds one entry per distinct (path, offset) ever read (about
         # 100 bytes each, so ~100 MB per million distinct blocks); one string per file, not per read.
         spec, spath = self.spec, sys.intern(os.fspath(path))
@@ -225,7 +226,7 @@ class SimulatedSSD:
                 self.failures += isinstance(error, TransientSSDError)
                 self.permanent_failures += isinstance(error, PermanentSSDError)
             raise error
-        data = self.inner.read(path, offset, length)
+        data = self.inner.read(path, offset, length) if into is None else self.inner.read(path, offset, length, into=into)
         if faulty and length and u_corrupt < spec.corrupt:
             pos = min(int(u_pos * length), length - 1)
             bit = min(int(u_bit * 8), 7)
