@@ -169,3 +169,21 @@ def test_every_row_carries_its_quality_beside_its_speed(tiny_synth: dict[str, Pa
     if "llama-f16" in rows and rows["llama-f16"]["status"] != "skipped":
         assert rows["llama-f16"]["ppl"] == pytest.approx(rows["llama-f16"]["dense_ppl"], rel=0.02)
     assert part["fastest_at"] and all(line.startswith("Δppl") for line in part["fastest_at"])
+
+
+def test_a_row_with_options_runs_beside_the_plain_one(tiny_synth: dict[str, Path], tmp_path: Path) -> None:
+    from m2cache.bench.plan import row_options
+
+    assert row_options("m2cache:gate:0,0,1@window=0@resident=int8") == ("m2cache:gate:0,0,1",
+                                                                        {"window": "0", "resident": "int8"})
+    for bad in ("m2cache@prefetch=3", "llama-f16@window=0", "m2cache@resident=fp8"):
+        with pytest.raises(SystemExit, match="options are for m2cache rows"):
+            row_options(bad)
+    out = tmp_path / "bench.json"
+    rc = main(["--store", str(tiny_synth["store"]), "--hf", str(tiny_synth["hf"]), "--tokens", "3", "--runs", "1",
+               "--memory", "none", "--prompts", "Hello there", "--no-direct-io", "--no-quality",
+               "--systems", "m2cache,m2cache@resident=int8@window=0", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["limits"][0]["systems"]
+    assert [r["runs_ok"] for r in rows.values()] == [1, 1]
+    assert rows["m2cache@resident=int8@window=0"]["m2cache_stats"]["resident_form"] == "int8"

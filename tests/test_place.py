@@ -45,3 +45,18 @@ def test_each_layer_holds_the_sources_neurons_most_chosen_first(tiny_store, plac
 def test_place_refuses_to_overwrite_its_source(tiny_store):
     with pytest.raises(ConfigError, match="other than STORE"):
         place(tiny_store.store, tiny_store.store, tokens=16, progress=False)
+
+
+def test_the_bench_places_its_model_once_in_the_same_folder(tiny_store, tmp_path, monkeypatch):
+    import shutil
+
+    from m2cache.bench import model
+
+    monkeypatch.setattr(model, "PLACE_TOKENS", 64)
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store.store, store)
+    model.ensure_placed(store, tmp_path)
+    first = Store(store).manifest["placement"]
+    assert first["tokens"] == 64 and sorted(p.name for p in tmp_path.iterdir()) == ["grown.json", "store"]
+    model.ensure_placed(store, tmp_path)  # already placed: nothing written
+    assert Store(store).manifest["placement"] == first

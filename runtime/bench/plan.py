@@ -18,7 +18,7 @@ from m2cache.bench.model import (GGUF_TYPES, RANDOM_GGUF_TYPES, bench_model, ens
                                  grown_model)
 from m2cache.bench.report import GB
 from m2cache.bench.systems import Job
-from m2cache.engine.config import EngineConfig, parse_size
+from m2cache.engine.config import RESIDENT_FORMS, EngineConfig, parse_size
 from m2cache.formats.shares import Shares
 
 # imports inside functions: they load torch; the bench's children import this module (through
@@ -102,18 +102,21 @@ def expand_systems(args) -> list[str]:
     return systems
 
 
-ROW_OPTIONS = ("window", "lookahead", "store")
+ROW_OPTIONS = ("window", "lookahead", "store", "resident")
 
 
 def row_options(system: str) -> tuple[str, dict[str, str]]:
     """A row's system and its options: ``m2cache@window=0`` is the ``m2cache`` row with ``EngineConfig.window`` 0,
     ``@lookahead=1`` turns the lookahead on, ``@store=PATH`` runs it on another store of the same model (a
-    placed one: ``m2cache place``); so one run measures a lever on and off side by side."""
+    placed one: ``m2cache place``), ``@resident=FORM`` holds the resident part in that form (``--resident``);
+    so one run measures a lever on and off side by side."""
     base, *parts = system.split("@")
     opts = dict(part.partition("=")[::2] for part in parts)
-    bad = [k for k in opts if k not in ROW_OPTIONS]
+    bad = [k for k in opts if k not in ROW_OPTIONS] + [f"resident={v}" for k, v in opts.items()
+                                                      if k == "resident" and v not in RESIDENT_FORMS]
     if bad or parts and not base.startswith("m2cache"):
-        raise SystemExit(f"m2cache bench: {system}: options are for m2cache rows, of: {', '.join(ROW_OPTIONS)}")
+        raise SystemExit(f"m2cache bench: {system}: options are for m2cache rows, of: {', '.join(ROW_OPTIONS)} "
+                         f"(resident one of {', '.join(RESIDENT_FORMS)})")
     return base, opts
 
 
@@ -252,7 +255,8 @@ class Plan:
         name, store = self.row_policy(system) or "dense-fp16", self.row_store(system)
         policy = Policy(store.config.num_layers, store.num_neurons, self.shares(system))
         cfg = EngineConfig(memory=1, dtype=self.dtype, policy=name, preload=self.args.preload,
-                           resident="full" if system == "m2cache-dense-fp16" else self.args.resident)
+                           resident="full" if system == "m2cache-dense-fp16"
+                           else row_options(system)[1].get("resident", self.args.resident))
         direct = not self.cuda and self.args.compute_from_dram and name != "dense-fp16"
         need, why = smallest_memory(store, cfg, policy, cpu_direct=direct,
                                     runtime=M2CACHE_RUNTIME + self.gate_copy_bytes(name, store))
@@ -349,7 +353,7 @@ class Plan:
         return Job(system=s, store=str(self.row_store(s).path if m2 else self.model.store), hf=str(self.model.hf),
                    prompts=self.prompts, tokens=a.tokens, hbm_budget=hbm, dram_budget=dram, offload_memory=offload,
                    memory=limit if m2 and self.sizes_itself() else None,
-                   resident="full" if s == "m2cache-dense-fp16" else a.resident, device=a.device,
+                   resident="full" if s == "m2cache-dense-fp16" else opts.get("resident", a.resident), device=a.device,
                    m2cache_dtype=self.dtype, policy=self.row_policy(s) if m2 else None, direct_io=a.direct_io,
                    preload=a.preload, io_threads=a.io_threads, compute_from_dram=a.compute_from_dram,
                    lookahead=bool(int(opts.get("lookahead", a.lookahead))),
