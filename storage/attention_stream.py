@@ -42,50 +42,70 @@ ATTENTION_INT8 = "attention-int8.bin"
 @dataclass(frozen=True)
 class Int8AttentionLayout:
     """One layer's region of ``attention-int8.bin``, ``stride`` bytes (a multiple of 4 KiB), layer L at
-    ``L * stride``: wqkv's INT8 rows [(H+2KV)*hd, D], wo's INT8 rows [D, H*hd], then their float32
-    scales (one a row), zero padding to the stride. Quantised as :meth:`Int8Weight.quantize` does at open."""
+    ``L * stride``: wqkv's INT8 rows [(H+2KV)*hd, D], wo's INT8 rows [D, H*hd], then their float32 scales (one
+    a row, or with ``group`` one per ``group`` values of a row, as the resident INT8 form the CPU kernels read:
+    the manifest's ``group``), zero padding to the stride. Quantised as :meth:`Int8Weight.quantize` does at
+    open. One scale a row measured +1.15% perplexity on the grown SmolLM2 at 40% where groups of 32 gave
+    +0.59% (``docs/results/bench_grown_40pct_policies.txt``): stores written now take groups of 32."""
     qkv_rows: int
     dim: int
     o_cols: int
+    group: int = 0
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> "Int8AttentionLayout":
-        return cls((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+    def of(cls, cfg: ModelConfig, group: int = 0) -> "Int8AttentionLayout":
+        return cls((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size, cfg.num_heads * cfg.head_dim,
+                   group)
+
+    @classmethod
+    def of_entry(cls, cfg: ModelConfig, entry: dict[str, Any]) -> "Int8AttentionLayout":
+        """The layout a store's manifest entry ``attention_int8`` says its file has."""
+        return cls.of(cfg, int(entry.get("group", 0)))
+
+    def _scales(self, cols: int) -> int:
+        return cols // self.group if self.group else 1
 
     @property
     def _offsets(self) -> tuple[int, int, int, int]:
         """Byte offsets of wqkv's q, wo's q, wqkv's scales, wo's scales, and where the data ends."""
         o_q = self.qkv_rows * self.dim
         qkv_s = round_up(o_q + self.dim * self.o_cols, 16)
-        o_s = qkv_s + 4 * self.qkv_rows
-        return o_q, qkv_s, o_s, o_s + 4 * self.dim
+        o_s = qkv_s + 4 * self.qkv_rows * self._scales(self.dim)
+        return o_q, qkv_s, o_s, o_s + 4 * self.dim * self._scales(self.o_cols)
 
     @property
     def stride(self) -> int:
         return round_up(self._offsets[3], ALIGN)
 
     def held_bytes(self, dtype_bytes: int) -> int:
-        """What one layer streamed from the file holds: its region as read, and its scales in the compute dtype."""
-        return self.stride + (self.qkv_rows + self.dim) * dtype_bytes
+        """What one layer streamed from the file holds: its region as read, and with one scale a row its
+        scales in the compute dtype (groups' float32 scales are used where they lie)."""
+        return self.stride + (0 if self.group else (self.qkv_rows + self.dim) * dtype_bytes)
 
     def pack(self, wqkv: Int8Weight, wo: Int8Weight) -> bytes:
         """A layer's region: the weights quantised with float32 scales."""
-        o_q, qkv_s, o_s, _ = self._offsets
+        if wqkv.group != self.group or wo.group != self.group:
+            raise ValueError(f"weights quantised in groups of {wqkv.group}/{wo.group} for a layout of {self.group}")
+        o_q, qkv_s, o_s, end = self._offsets
         buf = np.zeros(self.stride, dtype=np.uint8)
         buf[:o_q] = wqkv.q.numpy().view(np.uint8).reshape(-1)
         buf[o_q:o_q + self.dim * self.o_cols] = wo.q.numpy().view(np.uint8).reshape(-1)
-        buf[qkv_s:o_s] = wqkv.scale.float().numpy().view(np.uint8)
-        buf[o_s:o_s + 4 * self.dim] = wo.scale.float().numpy().view(np.uint8)
+        buf[qkv_s:o_s] = wqkv.scale.float().contiguous().numpy().view(np.uint8).reshape(-1)
+        buf[o_s:end] = wo.scale.float().contiguous().numpy().view(np.uint8).reshape(-1)
         return buf.tobytes()
 
     def unpack(self, data: Any, dtype: torch.dtype) -> tuple[Int8Weight, Int8Weight]:
-        """(wqkv, wo) viewing ``data`` (one layer's region; INT8 rows not copied, scales in ``dtype``)."""
+        """(wqkv, wo) viewing ``data`` (one layer's region; INT8 rows not copied, one scale a row in ``dtype``,
+        groups' scales float32 as they lie)."""
         o_q, qkv_s, o_s, end = self._offsets
         raw = torch.frombuffer(data, dtype=torch.uint8)
         q = raw[:qkv_s].view(torch.int8)
+        wq, woq = q[:o_q].view(self.qkv_rows, self.dim), q[o_q:o_q + self.dim * self.o_cols].view(self.dim, self.o_cols)
+        if self.group:
+            return (Int8Weight(wq, raw[qkv_s:o_s].view(torch.float32).view(self.qkv_rows, -1), self.group),
+                    Int8Weight(woq, raw[o_s:end].view(torch.float32).view(self.dim, -1), self.group))
         scales = raw[qkv_s:end].view(torch.float32).to(dtype)
-        return (Int8Weight(q[:o_q].view(self.qkv_rows, self.dim), scales[:self.qkv_rows]),
-                Int8Weight(q[o_q:o_q + self.dim * self.o_cols].view(self.dim, self.o_cols), scales[self.qkv_rows:]))
+        return Int8Weight(wq, scales[:self.qkv_rows]), Int8Weight(woq, scales[self.qkv_rows:])
 
 
 class AttentionStream:
@@ -96,7 +116,7 @@ class AttentionStream:
                  int8: dict[str, Any] | None = None) -> None:
         self.path, self.num_layers, self.dtype, self.backend = Path(path), cfg.num_layers, dtype, backend
         self.depth = min(depth, self.num_layers - 1)
-        self.int8 = None if int8 is None else (self.path.parent / int8["path"], Int8AttentionLayout.of(cfg),
+        self.int8 = None if int8 is None else (self.path.parent / int8["path"], Int8AttentionLayout.of_entry(cfg, int8),
                                                np.frombuffer(int8["crc32"], dtype=np.uint32),
                                                checksum_fn(int8.get("checksum", CHECKSUM)))
         self._extents = [{x: tensor_extent(self.path, f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkvo"}

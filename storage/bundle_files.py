@@ -8,6 +8,8 @@ synchronous (the runtime calls them from its I/O threads) and go through an SSD 
 from __future__ import annotations
 
 import logging
+import mmap
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -43,13 +45,13 @@ CORRUPT_BACKOFF_MAX_S = 0.08
 
 
 class Backend(Protocol):
-    def read(self, path: str | Path, offset: int, length: int) -> bytes | memoryview: ...
+    def read(self, path: str | Path, offset: int, length: int, into: Any = None) -> bytes | memoryview: ...
 
 
 class PlainBackend:
-    """Buffered reads with no extras; used where no SSD backend is configured."""
+    """Buffered reads with no extras; used where no SSD backend is configured (``into`` is not needed)."""
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+    def read(self, path: str | Path, offset: int, length: int, into: Any = None) -> bytes:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(length)
@@ -174,33 +176,41 @@ class BundleFiles:
             return geom.file_bytes(self.num_neurons)
         return sum(count for _, count, _ in plan.runs) * geom.block_bytes
 
-    def read_run(self, plan: NeuronRead, run: Run | None, backend: Backend) -> np.ndarray | torch.Tensor:
-        """One of ``plan``'s reads: a run's blocks (uint8 [count * block_bytes], the kept ones verified), or
-        with ``run`` None the whole layer (``read_layer``'s rows)."""
+    def read_run(self, plan: NeuronRead, run: Run | None, backend: Backend, blocks: np.ndarray | None = None,
+                 at: int = 0) -> torch.Tensor | None:
+        """One of ``plan``'s reads. With ``run`` None the whole layer (``read_layer``'s rows, returned); else a
+        run's blocks, the kept ones verified and copied into ``blocks`` (the plan's, ``new_blocks``) from row
+        ``at`` on, in the reading thread: the run lands in that thread's reused buffer (``thread_buffer``), so
+        a read leaves no buffer of its own behind."""
         if run is None:  # only the blocks of plan's neurons verified: a damaged other must not fail the read
             return self.read_layer(plan.layer, plan.precision, backend, need=plan.blocks)
+        assert blocks is not None, "a run's blocks go into the plan's array"
         first, count, need = run
-        return self._read_verified(plan.layer, plan.precision, first, count, need, backend, None)
-
-    def assemble(self, plan: NeuronRead, got: list[Any]) -> torch.Tensor:
-        """``plan.ids``' bundles [n, bundle_bytes] from the results of its reads, in order."""
-        if plan.runs is None:  # numpy's gather: no intra-op threads (see quant.join_parts)
-            return torch.from_numpy(got[0].numpy()[plan.ids])
         geom = self.geometry[plan.precision]
-        data = np.empty((len(plan.blocks), geom.block_bytes), np.uint8)  # the blocks kept, filled run by run
-        done = 0
-        for (_, count, need), run_data in zip(plan.runs, got):
-            data[done:done + len(need)] = run_data.reshape(count, geom.block_bytes)[need]
-            done += len(need)
-        assert done == len(plan.blocks), "every block kept was read once"
+        data = self._read_verified(plan.layer, plan.precision, first, count, need, backend, None,
+                                   into=thread_buffer(count * geom.block_bytes))
+        blocks[at:at + len(need)] = data.reshape(count, geom.block_bytes)[need]
+        return None
+
+    def new_blocks(self, plan: NeuronRead) -> np.ndarray | None:
+        """The array a plan's runs fill with the blocks they keep (None for a whole-file read)."""
+        return None if plan.runs is None else np.empty((len(plan.blocks), self.geometry[plan.precision].block_bytes),
+                                                       np.uint8)
+
+    def assemble(self, plan: NeuronRead, got: Any) -> torch.Tensor:
+        """``plan.ids``' bundles [n, bundle_bytes]: from the whole layer read (``got``, its rows), or from the
+        blocks its runs kept (``got``, ``new_blocks``' array, filled)."""
+        if plan.runs is None:  # numpy's gather: no intra-op threads (see quant.join_parts)
+            return torch.from_numpy(got.numpy()[plan.ids])
+        geom = self.geometry[plan.precision]
         # the row of each id's block among the blocks kept, then the bundle inside the block
         row = np.searchsorted(plan.blocks, plan.ids // geom.neurons_per_block)
-        bundles = data[:, : geom.neurons_per_block * geom.bundle_bytes].reshape(
+        bundles = got[:, : geom.neurons_per_block * geom.bundle_bytes].reshape(
             len(plan.blocks), geom.neurons_per_block, geom.bundle_bytes)
         return torch.from_numpy(np.ascontiguousarray(bundles[row, plan.ids % geom.neurons_per_block]))
 
     def _read_verified(self, layer: int, precision: str, first: int, count: int, need: np.ndarray | None,
-                       backend: Backend, whole: int | None) -> np.ndarray:
+                       backend: Backend, whole: int | None, into: Any = None) -> np.ndarray:
         """Blocks [first, first+count) as uint8; the blocks in ``need`` (all when None) verified, a range
         that fails read again (``read_checked``): never returned corrupt."""
         geom = self.geometry[precision]
@@ -217,7 +227,7 @@ class BundleFiles:
                 return None
             return f"block {first + bad}", bytes(memoryview(data)[bad * geom.block_bytes:(bad + 1) * geom.block_bytes])
 
-        return np.frombuffer(read_checked(backend, path, offset, length, what, bad_block), dtype=np.uint8)
+        return np.frombuffer(read_checked(backend, path, offset, length, what, bad_block, into=into), dtype=np.uint8)
 
     def describe(self, layer: int, precision: str, first: int, count: int) -> str:
         npb = self.geometry[precision].neurons_per_block
@@ -228,18 +238,42 @@ class BundleFiles:
 def read_planned(plans: list[NeuronRead], backend: Backend, pool: Executor | None = None) -> list[torch.Tensor]:
     """The bundles each plan wants, its reads (of every plan: one file's and another's at once) run by
     ``pool``'s threads when there is more than one."""
-    reads = [(plan, run) for plan in plans for run in (plan.runs if plan.runs is not None else [None])]
+    blocks = [plan.files.new_blocks(plan) for plan in plans]
+    reads: list[tuple[NeuronRead, Run | None, np.ndarray | None, int]] = []
+    for plan, out in zip(plans, blocks):
+        at = 0
+        for run in (plan.runs if plan.runs is not None else [None]):
+            reads.append((plan, run, out, at))
+            at += 0 if run is None else len(run[2])
+        assert plan.runs is None or at == len(plan.blocks), "every block kept is read once"
 
-    def read(item: tuple[NeuronRead, Run | None]) -> Any:
-        return item[0].files.read_run(item[0], item[1], backend)
+    def read(item: tuple[NeuronRead, Run | None, np.ndarray | None, int]) -> Any:
+        plan, run, out, at = item
+        return plan.files.read_run(plan, run, backend, out, at)
 
     got = list(pool.map(read, reads) if pool is not None and len(reads) > 1 else map(read, reads))
-    out, at = [], 0
-    for plan in plans:
-        n = 1 if plan.runs is None else len(plan.runs)
-        out.append(plan.files.assemble(plan, got[at:at + n]))
-        at += n
-    return out
+    whole = {id(plan): g for (plan, run, _, _), g in zip(reads, got) if run is None}
+    return [plan.files.assemble(plan, whole[id(plan)] if plan.runs is None else out)
+            for plan, out in zip(plans, blocks)]
+
+
+_THREAD = threading.local()
+THREAD_BUFFER_MAX = 4 << 20  # a run up to this size lands in its thread's reused buffer; a larger one in its own
+
+
+def thread_buffer(nbytes: int) -> mmap.mmap | None:
+    """The calling thread's reused page-aligned buffer, for a read of ``nbytes`` whose blocks are copied out
+    before the thread reads again (``read_run``); None above THREAD_BUFFER_MAX (the backend maps that read its
+    own buffer). A buffer mapped a read, its pages zeroed and unmapped again, measured half the small reads a
+    second of a reused one (7 against 14-16 k reads of 36 KiB a second on 8 threads, ``storage.ssd``); a
+    copy of each read into memory of its own (bytes) kept the process's peak too high under a 1.5 GB limit."""
+    need = -(-(nbytes + 2 * mmap.PAGESIZE) // (1 << 20)) << 20  # the read's span rounded out to pages, in MiB
+    if need > THREAD_BUFFER_MAX:
+        return None
+    buf = getattr(_THREAD, "buf", None)
+    if buf is None or len(buf) < need:  # the old one goes once nothing views it
+        buf = _THREAD.buf = mmap.mmap(-1, need)
+    return buf
 
 
 def merge_gap(geom: BlockGeometry) -> int:
@@ -275,9 +309,7 @@ def read_with_retries(backend: Backend, path: str | Path, offset: int, length: i
     ``into``: a buffer of the caller's for the backend to read into (``FileBackend.read``)."""
     for attempt in range(TRANSIENT_RETRIES + 1):
         try:
-            if into is not None:
-                return backend.read(path, offset, length, into=into)  # type: ignore[call-arg]
-            return backend.read(path, offset, length)
+            return backend.read(path, offset, length, into=into)
         except TransientSSDError as e:
             if attempt == TRANSIENT_RETRIES:
                 raise TransientSSDError(f"{what}: read failed {attempt + 1} times ({e}); check the disk") from e

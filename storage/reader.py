@@ -138,7 +138,7 @@ class Store:
         if attention:  # optional: stores written before it stream BF16/FP16 attention instead
             self._check_file(self.path / attention["path"], attention["size"], "the INT8 attention weights")
             n = self.config.num_layers
-            if (attention["layer_bytes"] != Int8AttentionLayout.of(self.config).stride
+            if (attention["layer_bytes"] != Int8AttentionLayout.of_entry(self.config, attention).stride
                     or len(attention["crc32"]) != 4 * n or attention["size"] != n * attention["layer_bytes"]):
                 raise StoreVersionError(f"{self.path / MANIFEST}: the INT8 attention file's layout is not the one this "
                                         f"m2cache reads; {FIX_HINT}")

@@ -25,15 +25,9 @@ from m2cache.errors import PermanentSSDError, SSDError, TransientSSDError
 log = logging.getLogger(__name__)
 
 _ALIGN = 4096  # O_DIRECT needs offset, length and buffer aligned to the logical block size
-# O_DIRECT reads up to this size land in the reading thread's own buffer, reused, and are copied out: a fresh
-# anonymous mmap a read (its mapping, its pages zero-filled, its unmapping shooting down the other threads'
-# TLB entries) measured 7.0-7.3 k reads a second of 36 KiB on 8 threads (sys time 0.85 s for 6000 reads),
-# a reused buffer 14-16 k (0.14-0.21 s); the copy out of 136 KB costs some 10 us. Larger reads (a whole
-# layer) keep their own mapping: no copy of tens of MB.
-SCRATCH_MAX = 1 << 20
-# a larger read's own mapping, its pages made at once rather than faulted in one by one as the read fills them:
-# 14 MB reads measured 21 ms each instead of 25 (sys 7 ms instead of 13); a buffer the caller reuses (``into``,
-# as the attention stream does) 13 ms (sys 0.7)
+# a read's own mapping, its pages made at once rather than faulted in one by one as the read fills them: 14 MB
+# reads measured 21 ms each instead of 25 (sys 7 ms instead of 13); a buffer the caller reuses (``into``, as the
+# attention stream and the neuron runs do: ``bundle_files.thread_buffer``) 13 ms (sys 0.7)
 _FRESH_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT}
 
@@ -73,7 +67,6 @@ class FileBackend:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[tuple[str, bool], int] = {}
-        self._scratch = threading.local()  # .buf: the thread's reused mmap for reads up to SCRATCH_MAX
 
     def _fd(self, path: str, direct: bool) -> int:
         key = (path, direct)
@@ -94,21 +87,19 @@ class FileBackend:
                      ) -> bytes | memoryview | None:
         """Aligned O_DIRECT read; None when the filesystem refuses it (caller falls back).
 
-        A read larger than SCRATCH_MAX lands in a fresh anonymous mmap (page-aligned, as O_DIRECT needs) and
-        the caller gets a view of the range asked for: no second copy, so a whole-layer read holds its own
-        bytes once (the mmap goes back to the OS when the last view of it is dropped). A smaller one lands in
-        the thread's reused buffer and the caller gets a copy of the range (see SCRATCH_MAX). ``into``: the
-        caller's own page-aligned buffer (an mmap), covering the aligned span, which the view then is of."""
+        The blocks land in the caller's page-aligned buffer ``into`` (an mmap covering the aligned span), or
+        in a fresh anonymous mmap (page-aligned, as O_DIRECT needs), and the caller gets a view of the range
+        asked for: no second copy, so a whole-layer read holds its own bytes once (the mmap goes back to the
+        OS when the last view of it is dropped)."""
         start = offset - offset % _ALIGN
         end = -(-(offset + length) // _ALIGN) * _ALIGN
         want = offset - start + length
-        small = into is None and end - start <= SCRATCH_MAX
         if into is not None:
             if len(into) < end - start:
                 raise ValueError(f"a buffer of {len(into)} bytes cannot take the {end - start} of {_where(path, offset, length)}")
             buf = into
         else:
-            buf = self._thread_buffer() if small else mmap.mmap(-1, end - start, flags=_FRESH_FLAGS)
+            buf = mmap.mmap(-1, end - start, flags=_FRESH_FLAGS)
         got = 0
         try:
             fd = self._fd(path, True)
@@ -119,29 +110,19 @@ class FileBackend:
                         break
                     got += n
         except OSError as exc:
-            if not small and into is None:
+            if into is None:
                 buf.close()
             if exc.errno == errno.EINVAL:
                 self._fall_back(path, exc)
                 return None
             raise
         if got < want:
-            if not small and into is None:
+            if into is None:
                 buf.close()
             raise PermanentSSDError(
                 f"short read of {_where(path, offset, length)}: file ends at byte "
                 f"{start + got} (truncated store file?)")
-        if small:  # the thread's buffer is read into again by its next read: the caller gets its own copy
-            with memoryview(buf) as whole:
-                return whole[offset - start:offset - start + length].tobytes()
         return memoryview(buf)[offset - start:offset - start + length]
-
-    def _thread_buffer(self) -> mmap.mmap:
-        """This thread's reused, page-aligned buffer of SCRATCH_MAX bytes (made on its first small read)."""
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None:
-            buf = self._scratch.buf = mmap.mmap(-1, SCRATCH_MAX)
-        return buf
 
     def _read_buffered(self, path: str, offset: int, length: int) -> bytes:
         fd = self._fd(path, False)

@@ -226,7 +226,7 @@ class SimulatedSSD:
                 self.failures += isinstance(error, TransientSSDError)
                 self.permanent_failures += isinstance(error, PermanentSSDError)
             raise error
-        data = self.inner.read(path, offset, length) if into is None else self.inner.read(path, offset, length, into=into)
+        data = self.inner.read(path, offset, length, into=into)
         if faulty and length and u_corrupt < spec.corrupt:
             pos = min(int(u_pos * length), length - 1)
             bit = min(int(u_bit * 8), 7)

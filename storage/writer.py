@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from m2cache.formats.config import ModelConfig
 from m2cache.formats.families import layer_tensor_names, layer_tensor_shapes
-from m2cache.formats.int8 import Int8Weight
+from m2cache.formats.int8 import RESIDENT_GROUP, Int8Weight
 from m2cache.formats.shares import DEFAULT_POLICY, GATE_PRESETS
 from m2cache.formats import quant
 from m2cache.storage.attention_stream import ATTENTION_INT8, Int8AttentionLayout
@@ -177,20 +177,23 @@ class FFNWriter:
                                "crc32": file_checksum(self.root / GATE_NORMS)}}
 
 
-def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig) -> dict[str, Any]:
+def write_attention_int8(store: Path, get: TensorGetter, cfg: ModelConfig, group: int | None = None) -> dict[str, Any]:
     """Writes ``attention-int8.bin`` (every layer's attention projections in INT8, quantised from the
-    resident file's values: ``get`` reads them) and returns its manifest entry, one checksum a layer."""
-    layout, fn, crcs = Int8AttentionLayout.of(cfg), checksum_fn(CHECKSUM), []
+    resident file's values: ``get`` reads them) and returns its manifest entry, one checksum a layer. ``group``:
+    values a scale covers (default RESIDENT_GROUP where it divides the rows, else one scale a row)."""
+    if group is None:
+        group = RESIDENT_GROUP if not (cfg.hidden_size % RESIDENT_GROUP or (cfg.num_heads * cfg.head_dim) % RESIDENT_GROUP) else 0
+    layout, fn, crcs = Int8AttentionLayout.of(cfg, group), checksum_fn(CHECKSUM), []
     with open(store / ATTENTION_INT8, "wb") as f:
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}.self_attn."
-            wqkv = Int8Weight.quantize(torch.cat([get(p + f"{x}_proj.weight") for x in "qkv"]), torch.float32)
-            wo = Int8Weight.quantize(get(p + "o_proj.weight"), torch.float32)
+            wqkv = Int8Weight.quantize(torch.cat([get(p + f"{x}_proj.weight") for x in "qkv"]), torch.float32, group)
+            wo = Int8Weight.quantize(get(p + "o_proj.weight"), torch.float32, group)
             data = layout.pack(wqkv, wo)
             crcs.append(fn(data))
             f.write(data)
     return {"path": ATTENTION_INT8, "layer_bytes": layout.stride, "size": layout.stride * cfg.num_layers,
-            "checksum": CHECKSUM, "crc32": np.array(crcs, dtype=np.uint32).tobytes()}
+            "checksum": CHECKSUM, "crc32": np.array(crcs, dtype=np.uint32).tobytes(), "group": group}
 
 
 def write_manifest(store: Path, manifest: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import torch
 
 
 from m2cache.engine.config import EngineConfig
+from m2cache.formats.int8 import RESIDENT_GROUP
 from m2cache.engine.engine import Engine
 from m2cache.engine.loading import load_dense, load_resident, resident_bytes
 from m2cache.engine.memory import plan_memory, process_rss, resident_bytes_of
@@ -241,27 +242,49 @@ def test_streamed_attention_is_the_files_own_and_holds_a_window_of_layers(tiny_s
         stream.close()
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_streamed_int8_attention_is_the_resident_weights_quantised_a_scale_a_row(tiny_store, direct: bool) -> None:
-    # the store's INT8 attention file holds one scale a row (the int8 form at open takes groups of 32 where the
-    # CPU kernels read them: formats/int8.py)
+def _check_stream(store: Store, direct: bool, group: int) -> None:
     from m2cache.storage.attention_stream import AttentionStream
     from m2cache.storage.ssd import FileBackend
 
-    store = Store(tiny_store.store)
     full = load_resident(store, torch.float32, form="full")
     stream = AttentionStream(store.path / store.manifest["resident"]["path"], store.config, torch.bfloat16,
                              FileBackend(direct=direct), depth=1, int8=store.manifest["attention_int8"])
     try:
         for layer in list(range(store.config.num_layers)) * 2:
             for got, w in zip(stream.weights(layer), (full.layers[layer].wqkv, full.layers[layer].wo)):
-                want = Int8Weight.quantize(w, torch.bfloat16)
-                assert got.group == 0 and torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+                want = Int8Weight.quantize(w, torch.bfloat16, group)
+                assert got.group == group and torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
         # each layer read once per cycle (and the next cycle's layer 0 ahead, maybe still in flight)
         reads = stream.bytes_read // store.manifest["attention_int8"]["layer_bytes"]
         assert 2 * store.config.num_layers <= reads <= 2 * store.config.num_layers + 1
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_streamed_int8_attention_is_the_resident_weights_quantised_in_groups(tiny_store, direct: bool) -> None:
+    # a store written now holds its INT8 attention as the int8 form at open on the CPU: a scale per 32 values
+    _check_stream(Store(tiny_store.store), direct, RESIDENT_GROUP)
+
+
+def test_a_file_with_a_scale_a_row_is_read_as_it_is_and_regrouped_by_upgrade(tiny_store, tmp_path) -> None:
+    import shutil
+
+    from m2cache.offline.upgrade import regroup_attention
+    from m2cache.storage.tensors import StoreTensors
+    from m2cache.storage.writer import write_attention_int8, write_manifest
+
+    path = tmp_path / "store"
+    shutil.copytree(tiny_store.store, path)
+    store = Store(path)
+    m = store.manifest
+    m["attention_int8"] = write_attention_int8(path, StoreTensors(store), store.config, group=0)  # as older ones
+    write_manifest(path, m)
+    assert "group" not in {k for k, v in m["attention_int8"].items() if v}  # group 0: one scale a row
+    _check_stream(Store(path), True, 0)
+    assert regroup_attention(path) and not regroup_attention(path)  # once
+    _check_stream(Store(path), True, RESIDENT_GROUP)
+    Store(path).verify()
 
 
 async def test_an_engine_streaming_attention_gives_the_tokens_of_the_int8_form(tiny_store) -> None:

@@ -35,7 +35,7 @@ class RecordingBackend(PlainBackend):
     def __init__(self) -> None:
         self.reads: list[tuple[str, int, int]] = []
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+    def read(self, path: str | Path, offset: int, length: int, into=None) -> bytes:
         self.reads.append((Path(path).name, offset, length))
         return super().read(path, offset, length)
 
@@ -46,7 +46,7 @@ class FlipFirstReads(PlainBackend):
     def __init__(self, bad: int) -> None:
         self.bad = bad
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+    def read(self, path: str | Path, offset: int, length: int, into=None) -> bytes:
         data = bytearray(super().read(path, offset, length))
         if self.bad > 0:
             self.bad -= 1
@@ -60,7 +60,7 @@ class FlipEachRead(PlainBackend):
     def __init__(self, bad: int) -> None:
         self.bad = bad
 
-    def read(self, path: str | Path, offset: int, length: int) -> bytes:
+    def read(self, path: str | Path, offset: int, length: int, into=None) -> bytes:
         data = bytearray(super().read(path, offset, length))
         if self.bad > 0:
             self.bad -= 1

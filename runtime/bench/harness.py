@@ -197,6 +197,13 @@ def _save(args, report: dict[str, Any]) -> None:
         Path(args.json).write_text(json.dumps(report, indent=1, default=_plain))
 
 
+def _stream_group(plan: Plan, system: str) -> int:
+    """The group of the INT8 attention file a m2cache row streams from (0: one scale a row, or none)."""
+    if not system.startswith("m2cache"):
+        return 0
+    return int((plan.row_store(system).manifest.get("attention_int8") or {}).get("group", 0))
+
+
 def add_quality(plan: Plan, parts: list[dict[str, Any]], notes: list[str]) -> None:
     """Every row's perplexity (measured once per model, kept in its quality.json) and the fastest row at each
     quality level under each limit."""
@@ -205,7 +212,8 @@ def add_quality(plan: Plan, parts: list[dict[str, Any]], notes: list[str]) -> No
     keys_by_part = []
     for part in parts:
         keys = {s: quality.row_key(s, r, plan.row_policy(s), plan.row_store(s).split if s.startswith("m2cache") else False,
-                                   plan.dtype, shares=_mean_shares(plan, s)) for s, r in part["systems"].items()}
+                                   plan.dtype, shares=_mean_shares(plan, s), stream_group=_stream_group(plan, s))
+                for s, r in part["systems"].items()}
         keys_by_part.append(keys)
     wanted = {k for keys in keys_by_part for k in keys.values() if k}
     quality.measure(cache, wanted, whole_store=plan.model.store, hf=plan.model.hf, gguf=plan.model.gguf)

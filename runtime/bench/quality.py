@@ -43,9 +43,11 @@ def windows_of(store_dir: Path, tokens: int = QUALITY_TOKENS) -> list[list[int]]
 
 
 def row_key(system: str, row: dict[str, Any], policy: str | None, split: bool, dtype: str,
-            shares: tuple[float, float, float] | None = None) -> str | None:
+            shares: tuple[float, float, float] | None = None, stream_group: int = 0) -> str | None:
     """What decides a row's perplexity, as a key of the cache (None: nothing to measure). ``shares``: a m2cache
-    row's FP16/INT8/INT4 shares (one for every layer), which a split store's gate policy is measured by."""
+    row's FP16/INT8/INT4 shares (one for every layer), which a split store's gate policy is measured by.
+    ``stream_group``: the row's store's INT8 attention file's group; streamed from a file in groups, the
+    attention and head compute what the int8 form's do (its key)."""
     if system.startswith("llama-"):
         return f"llama|{system.removeprefix('llama-')}"
     if system in ("hf-bf16", "hf-offload"):
@@ -60,7 +62,8 @@ def row_key(system: str, row: dict[str, Any], policy: str | None, split: bool, d
         if name is None or (split and name != "dense-fp16" and shares is None):
             return None
         # int8g: the int8 form in groups of 32 (older caches' "int8" rows had a scale a row: not reused)
-        return f"m2cache|{as_whole_store_policy(name, split, shares)}|{'int8g' if form == 'int8' else form}|{dtype}"
+        grouped = form == "int8" or form == "stream" and stream_group
+        return f"m2cache|{as_whole_store_policy(name, split, shares)}|{'int8g' if grouped else form}|{dtype}"
     return None
 
 

@@ -144,7 +144,8 @@ def resident_bytes_of(store: Store, form: str, dtype_bytes: int) -> int:
     # the resident file, the matrices in the compute dtype and the largest one as read (2 bytes a weight)
     # before it is converted
     if store.manifest.get("attention_int8"):
-        return (STREAM_DEPTH + 1) * Int8AttentionLayout.of(cfg).held_bytes(dtype_bytes) + head + norms
+        layout = Int8AttentionLayout.of_entry(cfg, store.manifest["attention_int8"])
+        return (STREAM_DEPTH + 1) * layout.held_bytes(dtype_bytes) + head + norms
     largest = max(cfg.num_heads * hd, cfg.num_kv_heads * hd) * D * 2
     return (STREAM_DEPTH + 1) * attn * dtype_bytes + largest + head + norms
 

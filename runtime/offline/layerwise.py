@@ -9,7 +9,7 @@ the positions (per variant), the LM head and one window's logits.
 
 A *variant* is a policy with the resident form it runs under ("full": attention and LM head in the compute
 dtype; "int8": INT8 as ``--resident int8`` holds them, a scale per 32 values where the CPU kernels read it;
-"stream": the attention's INT8 rows with a scale each, as the store's streamed file holds them, the head as int8's). The reference
+"stream": the attention's INT8 rows as the store's streamed file holds them, a scale a row or per group, the head as int8's). The reference
 is the dense FP32 model on the same windows. Each variant's neurons are chosen per position as the engine
 does per token (``rank_masks`` over the policy's scores, ``ffn_masked``); ``gate-split:A,B,C`` computes as a
 split store does (every kept neuron's gate from the resident INT4 copy).
@@ -140,8 +140,10 @@ class LayerwiseEval:
         t = torch.cat([self._tensor(n) for n in names]) if len(names) > 1 else self._tensor(names[0])
         if form == "full":
             return t.to(dtype).contiguous()
-        # stream: the attention as the store's INT8 file holds it (a scale a row); the head as the int8 form's
-        return Int8Weight.quantize(t, dtype, int8_group("cpu") if form == "int8" or head else 0)
+        # stream: the attention as the store's INT8 file holds it (a scale a row, or its groups); the head as the
+        # int8 form's
+        stream = int((self.store.manifest.get("attention_int8") or {}).get("group", 0))
+        return Int8Weight.quantize(t, dtype, int8_group("cpu") if form == "int8" or head else stream)
 
     def _layer(self, layer: int, variants: list[Variant]) -> _Layer:
         p = f"model.layers.{layer}."
