@@ -304,7 +304,7 @@ def first_bad_block(data: bytes, crcs: np.ndarray, block_bytes: int, checksum,
 
 
 def read_with_retries(backend: Backend, path: str | Path, offset: int, length: int, what: object,
-                      into: Any = None) -> bytes:
+                      into: Any = None) -> bytes | memoryview:
     """Reads, retrying transient SSD errors with bounded exponential backoff (we are in an I/O thread).
     ``into``: a buffer of the caller's for the backend to read into (``FileBackend.read``)."""
     for attempt in range(TRANSIENT_RETRIES + 1):
@@ -318,7 +318,7 @@ def read_with_retries(backend: Backend, path: str | Path, offset: int, length: i
 
 
 def read_checked(backend: Backend, path: str | Path, offset: int, length: int, what: object,
-                 find_bad: Callable[[bytes], tuple[str, bytes] | None], into: Any = None) -> bytes:
+                 find_bad: Callable[[Any], tuple[str, bytes] | None], into: Any = None) -> bytes | memoryview:
     """``length`` bytes at ``offset`` that ``find_bad`` finds nothing wrong with: transient SSD errors are
     retried (``read_with_retries``); a range whose checksum fails is read again with backoff.
 
