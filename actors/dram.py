@@ -12,8 +12,9 @@ entries kept for good are all in.
 The window (``window_slots``; the CPU computing from DRAM under a limit): neurons read one by one are kept, at
 the precision they were read at, in one pool per precision of the DRAM budget, by the device cache's rules
 (``storage.device_cache``: per-layer LRU, the layers in use protected), so a token reads only the neurons the
-last few did not; a neuron asked for at INT8 and held at FP16 is served from FP16. The executor computes from
-the pool's rows, which stay in use until it releases the layer (``(layer, WINDOW)`` among the keys).
+last few did not; a neuron asked for at INT8 and held at FP16 is served from FP16 where the request allows it
+(a shared cut; a batch-invariant one keeps its plan's precisions). The executor computes from the pool's rows,
+which stay in use until it releases the layer (``(layer, WINDOW)`` among the keys).
 """
 from __future__ import annotations
 

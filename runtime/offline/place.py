@@ -30,7 +30,9 @@ import torch
 
 from m2cache.errors import ConfigError
 from m2cache.model.predictor import LowRankPredictors
+from m2cache.offline.layerwise import LayerwiseEval, Variant
 from m2cache.offline.progress import ProgressBar
+from m2cache.offline.train import split_text, token_windows
 from m2cache.storage.reader import Store
 from m2cache.storage.tensors import StoreTensors
 from m2cache.storage.writer import write_manifest, write_store
@@ -44,9 +46,6 @@ TOP = (0.10, 0.30)
 def neuron_counts(store: Store, tokens: int = 512, text: str | None = None) -> np.ndarray:
     """[layers, F] how often each neuron is chosen over ``tokens`` positions of calibration text (see the
     module's docstring); runs layer by layer (``offline.layerwise``): memory bounded by one layer."""
-    from m2cache.offline.layerwise import LayerwiseEval, Variant
-    from m2cache.offline.train import split_text, token_windows
-
     windows = token_windows(store, split_text(text)[0], tokens, window=min(256, tokens))
     ev = LayerwiseEval(store, windows)
     gate = ev.policy("gate:1,0,0")

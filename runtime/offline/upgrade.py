@@ -24,7 +24,8 @@ from m2cache.offline.progress import ProgressBar
 from m2cache.formats import quant
 from m2cache.storage.layout import CHECKSUM, FORMAT_VERSION, file_checksum
 from m2cache.storage.reader import WHOLE, PlainBackend, Store
-from m2cache.storage.writer import FFNWriter, write_manifest
+from m2cache.storage.tensors import StoreTensors
+from m2cache.storage.writer import FFNWriter, write_attention_int8, write_manifest
 
 # defaults earlier versions set by themselves (none chosen by a user): replaced by the best measured one
 AUTOMATIC_DEFAULTS = (None, "dense-fp16", "mixed-40")
@@ -78,9 +79,6 @@ def regroup_attention(path: str | Path) -> bool:
     stores written now hold: +0.59% perplexity against +1.15% on the grown SmolLM2 at 40%, where the attention
     streams from it), from the resident file's weights; True when it did. The new file replaces the old one
     (a link to it elsewhere keeps the old bytes), then the manifest says so."""
-    from m2cache.storage.tensors import StoreTensors
-    from m2cache.storage.writer import write_attention_int8
-
     store = Store(path)
     entry = store.manifest.get("attention_int8")
     if not entry or entry.get("group"):
