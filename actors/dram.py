@@ -201,17 +201,9 @@ class DRAMManager(Actor):
         async def read_plain(p: str, ids: np.ndarray, failed: M2CacheError | None = None) -> None:
             """A neuron-level read of just the missing bundles, awaited with the others below."""
             nonlocal staged
-            nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
-            if self.staged + staged + nbytes > self.staging_reserve:
-                if failed is not None:
-                    raise failed
-                raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
-                                  f"{self.staging_reserve}: raise dram_budget")
-            fut = asyncio.get_running_loop().create_future()
-            await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons", msg.step))
-            reads[p] = fut  # awaited together below: the precisions' reads run in parallel
+            # awaited together below: the precisions' reads run in parallel
+            reads[p], nbytes = await self._read_neurons(msg, p, ids, staged, failed)
             staged += nbytes
-            self.counts["neuron_reads"] += 1
 
         try:
             for p, ids in asked.items():
@@ -292,16 +284,9 @@ class DRAMManager(Actor):
         try:
             for p, pp in plan.precisions.items():
                 if pp.miss_ids.size:
-                    nbytes = pp.miss_ids.size * self.window_pools[p].shape[1]
-                    if self.staged + nbytes > self.staging_reserve:
-                        raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
-                                          f"{self.staging_reserve}: raise dram_budget")
-                    fut = asyncio.get_running_loop().create_future()
-                    await self.reader.send(ReadRequest(msg.layer, p, pp.miss_ids, fut, "read_neurons", msg.step))
-                    reads[p] = fut
+                    reads[p], nbytes = await self._read_neurons(msg, p, pp.miss_ids, 0)
                     staged += nbytes
                     self.staged += nbytes
-                    self.counts["neuron_reads"] += 1
             self._note_peak()
             for p, fut in reads.items():  # each read's bundles into the slots the window gave them (numpy's
                 # row copy: torch's index_put of uint8 rows measured 10x slower, 3-5 ms for 5.5 MB, on the loop)
@@ -316,6 +301,22 @@ class DRAMManager(Actor):
             raise
         self._release((), staged)
         return asked, {p: (self.window_pools[p], torch.from_numpy(pp.slots)) for p, pp in plan.precisions.items()}
+
+    async def _read_neurons(self, msg: Fetch, p: str, ids: np.ndarray, pending: int,
+                            failed: M2CacheError | None = None) -> tuple[asyncio.Future, int]:
+        """Sends the SSD reader a neuron-level read of ``ids`` at ``p``: (its reply, the bytes it stages), refused
+        (``failed``, the error that sent it here, or BudgetError) when they and ``pending`` bytes not yet counted
+        in ``staged`` would pass the staging reserve."""
+        nbytes = len(ids) * (self.layer_bytes[p] // self.num_neurons)
+        if self.staged + pending + nbytes > self.staging_reserve:
+            if failed is not None:
+                raise failed
+            raise BudgetError(f"DRAM staging for layer {msg.layer} needs {nbytes} bytes; the reserve is "
+                              f"{self.staging_reserve}: raise dram_budget")
+        fut = asyncio.get_running_loop().create_future()
+        await self.reader.send(ReadRequest(msg.layer, p, ids, fut, "read_neurons", msg.step))
+        self.counts["neuron_reads"] += 1
+        return fut, nbytes
 
     def _mark_damaged(self, key: tuple[int, str], error: M2CacheError) -> None:
         if key not in self.damaged:

@@ -199,6 +199,11 @@ class SimulatedSSD:
             return TransientSSDError(f"simulated transient SSD error: read of {where}")
         return None
 
+    @property
+    def bytes_read(self) -> int:
+        """What the reads that came back brought, as ``FileBackend.bytes_read`` counts it."""
+        return self.bytes
+
     def read(self, path: str | Path, offset: int, length: int, into: Any = None) -> bytes | memoryview:
         # Interned: the attempt table holds one entry per distinct (path, offset) ever read (about
         # 100 bytes each, so ~100 MB per million distinct blocks); one string per file, not per read.

@@ -33,13 +33,12 @@ system's floor (:mod:`m2cache.bench.report`). Progress goes to stderr.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 

@@ -24,13 +24,8 @@ def engine_counters(engine) -> Counters:
         prefill_s=rs.prefill_s, decode_s=rs.decode_s, stall_s=rs.stall_s, ttft_s_sum=sum(rs.ttft),
         ssd_to_dram_bytes=reader.bytes_read, dram_to_hbm_bytes=hbm.bytes_copied, hbm_hits=hbm.hits,
         hbm_misses=hbm.misses, dram_served=_dram_served(engine), dram_neuron_reads=dram.counts["neuron_reads"],
-        disk_reads=engine.backend.reads, disk_bytes=_backend_bytes(engine.backend), window_hits=window_hits,
+        disk_reads=engine.backend.reads, disk_bytes=engine.backend.bytes_read, window_hits=window_hits,
         window_misses=window_misses)
-
-
-def _backend_bytes(backend) -> int:
-    """Bytes the store's backend read (a simulated SSD counts them as ``bytes``)."""
-    return int(getattr(backend, "bytes_read", getattr(backend, "bytes", 0)))
 
 
 def engine_stats(engine) -> dict[str, Any]:
