@@ -124,7 +124,7 @@ class AttentionStream:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="m2cache-attn")
         self._held: dict[int, Future] = {}
         # INT8 layers are read into buffers reused from layer to layer (a fresh mapping a read made each 14 MB
-        # region of the grown SmolLM2 take 25 ms instead of 13: ``storage.ssd``'s SCRATCH_MAX); a layer's goes
+        # region of the grown SmolLM2 take 25 ms instead of 13: ``storage.ssd``'s _FRESH_FLAGS); a layer's goes
         # back to ``_free`` when it leaves the window, once the executor is past it (``weights`` is called on
         # its compute thread, one layer after another), and its reads run one after another on one thread
         self._buffers: dict[int, mmap.mmap] = {}
