@@ -164,7 +164,7 @@ def test_every_row_carries_its_quality_beside_its_speed(tiny_synth: dict[str, Pa
             assert row.get(key) is not None, (name, key)
         assert row["fits"] is True  # no limit: everything is held
     assert rows["hf-fp32"]["ppl"] == pytest.approx(rows["hf-fp32"]["dense_ppl"], rel=1e-3)
-    assert rows["m2cache"]["quality_key"].startswith("m2cache|gate-split:0.1,0.2,0.7|")  # the split store's gate-40
+    assert rows["m2cache"]["quality_key"].startswith("m2cache|gate-split:0.05,0.1,0.85|")  # the split store's gate-25
     assert rows["m2cache:gate:0,0,1"]["bytes_per_weight"] < rows["m2cache"]["bytes_per_weight"]
     if "llama-f16" in rows and rows["llama-f16"]["status"] != "skipped":
         assert rows["llama-f16"]["ppl"] == pytest.approx(rows["llama-f16"]["dense_ppl"], rel=0.02)

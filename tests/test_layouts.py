@@ -19,6 +19,7 @@ from m2cache.errors import ChecksumError, ConfigError, StoreNotFoundError
 from m2cache.model.llama import activation
 from m2cache.offline.upgrade import upgrade
 from m2cache.formats import quant
+from m2cache.formats.shares import DEFAULT_POLICY
 from m2cache.storage.layout import GATE_NORMS
 from m2cache.storage.reader import SPLIT, WHOLE, PlainBackend, Store
 from m2cache.storage.writer import write_manifest
@@ -58,7 +59,7 @@ def dense_tokens(store: Path, n: int = 8) -> list[int]:
 async def test_one_store_runs_the_dense_reference_dense_fp16_the_gate_policies_and_the_oracle(
         tiny_store, _no_task_left_behind) -> None:
     store = Store(tiny_store.store)
-    assert store.version == 3 and store.views == (WHOLE, SPLIT) and store.manifest["default_policy"] == "gate-40"
+    assert store.version == 3 and store.views == (WHOLE, SPLIT) and store.manifest["default_policy"] == DEFAULT_POLICY
     exact, engine = await tokens(tiny_store.store, "dense-fp16")
     assert exact == dense_tokens(tiny_store.store) and not engine.store.split and engine.store.parts == 3
     for policy in (None, "gate:0.2,0.3,0.3", "oracle:0.3,0.3,0.2"):
@@ -120,7 +121,7 @@ async def test_what_policies_prints_is_what_the_engine_fetches_reads_and_keeps_r
         tiny_store, capsys, _no_task_left_behind) -> None:
     assert main(["policies", tiny_store.store.as_posix(), "--json"]) == 0
     printed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    default = printed["gate-40"]
+    default = printed[DEFAULT_POLICY]
     assert default["default"] and default["fetched"] < 0.3 * printed["dense-fp16"]["fetched"]
     # nothing kept between layers: a pool of one layer's working set, no DRAM layers, neuron-level reads
     whole = Store(tiny_store.store)
@@ -153,7 +154,7 @@ async def test_what_policies_prints_is_what_the_engine_fetches_reads_and_keeps_r
 def test_policies_says_what_each_policy_fetches_and_costs(tiny_store, capsys) -> None:
     assert main(["policies", str(tiny_store.store)]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("gate-40"))
+    line = next(x for x in out.splitlines() if x.startswith(DEFAULT_POLICY + " "))
     assert "(default)" in line and "gate" in line
     assert "fetched a token" in out and "resident" in out
 
@@ -192,9 +193,23 @@ def test_upgrade_lays_a_version_2_store_out_as_version_3_moving_every_byte(v2, t
     assert not list(tmp_path.glob("store.*"))  # no partial or old folder left beside it
 
 
-def test_upgrade_makes_gate_40_the_default_where_the_old_one_was_automatic(v2, tmp_path: Path) -> None:
+def test_upgrade_makes_this_versions_default_the_default_where_the_old_one_was_automatic(v2, tmp_path: Path) -> None:
+    assert Store(v2).manifest["default_policy"] == "dense-fp16"  # what version 2 set by itself
     out = upgrade(v2, tmp_path / "new", progress=False)
-    assert Store(out).manifest["default_policy"] == "gate-40" and Store(v2).version == 2
+    assert Store(out).manifest["default_policy"] == DEFAULT_POLICY and Store(v2).version == 2
+
+
+def test_upgrade_of_a_current_store_offers_the_presets_and_keeps_a_default_its_user_chose(
+        tiny_store, tmp_path: Path) -> None:
+    for old, want in (("gate-40", DEFAULT_POLICY), ("mine", "mine")):
+        copy = Path(shutil.copytree(tiny_store.store, tmp_path / old))
+        m = Store(copy).manifest
+        m["policies"] = {"mine": {"shares": {"fp16": 0.2, "int8": 0.3, "int4": 0.5}, "kind": "gate"}}
+        m["default_policy"] = old
+        write_manifest(copy, m)
+        assert upgrade(copy, progress=False) == copy
+        new = Store(copy).manifest
+        assert new["default_policy"] == want and {"mine", "gate-25", "gate-40"} <= set(new["policies"])
 
 
 async def test_a_version_2_split_store_runs_gate_policies_and_refuses_the_rest_naming_the_command(

@@ -31,8 +31,8 @@ SYSTEMS = ("m2cache", "m2cache-frontier", "m2cache-dense-fp16", *LLAMA_SYSTEMS, 
            "layer-stream")
 QUICK_SYSTEMS = ("m2cache", "llama-f16", "llama-q4_0", "hf-offload", "layer-stream")
 # m2cache's frontier where gate policies run (up and down fetched), from every neuron at INT4 (0.21 of the dense FP16 FFN bytes a token on
-# the grown model) through the default gate-40 (0.29) to more FP16 and INT8 (0.41)
-FRONTIER = ("gate:0,0,1", "gate:0,0.1,0.9", "gate:0.05,0.1,0.85", "gate:0.3,0.4,0.3")
+# the grown model) through the default gate-25 (0.25) and gate-40 (0.29) to more FP16 and INT8 (0.41)
+FRONTIER = ("gate:0,0,1", "gate:0,0.1,0.9", "gate:0.1,0.2,0.7", "gate:0.3,0.4,0.3")
 BYTES_PER_WEIGHT = {"hf-bf16": 2.0, "hf-fp32": 4.0, "hf-offload": 2.0, "layer-stream": 2.0, "m2cache-dense-fp16": 2.0}
 # measured RSS before any weight: python + torch + m2cache 0.23 GB, + transformers/accelerate 0.35 GB;
 # the margins cover activations, the KV cache, code pages and one layer's transients. m2cache's rows size
@@ -64,7 +64,7 @@ def resolve_model(args) -> Model:
         gg = ensure_ggufs(store, store.parent) if want_gguf else gguf_paths(store.parent)
         return Model(store, hf, gg, store.parent.name, split=Path(args.split) if args.split else None,
                      random=args.random, root=store.parent)
-    if args.model == "demo":  # in RAM: its default gate-40, as a user gets it
+    if args.model == "demo":  # in RAM: its default policy, as a user gets it
         from m2cache.offline.convert import fetch_demo
 
         store = fetch_demo()

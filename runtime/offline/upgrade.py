@@ -6,8 +6,8 @@ a version 2 store's bundles brought the gate too: 0.43), the others read a neuro
 Every bundle's bytes are moved, never quantised again: the upgraded store computes exactly what the old
 one did (the gate policies excepted, whose gates now come from the resident INT4 copy). Predictors and tuned
 policies are kept; the INT8 attention file too, written again in groups of 32 where it has one scale a row
-(``regroup_attention``: a store of version 3 gets that alone); the default becomes ``gate-40`` unless the store's own was
-tuned (``m2cache tune``).
+(``regroup_attention``: a store of version 3 gets that and the presets below alone); the default becomes this
+version's (``DEFAULT_POLICY``, ``gate-25``) unless the store's own was tuned (``m2cache tune``) or chosen.
 
 A split store (``split-gate`` of version 2) has no FP16 gate rows left: upgrade the store it came from.
 """
@@ -28,7 +28,7 @@ from m2cache.storage.tensors import StoreTensors
 from m2cache.storage.writer import FFNWriter, write_attention_int8, write_manifest
 
 # defaults earlier versions set by themselves (none chosen by a user): replaced by the best measured one
-AUTOMATIC_DEFAULTS = (None, "dense-fp16", "mixed-40")
+AUTOMATIC_DEFAULTS = (None, "dense-fp16", "mixed-40", "gate-40")
 
 
 def upgrade(src: str | Path, dst: str | Path | None = None, *, progress: bool = True) -> Path:
@@ -40,6 +40,9 @@ def upgrade(src: str | Path, dst: str | Path | None = None, *, progress: bool = 
         if dst.resolve() != src.resolve():
             _copy_store(src, dst)
         regroup_attention(dst)
+        m = Store(dst).manifest
+        if _with_presets(m):
+            write_manifest(dst, m)
         return dst
     if WHOLE not in store.views:
         store.with_view(WHOLE, what="`m2cache upgrade`")  # raises, naming the store it came from
@@ -63,15 +66,22 @@ def upgrade(src: str | Path, dst: str | Path | None = None, *, progress: bool = 
     m["resident"]["crc32"] = file_checksum(tmp / m["resident"]["path"], CHECKSUM)
     m["ffn"] = ffn.finish()
     m.setdefault("generation", {})
-    policies = dict(m.get("policies") or {})
-    policies.update({name: {"shares": s.to_dict(), "kind": "gate"} for name, s in GATE_PRESETS.items()})
-    m["policies"] = policies
-    if m.get("default_policy") in AUTOMATIC_DEFAULTS:
-        m["default_policy"] = DEFAULT_POLICY
+    _with_presets(m)
     write_manifest(tmp, m)
     _replace(tmp, dst)
     regroup_attention(dst)
     return dst
+
+
+def _with_presets(m: dict) -> bool:
+    """The manifest ``m`` offering this version's gate presets, its default this version's where an earlier
+    version set it by itself; True when that changed anything."""
+    before = (m.get("policies"), m.get("default_policy"))
+    m["policies"] = dict(m.get("policies") or {}) | {name: {"shares": s.to_dict(), "kind": "gate"}
+                                                       for name, s in GATE_PRESETS.items()}
+    if m.get("default_policy") in AUTOMATIC_DEFAULTS:
+        m["default_policy"] = DEFAULT_POLICY
+    return (m["policies"], m["default_policy"]) != before
 
 
 def regroup_attention(path: str | Path) -> bool:
