@@ -202,3 +202,11 @@ def test_lookahead_is_measured_as_the_engine_ranks_it(store_dir) -> None:
     assert not torch.allclose(batched, qm.logits(window, in_turn), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="only a policy that scores neurons can look ahead"):
         qm.policy("dense-fp16@ahead")
+
+
+def test_fewer_tokens_than_a_window_is_refused_saying_the_least_that_works(store_dir) -> None:
+    from m2cache.offline.train import split_text, token_windows
+
+    with pytest.raises(ConfigError, match="ask for at least 512 tokens"):
+        token_windows(Store(store_dir), split_text(None)[1], 256, window=512)
+    assert len(token_windows(Store(store_dir), split_text(None)[1], 256, window=256)) == 1

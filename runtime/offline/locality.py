@@ -42,7 +42,7 @@ def locality(store_dir: str | Path, *, layout_store: str | Path | None = None, t
     """Per-layer and mean statistics (see the module's docstring) over ``tokens`` held-out tokens."""
     store = Store(store_dir)
     layout = Store(layout_store) if layout_store else store
-    windows = token_windows(store, split_text(text)[1], tokens, window=window)
+    windows = token_windows(store, split_text(text)[1], tokens, window=min(window, tokens))
     ev = LayerwiseEval(store, windows)
     gate = ev.policy("gate:1,0,0") if score == "gate" else None
     act = ev.act

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from m2cache.engine.loading import load_dense, load_tokenizer
+from m2cache.errors import ConfigError
 from m2cache.model.llama import DenseModel, attention_block, embed, ffn_residual, rms_norm
 from m2cache.formats.shares import GATE_PRESETS, Shares
 from m2cache.model.predictor import LowRankPredictors
@@ -76,6 +77,8 @@ def token_windows(store: Store, text: str, num_tokens: int, window: int = WINDOW
     bos = store.config.bos_token_id
     body = window - (1 if bos is not None else 0)
     need = num_tokens // window
+    if not need:
+        raise ConfigError(f"{num_tokens} tokens make no window of {window}: ask for at least {window} tokens")
     ids: list[int] = []
     # encode in pieces: enough text for the windows wanted, without tokenising a whole book
     for start in range(0, len(text), 200_000):
@@ -84,7 +87,7 @@ def token_windows(store: Store, text: str, num_tokens: int, window: int = WINDOW
             break
     windows = [ids[i * body:(i + 1) * body] for i in range(min(need, len(ids) // body))]
     if not windows:
-        raise ValueError(f"the text holds fewer than {window} tokens; give a longer text")
+        raise ConfigError(f"the text holds fewer than {window} tokens; give a longer text")
     return [([bos] if bos is not None else []) + w for w in windows]
 
 
