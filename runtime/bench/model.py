@@ -90,20 +90,24 @@ def ensure_placed(store: Path, root: Path) -> None:
 def ensure_split(store: Path, root: Path) -> Path:
     """The store the gate policies run from: ``store`` itself, laid out as format 3 (one store runs every
     policy; an older one is upgraded in place once, and the split store older versions wrote beside it,
-    ``root/store-split``, removed), its INT8 attention in groups (``upgrade.regroup_attention``)."""
+    ``root/store-split``, removed); a current one gets what ``m2cache upgrade`` gives it: its INT8 attention
+    in groups, this version's policy presets and default."""
     import shutil
 
-    from m2cache.offline.upgrade import regroup_attention, upgrade
+    from m2cache.offline.upgrade import upgrade
     from m2cache.storage.reader import Store
 
-    if regroup_attention(store):
-        print(f"[bench] {store}'s INT8 attention written again in groups of 32 (once)", file=sys.stderr, flush=True)
-    if Store(store).version < 3:
+    current = Store(store)
+    if current.version < 3:
         t0 = time.monotonic()
         print(f"[bench] laying {store} out as one store for every policy (`m2cache upgrade`, once) ...",
               file=sys.stderr, flush=True)
         upgrade(store)
         _record(root, "upgrade_seconds", time.monotonic() - t0)
+    else:
+        if not (current.manifest.get("attention_int8") or {"group": 1}).get("group"):
+            print(f"[bench] {store}'s INT8 attention written again in groups of 32 (once)", file=sys.stderr, flush=True)
+        upgrade(store, progress=False)
     old = root / SPLIT
     if (old / "manifest.msgpack").is_file():
         shutil.rmtree(old)

@@ -181,10 +181,11 @@ class Plan:
 
         name, store = self.row_policy(system), row_options(system)[1].get("store")
         if store:
-            from m2cache.storage.reader import SPLIT, Store
+            from m2cache.engine.policies import store_for_policy
+            from m2cache.storage.reader import Store
 
             other = Store(Path(store).expanduser())
-            return other.with_view(SPLIT) if SPLIT in other.views and name and is_gate_policy(other, name) else other
+            return store_for_policy(other, name) if name else other
         if self.split is not None and name is not None and is_gate_policy(self.split, name):
             return self.split
         return self.store
